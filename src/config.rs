@@ -1,0 +1,199 @@
+//! The daemon's configuration: one TOML file, one section per part, every field defaulted.
+//!
+//! `Config` is plain data. [`Config::validate`] reports every mistake at once, each naming its
+//! section and field, so `mirage check` can vet a file without starting anything.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ingest::uri::{parse_publish_uri, IngestUri};
+use crate::io::session::SyncPolicy;
+use crate::pipeline::queue::WhenFull;
+use crate::sim::SimConfig;
+
+/// Everything `mirage run` needs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where volumes come from.
+    pub ingest: IngestConfig,
+    /// Simulator defaults for `sim://` (the URI's query overrides them).
+    pub sim: SimConfig,
+    /// Queues between stages.
+    pub pipeline: PipelineConfig,
+    /// Sinks for processed data.
+    pub publish: PublishConfig,
+    /// The session folder.
+    pub record: RecordConfig,
+}
+
+/// `[ingest]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Source URI: `pyneal://`, `zmq://`, `lsl://`, `file://` or `sim://`.
+    pub uri: String,
+    /// Largest volume accepted, in voxels; larger headers are refused before allocating.
+    pub max_voxels: usize,
+    /// Stop after this many accepted volumes (`None`: run until the source ends or a signal).
+    pub stop_after: Option<u64>,
+    /// Run id for volumes whose sender does not name one.
+    pub run: String,
+}
+
+impl Default for IngestConfig {
+    fn default() -> IngestConfig {
+        IngestConfig {
+            uri: "sim://?speed=max".into(),
+            max_voxels: 1 << 24,
+            stop_after: None,
+            run: "run".into(),
+        }
+    }
+}
+
+/// `[pipeline]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Messages each edge holds.
+    pub queue_capacity: usize,
+    /// Bytes each edge holds (a message larger than this passes alone).
+    pub queue_bytes: usize,
+    /// Policy of the edge into publish (`block` or `drop_newest`); edges before it always block.
+    pub publish_when_full: WhenFull,
+    /// Messages the recorder queue holds (it always blocks: nothing received is dropped).
+    pub record_capacity: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> PipelineConfig {
+        PipelineConfig {
+            queue_capacity: 16,
+            queue_bytes: 64 << 20,
+            publish_when_full: WhenFull::Block,
+            record_capacity: 256,
+        }
+    }
+}
+
+/// `[publish]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// ZMQ PUB address `tcp://HOST:PORT` (bound). Use 127.0.0.1 unless subscribers are on
+    /// other machines; `tcp://*:PORT` exposes it on every interface (e.g. a scanner network).
+    pub uri: Option<String>,
+    /// Name of the LSL feedback outlet (`None`: no outlet).
+    pub lsl_feedback: Option<String>,
+    /// Seconds between `status` messages.
+    pub status_interval_s: f64,
+    /// Messages queued per subscriber before PUB drops for that subscriber.
+    pub send_hwm: i32,
+}
+
+impl Default for PublishConfig {
+    fn default() -> PublishConfig {
+        PublishConfig {
+            uri: Some("tcp://127.0.0.1:5560".into()),
+            lsl_feedback: Some("mirage-feedback".into()),
+            status_interval_s: 1.0,
+            send_hwm: 1000,
+        }
+    }
+}
+
+/// `[record]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordConfig {
+    /// Session folder; `{time}` becomes the UTC start time. `None` disables recording.
+    pub dir: Option<String>,
+    /// `every_volume` (fdatasync each volume) or `os` (the OS flushes).
+    pub sync: SyncPolicy,
+}
+
+impl Default for RecordConfig {
+    fn default() -> RecordConfig {
+        RecordConfig { dir: Some("sessions/{time}".into()), sync: SyncPolicy::EveryVolume }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors that name the key.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), e.message().trim()))
+    }
+
+    /// The parsed ingest URI.
+    pub fn ingest_uri(&self) -> Result<IngestUri, String> {
+        IngestUri::parse(&self.ingest.uri, &self.sim)
+    }
+
+    /// Every problem with the configuration, each naming its field.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        match self.ingest_uri() {
+            Ok(IngestUri::Sim { sim, .. }) => errors.extend(sim.validate()),
+            Ok(IngestUri::File { path, .. }) if !path.exists() => {
+                errors.push(format!("ingest.uri: {} does not exist", path.display()))
+            }
+            Ok(_) => {}
+            Err(e) => errors.push(format!("ingest.uri: {e}")),
+        }
+        if self.ingest.max_voxels == 0 {
+            errors.push("ingest.max_voxels must be positive".into());
+        }
+        if self.pipeline.queue_capacity == 0 || self.pipeline.record_capacity == 0 {
+            errors.push("pipeline.queue_capacity and pipeline.record_capacity must be at least 1".into());
+        }
+        if let Some(uri) = &self.publish.uri {
+            if let Err(e) = parse_publish_uri(uri) {
+                errors.push(format!("publish.uri: {e}"));
+            }
+        }
+        if let Some(name) = &self.publish.lsl_feedback {
+            if name.is_empty() || name.contains('\0') {
+                errors.push("publish.lsl_feedback must be a non-empty name".into());
+            }
+        }
+        if !(self.publish.status_interval_s.is_finite() && self.publish.status_interval_s > 0.0) {
+            errors.push("publish.status_interval_s must be a positive number".into());
+        }
+        if self.publish.send_hwm < 1 {
+            errors.push("publish.send_hwm must be at least 1".into());
+        }
+        errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/configs")).unwrap() {
+            let path = entry.unwrap().path();
+            let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e:#}"));
+            assert_eq!(cfg.validate(), Vec::<String>::new(), "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let err = toml::from_str::<Config>("[ingest]\nurl = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("url"), "{err}");
+        let cfg: Config = toml::from_str(
+            "[ingest]\nuri = \"tcp://x\"\n[publish]\nuri = \"udp://1\"\nstatus_interval_s = 0",
+        )
+        .unwrap();
+        let errors = cfg.validate();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors[0].starts_with("ingest.uri"));
+    }
+}

@@ -1,0 +1,3 @@
+//! The GLM stage: haemodynamic modelling of the series.
+
+pub mod hrf;

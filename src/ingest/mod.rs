@@ -1,0 +1,131 @@
+//! Ingest: wire messages in, validated [`Volume`]s out.
+//!
+//! Each source is a thin adapter over one transport (see [`uri::IngestUri`]); it owns its
+//! socket or file and is driven by the runner's ingest thread through [`Source`]. Sources do
+//! no recording and keep no queues: the runner records every volume before it acknowledges it.
+
+pub mod file;
+pub mod lsl;
+pub mod pacer;
+pub mod sim;
+pub mod uri;
+pub mod wire;
+pub mod zmq;
+
+use std::time::Duration;
+
+use crate::io::nifti::NiftiError;
+use crate::volume::Volume;
+
+pub use self::uri::{Endpoint, IngestUri, Playback, Speed};
+pub use self::wire::WireError;
+
+/// Why a message or a source failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    /// A message could not be decoded.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A socket could not be set up or used.
+    #[error("ingest: socket {endpoint}: {reason}")]
+    Socket {
+        /// The address.
+        endpoint: String,
+        /// What failed.
+        reason: String,
+    },
+    /// An LSL stream is unusable.
+    #[error("ingest: lsl stream {name:?}: {reason}")]
+    Lsl {
+        /// Stream name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A replayed file could not be read.
+    #[error("ingest: {0}")]
+    File(#[from] NiftiError),
+    /// The simulator could not be built.
+    #[error("ingest: {0}")]
+    Sim(#[from] crate::sim::SimError),
+}
+
+impl IngestError {
+    /// Counter name of this kind of error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IngestError::Wire(w) => w.reason(),
+            IngestError::Socket { .. } => "socket",
+            IngestError::Lsl { .. } => "lsl_stream",
+            IngestError::File(_) => "file",
+            IngestError::Sim(_) => "sim",
+        }
+    }
+}
+
+/// What a source produced in one call.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// A complete, valid volume.
+    Volume(Volume),
+    /// A message that could not become a volume; the source goes on.
+    Rejected(IngestError),
+    /// Nothing arrived within the timeout.
+    Idle,
+    /// A finite source (file, simulator) has no more volumes.
+    End,
+}
+
+/// The runner's verdict on the last event, for protocols that answer their sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ack<'a> {
+    /// The volume was recorded and queued.
+    Accepted {
+        /// Its index.
+        index: u64,
+    },
+    /// The message was refused.
+    Rejected {
+        /// Why.
+        reason: &'a str,
+    },
+}
+
+/// A transport adapter that yields volumes.
+pub trait Source {
+    /// Waits up to `timeout` for the next event.
+    fn next(&mut self, timeout: Duration) -> SourceEvent;
+    /// Called once after every `Volume` or `Rejected` event, once the volume is recorded.
+    fn acknowledge(&mut self, _ack: Ack<'_>) {}
+    /// A short description for logs (`pyneal tcp://127.0.0.1:5555`).
+    fn describe(&self) -> String;
+}
+
+/// Limits every source applies before allocating.
+#[derive(Clone, Copy, Debug)]
+pub struct SourceLimits {
+    /// Largest voxel count of one volume.
+    pub max_voxels: usize,
+}
+
+impl SourceLimits {
+    /// Largest message any frame may be: the biggest volume in float64 plus room for a header.
+    pub fn max_message_bytes(&self) -> i64 {
+        (self.max_voxels as i64).saturating_mul(8).saturating_add(1 << 20)
+    }
+}
+
+/// Opens the source a URI names. Call on the thread that will drive it (LSL handles are not
+/// `Send`).
+pub fn open_source(uri: &IngestUri, limits: SourceLimits, run: &str) -> Result<Box<dyn Source>, IngestError> {
+    Ok(match uri {
+        IngestUri::Pyneal(ep) => Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Pyneal, ep, limits, run)?),
+        IngestUri::Zmq(ep) => Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Native, ep, limits, run)?),
+        IngestUri::Lsl { name } => Box::new(lsl::LslReceiver::new(name, limits, run)),
+        IngestUri::File { path, playback, tr } => {
+            Box::new(file::FileReplay::open(path, *playback, *tr, limits, run)?)
+        }
+        IngestUri::Sim { sim, playback } => Box::new(sim::SimSource::new(sim, *playback)?),
+    })
+}

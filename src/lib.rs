@@ -1,0 +1,32 @@
+//! mirage-rt: a scanner-side daemon that turns a live fMRI series into decoded mental images.
+//!
+//! A volume travels `ingest → motion → glm → decode → publish`, each stage a plain struct on
+//! its own thread (see [`pipeline`]); every received volume is recorded first ([`io::session`]).
+//! [`sim`] stands in for the scanner with exact ground truth.
+#![deny(missing_docs)]
+// Geometry code indexes 3x3 and 4x4 matrices by row and column; iterators would hide that.
+#![allow(clippy::needless_range_loop)]
+
+pub mod clock;
+pub mod commands;
+pub mod config;
+pub mod glm;
+pub mod ingest;
+pub mod io;
+pub mod motion;
+pub mod pipeline;
+pub mod publish;
+pub mod sender;
+pub mod sim;
+pub mod volume;
+
+/// Logs to stderr; `RUST_LOG` overrides the default level (`info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,156 @@
+//! `mirage`: command-line entry point. Parses arguments and hands them to `mirage_rt::commands`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mirage_rt::commands::{self, run::RunOptions, simulate::SimTarget};
+use mirage_rt::ingest::Speed;
+
+#[derive(Parser)]
+#[command(name = "mirage", version, about = "Real-time fMRI decoding daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: ingest → motion → glm → decode → publish, recording every volume.
+    Run {
+        /// TOML configuration (default: built-in defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Source: pyneal://HOST:PORT, zmq://HOST:PORT, lsl://NAME, file://PATH?speed=…, sim://?…
+        #[arg(long)]
+        ingest: Option<String>,
+        /// ZMQ PUB address tcp://HOST:PORT, or `none`.
+        #[arg(long)]
+        publish: Option<String>,
+        /// Session folder, or `none`.
+        #[arg(long)]
+        record: Option<String>,
+        /// Stop after this many volumes.
+        #[arg(long)]
+        stop_after: Option<u64>,
+        /// Do not create the LSL feedback outlet.
+        #[arg(long)]
+        no_lsl: bool,
+        /// No live status line.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Simulate a run with exact ground truth: write it to a folder or stream it to a daemon.
+    Simulate {
+        /// TOML configuration whose [sim] section gives the defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Random seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Number of volumes.
+        #[arg(long)]
+        volumes: Option<usize>,
+        /// Repetition time, seconds.
+        #[arg(long)]
+        tr: Option<f64>,
+        /// Grid X,Y,Z.
+        #[arg(long)]
+        shape: Option<String>,
+        /// A NIfTI whose first volume is the head image.
+        #[arg(long)]
+        anatomy: Option<PathBuf>,
+        /// seen, imagery or mixed.
+        #[arg(long)]
+        condition: Option<String>,
+        /// Any other simulator parameter, KEY=VALUE (repeatable), e.g. --set noise_pct=0.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Write bold.nii.gz, events.tsv and truth/ here.
+        #[arg(long, conflicts_with = "stream", required_unless_present = "stream")]
+        out: Option<PathBuf>,
+        /// Send live to a daemon: pyneal://HOST:PORT, zmq://HOST:PORT or lsl://NAME.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Streaming pace: tr (one volume per TR), max, or a speed-up factor.
+        #[arg(long, default_value = "tr")]
+        speed: String,
+        /// Seconds to wait for the daemon.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Check a configuration file without starting anything.
+    Check {
+        /// TOML configuration.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config, ingest, publish, record, stop_after, no_lsl, quiet } => {
+            let cfg = commands::load_config(config.as_deref())?;
+            let opts = RunOptions { ingest, publish, record, stop_after, no_lsl, quiet };
+            commands::run::run(cfg, &opts).map(|_| ())
+        }
+        Command::Simulate {
+            config,
+            seed,
+            volumes,
+            tr,
+            shape,
+            anatomy,
+            condition,
+            set,
+            out,
+            stream,
+            speed,
+            timeout,
+        } => {
+            let mut sim = commands::load_config(config.as_deref())?.sim;
+            let mut pairs: Vec<(String, String)> = Vec::new();
+            let mut add = |k: &str, v: Option<String>| {
+                if let Some(v) = v {
+                    pairs.push((k.to_string(), v));
+                }
+            };
+            add("seed", seed.map(|s| s.to_string()));
+            add("volumes", volumes.map(|s| s.to_string()));
+            add("tr", tr.map(|s| s.to_string()));
+            add("shape", shape);
+            add("anatomy", anatomy.map(|p| p.display().to_string()));
+            add("condition", condition);
+            for kv in set {
+                let (k, v) =
+                    kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {kv:?}: write KEY=VALUE"))?;
+                pairs.push((k.to_string(), v.to_string()));
+            }
+            for (k, v) in pairs {
+                sim.set(&k, &v).map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            let target = match (out, stream) {
+                (Some(dir), _) => SimTarget::Folder(dir),
+                (None, Some(uri)) => SimTarget::Stream {
+                    uri,
+                    speed: Speed::parse(&speed).map_err(|e| anyhow::anyhow!("--speed: {e}"))?,
+                    timeout,
+                },
+                (None, None) => anyhow::bail!("give --out DIR or --stream URI"),
+            };
+            commands::simulate::simulate(&sim, &target)
+        }
+        Command::Check { config } => commands::check(config.as_deref()),
+    }
+}
+
+fn main() -> ExitCode {
+    mirage_rt::init_logging();
+    match dispatch(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mirage: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Counters and latency histograms shared by the stage threads, the status topic and the
+//! summary printed at exit.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use super::frame::{Stamps, STAGES};
+use super::queue::EdgeStats;
+
+/// Latency histograms, in microseconds.
+#[derive(Debug)]
+struct LatencyBook {
+    stages: Vec<Histogram<u64>>,
+    total: Histogram<u64>,
+    acquisition: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 1 h at 3 significant digits; `new_with_bounds` only fails for invalid bounds.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).expect("3 sigfig is valid"))
+}
+
+/// Percentiles of one latency, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    /// Samples recorded.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl LatencySummary {
+    fn of(h: &Histogram<u64>) -> LatencySummary {
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        let q = |p: f64| h.value_at_quantile(p) as f64 / 1e3;
+        LatencySummary {
+            count: h.len(),
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: h.max() as f64 / 1e3,
+        }
+    }
+}
+
+/// One edge's state for the status topic.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueSnapshot {
+    /// Edge name.
+    pub name: &'static str,
+    /// Messages queued now.
+    pub depth: usize,
+    /// Message capacity.
+    pub capacity: usize,
+    /// Highest depth seen.
+    pub max_depth: usize,
+    /// Messages passed.
+    pub pushed: u64,
+    /// Messages dropped by a full edge.
+    pub dropped: u64,
+    /// Pushes that waited for room.
+    pub blocked: u64,
+    /// Total time producers waited, ms.
+    pub blocked_ms: f64,
+}
+
+/// A point-in-time copy of every counter.
+#[derive(Clone, Debug, Serialize)]
+pub struct MetricsSnapshot {
+    /// Seconds since the pipeline started.
+    pub uptime_s: f64,
+    /// Volumes accepted by ingest.
+    pub received: u64,
+    /// Messages refused by ingest.
+    pub rejected: u64,
+    /// Volumes written to the session folder.
+    pub recorded: u64,
+    /// Volume messages published.
+    pub published: u64,
+    /// Volumes whose index repeated.
+    pub duplicates: u64,
+    /// Indices missing between received volumes.
+    pub missing: u64,
+    /// Volumes that arrived after a higher index.
+    pub out_of_order: u64,
+    /// Errors by counter name.
+    pub errors: BTreeMap<String, u64>,
+    /// Queue states, in path order.
+    pub queues: Vec<QueueSnapshot>,
+    /// Latency per stage, ms (queue wait included).
+    pub stage_latency_ms: BTreeMap<&'static str, LatencySummary>,
+    /// Receipt to publish, ms.
+    pub end_to_end_ms: LatencySummary,
+    /// Acquisition (sender clock) to publish, ms, where the sender gave acquisition times.
+    pub acquisition_to_publish_ms: LatencySummary,
+}
+
+/// The shared counters of one pipeline.
+#[derive(Debug)]
+pub struct Metrics {
+    started: f64,
+    /// Volumes accepted by ingest.
+    pub received: AtomicU64,
+    /// Messages refused by ingest.
+    pub rejected: AtomicU64,
+    /// Volumes written to the session folder.
+    pub recorded: AtomicU64,
+    /// Volume messages published.
+    pub published: AtomicU64,
+    /// Volumes whose index repeated.
+    pub duplicates: AtomicU64,
+    /// Indices missing between received volumes.
+    pub missing: AtomicU64,
+    /// Volumes that arrived after a higher index.
+    pub out_of_order: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    latency: Mutex<LatencyBook>,
+    edges: Mutex<Vec<Arc<EdgeStats>>>,
+}
+
+impl Metrics {
+    /// Fresh counters; `started` is the pipeline's start on [`crate::clock::now`].
+    pub fn new(started: f64) -> Metrics {
+        Metrics {
+            started,
+            received: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            recorded: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            missing: AtomicU64::new(0),
+            out_of_order: AtomicU64::new(0),
+            errors: Mutex::new(BTreeMap::new()),
+            latency: Mutex::new(LatencyBook {
+                stages: STAGES.iter().map(|_| histogram()).collect(),
+                total: histogram(),
+                acquisition: histogram(),
+            }),
+            edges: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts one error under `reason` (e.g. `bad_header`, `stage_motion`).
+    pub fn count_error(&self, reason: &str) {
+        if let Ok(mut e) = self.errors.lock() {
+            *e.entry(reason.to_string()).or_insert(0) += 1;
+        }
+    }
+
+    /// Registers an edge so its state appears in snapshots.
+    pub fn add_edge(&self, stats: Arc<EdgeStats>) {
+        if let Ok(mut e) = self.edges.lock() {
+            e.push(stats);
+        }
+    }
+
+    /// Records one published frame's latencies.
+    pub fn record_latency(&self, stamps: &Stamps, acq_to_publish_ms: Option<f64>) {
+        let Ok(mut book) = self.latency.lock() else {
+            return;
+        };
+        let us = |ms: f64| (ms * 1e3).round().max(1.0) as u64;
+        for (h, ms) in book.stages.iter_mut().zip(stamps.stage_ms()) {
+            if let Some(ms) = ms {
+                h.saturating_record(us(ms));
+            }
+        }
+        if let Some(ms) = stamps.total_ms() {
+            book.total.saturating_record(us(ms));
+        }
+        if let Some(ms) = acq_to_publish_ms.filter(|m| *m >= 0.0) {
+            book.acquisition.saturating_record(us(ms));
+        }
+    }
+
+    /// Copies every counter now.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let errors = self.errors.lock().map(|e| e.clone()).unwrap_or_default();
+        let queues = self
+            .edges
+            .lock()
+            .map(|edges| {
+                edges
+                    .iter()
+                    .map(|s| QueueSnapshot {
+                        name: s.name,
+                        depth: s.depth.load(Ordering::Relaxed),
+                        capacity: s.capacity,
+                        max_depth: s.max_depth.load(Ordering::Relaxed),
+                        pushed: get(&s.pushed),
+                        dropped: get(&s.dropped),
+                        blocked: get(&s.blocked),
+                        blocked_ms: get(&s.blocked_ns) as f64 / 1e6,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (stage_latency_ms, end_to_end_ms, acquisition_to_publish_ms) = match self.latency.lock() {
+            Ok(book) => (
+                STAGES.iter().zip(&book.stages).map(|(n, h)| (*n, LatencySummary::of(h))).collect(),
+                LatencySummary::of(&book.total),
+                LatencySummary::of(&book.acquisition),
+            ),
+            Err(_) => Default::default(),
+        };
+        MetricsSnapshot {
+            uptime_s: crate::clock::now() - self.started,
+            received: get(&self.received),
+            rejected: get(&self.rejected),
+            recorded: get(&self.recorded),
+            published: get(&self.published),
+            duplicates: get(&self.duplicates),
+            missing: get(&self.missing),
+            out_of_order: get(&self.out_of_order),
+            errors,
+            queues,
+            stage_latency_ms,
+            end_to_end_ms,
+            acquisition_to_publish_ms,
+        }
+    }
+}
+
+impl MetricsSnapshot {
+    /// One status line: counts, end-to-end latency and the fullest queue.
+    pub fn status_line(&self) -> String {
+        let errors: u64 = self.errors.values().sum();
+        let fullest = self
+            .queues
+            .iter()
+            .max_by_key(|q| q.depth)
+            .map(|q| format!(" queue {}={}/{}", q.name, q.depth, q.capacity))
+            .unwrap_or_default();
+        format!(
+            "[{:>6.1}s] in {} rec {} out {} | e2e p50 {:.2} ms p99 {:.2} ms | rejected {} errors {} dup {} missing {}{}",
+            self.uptime_s,
+            self.received,
+            self.recorded,
+            self.published,
+            self.end_to_end_ms.p50,
+            self.end_to_end_ms.p99,
+            self.rejected,
+            errors,
+            self.duplicates,
+            self.missing,
+            fullest
+        )
+    }
+
+    /// The end-of-run table: latency per stage and every count.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "{:<22} {:>8} {:>10} {:>10} {:>10}", "latency (ms)", "n", "p50", "p99", "max");
+        let row = |s: &mut String, name: &str, l: &LatencySummary| {
+            let _ =
+                writeln!(s, "{:<22} {:>8} {:>10.3} {:>10.3} {:>10.3}", name, l.count, l.p50, l.p99, l.max);
+        };
+        for name in STAGES {
+            if let Some(l) = self.stage_latency_ms.get(name) {
+                row(&mut s, name, l);
+            }
+        }
+        row(&mut s, "end to end", &self.end_to_end_ms);
+        if self.acquisition_to_publish_ms.count > 0 {
+            row(&mut s, "acquisition to publish", &self.acquisition_to_publish_ms);
+        }
+        let _ = writeln!(
+            s,
+            "volumes: received {} recorded {} published {} | rejected {} duplicates {} missing {} out-of-order {}",
+            self.received, self.recorded, self.published, self.rejected, self.duplicates, self.missing, self.out_of_order
+        );
+        if !self.errors.is_empty() {
+            let list: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(s, "errors: {}", list.join(" "));
+        }
+        for q in &self.queues {
+            if q.dropped > 0 || q.blocked > 0 {
+                let _ = writeln!(
+                    s,
+                    "queue {}: blocked {} ({:.1} ms) dropped {} max depth {}/{}",
+                    q.name, q.blocked, q.blocked_ms, q.dropped, q.max_depth, q.capacity
+                );
+            }
+        }
+        s
+    }
+}

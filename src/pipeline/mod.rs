@@ -1,0 +1,457 @@
+//! The runner: threads, queues and timestamps around the stages.
+//!
+//! ```text
+//! ingest ─┬─► motion ─► glm ─► decode ─► publish ──► ZMQ PUB, LSL outlet, messages.jsonl
+//!         └─► recorder ──► session folder (every accepted volume, before anything can drop it)
+//! ```
+//!
+//! Each box is a named thread (`mirage/motion`, …) joined by bounded SPSC edges
+//! ([`queue`]). Edges up to decode block when full (lossless backpressure, counted); the edge
+//! into publish follows `pipeline.publish_when_full`; the recorder edge always blocks. Stamps
+//! are taken at every boundary ([`frame::Boundary`]). [`Pipeline::build`] gathers every setup
+//! error before anything runs; [`PipelineHandle`] stops and joins on drop.
+
+pub mod frame;
+pub mod metrics;
+pub mod queue;
+pub mod stage;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use self::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
+use self::metrics::{Metrics, MetricsSnapshot};
+use self::queue::{edge, EdgeRx, EdgeTx, PushError, Recv, WhenFull};
+use self::stage::{Identity, Stage};
+use crate::clock;
+use crate::config::Config;
+use crate::ingest::uri::parse_publish_uri;
+use crate::ingest::{open_source, Ack, IngestUri, SourceEvent, SourceLimits};
+use crate::io::session::{MessageLog, SessionWriter};
+use crate::publish::{status_message, volume_message, Publisher};
+use crate::volume::Volume;
+
+/// How long a stage thread waits on its input before checking for shutdown.
+const POLL: Duration = Duration::from_millis(100);
+
+/// A stage with its input edge, output edge and the boundary stamped after it.
+type StageSlot = (Box<dyn Stage>, EdgeRx<Frame>, EdgeTx<Frame>, Boundary);
+
+/// Entry point for building a running pipeline from a configuration.
+pub struct Pipeline;
+
+/// A running pipeline. Dropping it stops ingest, drains every queue and joins every thread.
+pub struct PipelineHandle {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    session_dir: Option<PathBuf>,
+    source: String,
+}
+
+impl PipelineHandle {
+    /// The shared counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The flag that stops ingest when set (for signal handlers).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Asks ingest to stop; queued frames are still processed and published.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// True once every thread has finished.
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
+    }
+
+    /// The session folder, when recording.
+    pub fn session_dir(&self) -> Option<&PathBuf> {
+        self.session_dir.as_ref()
+    }
+
+    /// What the source is, for the user.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Waits for the source to end (or a stop request) and everything to drain.
+    pub fn wait(mut self) -> MetricsSnapshot {
+        self.join_all();
+        self.metrics.snapshot()
+    }
+
+    fn join_all(&mut self) {
+        for t in self.threads.drain(..) {
+            let name = t.thread().name().unwrap_or("mirage").to_string();
+            if t.join().is_err() {
+                tracing::error!("thread {name} panicked");
+            }
+        }
+    }
+}
+
+impl Drop for PipelineHandle {
+    fn drop(&mut self) {
+        self.request_stop();
+        self.join_all();
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, String> {
+    std::thread::Builder::new()
+        .name(format!("mirage/{name}"))
+        .spawn(f)
+        .map_err(|e| format!("cannot start thread {name}: {e}"))
+}
+
+/// Tracks indices per run to flag duplicates, gaps and reordering.
+#[derive(Default)]
+struct IndexTracker {
+    run: Option<(String, [usize; 3])>,
+    max_seen: Option<u64>,
+    seen: HashSet<u64>,
+}
+
+impl IndexTracker {
+    fn observe(&mut self, v: &Volume, m: &Metrics) -> IngestFlags {
+        let mut flags = IngestFlags::default();
+        let key = (v.run.clone(), v.dims);
+        if self.run.as_ref() != Some(&key) {
+            if self.run.is_some() {
+                tracing::info!("ingest: new run {:?} grid {:?} from volume {}", v.run, v.dims, v.index);
+            }
+            flags.new_run = true;
+            self.run = Some(key);
+            self.max_seen = None;
+            self.seen.clear();
+        }
+        flags.duplicate = !self.seen.insert(v.index);
+        match self.max_seen {
+            Some(max) if v.index > max + 1 => flags.gap_before = v.index - max - 1,
+            Some(max) if v.index < max && !flags.duplicate => {
+                flags.out_of_order = true;
+                // It fills a hole counted earlier.
+                let _ = m.missing.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| x.checked_sub(1));
+            }
+            _ => {}
+        }
+        self.max_seen = Some(self.max_seen.map_or(v.index, |m| m.max(v.index)));
+        if flags.duplicate {
+            m.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        if flags.out_of_order {
+            m.out_of_order.fetch_add(1, Ordering::Relaxed);
+        }
+        m.missing.fetch_add(flags.gap_before, Ordering::Relaxed);
+        flags
+    }
+}
+
+impl Pipeline {
+    /// Validates `cfg`, opens every socket, file and outlet, and starts the threads. Returns
+    /// every error found, not just the first.
+    pub fn build(cfg: &Config) -> Result<PipelineHandle, Vec<String>> {
+        let mut errors = cfg.validate();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let uri = cfg.ingest_uri().map_err(|e| vec![e])?;
+        let publish_ep = match cfg.publish.uri.as_deref().map(parse_publish_uri).transpose() {
+            Ok(ep) => ep,
+            Err(e) => return Err(vec![e]),
+        };
+        for ep in [
+            match &uri {
+                IngestUri::Pyneal(e) | IngestUri::Zmq(e) => Some(e),
+                _ => None,
+            },
+            publish_ep.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if ep.is_exposed() {
+                tracing::warn!("{} listens on every interface; reachable from the network", ep.zmq_address());
+            }
+        }
+        let started = clock::now();
+        let metrics = Arc::new(Metrics::new(started));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut handle = PipelineHandle {
+            stop: stop.clone(),
+            threads: Vec::new(),
+            metrics: metrics.clone(),
+            session_dir: None,
+            source: String::new(),
+        };
+
+        let session = match &cfg.record.dir {
+            Some(dir) => {
+                let dir = PathBuf::from(dir.replace("{time}", &clock::utc_label(clock::unix_now())));
+                let meta = serde_json::json!({
+                    "mirage_version": env!("CARGO_PKG_VERSION"),
+                    "started_unix": clock::unix_now(),
+                    "started_monotonic": started,
+                    "ingest": cfg.ingest.uri,
+                    "config": cfg,
+                });
+                match SessionWriter::create(&dir, &meta, cfg.record.sync) {
+                    Ok(w) => {
+                        handle.session_dir = Some(dir);
+                        Some(w)
+                    }
+                    Err(e) => return Err(vec![e.to_string()]),
+                }
+            }
+            None => None,
+        };
+        let message_log = match &handle.session_dir {
+            Some(d) => match MessageLog::open(d) {
+                Ok(l) => Some(l),
+                Err(e) => return Err(vec![e.to_string()]),
+            },
+            None => None,
+        };
+
+        let p = &cfg.pipeline;
+        let frame_edge = |name: &'static str, policy: WhenFull| {
+            let (tx, rx) = edge::<Frame>(name, p.queue_capacity, p.queue_bytes, policy);
+            metrics.add_edge(tx.stats());
+            (tx, rx)
+        };
+        let (ingest_tx, motion_rx) = frame_edge("ingest->motion", WhenFull::Block);
+        let (motion_tx, glm_rx) = frame_edge("motion->glm", WhenFull::Block);
+        let (glm_tx, decode_rx) = frame_edge("glm->decode", WhenFull::Block);
+        let (decode_tx, publish_rx) = frame_edge("decode->publish", p.publish_when_full);
+        let (record_tx, record_rx) =
+            edge::<RecordItem>("ingest->record", p.record_capacity, usize::MAX, WhenFull::Block);
+        metrics.add_edge(record_tx.stats());
+
+        // Publish first, so subscribers can connect before any volume flows.
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<String, String>>(1);
+        let feedback = cfg.publish.lsl_feedback.clone();
+        let (hwm, interval) = (cfg.publish.send_hwm, cfg.publish.status_interval_s);
+        let m = metrics.clone();
+        let ready = ready_tx.clone();
+        let ep = publish_ep.clone();
+        match spawn("publish", move || {
+            match Publisher::new(ep.as_ref(), hwm, feedback.as_deref(), message_log) {
+                Ok(publisher) => {
+                    let _ = ready.send(Ok(String::new()));
+                    publish_loop(publisher, publish_rx, &m, interval);
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e.to_string()));
+                }
+            }
+        }) {
+            Ok(t) => handle.threads.push(t),
+            Err(e) => errors.push(e),
+        }
+        match ready_rx.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("publish thread ended during setup".into()),
+        }
+
+        let stages: Vec<StageSlot> = vec![
+            (Box::new(Identity("motion")), motion_rx, motion_tx, Boundary::Motion),
+            (Box::new(Identity("glm")), glm_rx, glm_tx, Boundary::Glm),
+            (Box::new(Identity("decode")), decode_rx, decode_tx, Boundary::Decode),
+        ];
+        for (stage, rx, tx, boundary) in stages {
+            let name = stage.name();
+            let m = metrics.clone();
+            match spawn(name, move || stage_loop(stage, rx, tx, boundary, &m)) {
+                Ok(t) => handle.threads.push(t),
+                Err(e) => errors.push(e),
+            }
+        }
+
+        if let Some(writer) = session {
+            let m = metrics.clone();
+            match spawn("record", move || record_loop(writer, record_rx, &m)) {
+                Ok(t) => handle.threads.push(t),
+                Err(e) => errors.push(e),
+            }
+        } else {
+            drop(record_rx);
+        }
+
+        let limits = SourceLimits { max_voxels: cfg.ingest.max_voxels };
+        let run = crate::volume::sanitize_run_id(&cfg.ingest.run);
+        let stop_after = cfg.ingest.stop_after;
+        let recording = handle.session_dir.is_some();
+        let m = metrics.clone();
+        let s = stop.clone();
+        match spawn("ingest", move || match open_source(&uri, limits, &run) {
+            Ok(source) => {
+                let _ = ready_tx.send(Ok(source.describe()));
+                ingest_loop(source, ingest_tx, recording.then_some(record_tx), &m, &s, stop_after);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+            }
+        }) {
+            Ok(t) => handle.threads.push(t),
+            Err(e) => errors.push(e),
+        }
+        match ready_rx.recv() {
+            Ok(Ok(desc)) => handle.source = desc,
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push("ingest thread ended during setup".into()),
+        }
+        if errors.is_empty() {
+            Ok(handle)
+        } else {
+            drop(handle);
+            Err(errors)
+        }
+    }
+}
+
+fn ingest_loop(
+    mut source: Box<dyn crate::ingest::Source>,
+    mut out: EdgeTx<Frame>,
+    mut record: Option<EdgeTx<RecordItem>>,
+    m: &Metrics,
+    stop: &AtomicBool,
+    stop_after: Option<u64>,
+) {
+    tracing::info!("ingest: {}", source.describe());
+    let mut tracker = IndexTracker::default();
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Acquire) && stop_after.is_none_or(|n| seq < n) {
+        match source.next(POLL) {
+            SourceEvent::Idle => {}
+            SourceEvent::End => break,
+            SourceEvent::Rejected(e) => {
+                m.rejected.fetch_add(1, Ordering::Relaxed);
+                m.count_error(e.reason());
+                let text = e.to_string();
+                tracing::warn!("{text}");
+                source.acknowledge(Ack::Rejected { reason: &text });
+            }
+            SourceEvent::Volume(v) => {
+                let flags = tracker.observe(&v, m);
+                m.received.fetch_add(1, Ordering::Relaxed);
+                let index = v.index;
+                let volume = Arc::new(v);
+                if let Some(r) = record.as_mut() {
+                    if r.push(RecordItem { seq, volume: volume.clone(), flags }).is_err() {
+                        m.count_error("record_closed");
+                    }
+                }
+                source.acknowledge(Ack::Accepted { index });
+                let mut stamps = Stamps::default();
+                stamps.set(Boundary::Received, volume.recv_time);
+                stamps.set(Boundary::Ingested, clock::now());
+                if out.push(Frame { seq, volume, flags, stage_errors: Vec::new(), stamps })
+                    == Err(PushError::Closed)
+                {
+                    break;
+                }
+                seq += 1;
+            }
+        }
+    }
+    tracing::info!("ingest: stopped after {seq} volumes");
+}
+
+fn stage_loop(
+    mut stage: Box<dyn Stage>,
+    mut rx: EdgeRx<Frame>,
+    mut tx: EdgeTx<Frame>,
+    boundary: Boundary,
+    m: &Metrics,
+) {
+    loop {
+        match rx.recv_timeout(POLL) {
+            Recv::Msg(mut frame) => {
+                if let Err(e) = stage.process(&mut frame) {
+                    m.count_error(e.reason);
+                    tracing::warn!("volume {}: {e}", frame.volume.index);
+                    frame.stage_errors.push(e.to_string());
+                }
+                frame.stamps.set(boundary, clock::now());
+                if tx.push(frame) == Err(PushError::Closed) {
+                    break;
+                }
+            }
+            Recv::Timeout => {}
+            Recv::Closed => break,
+        }
+    }
+}
+
+fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metrics) {
+    loop {
+        match rx.recv_timeout(POLL) {
+            Recv::Msg(item) => {
+                let flags = serde_json::to_value(item.flags).unwrap_or_default();
+                match writer.append(item.seq, &item.volume, flags) {
+                    Ok(()) => {
+                        m.recorded.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        m.count_error("record_io");
+                        tracing::error!("{e}");
+                    }
+                }
+            }
+            Recv::Timeout => {}
+            Recv::Closed => break,
+        }
+    }
+    if let Err(e) = writer.sync() {
+        m.count_error("record_io");
+        tracing::error!("{e}");
+    }
+}
+
+fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, status_interval_s: f64) {
+    let mut next_status = clock::now() + status_interval_s;
+    let mut reported_errors = 0;
+    loop {
+        let wait = Duration::from_secs_f64((next_status - clock::now()).clamp(0.0, POLL.as_secs_f64()));
+        match rx.recv_timeout(wait) {
+            Recv::Msg(mut frame) => {
+                frame.stamps.set(Boundary::Published, clock::now());
+                publisher.send(volume_message(&frame));
+                let done = clock::now();
+                frame.stamps.set(Boundary::Published, done);
+                let acq = frame.volume.acq_time;
+                m.record_latency(&frame.stamps, acq.map(|a| (done - a) * 1e3));
+                m.published.fetch_add(1, Ordering::Relaxed);
+                publisher.feedback(
+                    frame.volume.index,
+                    frame.stamps.total_ms().unwrap_or(f64::NAN),
+                    acq.unwrap_or(done),
+                );
+            }
+            Recv::Timeout => {}
+            Recv::Closed => break,
+        }
+        if publisher.send_errors() > reported_errors {
+            for _ in reported_errors..publisher.send_errors() {
+                m.count_error("publish");
+            }
+            reported_errors = publisher.send_errors();
+        }
+        if clock::now() >= next_status {
+            publisher.send(status_message(&m.snapshot()));
+            next_status += status_interval_s;
+        }
+    }
+    publisher.send(status_message(&m.snapshot()));
+}

@@ -1,0 +1,161 @@
+//! Publish: processed frames and status out to subscribers, and into the session log.
+//!
+//! Sinks are a ZeroMQ PUB socket (`--publish tcp://HOST:PORT`, bound) and an LSL outlet
+//! `mirage-feedback`. PUB never blocks: a subscriber that does not read loses messages at its
+//! own high-water mark and slows nobody. Topics: `volume` (each processed volume) and `status`
+//! (counters, queues and latency percentiles, once per interval).
+//!
+//! The feedback outlet has two float32 channels — volume index and the daemon's receipt-to-
+//! publish latency in ms — and stamps each sample with the volume's acquisition time (LSL
+//! clock) when the sender gave one, so a consumer can compute trigger-to-feedback latency.
+
+pub mod message;
+
+use serde_json::{json, Map, Value};
+
+use self::message::{Message, Payload};
+use crate::clock;
+use crate::ingest::Endpoint;
+use crate::io::session::MessageLog;
+use crate::pipeline::frame::{Frame, STAGES};
+use crate::pipeline::metrics::MetricsSnapshot;
+
+/// Why publishing could not start or a message could not be sent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The PUB socket could not be set up.
+    #[error("publish: {endpoint}: {reason}")]
+    Socket {
+        /// The address.
+        endpoint: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The LSL outlet could not be created.
+    #[error("publish: lsl outlet {name:?}: {reason}")]
+    Lsl {
+        /// Outlet name.
+        name: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Builds the `volume` message of a frame.
+pub fn volume_message(frame: &Frame) -> Message {
+    let v = &frame.volume;
+    let mut latency = Map::new();
+    for (name, ms) in STAGES.iter().zip(frame.stamps.stage_ms()) {
+        if let Some(ms) = ms {
+            latency.insert((*name).into(), json!(ms));
+        }
+    }
+    let mut header = Map::new();
+    header.insert("seq".into(), json!(frame.seq));
+    header.insert("index".into(), json!(v.index));
+    header.insert("run".into(), json!(v.run));
+    header.insert("shape".into(), json!(v.dims));
+    header.insert("affine".into(), json!(v.affine));
+    header.insert("voxel_size".into(), json!(v.voxel_size()));
+    header.insert("tr".into(), json!(v.tr));
+    header.insert("acq_time".into(), json!(v.acq_time));
+    header.insert("recv_time".into(), json!(v.recv_time));
+    header.insert("flags".into(), json!(frame.flags));
+    header.insert("stage_errors".into(), json!(frame.stage_errors));
+    header.insert("latency_ms".into(), Value::Object(latency));
+    Message { topic: "volume", header, payloads: vec![Payload::f32("data", v.dims.to_vec(), "F", &v.data)] }
+}
+
+/// Builds the `status` message from a metrics snapshot.
+pub fn status_message(s: &MetricsSnapshot) -> Message {
+    let header = match serde_json::to_value(s) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    Message { topic: "status", header, payloads: Vec::new() }
+}
+
+/// The sinks of one pipeline; lives on the publish thread (LSL outlets are not `Send`).
+pub struct Publisher {
+    socket: Option<(zmq::Socket, zmq::Context)>,
+    outlet: Option<lsl::StreamOutlet>,
+    log: Option<MessageLog>,
+    send_errors: u64,
+}
+
+impl Publisher {
+    /// Binds the PUB socket (if any), creates the feedback outlet (if named) and opens the log.
+    pub fn new(
+        endpoint: Option<&Endpoint>,
+        send_hwm: i32,
+        feedback: Option<&str>,
+        log: Option<MessageLog>,
+    ) -> Result<Publisher, PublishError> {
+        let socket = match endpoint {
+            Some(ep) => {
+                let address = ep.zmq_address();
+                let err = |reason: String| PublishError::Socket { endpoint: address.clone(), reason };
+                let ctx = zmq::Context::new();
+                let s = ctx.socket(zmq::PUB).map_err(|e| err(e.to_string()))?;
+                s.set_sndhwm(send_hwm).map_err(|e| err(e.to_string()))?;
+                s.set_linger(500).map_err(|e| err(e.to_string()))?;
+                s.bind(&address).map_err(|e| err(format!("cannot bind: {e}")))?;
+                Some((s, ctx))
+            }
+            None => None,
+        };
+        let outlet = match feedback {
+            Some(name) => {
+                let err = |reason: String| PublishError::Lsl { name: name.to_string(), reason };
+                let info = lsl::StreamInfo::new(
+                    name,
+                    "Feedback",
+                    2,
+                    lsl::IRREGULAR_RATE,
+                    lsl::ChannelFormat::Float32,
+                    name,
+                )
+                .map_err(|e| err(format!("{e:?}")))?;
+                Some(lsl::StreamOutlet::new(&info, 0, 10).map_err(|e| err(format!("{e:?}")))?)
+            }
+            None => None,
+        };
+        Ok(Publisher { socket, outlet, log, send_errors: 0 })
+    }
+
+    /// Sends a message on the PUB socket and logs its header; returns the header sent.
+    pub fn send(&mut self, msg: Message) -> Value {
+        let topic = msg.topic;
+        let (header, frames) = msg.into_frames();
+        if let Some((s, _)) = &self.socket {
+            if let Err(e) = s.send_multipart(frames, zmq::DONTWAIT) {
+                self.send_errors += 1;
+                tracing::warn!("publish: {topic}: {e}");
+            }
+        }
+        if let Some(log) = &mut self.log {
+            if let Err(e) = log.append(clock::now(), topic, &header) {
+                self.send_errors += 1;
+                tracing::warn!("{e}");
+            }
+        }
+        header
+    }
+
+    /// Pushes one feedback sample (volume index, latency ms) stamped `timestamp` (LSL clock).
+    pub fn feedback(&mut self, index: u64, latency_ms: f64, timestamp: f64) {
+        use lsl::ExPushable;
+        if let Some(o) = &self.outlet {
+            if let Err(e) = o.push_sample_ex(&vec![index as f32, latency_ms as f32], timestamp, true) {
+                self.send_errors += 1;
+                tracing::warn!("publish: feedback outlet: {e:?}");
+            }
+        }
+    }
+
+    /// Messages that could not be sent or logged so far.
+    pub fn send_errors(&self) -> u64 {
+        self.send_errors
+    }
+}

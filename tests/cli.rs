@@ -1,0 +1,105 @@
+//! What a user meets at the command line: one-line errors that say what to fix, exit code 2,
+//! and a run on the simulator that records and summarises.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{mirage, run_with_timeout};
+use mirage_rt::io::session::SessionReader;
+
+#[test]
+fn bad_uris_and_configs_get_a_clear_error_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_cfg = dir.path().join("bad.toml");
+    std::fs::write(&bad_cfg, "[ingest]\nurl = \"sim://\"\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["run".into(), "--ingest".into(), "ftp://x".into()], "unknown ingest scheme"),
+        (vec!["run".into(), "--ingest".into(), "pyneal://scanner:5555".into()], "must be an IP address"),
+        (vec!["run".into(), "--ingest".into(), "sim://?volumes=lots".into()], "volumes"),
+        (
+            vec![
+                "run".into(),
+                "--publish".into(),
+                "udp://1.2.3.4:5".into(),
+                "--ingest".into(),
+                "sim://".into(),
+            ],
+            "publish.uri",
+        ),
+        (vec!["run".into(), "--config".into(), bad_cfg.display().to_string()], "unknown field `url`"),
+        (vec!["run".into(), "--ingest".into(), "file:///no/such.nii.gz".into()], "does not exist"),
+        (vec!["check".into(), "--config".into(), bad_cfg.display().to_string()], "url"),
+    ];
+    for (args, hint) in cases {
+        let (status, out) = run_with_timeout(mirage().args(&args), Duration::from_secs(30));
+        assert_eq!(status.code(), Some(2), "{args:?}: {out}");
+        assert!(out.contains(hint), "{args:?}: {out}");
+        assert!(!out.contains("panicked"), "{out}");
+    }
+}
+
+#[test]
+fn simulator_run_records_everything_and_prints_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = dir.path().join("session");
+    let (status, out) = run_with_timeout(
+        mirage().args([
+            "run",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.toml"),
+            "--ingest",
+            "sim://?volumes=20&shape=32,32,20&speed=max",
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--record",
+            session.to_str().unwrap(),
+        ]),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{out}");
+    for stage in ["ingest", "motion", "glm", "decode", "publish", "end to end"] {
+        assert!(out.lines().any(|l| l.starts_with(stage)), "no {stage} row:\n{out}");
+    }
+    assert!(out.contains("received 20 recorded 20 published 20"), "{out}");
+    let rec = SessionReader::open(&session).unwrap();
+    assert_eq!(rec.entries.len(), 20);
+    assert_eq!(rec.meta["ingest"], "sim://?volumes=20&shape=32,32,20&speed=max");
+    // A session folder is never overwritten.
+    let (status, out) = run_with_timeout(
+        mirage()
+            .args(["run", "--ingest", "sim://?volumes=2", "--publish", "none", "--no-lsl", "--record"])
+            .arg(&session),
+        Duration::from_secs(30),
+    );
+    assert_eq!(status.code(), Some(2));
+    assert!(out.contains("not empty"), "{out}");
+}
+
+#[test]
+fn sigterm_drains_and_prints_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = dir.path().join("s");
+    let daemon = common::Daemon::start(
+        &[
+            "--ingest",
+            "sim://?volumes=1000&shape=24,24,16&tr=0.05",
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--record",
+            session.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    daemon.terminate();
+    let (status, log) = daemon.wait(Duration::from_secs(30));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("stopped by signal"), "{log}");
+    let rec = SessionReader::open(&session).unwrap();
+    assert!(!rec.entries.is_empty() && rec.entries.len() < 1000);
+    let published = log.lines().find(|l| l.starts_with("volumes:")).unwrap();
+    assert!(published.contains(&format!("recorded {}", rec.entries.len())), "{published}");
+}

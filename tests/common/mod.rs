@@ -1,0 +1,153 @@
+//! Helpers for integration tests: the real `mirage` binary, free loopback ports, the shared
+//! real-data folder, the Python peers and a ZMQ subscriber.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use mirage_rt::publish::message::Received;
+
+/// The `mirage` binary under test.
+pub fn mirage() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mirage"))
+}
+
+/// A loopback port nobody is listening on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A file under the shared real-data folder (`../shared/data`, or `$MIRAGE_SHARED_DATA`).
+pub fn shared_data(rel: &str) -> PathBuf {
+    let root = std::env::var_os("MIRAGE_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
+    let p = root.join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: the tests need the shared real data (set MIRAGE_SHARED_DATA)",
+        p.display()
+    );
+    p
+}
+
+/// `python3` (or `$MIRAGE_PYTHON`) running a script from `tests/python`.
+pub fn python(script: &str) -> Command {
+    let py = std::env::var("MIRAGE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python");
+    let mut c = Command::new(py);
+    c.current_dir(&dir).arg(dir.join(script));
+    c
+}
+
+/// Runs a command to completion within `timeout`, returning its status and combined output.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> (ExitStatus, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let status = wait_timeout(&mut child, timeout);
+    let mut out = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    if let Some(mut s) = child.stderr.take() {
+        let _ = s.read_to_string(&mut out);
+    }
+    let status = status.unwrap_or_else(|| panic!("timed out after {timeout:?}; output so far:\n{out}"));
+    (status, out)
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `mirage run` in the background whose log goes to a file; killed if still running on drop.
+pub struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `mirage run ARGS`.
+    pub fn start(args: &[&str], log_dir: &Path) -> Daemon {
+        let log = log_dir.join(format!("daemon-{}.log", free_port()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = mirage()
+            .arg("run")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start mirage run");
+        Daemon { child, log }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the daemon to exit on its own; panics with its log on timeout.
+    pub fn wait(mut self, timeout: Duration) -> (ExitStatus, String) {
+        match wait_timeout(&mut self.child, timeout) {
+            Some(s) => (s, self.log()),
+            None => panic!("daemon did not exit within {timeout:?}; log:\n{}", self.log()),
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A ZMQ SUB socket on a daemon's publish port, subscribed to `topic`.
+pub struct Subscriber {
+    socket: zmq::Socket,
+    _ctx: zmq::Context,
+}
+
+impl Subscriber {
+    /// Connects (the daemon may bind later) and subscribes.
+    pub fn connect(port: u16, topic: &str) -> Subscriber {
+        let ctx = zmq::Context::new();
+        let socket = ctx.socket(zmq::SUB).unwrap();
+        socket.set_rcvhwm(100_000).unwrap();
+        socket.set_subscribe(topic.as_bytes()).unwrap();
+        socket.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+        Subscriber { socket, _ctx: ctx }
+    }
+
+    /// Receives until `n` messages arrived or `timeout` passed.
+    pub fn collect(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            if self.socket.poll(zmq::POLLIN, 100).unwrap_or(0) == 0 {
+                continue;
+            }
+            let frames = self.socket.recv_multipart(0).unwrap();
+            out.push(Received::decode(&frames).expect("a well-formed message"));
+        }
+        out
+    }
+}
