@@ -153,6 +153,12 @@ impl Dtype {
         if bytes.len() != out.len().checked_mul(self.size())? {
             return None;
         }
+        if self == Dtype::F32 && endian == Endian::Little && cfg!(target_endian = "little") {
+            if let Ok(src) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                out.copy_from_slice(src);
+                return Some(());
+            }
+        }
         macro_rules! conv {
             ($t:ty, $n:expr) => {{
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact($n)) {
@@ -185,27 +191,37 @@ impl fmt::Display for Dtype {
     }
 }
 
-/// Reorders a C-order (`[x][y][z]`, z fastest) buffer into NIfTI order (x fastest).
-pub fn c_to_nifti_order(src: &[f32], dims: [usize; 3], dst: &mut [f32]) {
+/// Little-endian bytes of f32 samples (what the wire, the publisher and the recorder write).
+pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice(values).to_vec()
+    } else {
+        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+/// Fills `dst` in NIfTI order (x fastest) from a C-order source (`[x][y][z]`, z fastest) read
+/// through `at(c_order_index)`, so a raw buffer of any sample type is converted and reordered
+/// in one pass.
+///
+/// Writes are sequential and reads strided; measured against 16×16 tiled variants this plain
+/// order was as fast or faster on 64×64×36 to 96×114×96 grids (tiles hit cache-set conflicts at
+/// power-of-two strides).
+pub fn c_to_nifti_order_with(dims: [usize; 3], dst: &mut [f32], at: impl Fn(usize) -> f32) {
     let [nx, ny, nz] = dims;
-    debug_assert_eq!(src.len(), nx * ny * nz);
     debug_assert_eq!(dst.len(), nx * ny * nz);
-    // Blocked over x so both the reads (z-contiguous) and the writes (x-contiguous) stay in cache.
-    const BX: usize = 16;
     for k in 0..nz {
         for j in 0..ny {
-            let out_row = &mut dst[nx * (j + ny * k)..nx * (j + ny * k) + nx];
-            for i0 in (0..nx).step_by(BX) {
-                for (i, o) in out_row.iter_mut().enumerate().skip(i0).take(BX) {
-                    *o = src[(i * ny + j) * nz + k];
-                }
+            let row = &mut dst[nx * (j + ny * k)..nx * (j + ny * k + 1)];
+            for (i, o) in row.iter_mut().enumerate() {
+                *o = at((i * ny + j) * nz + k);
             }
         }
     }
 }
 
 /// Reorders a NIfTI-order buffer (x fastest) into C order (z fastest), the inverse of
-/// [`c_to_nifti_order`].
+/// [`c_to_nifti_order_with`].
 pub fn nifti_to_c_order(src: &[f32], dims: [usize; 3], dst: &mut [f32]) {
     let [nx, ny, nz] = dims;
     for i in 0..nx {
@@ -267,7 +283,7 @@ mod tests {
             }
         }
         let mut f = vec![0f32; 24];
-        c_to_nifti_order(&c, dims, &mut f);
+        c_to_nifti_order_with(dims, &mut f, |i| c[i]);
         assert_eq!(f[2 + 3 * (1 + 2 * 3)], 213.0);
         assert_eq!(f[1], 100.0);
         let mut back = vec![0f32; 24];

@@ -14,7 +14,8 @@
 use serde_json::Value;
 
 use crate::volume::{
-    affine_det3, c_to_nifti_order, nifti_to_c_order, sanitize_run_id, Affine, Dtype, Endian, Volume,
+    affine_det3, c_to_nifti_order_with, f32_le_bytes, nifti_to_c_order, sanitize_run_id, Affine, Dtype,
+    Endian, Volume,
 };
 
 /// Why a message could not become a volume; `reason()` names the counter it bumps.
@@ -226,18 +227,12 @@ pub fn decode_volume(
         return Err(WireError::PayloadSize { expected, got: payload.len() });
     }
     let n = h.dims.iter().product();
-    let mut samples = vec![0f32; n];
-    h.dtype
-        .decode_into(h.endian, payload, &mut samples)
-        .ok_or(WireError::PayloadSize { expected, got: payload.len() })?;
-    let data = match h.order {
-        Order::F => samples,
-        Order::C => {
-            let mut out = vec![0f32; n];
-            c_to_nifti_order(&samples, h.dims, &mut out);
-            out
-        }
-    };
+    let mut data = vec![0f32; n];
+    let size_err = WireError::PayloadSize { expected, got: payload.len() };
+    match h.order {
+        Order::F => h.dtype.decode_into(h.endian, payload, &mut data).ok_or(size_err)?,
+        Order::C => decode_c_order(h, payload, &mut data).ok_or(size_err)?,
+    }
     Ok(Volume {
         data,
         dims: h.dims,
@@ -248,6 +243,37 @@ pub fn decode_volume(
         acq_time: h.acq_time,
         recv_time,
     })
+}
+
+/// Converts and reorders a C-order buffer in one pass (no intermediate copy).
+fn decode_c_order(h: &WireHeader, payload: &[u8], out: &mut [f32]) -> Option<()> {
+    if payload.len() != out.len().checked_mul(h.dtype.size())? {
+        return None;
+    }
+    macro_rules! reorder {
+        ($t:ty, $n:expr) => {{
+            let at = |c: usize| {
+                let mut b = [0u8; $n];
+                b.copy_from_slice(&payload[c * $n..c * $n + $n]);
+                (match h.endian {
+                    Endian::Little => <$t>::from_le_bytes(b),
+                    Endian::Big => <$t>::from_be_bytes(b),
+                }) as f32
+            };
+            c_to_nifti_order_with(h.dims, out, at)
+        }};
+    }
+    match h.dtype {
+        Dtype::U8 => c_to_nifti_order_with(h.dims, out, |c| f32::from(payload[c])),
+        Dtype::I8 => c_to_nifti_order_with(h.dims, out, |c| f32::from(payload[c] as i8)),
+        Dtype::I16 => reorder!(i16, 2),
+        Dtype::U16 => reorder!(u16, 2),
+        Dtype::I32 => reorder!(i32, 4),
+        Dtype::U32 => reorder!(u32, 4),
+        Dtype::F32 => reorder!(f32, 4),
+        Dtype::F64 => reorder!(f64, 8),
+    }
+    Some(())
 }
 
 /// Which header dialect a sender writes.
@@ -261,19 +287,19 @@ pub enum Dialect {
 
 /// Encodes a volume as a header frame and a float32 data frame in the dialect's conventions.
 pub fn encode_volume(v: &Volume, dialect: Dialect) -> (String, Vec<u8>) {
-    let mut data = Vec::with_capacity(v.data.len() * 4);
     let shape = v.dims;
+    let data;
     let header = match dialect {
         Dialect::Pyneal => {
             let mut c = vec![0f32; v.data.len()];
             nifti_to_c_order(&v.data, v.dims, &mut c);
-            c.iter().for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
+            data = f32_le_bytes(&c);
             let affine = serde_json::to_string(&v.affine).unwrap_or_default();
             let tr = v.tr.map_or_else(|| "null".to_string(), |t| t.to_string());
             serde_json::json!({"volIdx": v.index, "dtype": "float32", "shape": shape, "affine": affine, "TR": tr})
         }
         Dialect::Native => {
-            v.data.iter().for_each(|x| data.extend_from_slice(&x.to_le_bytes()));
+            data = f32_le_bytes(&v.data);
             serde_json::json!({"volIdx": v.index, "dtype": "float32", "shape": shape, "affine": v.affine,
                 "TR": v.tr, "order": "F", "acq_time": v.acq_time, "run": v.run})
         }

@@ -14,7 +14,7 @@ use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
-use crate::volume::{affine_det3, voxel_size, Affine, Dtype, Endian};
+use crate::volume::{affine_det3, f32_le_bytes, voxel_size, Affine, Dtype, Endian};
 
 /// Size of the NIfTI-1 header in bytes.
 pub const HEADER_SIZE: usize = 348;
@@ -456,8 +456,7 @@ impl NiftiWriter {
                 ),
             });
         }
-        let mut bytes = Vec::with_capacity(data.len() * 4);
-        data.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+        let bytes = f32_le_bytes(data);
         self.out.write_all(&bytes).map_err(|source| NiftiError::Io { path: self.path.clone(), source })?;
         self.written += 1;
         Ok(())

@@ -11,6 +11,8 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::volume::f32_le_bytes;
+
 /// One binary payload of a message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Payload {
@@ -29,9 +31,7 @@ pub struct Payload {
 impl Payload {
     /// A float32 array payload.
     pub fn f32(name: &str, shape: Vec<usize>, order: &'static str, values: &[f32]) -> Payload {
-        let mut bytes = Vec::with_capacity(values.len() * 4);
-        values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
-        Payload { name: name.to_string(), dtype: "float32", shape, order, bytes }
+        Payload { name: name.to_string(), dtype: "float32", shape, order, bytes: f32_le_bytes(values) }
     }
 }
 

@@ -62,30 +62,37 @@ def main():
     time.sleep(0.5)
 
     stamps = []
+    # One sample = one volume, x fastest; flattened before timing so the clock starts when the
+    # scanner would hand the volume over, not while numpy reorders it.
+    flat = [np.ascontiguousarray(v.ravel(order="F")) for v in vols]
 
     def send():
         next_t = pylsl.local_clock()
-        for v in vols:
+        for v in flat:
             delay = next_t - pylsl.local_clock()
             if delay > 0:
                 time.sleep(delay)
             next_t += tr
             ts = pylsl.local_clock()
             stamps.append(ts)
-            # one sample = one volume, x fastest
-            outlet.push_sample(v.ravel(order="F"), ts, True)
+            outlet.push_chunk(v, ts, True)
+
+    fb = []
+
+    def read_feedback():
+        deadline = time.monotonic() + 30 + len(vols) * tr
+        while len(fb) < len(vols) and time.monotonic() < deadline:
+            sample, ts = fb_inlet.pull_sample(timeout=0.2)
+            if sample is not None:
+                fb.append((sample, ts, pylsl.local_clock()))
 
     sender = threading.Thread(target=send)
+    reader = threading.Thread(target=read_feedback)
+    reader.start()
     sender.start()
     got = collect(sub, len(vols), timeout_s=30 + len(vols) * tr)
     sender.join()
-
-    fb = []
-    deadline = time.monotonic() + 5
-    while len(fb) < len(vols) and time.monotonic() < deadline:
-        sample, ts = fb_inlet.pull_sample(timeout=0.2)
-        if sample is not None:
-            fb.append((sample, ts, pylsl.local_clock()))
+    reader.join()
 
     if len(got) != len(vols):
         problems.append(f"received {len(got)} volume messages, sent {len(vols)}")
