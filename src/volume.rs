@@ -44,6 +44,20 @@ impl Volume {
         voxel_size(&self.affine)
     }
 
+    /// A copy of everything but the voxel data (which is left empty).
+    pub fn clone_meta(&self) -> Volume {
+        Volume {
+            data: Vec::new(),
+            dims: self.dims,
+            affine: self.affine,
+            index: self.index,
+            run: self.run.clone(),
+            tr: self.tr,
+            acq_time: self.acq_time,
+            recv_time: self.recv_time,
+        }
+    }
+
     /// Bytes held by the voxel data (what queues budget for).
     pub fn byte_size(&self) -> usize {
         self.data.len() * std::mem::size_of::<f32>()
@@ -185,6 +199,28 @@ impl Dtype {
     }
 }
 
+impl Dtype {
+    /// Little-endian bytes of `values` in this type: integers rounded to nearest and saturated
+    /// at the type's range (NaN becomes 0).
+    pub fn encode_le(self, values: &[f32]) -> Vec<u8> {
+        macro_rules! enc {
+            ($t:ty) => {
+                values.iter().flat_map(|v| (v.round() as $t).to_le_bytes()).collect()
+            };
+        }
+        match self {
+            Dtype::U8 => enc!(u8),
+            Dtype::I8 => enc!(i8),
+            Dtype::I16 => enc!(i16),
+            Dtype::U16 => enc!(u16),
+            Dtype::I32 => enc!(i32),
+            Dtype::U32 => enc!(u32),
+            Dtype::F32 => f32_le_bytes(values),
+            Dtype::F64 => values.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect(),
+        }
+    }
+}
+
 impl fmt::Display for Dtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -268,6 +304,18 @@ mod tests {
         Dtype::U16.decode_into(Endian::Little, &be, &mut out).unwrap();
         assert_eq!(out, [1.0, 65279.0]);
         assert!(Dtype::F32.decode_into(Endian::Little, &be, &mut out).is_none());
+    }
+
+    #[test]
+    fn encode_rounds_saturates_and_round_trips() {
+        let v = [1.4f32, -2.6, 70000.0, f32::NAN];
+        let b = Dtype::I16.encode_le(&v);
+        let mut out = [0f32; 4];
+        Dtype::I16.decode_into(Endian::Little, &b, &mut out).unwrap();
+        assert_eq!(out, [1.0, -3.0, 32767.0, 0.0]);
+        let b = Dtype::F64.encode_le(&v[..3]);
+        Dtype::F64.decode_into(Endian::Little, &b, &mut out[..3]).unwrap();
+        assert_eq!(out[..3], v[..3]);
     }
 
     #[test]

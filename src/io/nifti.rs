@@ -14,10 +14,22 @@ use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
-use crate::volume::{affine_det3, f32_le_bytes, voxel_size, Affine, Dtype, Endian};
+use crate::volume::{affine_det3, voxel_size, Affine, Dtype, Endian};
 
 /// Size of the NIfTI-1 header in bytes.
 pub const HEADER_SIZE: usize = 348;
+
+/// NIfTI-1 datatype codes of the sample types we read and write.
+const NIFTI_TYPES: [(i16, Dtype); 8] = [
+    (2, Dtype::U8),
+    (4, Dtype::I16),
+    (8, Dtype::I32),
+    (16, Dtype::F32),
+    (64, Dtype::F64),
+    (256, Dtype::I8),
+    (512, Dtype::U16),
+    (768, Dtype::U32),
+];
 
 /// Why a NIfTI file could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -131,17 +143,11 @@ impl NiftiHeader {
             dims.push(v as usize);
         }
         let code = r.i16(70);
-        let dtype = match code {
-            2 => Dtype::U8,
-            4 => Dtype::I16,
-            8 => Dtype::I32,
-            16 => Dtype::F32,
-            64 => Dtype::F64,
-            256 => Dtype::I8,
-            512 => Dtype::U16,
-            768 => Dtype::U32,
-            c => return Err(format!("datatype code {c} is not supported")),
-        };
+        let dtype = NIFTI_TYPES
+            .iter()
+            .find(|(c, _)| *c == code)
+            .map(|(_, d)| *d)
+            .ok_or(format!("datatype code {code} is not supported"))?;
         let bitpix = r.i16(72);
         if bitpix as usize != dtype.size() * 8 {
             return Err(format!("bitpix {bitpix} does not match datatype {dtype}"));
@@ -407,23 +413,37 @@ pub fn read_nifti(path: impl AsRef<Path>, max_voxels: usize) -> Result<NiftiImag
     Ok(NiftiImage { affine: header.affine(), dims: header.volume_dims(), header, volumes })
 }
 
-/// Writes a float32 NIfTI-1 series volume by volume (`.gz` in the name: compressed).
+/// Writes a NIfTI-1 series volume by volume (`.gz` in the name: compressed).
 pub struct NiftiWriter {
     path: PathBuf,
     out: Box<dyn Write + Send>,
+    dtype: Dtype,
     n_voxels: usize,
     n_volumes: usize,
     written: usize,
 }
 
 impl NiftiWriter {
-    /// Creates `path` for `n_volumes` volumes of `dims` with this affine and TR (seconds).
+    /// Creates a float32 `path` for `n_volumes` volumes of `dims` with this affine and TR (s).
     pub fn create(
         path: impl AsRef<Path>,
         dims: [usize; 3],
         n_volumes: usize,
         affine: &Affine,
         tr: Option<f64>,
+    ) -> Result<NiftiWriter, NiftiError> {
+        Self::create_as(path, dims, n_volumes, affine, tr, Dtype::F32)
+    }
+
+    /// Like [`NiftiWriter::create`], storing samples as `dtype` (integers are rounded and
+    /// saturated).
+    pub fn create_as(
+        path: impl AsRef<Path>,
+        dims: [usize; 3],
+        n_volumes: usize,
+        affine: &Affine,
+        tr: Option<f64>,
+        dtype: Dtype,
     ) -> Result<NiftiWriter, NiftiError> {
         let path = path.as_ref().to_path_buf();
         let bad = |reason: String| NiftiError::Write { path: path.clone(), reason };
@@ -437,9 +457,9 @@ impl NiftiWriter {
         } else {
             Box::new(BufWriter::with_capacity(1 << 20, file))
         };
-        let header = encode_header(dims, n_volumes, affine, tr);
+        let header = encode_header(dims, n_volumes, affine, tr, dtype);
         out.write_all(&header).map_err(|source| NiftiError::Io { path: path.clone(), source })?;
-        Ok(NiftiWriter { path, out, n_voxels: dims.iter().product(), n_volumes, written: 0 })
+        Ok(NiftiWriter { path, out, dtype, n_voxels: dims.iter().product(), n_volumes, written: 0 })
     }
 
     /// Appends one volume (x fastest).
@@ -456,7 +476,7 @@ impl NiftiWriter {
                 ),
             });
         }
-        let bytes = f32_le_bytes(data);
+        let bytes = self.dtype.encode_le(data);
         self.out.write_all(&bytes).map_err(|source| NiftiError::Io { path: self.path.clone(), source })?;
         self.written += 1;
         Ok(())
@@ -494,6 +514,7 @@ fn encode_header(
     n_volumes: usize,
     affine: &Affine,
     tr: Option<f64>,
+    dtype: Dtype,
 ) -> [u8; HEADER_SIZE + 4] {
     let mut h = [0u8; HEADER_SIZE + 4];
     let put_i16 = |h: &mut [u8], at: usize, v: i16| h[at..at + 2].copy_from_slice(&v.to_le_bytes());
@@ -507,8 +528,9 @@ fn encode_header(
     for i in 4..7 {
         put_i16(&mut h, 42 + 2 * i, 1);
     }
-    put_i16(&mut h, 70, 16); // float32
-    put_i16(&mut h, 72, 32);
+    let code = NIFTI_TYPES.iter().find(|(_, d)| *d == dtype).map_or(16, |(c, _)| *c);
+    put_i16(&mut h, 70, code);
+    put_i16(&mut h, 72, (dtype.size() * 8) as i16);
     let zooms = voxel_size(affine);
     let quat = quaternion(affine);
     put_f32(&mut h, 76, quat.map(|q| q.0).unwrap_or(1.0));
@@ -625,10 +647,37 @@ mod tests {
     }
 
     #[test]
+    fn integer_and_double_files_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let v: Vec<f32> = (0..8).map(|i| i as f32 * 100.0 - 300.0).collect();
+        for dtype in [Dtype::I16, Dtype::F64, Dtype::I32] {
+            let p = dir.path().join(format!("{dtype}.nii.gz"));
+            let mut w =
+                NiftiWriter::create_as(&p, [2, 2, 2], 1, &crate::volume::IDENTITY_AFFINE, None, dtype)
+                    .unwrap();
+            w.write_volume(&v).unwrap();
+            w.finish().unwrap();
+            let img = read_nifti(&p, 100).unwrap();
+            assert_eq!(img.header.dtype, dtype);
+            assert_eq!(img.volumes[0], v);
+        }
+        let p = dir.path().join("u16.nii");
+        let mut w =
+            NiftiWriter::create_as(&p, [2, 2, 2], 1, &crate::volume::IDENTITY_AFFINE, None, Dtype::U16)
+                .unwrap();
+        w.write_volume(&v).unwrap();
+        w.finish().unwrap();
+        assert_eq!(
+            read_nifti(&p, 100).unwrap().volumes[0],
+            vec![0.0, 0.0, 0.0, 0.0, 100.0, 200.0, 300.0, 400.0]
+        );
+    }
+
+    #[test]
     fn huge_dims_are_refused_before_allocation() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("big.nii");
-        let mut h = encode_header([2, 2, 2], 1, &crate::volume::IDENTITY_AFFINE, None);
+        let mut h = encode_header([2, 2, 2], 1, &crate::volume::IDENTITY_AFFINE, None, Dtype::F32);
         for i in 0..3 {
             h[42 + 2 * i..44 + 2 * i].copy_from_slice(&32767i16.to_le_bytes());
         }
