@@ -63,6 +63,7 @@ fn bench(c: &mut Criterion) {
             seq: 0,
             volume: std::sync::Arc::new(v.clone()),
             flags: IngestFlags::default(),
+            motion: None,
             stage_errors: Vec::new(),
             stamps: Stamps::default(),
         };

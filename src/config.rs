@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ingest::uri::{parse_publish_uri, IngestUri};
 use crate::io::session::SyncPolicy;
+use crate::motion::MotionConfig;
 use crate::pipeline::queue::WhenFull;
 use crate::sim::SimConfig;
 
@@ -22,6 +23,8 @@ pub struct Config {
     pub sim: SimConfig,
     /// Queues between stages.
     pub pipeline: PipelineConfig,
+    /// Online realignment.
+    pub motion: MotionConfig,
     /// Sinks for processed data.
     pub publish: PublishConfig,
     /// The session folder.
@@ -129,6 +132,34 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("config {}: {}", path.display(), e.message().trim()))
     }
 
+    /// Applies one `section.key=value` override (the value read as TOML, else as a string),
+    /// e.g. `motion.enabled=false` or `publish.uri="tcp://127.0.0.1:6000"`.
+    pub fn set(&mut self, assignment: &str) -> anyhow::Result<()> {
+        let (path, raw) = assignment
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--set {assignment:?}: write SECTION.KEY=VALUE"))?;
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let mut root = toml::Value::try_from(&*self)?;
+        let mut node = &mut root;
+        let keys: Vec<&str> = path.split('.').collect();
+        for (i, key) in keys.iter().enumerate() {
+            let table =
+                node.as_table_mut().ok_or_else(|| anyhow::anyhow!("--set {path}: {key} is not a section"))?;
+            if i + 1 == keys.len() {
+                table.insert((*key).to_string(), value.clone());
+                break;
+            }
+            node = table.entry((*key).to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        }
+        *self = root
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("--set {assignment}: {}", e.message().trim()))?;
+        Ok(())
+    }
+
     /// The parsed ingest URI.
     pub fn ingest_uri(&self) -> Result<IngestUri, String> {
         IngestUri::parse(&self.ingest.uri, &self.sim)
@@ -145,6 +176,7 @@ impl Config {
             Ok(_) => {}
             Err(e) => errors.push(format!("ingest.uri: {e}")),
         }
+        errors.extend(self.motion.validate());
         if self.ingest.max_voxels == 0 {
             errors.push("ingest.max_voxels must be positive".into());
         }
@@ -182,6 +214,20 @@ mod tests {
             let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e:#}"));
             assert_eq!(cfg.validate(), Vec::<String>::new(), "{}", path.display());
         }
+    }
+
+    #[test]
+    fn dotted_overrides() {
+        let mut cfg = Config::default();
+        cfg.set("motion.enabled=false").unwrap();
+        cfg.set("publish.uri=tcp://127.0.0.1:7000").unwrap();
+        cfg.set("pipeline.queue_capacity=4").unwrap();
+        assert!(!cfg.motion.enabled);
+        assert_eq!(cfg.publish.uri.as_deref(), Some("tcp://127.0.0.1:7000"));
+        assert_eq!(cfg.pipeline.queue_capacity, 4);
+        assert!(cfg.set("motion.enabledd=false").unwrap_err().to_string().contains("enabledd"));
+        assert!(cfg.set("pipeline.queue_capacity=lots").is_err());
+        assert!(cfg.set("nonsense").is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mirage_rt::commands::realign::{RealignOutputs, ReferenceChoice};
 use mirage_rt::commands::{self, run::RunOptions, simulate::SimTarget};
 use mirage_rt::ingest::Speed;
 
@@ -39,6 +40,9 @@ enum Command {
         /// No live status line.
         #[arg(long)]
         quiet: bool,
+        /// Override any configuration key, SECTION.KEY=VALUE (repeatable), e.g. motion.enabled=false.
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
     },
     /// Simulate a run with exact ground truth: write it to a folder or stream it to a daemon.
     Simulate {
@@ -79,6 +83,26 @@ enum Command {
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
     },
+    /// Realign a 4-D NIfTI offline with the online motion stage's code.
+    Realign {
+        /// Input series (.nii or .nii.gz).
+        input: PathBuf,
+        /// Resliced series.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// fMRIPrep-style confounds TSV (six parameters and framewise_displacement).
+        #[arg(long)]
+        params: Option<PathBuf>,
+        /// Matrices TSV: per volume the 12 numbers (row-major 3x4) of M, reference(p) = moving(M p).
+        #[arg(long)]
+        matrices: Option<PathBuf>,
+        /// Reference: a volume index K of the input (default 0) or a NIfTI file.
+        #[arg(long, default_value = "0")]
+        reference: String,
+        /// TOML configuration whose [motion] section sets the optimiser.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Check a configuration file without starting anything.
     Check {
         /// TOML configuration.
@@ -89,9 +113,9 @@ enum Command {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, ingest, publish, record, stop_after, no_lsl, quiet } => {
+        Command::Run { config, ingest, publish, record, stop_after, no_lsl, quiet, set } => {
             let cfg = commands::load_config(config.as_deref())?;
-            let opts = RunOptions { ingest, publish, record, stop_after, no_lsl, quiet };
+            let opts = RunOptions { ingest, publish, record, stop_after, no_lsl, quiet, set };
             commands::run::run(cfg, &opts).map(|_| ())
         }
         Command::Simulate {
@@ -139,6 +163,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --out DIR or --stream URI"),
             };
             commands::simulate::simulate(&sim, &target)
+        }
+        Command::Realign { input, out, params, matrices, reference, config } => {
+            let cfg = commands::load_config(config.as_deref())?;
+            let outputs = RealignOutputs { out, params, matrices };
+            let estimates = commands::realign::realign(
+                &input,
+                &ReferenceChoice::parse(&reference),
+                &cfg.motion,
+                &outputs,
+                cfg.ingest.max_voxels,
+            )?;
+            let failed = estimates.iter().filter(|e| e.is_none()).count();
+            eprintln!("mirage: realigned {} volumes ({failed} without an estimate)", estimates.len());
+            Ok(())
         }
         Command::Check { config } => commands::check(config.as_deref()),
     }

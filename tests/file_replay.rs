@@ -64,6 +64,9 @@ fn replay_of_las_int16_series_publishes_nibabel_values_and_affine() {
             "none",
             "--no-lsl",
             "--quiet",
+            // Transport checks: volumes must come out exactly as sent.
+            "--set",
+            "motion.enabled=false",
         ],
         dir.path(),
     );

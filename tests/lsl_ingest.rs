@@ -5,13 +5,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{free_port, python, run_with_timeout, Daemon};
+use common::{free_port, python, run_with_timeout, unique_name, Daemon};
 
 fn roundtrip(format: &str) {
     let dir = tempfile::tempdir().unwrap();
     let sp = free_port();
-    let name = format!("mirage-test-{format}-{}", free_port());
-    let feedback = format!("mirage-feedback-{}", free_port());
+    let name = unique_name(&format!("mirage-test-{format}"));
+    let feedback = unique_name("mirage-feedback");
     let session = dir.path().join("s");
     let cfg = dir.path().join("cfg.toml");
     std::fs::write(&cfg, format!("[publish]\nlsl_feedback = \"{feedback}\"\n")).unwrap();
@@ -28,6 +28,9 @@ fn roundtrip(format: &str) {
             "--stop-after",
             "12",
             "--quiet",
+            // Transport checks: volumes must come out exactly as sent.
+            "--set",
+            "motion.enabled=false",
         ],
         dir.path(),
     );

@@ -27,6 +27,9 @@ fn pyneal_sender_real_uint16_and_float64_volumes_arrive_exactly_in_order() {
             "8",
             "--no-lsl",
             "--quiet",
+            // Transport checks: volumes must come out exactly as sent.
+            "--set",
+            "motion.enabled=false",
         ],
         dir.path(),
     );
@@ -107,6 +110,9 @@ fn bad_pyneal_messages_are_answered_counted_and_the_run_goes_on() {
             "1",
             "--no-lsl",
             "--quiet",
+            // Transport checks: volumes must come out exactly as sent.
+            "--set",
+            "motion.enabled=false",
         ],
         dir.path(),
     );
@@ -173,6 +179,9 @@ fn native_zmq_takes_several_senders_c_and_f_order_and_survives_garbage() {
             "2",
             "--no-lsl",
             "--quiet",
+            // Transport checks: volumes must come out exactly as sent.
+            "--set",
+            "motion.enabled=false",
         ],
         dir.path(),
     );

@@ -214,7 +214,7 @@ fn streamed_over_native_zmq_equals_written_with_acquisition_times() {
 
 #[test]
 fn streamed_over_lsl_equals_written() {
-    let name = format!("mirage-test-sim-{}", free_port());
+    let name = common::unique_name("mirage-test-sim");
     let s = stream_and_record(&format!("lsl://{name}"), &format!("lsl://{name}"), &["--no-lsl"]);
     assert_session_equals_written_run(&s);
 }

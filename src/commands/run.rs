@@ -24,11 +24,13 @@ pub struct RunOptions {
     pub no_lsl: bool,
     /// `--quiet`: no live status line.
     pub quiet: bool,
+    /// `--set SECTION.KEY=VALUE` overrides, applied last.
+    pub set: Vec<String>,
 }
 
 impl RunOptions {
     /// Applies the overrides to a loaded configuration.
-    pub fn apply(&self, cfg: &mut Config) {
+    pub fn apply(&self, cfg: &mut Config) -> anyhow::Result<()> {
         if let Some(u) = &self.ingest {
             cfg.ingest.uri = u.clone();
         }
@@ -44,13 +46,17 @@ impl RunOptions {
         if self.no_lsl {
             cfg.publish.lsl_feedback = None;
         }
+        for s in &self.set {
+            cfg.set(s)?;
+        }
+        Ok(())
     }
 }
 
 /// Runs the pipeline until the source ends, `--stop-after` is reached or SIGINT/SIGTERM;
 /// prints a live status line and, at exit, the latency summary.
 pub fn run(mut cfg: Config, opts: &RunOptions) -> anyhow::Result<MetricsSnapshot> {
-    opts.apply(&mut cfg);
+    opts.apply(&mut cfg)?;
     let handle = Pipeline::build(&cfg).map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
     let signalled = watch_signals(handle.stop_flag())?;
     eprintln!("mirage: ingest {} ", handle.source());

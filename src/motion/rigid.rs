@@ -49,6 +49,15 @@ impl RigidParams {
         m
     }
 
+    /// The parameters of a rigid matrix `T · Rx · Ry · Rz` (the inverse of [`RigidParams::matrix`]
+    /// for rotations within ±90° about y).
+    pub fn from_matrix(m: &Affine) -> RigidParams {
+        let ry = m[0][2].clamp(-1.0, 1.0).asin();
+        let rx = (-m[1][2]).atan2(m[2][2]);
+        let rz = (-m[0][1]).atan2(m[0][0]);
+        RigidParams { trans: [m[0][3], m[1][3], m[2][3]], rot: [rx, ry, rz] }
+    }
+
     /// Framewise displacement from `prev` to `self`: the sum of absolute parameter changes, with
     /// rotations taken as arc lengths on a 50 mm sphere.
     pub fn framewise_displacement(&self, prev: &RigidParams) -> f64 {
@@ -103,6 +112,27 @@ pub fn affine_inverse(a: &Affine) -> Option<Affine> {
     Some(inv)
 }
 
+/// Applies an affine to a point.
+#[inline]
+pub fn transform(m: &Affine, p: [f64; 3]) -> [f64; 3] {
+    [0, 1, 2].map(|r| m[r][0] * p[0] + m[r][1] * p[1] + m[r][2] * p[2] + m[r][3])
+}
+
+/// Mean distance (mm) between where two world transforms send the given points.
+pub fn mean_displacement(a: &Affine, b: &Affine, points: &[[f64; 3]]) -> f64 {
+    if points.is_empty() {
+        return 0.0;
+    }
+    let total: f64 = points
+        .iter()
+        .map(|p| {
+            let (u, v) = (transform(a, *p), transform(b, *p));
+            ((u[0] - v[0]).powi(2) + (u[1] - v[1]).powi(2) + (u[2] - v[2]).powi(2)).sqrt()
+        })
+        .sum();
+    total / points.len() as f64
+}
+
 /// Resamples `src` (grid `src_dims`, x fastest) into `dst` (grid `dst_dims`), where output
 /// voxel `v` takes the trilinear value of `src` at voxel coordinates `K · v`. Points outside
 /// the source grid take `outside`. A `K` that is an exact integer shift copies voxels exactly.
@@ -122,6 +152,9 @@ pub fn resample_trilinear(
         return;
     }
     let stride = [1usize, src_dims[0], src_dims[0] * src_dims[1]];
+    let upper = |a: usize| if src_dims[a] > 1 { stride[a] } else { 0 };
+    let (dx, dy, dz) = (upper(0), upper(1), upper(2));
+    let (mut corners, mut fracs) = (Vec::with_capacity(nx), Vec::with_capacity(nx));
     for z in 0..nz {
         for y in 0..ny {
             let row = &mut dst[nx * (y + ny * z)..nx * (y + ny * z) + nx];
@@ -130,45 +163,125 @@ pub fn resample_trilinear(
                 k[1][1] * y as f64 + k[1][2] * z as f64 + k[1][3],
                 k[2][1] * y as f64 + k[2][2] * z as f64 + k[2][3],
             ];
-            for (x, out) in row.iter_mut().enumerate() {
-                let u = base[0] + k[0][0] * x as f64;
-                let v = base[1] + k[1][0] * x as f64;
-                let w = base[2] + k[2][0] * x as f64;
-                *out = sample(src, src_dims, stride, u, v, w, outside);
+            let step = [k[0][0], k[1][0], k[2][0]];
+            let (a, b) = inside_span(src_dims, base, step, nx);
+            row[..a].fill(outside);
+            row[b..].fill(outside);
+            // Two passes over the inside span: corners and fractions first (vectorisable),
+            // then the gathers and blends, independent from voxel to voxel.
+            corners.clear();
+            fracs.clear();
+            for x in a..b {
+                let mut corner = 0usize;
+                let mut f = [0f32; 3];
+                for axis in 0..3 {
+                    let c = (base[axis] + step[axis] * x as f64).clamp(0.0, (src_dims[axis] - 1) as f64);
+                    let i = (c as i32 as usize).min(src_dims[axis].saturating_sub(2));
+                    corner += i * stride[axis];
+                    f[axis] = (c - i as f64) as f32;
+                }
+                corners.push(corner);
+                fracs.push(f);
+            }
+            for ((out, &c), f) in row[a..b].iter_mut().zip(&corners).zip(&fracs) {
+                let Some(s) = src.get(c..=c + dz + dy + dx) else { continue };
+                let (a000, a100, a010, a110) = (s[0], s[dx], s[dy], s[dy + dx]);
+                let (a001, a101, a011, a111) = (s[dz], s[dz + dx], s[dz + dy], s[dz + dy + dx]);
+                let c00 = a000 + (a100 - a000) * f[0];
+                let c10 = a010 + (a110 - a010) * f[0];
+                let c01 = a001 + (a101 - a001) * f[0];
+                let c11 = a011 + (a111 - a011) * f[0];
+                let c0 = c00 + (c10 - c00) * f[1];
+                let c1 = c01 + (c11 - c01) * f[1];
+                *out = c0 + (c1 - c0) * f[2];
             }
         }
     }
 }
 
-#[inline]
-fn sample(src: &[f32], dims: [usize; 3], stride: [usize; 3], u: f64, v: f64, w: f64, outside: f32) -> f32 {
-    // Snap coordinates within 1e-9 voxel of an integer so exact shifts stay exact.
-    let snap = |c: f64| {
-        let r = c.round();
-        if (c - r).abs() < 1e-9 {
-            r
-        } else {
-            c
-        }
-    };
-    let (u, v, w) = (snap(u), snap(v), snap(w));
-    let max = |n: usize| (n - 1) as f64;
-    if !(u >= 0.0 && v >= 0.0 && w >= 0.0 && u <= max(dims[0]) && v <= max(dims[1]) && w <= max(dims[2])) {
-        return outside;
+/// How far (in voxels) beyond an edge a coordinate still counts as on it: rounding in a
+/// near-identity transform must not blank the first and last slices.
+pub const EDGE_TOLERANCE: f64 = 1e-4;
+
+/// Whether voxel coordinates `(u, v, w)` lie within a grid (edges included, within
+/// [`EDGE_TOLERANCE`]).
+#[inline(always)]
+pub fn inside(dims: [usize; 3], u: f64, v: f64, w: f64) -> bool {
+    let (lo, hi) = (-EDGE_TOLERANCE, |n: usize| (n - 1) as f64 + EDGE_TOLERANCE);
+    u >= lo && v >= lo && w >= lo && u <= hi(dims[0]) && v <= hi(dims[1]) && w <= hi(dims[2])
+}
+
+/// Trilinear value of `src` (grid `dims`, strides `stride`) at voxel coordinates `(u, v, w)`,
+/// or `None` outside the grid.
+#[inline(always)]
+pub fn trilinear_at(
+    src: &[f32],
+    dims: [usize; 3],
+    stride: [usize; 3],
+    u: f64,
+    v: f64,
+    w: f64,
+) -> Option<f32> {
+    if !inside(dims, u, v, w) {
+        return None;
     }
-    let (i0, j0, k0) = (u.floor() as usize, v.floor() as usize, w.floor() as usize);
-    let (fu, fv, fw) = (u - i0 as f64, v - j0 as f64, w - k0 as f64);
-    let i1 = (i0 + 1).min(dims[0] - 1);
-    let j1 = (j0 + 1).min(dims[1] - 1);
-    let k1 = (k0 + 1).min(dims[2] - 1);
-    let at = |i: usize, j: usize, k: usize| f64::from(src[i * stride[0] + j * stride[1] + k * stride[2]]);
-    let c00 = at(i0, j0, k0) * (1.0 - fu) + at(i1, j0, k0) * fu;
-    let c10 = at(i0, j1, k0) * (1.0 - fu) + at(i1, j1, k0) * fu;
-    let c01 = at(i0, j0, k1) * (1.0 - fu) + at(i1, j0, k1) * fu;
-    let c11 = at(i0, j1, k1) * (1.0 - fu) + at(i1, j1, k1) * fu;
-    let c0 = c00 * (1.0 - fv) + c10 * fv;
-    let c1 = c01 * (1.0 - fv) + c11 * fv;
-    (c0 * (1.0 - fw) + c1 * fw) as f32
+    // Lower corner clamped so the upper one is always inside (the fraction may then be 1);
+    // truncation is the floor for c ≥ 0. A one-voxel axis has no upper neighbour.
+    let corner = |c: f64, n: usize, s: usize| {
+        let c = c.clamp(0.0, (n - 1) as f64);
+        let i = (c as i32 as usize).min(n.saturating_sub(2));
+        (i * s, (c - i as f64) as f32, if n > 1 { s } else { 0 })
+    };
+    let (bx, fu, dx) = corner(u, dims[0], stride[0]);
+    let (by, fv, dy) = corner(v, dims[1], stride[1]);
+    let (bz, fw, dz) = corner(w, dims[2], stride[2]);
+    let b = bx + by + bz;
+    let s = src.get(b..=b + dz + dy + dx)?;
+    let (a000, a100, a010, a110) = (s[0], s[dx], s[dy], s[dy + dx]);
+    let (a001, a101, a011, a111) = (s[dz], s[dz + dx], s[dz + dy], s[dz + dy + dx]);
+    let c00 = a000 + (a100 - a000) * fu;
+    let c10 = a010 + (a110 - a010) * fu;
+    let c01 = a001 + (a101 - a001) * fu;
+    let c11 = a011 + (a111 - a011) * fu;
+    let c0 = c00 + (c10 - c00) * fv;
+    let c1 = c01 + (c11 - c01) * fv;
+    Some(c0 + (c1 - c0) * fw)
+}
+
+/// The range of `x` in `0..n` for which `c[a] + d[a] · x` lies within the grid on every axis.
+fn inside_span(dims: [usize; 3], c: [f64; 3], d: [f64; 3], n: usize) -> (usize, usize) {
+    let (mut lo, mut hi) = (0.0f64, n as f64 - 1.0);
+    for a in 0..3 {
+        let (min, max) = (-EDGE_TOLERANCE, (dims[a] - 1) as f64 + EDGE_TOLERANCE);
+        if d[a] == 0.0 {
+            if !(c[a] >= min && c[a] <= max) {
+                return (0, 0);
+            }
+            continue;
+        }
+        let (t0, t1) = ((min - c[a]) / d[a], (max - c[a]) / d[a]);
+        lo = lo.max(t0.min(t1));
+        hi = hi.min(t0.max(t1));
+    }
+    if hi < lo {
+        return (0, 0);
+    }
+    // Rounding can put the ends one voxel off; settle them with the exact test.
+    let at = |x: usize| inside(dims, c[0] + d[0] * x as f64, c[1] + d[1] * x as f64, c[2] + d[2] * x as f64);
+    let (mut a, mut b) = (lo.ceil().max(0.0) as usize, (hi.floor() as usize + 1).min(n));
+    while a > 0 && at(a - 1) {
+        a -= 1;
+    }
+    while a < b && !at(a) {
+        a += 1;
+    }
+    while b < n && at(b) {
+        b += 1;
+    }
+    while b > a && !at(b - 1) {
+        b -= 1;
+    }
+    (a, b)
 }
 
 /// The voxel-to-voxel map `A⁻¹ · M⁻¹ · A` that samples a reference-space image to build the
@@ -197,6 +310,18 @@ mod tests {
                 assert!((v - if i == j { 1.0 } else { 0.0 }).abs() < 1e-12);
             }
         }
+    }
+
+    #[test]
+    fn params_survive_a_round_trip_through_the_matrix() {
+        let p = RigidParams { trans: [1.5, -0.25, 3.0], rot: [0.05, -0.04, 0.03] };
+        let q = RigidParams::from_matrix(&p.matrix());
+        for i in 0..6 {
+            assert!((p.to_array()[i] - q.to_array()[i]).abs() < 1e-12);
+        }
+        let pts = [[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]];
+        let shifted = RigidParams { trans: [0.0, 0.0, 2.0], rot: [0.0; 3] }.matrix();
+        assert!((mean_displacement(&crate::volume::IDENTITY_AFFINE, &shifted, &pts) - 2.0).abs() < 1e-12);
     }
 
     #[test]

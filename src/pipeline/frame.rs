@@ -83,6 +83,8 @@ pub struct Frame {
     pub volume: Arc<Volume>,
     /// Index bookkeeping from ingest.
     pub flags: IngestFlags,
+    /// Head motion, once the motion stage has estimated it.
+    pub motion: Option<crate::motion::MotionEstimate>,
     /// Errors stages reported for this frame (it still went on).
     pub stage_errors: Vec<String>,
     /// Boundary timestamps.

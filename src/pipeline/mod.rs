@@ -26,13 +26,14 @@ use std::time::Duration;
 use self::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use self::metrics::{Metrics, MetricsSnapshot};
 use self::queue::{edge, EdgeRx, EdgeTx, PushError, Recv, WhenFull};
-use self::stage::{Identity, Stage};
+use self::stage::{Identity, MotionStage, Stage};
 use crate::clock;
 use crate::config::Config;
 use crate::ingest::uri::parse_publish_uri;
 use crate::ingest::{open_source, Ack, IngestUri, SourceEvent, SourceLimits};
 use crate::io::session::{MessageLog, SessionWriter};
-use crate::publish::{status_message, volume_message, Publisher};
+use crate::motion::MotionCorrector;
+use crate::publish::{motion_message, status_message, volume_message, Publisher};
 use crate::volume::Volume;
 
 /// How long a stage thread waits on its input before checking for shutdown.
@@ -264,8 +265,16 @@ impl Pipeline {
             Err(_) => errors.push("publish thread ended during setup".into()),
         }
 
+        let motion: Box<dyn Stage> = if cfg.motion.enabled {
+            match MotionCorrector::new(&cfg.motion) {
+                Ok(m) => Box::new(MotionStage(m)),
+                Err(e) => return Err(vec![e.to_string()]),
+            }
+        } else {
+            Box::new(Identity("motion"))
+        };
         let stages: Vec<StageSlot> = vec![
-            (Box::new(Identity("motion")), motion_rx, motion_tx, Boundary::Motion),
+            (motion, motion_rx, motion_tx, Boundary::Motion),
             (Box::new(Identity("glm")), glm_rx, glm_tx, Boundary::Glm),
             (Box::new(Identity("decode")), decode_rx, decode_tx, Boundary::Decode),
         ];
@@ -356,9 +365,8 @@ fn ingest_loop(
                 let mut stamps = Stamps::default();
                 stamps.set(Boundary::Received, volume.recv_time);
                 stamps.set(Boundary::Ingested, clock::now());
-                if out.push(Frame { seq, volume, flags, stage_errors: Vec::new(), stamps })
-                    == Err(PushError::Closed)
-                {
+                let frame = Frame { seq, volume, flags, motion: None, stage_errors: Vec::new(), stamps };
+                if out.push(frame) == Err(PushError::Closed) {
                     break;
                 }
                 seq += 1;
@@ -427,6 +435,9 @@ fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, st
         match rx.recv_timeout(wait) {
             Recv::Msg(mut frame) => {
                 frame.stamps.set(Boundary::Published, clock::now());
+                if let Some(m) = &frame.motion {
+                    publisher.send(motion_message(&frame, m));
+                }
                 publisher.send(volume_message(&frame));
                 let done = clock::now();
                 frame.stamps.set(Boundary::Published, done);

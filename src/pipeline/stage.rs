@@ -35,3 +35,25 @@ impl Stage for Identity {
         Ok(())
     }
 }
+
+/// The motion stage in the pipeline: realigns `frame.volume` and records its motion.
+pub struct MotionStage(pub crate::motion::MotionCorrector);
+
+impl Stage for MotionStage {
+    fn name(&self) -> &'static str {
+        "motion"
+    }
+
+    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
+        let out = self.0.process(&frame.volume, frame.flags.new_run).map_err(|e| StageError {
+            stage: "motion",
+            reason: e.reason(),
+            message: e.to_string(),
+        })?;
+        if let Some(r) = out {
+            frame.volume = std::sync::Arc::new(r.volume);
+            frame.motion = Some(r.estimate);
+        }
+        Ok(())
+    }
+}

@@ -2,8 +2,9 @@
 //!
 //! Sinks are a ZeroMQ PUB socket (`--publish tcp://HOST:PORT`, bound) and an LSL outlet
 //! `mirage-feedback`. PUB never blocks: a subscriber that does not read loses messages at its
-//! own high-water mark and slows nobody. Topics: `volume` (each processed volume) and `status`
-//! (counters, queues and latency percentiles, once per interval).
+//! own high-water mark and slows nobody. Topics: `volume` (each processed volume), `motion`
+//! (each realigned volume's parameters) and `status` (counters, queues and latency
+//! percentiles, once per interval).
 //!
 //! The feedback outlet has two float32 channels — volume index and the daemon's receipt-to-
 //! publish latency in ms — and stamps each sample with the volume's acquisition time (LSL
@@ -17,6 +18,8 @@ use self::message::{Message, Payload};
 use crate::clock;
 use crate::ingest::Endpoint;
 use crate::io::session::MessageLog;
+use crate::motion::rigid::PARAM_NAMES;
+use crate::motion::MotionEstimate;
 use crate::pipeline::frame::{Frame, STAGES};
 use crate::pipeline::metrics::MetricsSnapshot;
 
@@ -65,6 +68,27 @@ pub fn volume_message(frame: &Frame) -> Message {
     header.insert("stage_errors".into(), json!(frame.stage_errors));
     header.insert("latency_ms".into(), Value::Object(latency));
     Message { topic: "volume", header, payloads: vec![Payload::f32("data", v.dims.to_vec(), "F", &v.data)] }
+}
+
+/// Builds the `motion` message of a realigned frame: the six parameters (fMRIPrep names),
+/// the world matrix, framewise displacement and the optimiser's report.
+pub fn motion_message(frame: &Frame, m: &MotionEstimate) -> Message {
+    let mut header = Map::new();
+    header.insert("seq".into(), json!(frame.seq));
+    header.insert("index".into(), json!(frame.volume.index));
+    header.insert("run".into(), json!(frame.volume.run));
+    header.insert("acq_time".into(), json!(frame.volume.acq_time));
+    for (name, v) in PARAM_NAMES.iter().zip(m.params.to_array()) {
+        header.insert((*name).into(), json!(v));
+    }
+    header.insert("matrix".into(), json!(m.matrix));
+    header.insert("framewise_displacement".into(), json!(m.framewise_displacement));
+    header.insert("fd_exceeded".into(), json!(m.fd_exceeded));
+    header.insert("iterations".into(), json!(m.iterations));
+    header.insert("cost".into(), json!(if m.cost.is_finite() { Some(m.cost) } else { None }));
+    header.insert("converged".into(), json!(m.converged));
+    header.insert("reference_index".into(), json!(m.reference_index));
+    Message { topic: "motion", header, payloads: Vec::new() }
 }
 
 /// Builds the `status` message from a metrics snapshot.

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! signal(v, t)  = anatomy(v) · (1 + 0.01 · Σ_trials amplitude(trial, v) · boxcar_response(t))
-//! bold(q, t)    = signal(M_t⁻¹ q, t)                       (head moved by M_t, trilinear)
+//! bold(q, t)    = signal(M_t⁻¹ q, t)                 (head moved by M_t, cubic B-spline)
 //!               + anatomy(q) · 0.01 · drift_pct · (a_q · (2t/T − 1) + b_q · cos(π t / T)) / 2
 //!               + e(q, t),   e(q, t) = ar1 · e(q, t−1) + √(1 − ar1²) · σ_q · z
 //! ```
@@ -26,7 +26,8 @@ use self::anatomy::{world_of, Anatomy};
 use self::rng::Rng;
 use self::stimuli::{EncodingModel, EncodingParams, Stimuli, TrialCondition};
 use crate::glm::hrf::boxcar_response;
-use crate::motion::rigid::{moved_sampling_map, resample_trilinear, RigidParams};
+use crate::motion::bspline;
+use crate::motion::rigid::{affine_inverse, mat_mul, RigidParams};
 use crate::volume::{sanitize_run_id, Affine, Volume};
 
 /// Why a simulation could not be set up.
@@ -59,6 +60,17 @@ pub enum RunCondition {
     Imagery,
     /// Trials alternate seen, imagery, seen, …
     Mixed,
+}
+
+/// How the simulated head moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MotionKind {
+    /// Slow drifts (sums of sinusoids), as in a cooperative participant.
+    Smooth,
+    /// An independent uniform draw within the limits for every volume after the first (a hard
+    /// registration benchmark: the previous estimate says nothing about the next).
+    Random,
 }
 
 /// Simulation parameters; every one can also be set as `key=value` (URI query or CLI).
@@ -105,6 +117,8 @@ pub struct SimConfig {
     pub motion_mm: f64,
     /// Largest rotation in degrees about any axis.
     pub motion_deg: f64,
+    /// Smooth or random motion.
+    pub motion_kind: MotionKind,
     /// Low-level drive kept under imagery (fraction of seen).
     pub imagery_lowlevel: f64,
     /// Gain of imagery responses relative to seen.
@@ -138,6 +152,7 @@ impl Default for SimConfig {
             drift_pct: 1.0,
             motion_mm: 0.5,
             motion_deg: 0.5,
+            motion_kind: MotionKind::Smooth,
             imagery_lowlevel: 0.3,
             imagery_gain: 0.6,
             imagery_shift_pct: 0.5,
@@ -200,6 +215,13 @@ impl SimConfig {
             "drift_pct" => self.drift_pct = num(key, value)?,
             "motion_mm" => self.motion_mm = num(key, value)?,
             "motion_deg" => self.motion_deg = num(key, value)?,
+            "motion_kind" => {
+                self.motion_kind = match value {
+                    "smooth" => MotionKind::Smooth,
+                    "random" => MotionKind::Random,
+                    _ => return Err(format!("sim parameter motion_kind={value:?}: want smooth or random")),
+                }
+            }
             "imagery_lowlevel" => self.imagery_lowlevel = num(key, value)?,
             "imagery_gain" => self.imagery_gain = num(key, value)?,
             "imagery_shift_pct" => self.imagery_shift_pct = num(key, value)?,
@@ -321,8 +343,8 @@ impl Simulator {
                 encoding.pattern(t.stim, t.condition).iter().map(|a| a * scale).collect()
             })
             .collect();
-        let motion =
-            motion_course(&mut Rng::new(seed, 6), cfg.volumes, cfg.motion_mm, cfg.motion_deg.to_radians());
+        let (max_mm, max_rad) = (cfg.motion_mm, cfg.motion_deg.to_radians());
+        let motion = motion_course(&mut Rng::new(seed, 6), cfg.volumes, max_mm, max_rad, cfg.motion_kind);
         let mut drift_rng = Rng::new(seed, 7);
         let n = anatomy.image.len();
         let drift_coef =
@@ -336,7 +358,7 @@ impl Simulator {
         let noise_state = noise_sd.iter().map(|&sd| (f64::from(sd) * noise_rng.normal()) as f32).collect();
         Ok(Simulator {
             cfg: cfg.clone(),
-            signal: vec![0f32; n],
+            signal: vec![0f32; anatomy.head.image.len()],
             anatomy,
             stimuli,
             trials,
@@ -409,25 +431,32 @@ impl Simulator {
             return None;
         }
         let t = index as f64 * self.cfg.tr;
-        let image = &self.anatomy.image;
-        self.signal.copy_from_slice(image);
+        let (image, head) = (&self.anatomy.image, &self.anatomy.head);
+        let dims = self.anatomy.dims;
+        // This TR's signal on the padded head grid.
+        self.signal.copy_from_slice(&head.image);
         for (trial, amps) in self.trials.iter().zip(&self.amplitudes) {
             let x = boxcar_response(t, trial.onset, trial.duration);
             if x.abs() < 1e-12 {
                 continue;
             }
             for (&v, &a) in self.anatomy.roi.iter().zip(amps) {
-                self.signal[v] += (f64::from(image[v]) * 0.01 * f64::from(a) * x) as f32;
+                let h = head.index_of(v, dims);
+                self.signal[h] += (f64::from(head.image[h]) * 0.01 * f64::from(a) * x) as f32;
             }
         }
+        // The moving head: the cubic B-spline through the signal, sampled where the scanner's
+        // grid now falls; with the head still, the acquisition window of the grid itself.
         let mut data = vec![0f32; image.len()];
         let m = self.motion[index].matrix();
-        let dims = self.anatomy.dims;
-        match moved_sampling_map(&self.anatomy.affine, &m) {
+        let to_head = affine_inverse(&head.affine)
+            .and_then(|h| Some(mat_mul(&h, &mat_mul(&affine_inverse(&m)?, &self.anatomy.affine))));
+        match to_head {
             Some(k) if self.motion[index] != RigidParams::default() => {
-                resample_trilinear(&self.signal, dims, &k, 0.0, &mut data, dims)
+                let coeffs = bspline::coefficients(&self.signal, head.dims);
+                bspline::resample(&coeffs, head.dims, &k, 0.0, &mut data, dims)
             }
-            _ => data.copy_from_slice(&self.signal),
+            _ => data.iter_mut().enumerate().for_each(|(v, d)| *d = self.signal[head.index_of(v, dims)]),
         }
         let run_len = self.cfg.volumes as f64 * self.cfg.tr;
         let lin = 2.0 * t / run_len - 1.0;
@@ -496,9 +525,21 @@ fn schedule(rng: &mut Rng, cfg: &SimConfig) -> Vec<Trial> {
     trials
 }
 
-/// Smooth head motion: per parameter, three slow sinusoids scaled to a random fraction of the
-/// limit, zero at volume 0 and clipped to ±limit.
-fn motion_course(rng: &mut Rng, n: usize, max_mm: f64, max_rad: f64) -> Vec<RigidParams> {
+/// Head motion, zero at volume 0. Smooth: per parameter, three slow sinusoids scaled to a random
+/// fraction of the limit and clipped to ±limit. Random: uniform within ±limit per volume.
+fn motion_course(rng: &mut Rng, n: usize, max_mm: f64, max_rad: f64, kind: MotionKind) -> Vec<RigidParams> {
+    if kind == MotionKind::Random {
+        let mut draw = |limit: f64| rng.range(-limit, limit);
+        return (0..n)
+            .map(|t| match t {
+                0 => RigidParams::default(),
+                _ => RigidParams {
+                    trans: [draw(max_mm), draw(max_mm), draw(max_mm)],
+                    rot: [draw(max_rad), draw(max_rad), draw(max_rad)],
+                },
+            })
+            .collect();
+    }
     let mut per_param: Vec<Vec<f64>> = Vec::with_capacity(6);
     for p in 0..6 {
         let limit = if p < 3 { max_mm } else { max_rad };

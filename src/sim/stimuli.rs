@@ -152,17 +152,22 @@ impl EncodingModel {
             let sd = rng.range(1.5, 4.5);
             let weights: Vec<f64> = (0..dim).map(|_| rng.normal()).collect();
             let gain = rng.range(0.5, 1.5);
+            // The receptive field is separable: exp(-(dx² + dy²) / 2σ²) = gx(col) · gy(row).
+            let gauss = |c: f64| -> Vec<f64> {
+                (0..size).map(|p| (-(p as f64 + 0.5 - c).powi(2) / (2.0 * sd * sd)).exp()).collect()
+            };
+            let (gx, gy) = (gauss(cx), gauss(cy));
+            let norm: f64 = gx.iter().sum::<f64>() * gy.iter().sum::<f64>();
             for s in 0..n_stim {
                 let pic = &stimuli.pictures[s];
-                let (mut acc, mut norm) = (0.0, 0.0);
-                for row in 0..size {
-                    for col in 0..size {
-                        let g = (-((col as f64 + 0.5 - cx).powi(2) + (row as f64 + 0.5 - cy).powi(2))
-                            / (2.0 * sd * sd))
-                            .exp();
-                        acc += g * (f64::from(pic[row * size + col]) - 0.5);
-                        norm += g;
-                    }
+                let mut acc = 0.0;
+                for (row, wy) in gy.iter().enumerate() {
+                    let line: f64 = gx
+                        .iter()
+                        .zip(&pic[row * size..(row + 1) * size])
+                        .map(|(wx, p)| wx * (f64::from(*p) - 0.5))
+                        .sum();
+                    acc += wy * line;
                 }
                 low[s] = acc / norm.max(1e-12);
                 sem[s] = weights.iter().zip(&stimuli.embeddings[s]).map(|(a, b)| a * f64::from(*b)).sum();

@@ -74,6 +74,9 @@ impl Simulator {
             write_nifti(&p, dims, &affine, None, &[data]).map_err(|e| write_err(&p, e))
         };
         nifti("anatomy.nii.gz", &anat.image)?;
+        let head = dir.join("head.nii.gz");
+        write_nifti(&head, anat.head.dims, &anat.head.affine, None, &[&anat.head.image])
+            .map_err(|e| write_err(&head, e))?;
         let mask = |idx: &[usize]| {
             let mut m = vec![0f32; anat.image.len()];
             idx.iter().for_each(|&v| m[v] = 1.0);
@@ -122,6 +125,7 @@ impl Simulator {
             "signal_model": "bold = moved(anatomy * (1 + 0.01 * sum_trials amplitude * boxcar_response(t; onset, duration))) + drift + ar1 noise",
             "hrf": "SPM canonical double gamma (shapes 6 and 16, ratio 6), unit area",
             "motion_convention": "M = T(trans) Rx Ry Rz, radians about the world origin; reference(p) = moving(M p)",
+            "moving_head": "volume(q) = cubic B-spline (mirror boundaries) through the signal on head.nii.gz's padded grid, at M^-1 q",
             "trials": self.trials(),
             "categories": stim.categories,
         });

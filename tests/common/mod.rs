@@ -15,9 +15,27 @@ pub fn mirage() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mirage"))
 }
 
-/// A loopback port nobody is listening on right now.
+/// A loopback port nobody is listening on right now, never the same twice in one test binary
+/// (tests run in parallel and the OS may hand a just-released port out again).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// A name unique to this test process and call (for LSL streams, which are found by name).
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 /// A file under the shared real-data folder (`../shared/data`, or `$MIRAGE_SHARED_DATA`).

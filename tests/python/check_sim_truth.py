@@ -1,6 +1,6 @@
 """Checks a `mirage simulate --out DIR` run against its written truth with independent code:
-our own double-gamma HRF (numerically integrated), our own rigid matrices and trilinear
-sampling, nibabel for the files.
+our own double-gamma HRF (numerically integrated), our own rigid matrices, scipy's cubic B-spline
+for the moving head, nibabel for the files.
 
 usage: check_sim_truth.py DIR signal   (run made with noise_pct=0 drift_pct=0 motion_mm=0 motion_deg=0)
        check_sim_truth.py DIR motion   (run made with signal_pct=0 noise_pct=0 drift_pct=0)
@@ -109,28 +109,28 @@ elif mode == "motion":
     grid = np.stack(np.meshgrid(np.arange(nx), np.arange(ny), np.arange(nz), indexing="ij"), 0).reshape(3, -1)
     homog = np.vstack([grid, np.ones(grid.shape[1])])
 
-    def trilinear(img, u):
-        n = np.array(img.shape)[:, None]
+    from scipy import ndimage
+
+    # The moving head is the cubic B-spline (mirror boundaries) through the static head on its
+    # padded grid; points outside that grid are 0.
+    head_img = nib.load(f"{run_dir}/truth/head.nii.gz")
+    head = head_img.get_fdata(dtype=np.float64)
+    Hinv = np.linalg.inv(head_img.affine.astype(np.float64))
+    coeffs = ndimage.spline_filter(head, order=3, mode="mirror")
+
+    def spline(u):
+        n = np.array(head.shape)[:, None]
         inside = np.all((u >= 0) & (u <= n - 1), axis=0)
-        i0 = np.clip(np.floor(u), 0, n - 1).astype(int)
-        i1 = np.minimum(i0 + 1, n - 1)
-        f = u - i0
-        out = np.zeros(u.shape[1])
-        for cx in (0, 1):
-            for cy in (0, 1):
-                for cz in (0, 1):
-                    w = (f[0] if cx else 1 - f[0]) * (f[1] if cy else 1 - f[1]) * (f[2] if cz else 1 - f[2])
-                    ix = (i1[0] if cx else i0[0], i1[1] if cy else i0[1], i1[2] if cz else i0[2])
-                    out += w * img[ix]
+        out = ndimage.map_coordinates(coeffs, u, order=3, mode="mirror", prefilter=False)
         out[~inside] = 0.0
         return out
 
     worst = 0.0
     moved = 0
     for t in range(bold.shape[3]):
-        K = Ainv @ np.linalg.inv(mats[t]) @ A
+        K = Hinv @ np.linalg.inv(mats[t]) @ A
         u = (K @ homog)[:3]
-        expected = trilinear(anat, u)
+        expected = spline(u) if np.abs(params[t, :6]).max() > 0 else anat.ravel(order="C")
         got = bold[..., t].ravel(order="C")  # meshgrid 'ij' order matches C ravel of [x,y,z]
         err = np.abs(got - expected).max() / anat.max()
         worst = max(worst, err)

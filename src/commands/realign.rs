@@ -1,0 +1,153 @@
+//! `mirage realign`: the online motion stage run offline over a 4-D NIfTI, so its numbers can
+//! be compared with other tools.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::io::nifti::{NiftiReader, NiftiWriter};
+use crate::motion::rigid::PARAM_NAMES;
+use crate::motion::{MotionConfig, MotionCorrector, MotionEstimate};
+use crate::volume::{sanitize_run_id, Volume};
+
+/// Where the reference comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReferenceChoice {
+    /// Volume K of the input.
+    Volume(u64),
+    /// The first volume of another NIfTI.
+    File(PathBuf),
+}
+
+impl ReferenceChoice {
+    /// `K` (an integer) or a file path.
+    pub fn parse(s: &str) -> ReferenceChoice {
+        s.parse().map(ReferenceChoice::Volume).unwrap_or_else(|_| ReferenceChoice::File(PathBuf::from(s)))
+    }
+}
+
+/// What to write.
+#[derive(Clone, Debug, Default)]
+pub struct RealignOutputs {
+    /// Resliced 4-D NIfTI.
+    pub out: Option<PathBuf>,
+    /// fMRIPrep-style confounds TSV.
+    pub params: Option<PathBuf>,
+    /// One row of 12 numbers (row-major 3×4 of M) per volume.
+    pub matrices: Option<PathBuf>,
+}
+
+/// Realigns every volume of `input`; returns each volume's estimate (`None` where it failed).
+pub fn realign(
+    input: &Path,
+    reference: &ReferenceChoice,
+    cfg: &MotionConfig,
+    outputs: &RealignOutputs,
+    max_voxels: usize,
+) -> anyhow::Result<Vec<Option<MotionEstimate>>> {
+    let mut cfg = cfg.clone();
+    let run = sanitize_run_id(
+        &input
+            .file_name()
+            .map(|f| f.to_string_lossy().split('.').next().unwrap_or("run").to_string())
+            .unwrap_or_default(),
+    );
+    let read = |index: u64, reader: &mut NiftiReader| -> anyhow::Result<Option<Volume>> {
+        let h = reader.header().clone();
+        Ok(reader.read_volume()?.map(|data| Volume {
+            data,
+            dims: h.volume_dims(),
+            affine: h.affine(),
+            index,
+            run: run.clone(),
+            tr: h.tr_seconds(),
+            acq_time: None,
+            recv_time: 0.0,
+        }))
+    };
+    let mut corrector = match reference {
+        ReferenceChoice::File(p) => {
+            cfg.reference_file = Some(p.clone());
+            MotionCorrector::new(&cfg)?
+        }
+        ReferenceChoice::Volume(0) => MotionCorrector::new(&cfg)?,
+        ReferenceChoice::Volume(k) => {
+            // Read ahead to volume K so that the volumes before it are realigned too.
+            let mut ahead = NiftiReader::open(input, max_voxels)?;
+            let mut found = None;
+            for i in 0..=*k {
+                found = read(i, &mut ahead)?;
+            }
+            let v = found.with_context(|| format!("{} has no volume {k}", input.display()))?;
+            MotionCorrector::with_reference_volume(&cfg, &v)?
+        }
+    };
+    let mut reader = NiftiReader::open(input, max_voxels)?;
+    let n = reader.header().n_volumes();
+    let tr = reader.header().tr_seconds();
+    let mut writer: Option<NiftiWriter> = None;
+    let mut estimates = Vec::with_capacity(n);
+    let mut index = 0u64;
+    while let Some(v) = read(index, &mut reader)? {
+        let (data, estimate) = match corrector.process(&v, index == 0) {
+            Ok(Some(r)) => (r.volume, Some(r.estimate)),
+            Ok(None) => (v.clone(), None),
+            Err(e) => {
+                eprintln!("mirage: volume {index}: {e}; written unrealigned, parameters NaN");
+                (v.clone(), None)
+            }
+        };
+        if let Some(path) = &outputs.out {
+            if writer.is_none() {
+                writer = Some(NiftiWriter::create(path, data.dims, n, &data.affine, tr)?);
+            }
+            if let Some(w) = writer.as_mut() {
+                w.write_volume(&data.data)
+                    .with_context(|| format!("volume {index} has another grid than the reference"))?;
+            }
+        }
+        estimates.push(estimate);
+        index += 1;
+    }
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+    if let Some(path) = &outputs.params {
+        std::fs::write(path, params_tsv(&estimates)).with_context(|| path.display().to_string())?;
+    }
+    if let Some(path) = &outputs.matrices {
+        std::fs::write(path, matrices_tsv(&estimates)).with_context(|| path.display().to_string())?;
+    }
+    Ok(estimates)
+}
+
+/// The confounds table: a header of fMRIPrep names, one row per volume (`n/a` where none).
+pub fn params_tsv(estimates: &[Option<MotionEstimate>]) -> String {
+    let mut out = format!("{}\tframewise_displacement\n", PARAM_NAMES.join("\t"));
+    for e in estimates {
+        match e {
+            Some(e) => {
+                let p: Vec<String> = e.params.to_array().iter().map(|v| format!("{v:.9}")).collect();
+                let _ = writeln!(out, "{}\t{:.9}", p.join("\t"), e.framewise_displacement);
+            }
+            None => {
+                let _ = writeln!(out, "{}", ["n/a"; 7].join("\t"));
+            }
+        }
+    }
+    out
+}
+
+/// One row per volume: the 12 numbers of the top three rows of `M`, row-major, no header.
+pub fn matrices_tsv(estimates: &[Option<MotionEstimate>]) -> String {
+    let mut out = String::new();
+    for e in estimates {
+        let row: Vec<String> = match e {
+            Some(e) => e.matrix.iter().take(3).flatten().map(|v| format!("{v:.12}")).collect(),
+            None => vec!["nan".to_string(); 12],
+        };
+        let _ = writeln!(out, "{}", row.join("\t"));
+    }
+    out
+}
