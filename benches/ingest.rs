@@ -59,14 +59,7 @@ fn bench(c: &mut Criterion) {
                 black_box(decode_volume(&h, p, 0.0, "run").unwrap())
             })
         });
-        let frame = Frame {
-            seq: 0,
-            volume: std::sync::Arc::new(v.clone()),
-            flags: IngestFlags::default(),
-            motion: None,
-            stage_errors: Vec::new(),
-            stamps: Stamps::default(),
-        };
+        let frame = Frame::new(0, std::sync::Arc::new(v.clone()), IngestFlags::default(), Stamps::default());
         g.bench_with_input(BenchmarkId::new("encode_volume_message", &label), &frame, |b, f| {
             b.iter(|| black_box(volume_message(f).into_frames()))
         });

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::glm::GlmConfig;
 use crate::ingest::uri::{parse_publish_uri, IngestUri};
 use crate::io::session::SyncPolicy;
 use crate::motion::MotionConfig;
@@ -25,6 +26,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// Online realignment.
     pub motion: MotionConfig,
+    /// Online GLM.
+    pub glm: GlmConfig,
     /// Sinks for processed data.
     pub publish: PublishConfig,
     /// The session folder.
@@ -85,10 +88,12 @@ impl Default for PipelineConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PublishConfig {
-    /// ZMQ PUB address `tcp://HOST:PORT` (bound). Use 127.0.0.1 unless subscribers are on
-    /// other machines; `tcp://*:PORT` exposes it on every interface (e.g. a scanner network).
+    /// ZMQ PUB address `tcp://HOST:PORT` (bound), or `"none"`. Use 127.0.0.1 unless
+    /// subscribers are on other machines; `tcp://*:PORT` exposes it on every interface.
+    #[serde(with = "none_string")]
     pub uri: Option<String>,
-    /// Name of the LSL feedback outlet (`None`: no outlet).
+    /// Name of the LSL feedback outlet, or `"none"`.
+    #[serde(with = "none_string")]
     pub lsl_feedback: Option<String>,
     /// Seconds between `status` messages.
     pub status_interval_s: f64,
@@ -111,7 +116,8 @@ impl Default for PublishConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RecordConfig {
-    /// Session folder; `{time}` becomes the UTC start time. `None` disables recording.
+    /// Session folder (`{time}` becomes the UTC start time), or `"none"`.
+    #[serde(with = "none_string")]
     pub dir: Option<String>,
     /// `every_volume` (fdatasync each volume) or `os` (the OS flushes).
     pub sync: SyncPolicy,
@@ -120,6 +126,21 @@ pub struct RecordConfig {
 impl Default for RecordConfig {
     fn default() -> RecordConfig {
         RecordConfig { dir: Some("sessions/{time}".into()), sync: SyncPolicy::EveryVolume }
+    }
+}
+
+/// An optional string written `"none"` when absent, so that turning off something that is on
+/// by default survives TOML (which has no null).
+mod none_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.as_deref().unwrap_or("none"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok((s != "none").then_some(s))
     }
 }
 
@@ -177,6 +198,7 @@ impl Config {
             Err(e) => errors.push(format!("ingest.uri: {e}")),
         }
         errors.extend(self.motion.validate());
+        errors.extend(self.glm.validate());
         if self.ingest.max_voxels == 0 {
             errors.push("ingest.max_voxels must be positive".into());
         }
@@ -219,6 +241,9 @@ mod tests {
     #[test]
     fn dotted_overrides() {
         let mut cfg = Config::default();
+        cfg.record.dir = None;
+        cfg.set("publish.lsl_feedback=none").unwrap();
+        assert_eq!((cfg.record.dir.as_deref(), cfg.publish.lsl_feedback.as_deref()), (None, None));
         cfg.set("motion.enabled=false").unwrap();
         cfg.set("publish.uri=tcp://127.0.0.1:7000").unwrap();
         cfg.set("pipeline.queue_capacity=4").unwrap();

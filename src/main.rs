@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mirage_rt::commands::glm::{DesignSource, GlmOptions};
 use mirage_rt::commands::realign::{RealignOutputs, ReferenceChoice};
 use mirage_rt::commands::{self, run::RunOptions, simulate::SimTarget};
 use mirage_rt::ingest::Speed;
@@ -103,6 +104,35 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Fit the GLM offline over a 4-D NIfTI with the online stage's code.
+    Glm {
+        /// Input series (.nii or .nii.gz).
+        input: PathBuf,
+        /// Repetition time in seconds (default: the header's).
+        #[arg(long)]
+        tr: Option<f64>,
+        /// BIDS events.tsv: one HRF-convolved regressor per trial (or per condition, see --config).
+        #[arg(long, conflicts_with = "design", required_unless_present = "design")]
+        events: Option<PathBuf>,
+        /// A design matrix: plain TSV (optional header) or FSL design.mat (VEST).
+        #[arg(long)]
+        design: Option<PathBuf>,
+        /// Output folder: betas.nii.gz, tstats.nii.gz, design.tsv.
+        #[arg(long)]
+        out: PathBuf,
+        /// Mask NIfTI (default: the first volume's brain mask).
+        #[arg(long)]
+        mask: Option<PathBuf>,
+        /// AR(1) prewhitening.
+        #[arg(long)]
+        ar1: bool,
+        /// DCT high-pass with this cut-off in seconds (default: the configured drift).
+        #[arg(long)]
+        highpass: Option<f64>,
+        /// TOML configuration whose [glm] section sets the model.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Check a configuration file without starting anything.
     Check {
         /// TOML configuration.
@@ -176,6 +206,23 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )?;
             let failed = estimates.iter().filter(|e| e.is_none()).count();
             eprintln!("mirage: realigned {} volumes ({failed} without an estimate)", estimates.len());
+            Ok(())
+        }
+        Command::Glm { input, tr, events, design, out, mask, ar1, highpass, config } => {
+            let cfg = commands::load_config(config.as_deref())?;
+            let design = match (events, design) {
+                (Some(e), _) => DesignSource::Events(e),
+                (None, Some(d)) => DesignSource::Matrix(d),
+                (None, None) => anyhow::bail!("give --events FILE or --design FILE"),
+            };
+            let opts = GlmOptions { tr, design, out, mask, ar1, highpass };
+            let fit = commands::glm::glm(&input, &opts, &cfg.glm, cfg.ingest.max_voxels)?;
+            eprintln!(
+                "mirage: fitted {} regressors on {} voxels; wrote {}",
+                fit.names.len(),
+                fit.mask.len(),
+                opts.out.display()
+            );
             Ok(())
         }
         Command::Check { config } => commands::check(config.as_deref()),

@@ -153,6 +153,21 @@ impl VolumeSender {
 }
 
 impl VolumeSender {
+    /// Sends a trial marker (native ZMQ only: other protocols have no channel for it, and
+    /// `false` says it was not sent).
+    pub fn send_marker(&mut self, marker: &str) -> Result<bool, SendError> {
+        match self {
+            VolumeSender::Native { socket, address, .. } => {
+                let msg = serde_json::json!({ "marker": marker }).to_string();
+                socket
+                    .send(msg.as_bytes(), 0)
+                    .map_err(|e| SendError::Zmq { address: address.clone(), reason: e.to_string() })?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Ends the connection so that what was sent is delivered. LSL has no delivery
     /// acknowledgement, so its outlet is kept open one more second for inlets to drain it.
     pub fn finish(self) {

@@ -67,6 +67,8 @@ fn replay_of_las_int16_series_publishes_nibabel_values_and_affine() {
             // Transport checks: volumes must come out exactly as sent.
             "--set",
             "motion.enabled=false",
+            "--set",
+            "glm.enabled=false",
         ],
         dir.path(),
     );

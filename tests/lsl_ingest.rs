@@ -31,6 +31,8 @@ fn roundtrip(format: &str) {
             // Transport checks: volumes must come out exactly as sent.
             "--set",
             "motion.enabled=false",
+            "--set",
+            "glm.enabled=false",
         ],
         dir.path(),
     );

@@ -30,6 +30,8 @@ fn pyneal_sender_real_uint16_and_float64_volumes_arrive_exactly_in_order() {
             // Transport checks: volumes must come out exactly as sent.
             "--set",
             "motion.enabled=false",
+            "--set",
+            "glm.enabled=false",
         ],
         dir.path(),
     );
@@ -113,6 +115,8 @@ fn bad_pyneal_messages_are_answered_counted_and_the_run_goes_on() {
             // Transport checks: volumes must come out exactly as sent.
             "--set",
             "motion.enabled=false",
+            "--set",
+            "glm.enabled=false",
         ],
         dir.path(),
     );
@@ -182,6 +186,8 @@ fn native_zmq_takes_several_senders_c_and_f_order_and_survives_garbage() {
             // Transport checks: volumes must come out exactly as sent.
             "--set",
             "motion.enabled=false",
+            "--set",
+            "glm.enabled=false",
         ],
         dir.path(),
     );

@@ -49,11 +49,26 @@ fn stream(mut sim: Simulator, uri: &str, speed: Speed, timeout: f64) -> anyhow::
     let mut sender = VolumeSender::connect(&dest, timeout)?;
     let mut pacer = Pacer::new(speed.interval(sim.config().tr), 0.0);
     let n = sim.n_volumes();
-    let mut sent = 0;
+    let (mut sent, mut markers, mut next_marker) = (0, 0, 0);
+    let trials = sim.trials().to_vec();
     while sim.position() < n {
         let Some(due) = pacer.wait_for(sim.position() as u64, Duration::from_secs(1)) else {
             continue;
         };
+        // Markers for the trials that started before this volume, with their exact onsets.
+        let now = sim.position() as f64 * sim.config().tr;
+        while let Some(t) = trials.get(next_marker).filter(|t| t.onset < now) {
+            let marker = format!(
+                "trial={};stim={};cond={};dur={};onset={}",
+                t.id,
+                t.stim,
+                t.condition.label(),
+                t.duration,
+                t.onset
+            );
+            markers += usize::from(sender.send_marker(&marker)?);
+            next_marker += 1;
+        }
         let Some(mut v) = sim.next_volume() else {
             break;
         };
@@ -63,6 +78,6 @@ fn stream(mut sim: Simulator, uri: &str, speed: Speed, timeout: f64) -> anyhow::
         sent += 1;
     }
     sender.finish();
-    eprintln!("mirage: streamed {sent} volumes to {uri}");
+    eprintln!("mirage: streamed {sent} volumes and {markers} trial markers to {uri}");
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 pub mod file;
 pub mod lsl;
+pub mod markers;
 pub mod pacer;
 pub mod sim;
 pub mod uri;
@@ -49,6 +50,9 @@ pub enum IngestError {
     /// The simulator could not be built.
     #[error("ingest: {0}")]
     Sim(#[from] crate::sim::SimError),
+    /// A marker could not be read.
+    #[error("ingest: {0}")]
+    Marker(#[from] crate::glm::events::EventError),
 }
 
 impl IngestError {
@@ -60,6 +64,7 @@ impl IngestError {
             IngestError::Lsl { .. } => "lsl_stream",
             IngestError::File(_) => "file",
             IngestError::Sim(_) => "sim",
+            IngestError::Marker(_) => "bad_marker",
         }
     }
 }
@@ -75,6 +80,8 @@ pub enum SourceEvent {
     Idle,
     /// A finite source (file, simulator) has no more volumes.
     End,
+    /// A trial event (a marker) for the GLM.
+    Marker(crate::glm::events::Event),
 }
 
 /// The runner's verdict on the last event, for protocols that answer their sender.

@@ -6,20 +6,38 @@ use super::pacer::Pacer;
 use super::uri::Playback;
 use super::{IngestError, Source, SourceEvent};
 use crate::clock;
+use crate::glm::events::{Event, Onset};
 use crate::sim::{SimConfig, Simulator};
 
 /// Produces the simulator's volumes at the chosen speed; `acq_time` is each volume's
-/// scheduled acquisition time.
+/// scheduled acquisition time. Each trial's marker comes just before the first volume
+/// acquired after its onset, as stimulus software would send it.
 pub struct SimSource {
     sim: Simulator,
     pacer: Pacer,
+    next_marker: usize,
 }
 
 impl SimSource {
     /// Builds the simulated run.
     pub fn new(cfg: &SimConfig, playback: Playback) -> Result<SimSource, IngestError> {
         let sim = Simulator::new(cfg)?;
-        Ok(SimSource { pacer: Pacer::new(playback.speed.interval(cfg.tr), playback.delay), sim })
+        Ok(SimSource {
+            pacer: Pacer::new(playback.speed.interval(cfg.tr), playback.delay),
+            sim,
+            next_marker: 0,
+        })
+    }
+}
+
+/// The marker a stimulus program would send for a simulated trial.
+pub fn trial_marker(t: &crate::sim::Trial) -> Event {
+    Event {
+        trial: Some(t.id as u64),
+        stim: Some(t.stim as u64),
+        condition: t.condition.label().to_string(),
+        onset: Onset::Relative(t.onset),
+        duration: Some(t.duration),
     }
 }
 
@@ -28,6 +46,12 @@ impl Source for SimSource {
         let i = self.sim.position() as u64;
         if i as usize >= self.sim.n_volumes() {
             return SourceEvent::End;
+        }
+        if let Some(t) = self.sim.trials().get(self.next_marker) {
+            if t.onset < i as f64 * self.sim.config().tr {
+                self.next_marker += 1;
+                return SourceEvent::Marker(trial_marker(t));
+            }
         }
         let Some(due) = self.pacer.wait_for(i, timeout) else {
             return SourceEvent::Idle;

@@ -7,7 +7,9 @@
 //! greeting and is echoed again.
 //!
 //! native (`zmq://`): we bind a PULL socket; any number of senders PUSH header + data frames;
-//! nothing is answered.
+//! nothing is answered. A single frame `{"marker": "trial=3;stim=1;cond=seen;dur=4"}` (with an
+//! optional `"time"`, seconds on the LSL clock; default: when it arrived) is a trial event in
+//! the grammar of [`crate::glm::events`].
 
 use std::time::Duration;
 
@@ -99,6 +101,14 @@ impl ZmqReceiver {
     }
 }
 
+/// A single-frame native message: `{"marker": "...", "time": seconds}`.
+fn marker(frame: &[u8], recv_time: f64) -> Result<crate::glm::events::Event, IngestError> {
+    let v: serde_json::Value = serde_json::from_slice(frame).map_err(|_| WireError::Frames(1))?;
+    let text = v.get("marker").and_then(|m| m.as_str()).ok_or(WireError::Frames(1))?;
+    let time = v.get("time").and_then(|t| t.as_f64()).filter(|t| t.is_finite()).unwrap_or(recv_time);
+    Ok(crate::glm::events::parse_marker(text, time)?)
+}
+
 impl Source for ZmqReceiver {
     fn next(&mut self, timeout: Duration) -> SourceEvent {
         let parts = match self.recv_message(timeout) {
@@ -136,6 +146,10 @@ impl Source for ZmqReceiver {
                     }
                 }
             }
+            [single] if self.protocol == Protocol::Native => match marker(single, recv_time) {
+                Ok(e) => SourceEvent::Marker(e),
+                Err(e) => SourceEvent::Rejected(e),
+            },
             other => SourceEvent::Rejected(WireError::Frames(other.len()).into()),
         }
     }

@@ -85,10 +85,39 @@ pub struct Frame {
     pub flags: IngestFlags,
     /// Head motion, once the motion stage has estimated it.
     pub motion: Option<crate::motion::MotionEstimate>,
+    /// ROI feedback and closed trials, once the GLM stage has run.
+    pub glm: Option<crate::glm::GlmOutput>,
+    /// A frame a stage emitted when its input ended: it carries results, not a new volume
+    /// (`volume` is the run's last one).
+    pub end_of_run: bool,
     /// Errors stages reported for this frame (it still went on).
     pub stage_errors: Vec<String>,
     /// Boundary timestamps.
     pub stamps: Stamps,
+}
+
+impl Frame {
+    /// A new frame for a volume that has just been received.
+    pub fn new(seq: u64, volume: Arc<Volume>, flags: IngestFlags, stamps: Stamps) -> Frame {
+        Frame {
+            seq,
+            volume,
+            flags,
+            motion: None,
+            glm: None,
+            end_of_run: false,
+            stage_errors: Vec::new(),
+            stamps,
+        }
+    }
+
+    /// An end-of-run frame after `last`, carrying no results yet.
+    pub fn end_of_run_after(last: &Frame) -> Frame {
+        Frame {
+            end_of_run: true,
+            ..Frame::new(last.seq, last.volume.clone(), IngestFlags::default(), last.stamps)
+        }
+    }
 }
 
 impl ByteSize for Frame {

@@ -26,18 +26,38 @@ use std::time::Duration;
 use self::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use self::metrics::{Metrics, MetricsSnapshot};
 use self::queue::{edge, EdgeRx, EdgeTx, PushError, Recv, WhenFull};
-use self::stage::{Identity, MotionStage, Stage};
+use self::stage::{GlmStage, Identity, MotionStage, Stage};
 use crate::clock;
 use crate::config::Config;
+use crate::glm::events::Event;
+use crate::glm::GlmEstimator;
 use crate::ingest::uri::parse_publish_uri;
 use crate::ingest::{open_source, Ack, IngestUri, SourceEvent, SourceLimits};
 use crate::io::session::{MessageLog, SessionWriter};
 use crate::motion::MotionCorrector;
-use crate::publish::{motion_message, status_message, volume_message, Publisher};
+use crate::publish::{betas_message, motion_message, roi_message, status_message, volume_message, Publisher};
 use crate::volume::Volume;
 
 /// How long a stage thread waits on its input before checking for shutdown.
 const POLL: Duration = Duration::from_millis(100);
+
+/// Live events waiting for the GLM stage.
+const EVENT_QUEUE: usize = 4096;
+
+/// Builds the GLM estimator, resolving `glm.mask = "sim"` to the simulator's visual ROI.
+fn glm_estimator(cfg: &Config, uri: &IngestUri) -> Result<GlmEstimator, String> {
+    let est = GlmEstimator::new(&cfg.glm).map_err(|e| e.to_string())?;
+    if cfg.glm.mask != "sim" {
+        return Ok(est);
+    }
+    match uri {
+        IngestUri::Sim { sim, .. } => {
+            let s = crate::sim::Simulator::new(sim).map_err(|e| e.to_string())?;
+            Ok(est.with_mask(s.dims(), s.anatomy().roi.clone()))
+        }
+        _ => Err("glm.mask = \"sim\" needs sim:// ingest; give a mask file".into()),
+    }
+}
 
 /// A stage with its input edge, output edge and the boundary stamped after it.
 type StageSlot = (Box<dyn Stage>, EdgeRx<Frame>, EdgeTx<Frame>, Boundary);
@@ -242,11 +262,12 @@ impl Pipeline {
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<String, String>>(1);
         let feedback = cfg.publish.lsl_feedback.clone();
         let (hwm, interval) = (cfg.publish.send_hwm, cfg.publish.status_interval_s);
+        let n_rois = if cfg.glm.enabled { cfg.glm.rois.len() } else { 0 };
         let m = metrics.clone();
         let ready = ready_tx.clone();
         let ep = publish_ep.clone();
         match spawn("publish", move || {
-            match Publisher::new(ep.as_ref(), hwm, feedback.as_deref(), message_log) {
+            match Publisher::new(ep.as_ref(), hwm, feedback.as_deref(), n_rois, message_log) {
                 Ok(publisher) => {
                     let _ = ready.send(Ok(String::new()));
                     publish_loop(publisher, publish_rx, &m, interval);
@@ -273,9 +294,18 @@ impl Pipeline {
         } else {
             Box::new(Identity("motion"))
         };
+        let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(EVENT_QUEUE);
+        let glm: Box<dyn Stage> = if cfg.glm.enabled {
+            match glm_estimator(cfg, &uri) {
+                Ok(glm) => Box::new(GlmStage { glm, events: events_rx }),
+                Err(e) => return Err(vec![e]),
+            }
+        } else {
+            Box::new(Identity("glm"))
+        };
         let stages: Vec<StageSlot> = vec![
             (motion, motion_rx, motion_tx, Boundary::Motion),
-            (Box::new(Identity("glm")), glm_rx, glm_tx, Boundary::Glm),
+            (glm, glm_rx, glm_tx, Boundary::Glm),
             (Box::new(Identity("decode")), decode_rx, decode_tx, Boundary::Decode),
         ];
         for (stage, rx, tx, boundary) in stages {
@@ -297,6 +327,14 @@ impl Pipeline {
             drop(record_rx);
         }
 
+        if let Some(markers) = cfg.glm.markers.as_deref().and_then(|m| m.strip_prefix("lsl://")) {
+            let (name, tx, s, m) = (markers.to_string(), events_tx.clone(), stop.clone(), metrics.clone());
+            match spawn("markers", move || crate::ingest::markers::marker_loop(&name, &tx, &s, &m)) {
+                Ok(t) => handle.threads.push(t),
+                Err(e) => errors.push(e),
+            }
+        }
+
         let limits = SourceLimits { max_voxels: cfg.ingest.max_voxels };
         let run = crate::volume::sanitize_run_id(&cfg.ingest.run);
         let stop_after = cfg.ingest.stop_after;
@@ -306,7 +344,17 @@ impl Pipeline {
         match spawn("ingest", move || match open_source(&uri, limits, &run) {
             Ok(source) => {
                 let _ = ready_tx.send(Ok(source.describe()));
-                ingest_loop(source, ingest_tx, recording.then_some(record_tx), &m, &s, stop_after);
+                ingest_loop(
+                    source,
+                    ingest_tx,
+                    recording.then_some(record_tx),
+                    &events_tx,
+                    &m,
+                    &s,
+                    stop_after,
+                );
+                // Ingest is over: helpers such as the marker reader stop too.
+                s.store(true, Ordering::Release);
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -333,6 +381,7 @@ fn ingest_loop(
     mut source: Box<dyn crate::ingest::Source>,
     mut out: EdgeTx<Frame>,
     mut record: Option<EdgeTx<RecordItem>>,
+    events: &crossbeam_channel::Sender<Event>,
     m: &Metrics,
     stop: &AtomicBool,
     stop_after: Option<u64>,
@@ -344,6 +393,11 @@ fn ingest_loop(
         match source.next(POLL) {
             SourceEvent::Idle => {}
             SourceEvent::End => break,
+            SourceEvent::Marker(e) => {
+                if events.try_send(e).is_err() {
+                    m.count_error("events_dropped");
+                }
+            }
             SourceEvent::Rejected(e) => {
                 m.rejected.fetch_add(1, Ordering::Relaxed);
                 m.count_error(e.reason());
@@ -365,7 +419,7 @@ fn ingest_loop(
                 let mut stamps = Stamps::default();
                 stamps.set(Boundary::Received, volume.recv_time);
                 stamps.set(Boundary::Ingested, clock::now());
-                let frame = Frame { seq, volume, flags, motion: None, stage_errors: Vec::new(), stamps };
+                let frame = Frame::new(seq, volume, flags, stamps);
                 if out.push(frame) == Err(PushError::Closed) {
                     break;
                 }
@@ -383,6 +437,7 @@ fn stage_loop(
     boundary: Boundary,
     m: &Metrics,
 ) {
+    let mut last: Option<Frame> = None;
     loop {
         match rx.recv_timeout(POLL) {
             Recv::Msg(mut frame) => {
@@ -392,13 +447,20 @@ fn stage_loop(
                     frame.stage_errors.push(e.to_string());
                 }
                 frame.stamps.set(boundary, clock::now());
+                if !frame.end_of_run {
+                    last = Some(Frame::end_of_run_after(&frame));
+                }
                 if tx.push(frame) == Err(PushError::Closed) {
-                    break;
+                    return;
                 }
             }
             Recv::Timeout => {}
             Recv::Closed => break,
         }
+    }
+    if let Some(mut f) = last.and_then(|l| stage.flush(&l)) {
+        f.stamps.set(boundary, clock::now());
+        let _ = tx.push(f);
     }
 }
 
@@ -435,8 +497,27 @@ fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, st
         match rx.recv_timeout(wait) {
             Recv::Msg(mut frame) => {
                 frame.stamps.set(Boundary::Published, clock::now());
-                if let Some(m) = &frame.motion {
-                    publisher.send(motion_message(&frame, m));
+                if let Some(g) = &frame.glm {
+                    for t in &g.trials {
+                        publisher.send(betas_message(&frame, t));
+                    }
+                    for (reason, n) in [
+                        ("nan_voxels", g.new_nan_voxels),
+                        ("late_events", g.late_events),
+                        ("rejected_events", g.rejected_events),
+                    ] {
+                        (0..n).for_each(|_| m.count_error(reason));
+                    }
+                }
+                if frame.end_of_run {
+                    continue;
+                }
+                if let Some(mo) = &frame.motion {
+                    publisher.send(motion_message(&frame, mo));
+                }
+                let roi = frame.glm.as_ref().map(|g| g.roi.as_slice()).unwrap_or_default();
+                if !roi.is_empty() {
+                    publisher.send(roi_message(&frame, roi));
                 }
                 publisher.send(volume_message(&frame));
                 let done = clock::now();
@@ -444,9 +525,11 @@ fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, st
                 let acq = frame.volume.acq_time;
                 m.record_latency(&frame.stamps, acq.map(|a| (done - a) * 1e3));
                 m.published.fetch_add(1, Ordering::Relaxed);
+                let psc: Vec<f64> = roi.iter().map(|r| r.psc.unwrap_or(f64::NAN)).collect();
                 publisher.feedback(
                     frame.volume.index,
                     frame.stamps.total_ms().unwrap_or(f64::NAN),
+                    &psc,
                     acq.unwrap_or(done),
                 );
             }

@@ -20,6 +20,12 @@ pub trait Stage: Send {
     fn name(&self) -> &'static str;
     /// Transforms the frame in place.
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError>;
+
+    /// Called once when the input ends, with the last frame seen: a stage holding results
+    /// for the end of a run returns them in a frame (see [`Frame::end_of_run_after`]).
+    fn flush(&mut self, _last: &Frame) -> Option<Frame> {
+        None
+    }
 }
 
 /// A stage that passes frames on unchanged, standing in for a step that is not built yet.
@@ -55,5 +61,45 @@ impl Stage for MotionStage {
             frame.motion = Some(r.estimate);
         }
         Ok(())
+    }
+}
+
+/// The GLM stage in the pipeline: drains live events, fits, and attaches ROI feedback and
+/// closed trials to the frame.
+pub struct GlmStage {
+    /// The estimator.
+    pub glm: crate::glm::GlmEstimator,
+    /// Live events (markers) from ingest and marker sources.
+    pub events: crossbeam_channel::Receiver<crate::glm::events::Event>,
+}
+
+impl Stage for GlmStage {
+    fn name(&self) -> &'static str {
+        "glm"
+    }
+
+    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
+        while let Ok(e) = self.events.try_recv() {
+            self.glm.add_event(e);
+        }
+        if frame.end_of_run {
+            return Ok(());
+        }
+        let out = self
+            .glm
+            .process(&frame.volume, frame.motion.as_ref(), frame.flags.new_run)
+            .map_err(|e| StageError { stage: "glm", reason: e.reason(), message: e.to_string() })?;
+        frame.glm = Some(out);
+        Ok(())
+    }
+
+    fn flush(&mut self, last: &Frame) -> Option<Frame> {
+        let trials = self.glm.finish();
+        if trials.is_empty() {
+            return None;
+        }
+        let mut f = Frame::end_of_run_after(last);
+        f.glm = Some(crate::glm::GlmOutput { trials, ..Default::default() });
+        Some(f)
     }
 }

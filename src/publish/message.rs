@@ -33,6 +33,12 @@ impl Payload {
     pub fn f32(name: &str, shape: Vec<usize>, order: &'static str, values: &[f32]) -> Payload {
         Payload { name: name.to_string(), dtype: "float32", shape, order, bytes: f32_le_bytes(values) }
     }
+
+    /// A one-dimensional uint32 array payload.
+    pub fn u32(name: &str, values: &[u32]) -> Payload {
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Payload { name: name.to_string(), dtype: "uint32", shape: vec![values.len()], order: "C", bytes }
+    }
 }
 
 /// A message ready to publish.
@@ -102,7 +108,7 @@ impl Received {
                 .map(|a| a.iter().filter_map(|x| x.as_u64().map(|v| v as usize)).collect())
                 .unwrap_or_default();
             let width = match d.get("dtype").and_then(Value::as_str) {
-                Some("float32") => 4,
+                Some("float32") | Some("uint32") => 4,
                 Some("uint8") => 1,
                 Some("float64") => 8,
                 other => return Err(format!("payload {name}: dtype {other:?}")),
@@ -113,6 +119,12 @@ impl Received {
             payloads.push((name, shape, bytes.clone()));
         }
         Ok(Received { topic, header, payloads })
+    }
+
+    /// Payload `name` as u32 values.
+    pub fn u32_payload(&self, name: &str) -> Option<Vec<u32>> {
+        let (_, _, b) = self.payloads.iter().find(|(n, _, _)| n == name)?;
+        Some(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
     /// Payload `name` as f32 values.

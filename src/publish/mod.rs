@@ -3,12 +3,14 @@
 //! Sinks are a ZeroMQ PUB socket (`--publish tcp://HOST:PORT`, bound) and an LSL outlet
 //! `mirage-feedback`. PUB never blocks: a subscriber that does not read loses messages at its
 //! own high-water mark and slows nobody. Topics: `volume` (each processed volume), `motion`
-//! (each realigned volume's parameters) and `status` (counters, queues and latency
-//! percentiles, once per interval).
+//! (each realigned volume's parameters), `roi` (ROI feedback), `betas` (a trial's betas when
+//! its window closes, and again from all volumes at the end of the run) and `status`
+//! (counters, queues and latency percentiles, once per interval).
 //!
-//! The feedback outlet has two float32 channels — volume index and the daemon's receipt-to-
-//! publish latency in ms — and stamps each sample with the volume's acquisition time (LSL
-//! clock) when the sender gave one, so a consumer can compute trigger-to-feedback latency.
+//! The feedback outlet has float32 channels — volume index, the daemon's receipt-to-publish
+//! latency in ms, then each configured ROI's detrended percent signal change (NaN until
+//! estimable) — and stamps each sample with the volume's acquisition time (LSL clock) when the
+//! sender gave one, so a consumer can compute trigger-to-feedback latency.
 
 pub mod message;
 
@@ -16,6 +18,7 @@ use serde_json::{json, Map, Value};
 
 use self::message::{Message, Payload};
 use crate::clock;
+use crate::glm::{RoiValue, TrialBetas};
 use crate::ingest::Endpoint;
 use crate::io::session::MessageLog;
 use crate::motion::rigid::PARAM_NAMES;
@@ -91,6 +94,41 @@ pub fn motion_message(frame: &Frame, m: &MotionEstimate) -> Message {
     Message { topic: "motion", header, payloads: Vec::new() }
 }
 
+/// Builds the `roi` message: each ROI's mean and detrended percent signal change.
+pub fn roi_message(frame: &Frame, rois: &[RoiValue]) -> Message {
+    let mut header = Map::new();
+    header.insert("seq".into(), json!(frame.seq));
+    header.insert("index".into(), json!(frame.volume.index));
+    header.insert("run".into(), json!(frame.volume.run));
+    header.insert("acq_time".into(), json!(frame.volume.acq_time));
+    let values: Vec<Value> = rois
+        .iter()
+        .map(|r| json!({"name": r.name, "mean": if r.mean.is_finite() { Some(r.mean) } else { None }, "psc": r.psc}))
+        .collect();
+    header.insert("rois".into(), Value::Array(values));
+    Message { topic: "roi", header, payloads: Vec::new() }
+}
+
+/// Builds the `betas` message of one trial: its description and, as payloads, one beta per
+/// mask voxel (`betas`, float32) and the voxels' grid indices (`voxels`, uint32, x fastest).
+pub fn betas_message(frame: &Frame, t: &TrialBetas) -> Message {
+    let mut header = Map::new();
+    header.insert("run".into(), json!(t.run));
+    header.insert("trial".into(), json!(t.trial));
+    header.insert("stim".into(), json!(t.stim));
+    header.insert("condition".into(), json!(t.condition));
+    header.insert("onset".into(), json!(t.onset));
+    header.insert("duration".into(), json!(t.duration));
+    header.insert("n_volumes".into(), json!(t.n_volumes));
+    header.insert("estimable".into(), json!(t.estimable));
+    header.insert("at_run_end".into(), json!(t.at_run_end));
+    header.insert("index".into(), json!(frame.volume.index));
+    header.insert("shape".into(), json!(frame.volume.dims));
+    let payloads =
+        vec![Payload::f32("betas", vec![t.betas.len()], "C", &t.betas), Payload::u32("voxels", &t.voxels)];
+    Message { topic: "betas", header, payloads }
+}
+
 /// Builds the `status` message from a metrics snapshot.
 pub fn status_message(s: &MetricsSnapshot) -> Message {
     let header = match serde_json::to_value(s) {
@@ -109,11 +147,13 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Binds the PUB socket (if any), creates the feedback outlet (if named) and opens the log.
+    /// Binds the PUB socket (if any), creates the feedback outlet (if named, with two channels
+    /// plus one per ROI) and opens the log.
     pub fn new(
         endpoint: Option<&Endpoint>,
         send_hwm: i32,
         feedback: Option<&str>,
+        n_rois: usize,
         log: Option<MessageLog>,
     ) -> Result<Publisher, PublishError> {
         let socket = match endpoint {
@@ -135,7 +175,7 @@ impl Publisher {
                 let info = lsl::StreamInfo::new(
                     name,
                     "Feedback",
-                    2,
+                    2 + n_rois as u32,
                     lsl::IRREGULAR_RATE,
                     lsl::ChannelFormat::Float32,
                     name,
@@ -167,11 +207,14 @@ impl Publisher {
         header
     }
 
-    /// Pushes one feedback sample (volume index, latency ms) stamped `timestamp` (LSL clock).
-    pub fn feedback(&mut self, index: u64, latency_ms: f64, timestamp: f64) {
+    /// Pushes one feedback sample (volume index, latency ms, each ROI's percent signal change)
+    /// stamped `timestamp` (LSL clock).
+    pub fn feedback(&mut self, index: u64, latency_ms: f64, roi_psc: &[f64], timestamp: f64) {
         use lsl::ExPushable;
         if let Some(o) = &self.outlet {
-            if let Err(e) = o.push_sample_ex(&vec![index as f32, latency_ms as f32], timestamp, true) {
+            let mut sample = vec![index as f32, latency_ms as f32];
+            sample.extend(roi_psc.iter().map(|v| *v as f32));
+            if let Err(e) = o.push_sample_ex(&sample, timestamp, true) {
                 self.send_errors += 1;
                 tracing::warn!("publish: feedback outlet: {e:?}");
             }

@@ -1,0 +1,267 @@
+//! The online GLM against outside references (NumPy least squares, nilearn, the simulator's
+//! true amplitudes), the online stage against its offline twin, and live markers over LSL and
+//! ZMQ.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{free_port, mirage, python, run_with_timeout, unique_name, Daemon};
+use mirage_rt::io::nifti::read_nifti;
+
+/// A simulated run without motion (the offline twin has no motion regressors) and its offline
+/// fit over the true ROI.
+fn simulated_run(dir: &Path, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let run = dir.join("run");
+    let (status, log) = run_with_timeout(
+        mirage()
+            .args([
+                "simulate",
+                "--volumes",
+                "120",
+                "--shape",
+                "32,32,20",
+                "--seed",
+                "3",
+                "--set",
+                "motion_mm=0",
+                "--set",
+                "motion_deg=0",
+                "--out",
+            ])
+            .arg(&run),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{log}");
+    let fit = dir.join("glm");
+    let (status, log) = run_with_timeout(
+        mirage()
+            .arg("glm")
+            .arg(run.join("bold.nii.gz"))
+            .arg("--events")
+            .arg(run.join("events.tsv"))
+            .arg("--mask")
+            .arg(run.join("truth/roi_mask.nii.gz"))
+            .arg("--out")
+            .arg(&fit)
+            .args(extra),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{log}");
+    (run, fit)
+}
+
+fn check(mode: &str, run: &Path, fit: &Path) -> serde_json::Value {
+    let (status, out) = run_with_timeout(
+        python("check_glm.py").arg(mode).arg(run).arg(fit).arg(run.join("truth/roi_mask.nii.gz")),
+        Duration::from_secs(300),
+    );
+    assert!(status.success(), "{mode}:\n{out}");
+    eprintln!("{mode}: {out}");
+    serde_json::from_str(&out[out.find('{').unwrap()..out.rfind('}').unwrap() + 1]).unwrap()
+}
+
+#[test]
+fn offline_fit_equals_numpy_lstsq_nilearn_and_recovers_the_true_amplitudes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run, fit) = simulated_run(dir.path(), &[]);
+    assert!(check("numpy", &run, &fit)["max_rel_error"].as_f64().unwrap() <= 1e-4);
+    assert!(check("nilearn", &run, &fit)["correlation_min"].as_f64().unwrap() >= 0.999);
+    let truth = check("truth", &run, &fit);
+    assert!(truth["correlation_all"].as_f64().unwrap() > 0.5, "{truth}");
+}
+
+#[test]
+fn ar1_prewhitened_fit_equals_numpy_gls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run, fit) = simulated_run(dir.path(), &["--ar1"]);
+    let r = check("ar1", &run, &fit);
+    assert!(r["max_rel_error"].as_f64().unwrap() <= 1e-4, "{r}");
+}
+
+/// The published `betas` messages of a session, by topic header.
+fn betas_messages(session: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(session.join("messages.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m["topic"] == "betas")
+        .map(|m| m["header"].clone())
+        .collect()
+}
+
+#[test]
+fn online_betas_after_the_last_volume_equal_the_offline_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run, fit) = simulated_run(dir.path(), &[]);
+    let sp = free_port();
+    let sub = common::Subscriber::connect(sp, "betas");
+    let session = dir.path().join("s");
+    let mask = run.join("truth/roi_mask.nii.gz");
+    let daemon = Daemon::start(
+        &[
+            "--ingest",
+            &format!("file://{}?speed=max&delay=1", run.join("bold.nii.gz").display()),
+            "--publish",
+            &format!("tcp://127.0.0.1:{sp}"),
+            "--no-lsl",
+            "--record",
+            session.to_str().unwrap(),
+            "--set",
+            "motion.enabled=false",
+            "--set",
+            &format!("glm.events=\"{}\"", run.join("events.tsv").display()),
+            "--set",
+            &format!("glm.mask=\"{}\"", mask.display()),
+            "--set",
+            &format!("glm.rois=[{{name = \"visual\", path = \"{}\"}}]", mask.display()),
+        ],
+        dir.path(),
+    );
+    let events = std::fs::read_to_string(run.join("events.tsv")).unwrap().lines().count() - 1;
+    // Each trial twice: when its window closes (if it does before the end) and at the end.
+    let msgs = sub.collect(2 * events, Duration::from_secs(60));
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    let finals: Vec<_> = msgs.iter().filter(|m| m.header["at_run_end"] == true).collect();
+    assert_eq!(finals.len(), events, "{log}");
+    let offline = read_nifti(fit.join("betas.nii.gz"), 1 << 24).unwrap();
+    let names: Vec<String> = std::fs::read_to_string(fit.join("design.tsv"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .split('\t')
+        .map(String::from)
+        .collect();
+    for m in finals {
+        let trial = m.header["trial"].as_u64().unwrap();
+        let col = names.iter().position(|n| *n == format!("trial_{trial:04}")).unwrap();
+        let voxels = m.u32_payload("voxels").unwrap();
+        let online = m.f32_payload("betas").unwrap();
+        let scale = online.iter().fold(0f32, |a, b| a.max(b.abs()));
+        for (v, b) in voxels.iter().zip(&online) {
+            let want = offline.volumes[col][*v as usize];
+            assert!((b - want).abs() <= 1e-5 * scale, "trial {trial} voxel {v}: online {b} offline {want}");
+        }
+    }
+    // ROI feedback: one message per volume, percent signal change once estimable.
+    let log = std::fs::read_to_string(session.join("messages.jsonl")).unwrap();
+    let roi: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m["topic"] == "roi")
+        .collect();
+    assert_eq!(roi.len(), 120);
+    assert!(roi[60]["header"]["rois"][0]["psc"].as_f64().unwrap().abs() < 10.0);
+    assert_eq!(betas_messages(&session).len(), msgs.len());
+}
+
+#[test]
+fn zmq_markers_from_the_streaming_simulator_make_trial_betas() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let session = dir.path().join("s");
+    let daemon = Daemon::start(
+        &[
+            "--ingest",
+            &format!("zmq://127.0.0.1:{port}"),
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--record",
+            session.to_str().unwrap(),
+            "--stop-after",
+            "40",
+            "--quiet",
+        ],
+        dir.path(),
+    );
+    let (status, log) = run_with_timeout(
+        mirage().args([
+            "simulate",
+            "--stream",
+            &format!("zmq://127.0.0.1:{port}"),
+            "--speed",
+            "40",
+            "--volumes",
+            "40",
+            "--shape",
+            "32,32,20",
+            "--seed",
+            "2",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{log}");
+    assert!(log.contains("3 trial markers"), "{log}");
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    let betas = betas_messages(&session);
+    let trials: Vec<u64> =
+        betas.iter().filter(|b| b["at_run_end"] == true).map(|b| b["trial"].as_u64().unwrap()).collect();
+    assert_eq!(trials, vec![0, 1, 2], "{log}");
+    assert!(betas.iter().any(|b| b["at_run_end"] == false && b["estimable"] == true));
+}
+
+#[test]
+fn lsl_markers_from_pylsl_are_placed_on_the_scanner_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique_name("mirage-markers");
+    let session = dir.path().join("s");
+    let daemon = Daemon::start(
+        &[
+            "--ingest",
+            "sim://?volumes=40&shape=32,32,20&tr=0.25&speed=tr&delay=2",
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--record",
+            session.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            &format!("glm.markers=\"lsl://{name}\""),
+            "--set",
+            "glm.trial_window_s=2",
+        ],
+        dir.path(),
+    );
+    // A stimulus program: two markers a little after the run starts, stamped now.
+    let script = format!(
+        "import pylsl, time\n\
+         info = pylsl.StreamInfo('{name}', 'Markers', 1, 0, pylsl.cf_string, '{name}')\n\
+         o = pylsl.StreamOutlet(info)\n\
+         assert o.wait_for_consumers(20)\n\
+         time.sleep(3.0)\n\
+         o.push_sample(['trial=100;stim=1;cond=seen;dur=1'])\n\
+         time.sleep(1.0)\n\
+         o.push_sample(['trial=101;stim=2;cond=imagery;dur=1'])\n\
+         o.push_sample(['trial=x'])\n\
+         time.sleep(8)\n"
+    );
+    let (status, out) = run_with_timeout(
+        std::process::Command::new("python3").arg("-c").arg(&script),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{out}");
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    let betas = betas_messages(&session);
+    let ours: Vec<&serde_json::Value> =
+        betas.iter().filter(|b| b["trial"].as_u64().unwrap() >= 100 && b["at_run_end"] == true).collect();
+    assert_eq!(ours.len(), 2, "{log}");
+    // Marker 1 left about 3 s after the run's first volume (sent 2 s after start), marker 2 a
+    // second later: their onsets on the scanner clock say so.
+    let (o1, o2) = (ours[0]["onset"].as_f64().unwrap(), ours[1]["onset"].as_f64().unwrap());
+    assert!((o2 - o1 - 1.0).abs() < 0.3, "{o1} {o2}");
+    assert!(o1 > 0.0 && o1 < 3.0, "{o1}");
+    let status_msg: serde_json::Value = std::fs::read_to_string(session.join("messages.jsonl"))
+        .unwrap()
+        .lines()
+        .rev()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|m| m["topic"] == "status")
+        .unwrap();
+    assert_eq!(status_msg["header"]["errors"]["bad_marker"], 1);
+}
