@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing mirage-rt needs on a fresh Debian machine that has Rust
 # and Python: cmake (liblsl is built from source by the lsl crate) and the Python peers the
-# tests talk to (pyzmq, pylsl, nibabel, numpy, scipy, nilearn). Idempotent and quiet when all is present.
+# tests talk to (pyzmq, pylsl, nibabel, numpy, scipy, nilearn, scikit-learn, scikit-image). Idempotent and quiet when all is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
@@ -11,7 +11,7 @@ if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ >/dev/null
 fi
-if ! python3 -c "import zmq, pylsl, nibabel, numpy, scipy, nilearn" >/dev/null 2>&1; then
+if ! python3 -c "import zmq, pylsl, nibabel, numpy, scipy, nilearn, sklearn, skimage" >/dev/null 2>&1; then
     echo "setup: installing the Python test peers (tests/python/requirements.txt)" >&2
     python3 -m pip install -q -r tests/python/requirements.txt
 fi

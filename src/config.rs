@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::decode::DecodeConfig;
 use crate::glm::GlmConfig;
 use crate::ingest::uri::{parse_publish_uri, IngestUri};
 use crate::io::session::SyncPolicy;
@@ -28,6 +29,8 @@ pub struct Config {
     pub motion: MotionConfig,
     /// Online GLM.
     pub glm: GlmConfig,
+    /// The MIRAGE decoder.
+    pub decode: DecodeConfig,
     /// Sinks for processed data.
     pub publish: PublishConfig,
     /// The session folder.
@@ -199,6 +202,7 @@ impl Config {
         }
         errors.extend(self.motion.validate());
         errors.extend(self.glm.validate());
+        errors.extend(self.decode.validate());
         if self.ingest.max_voxels == 0 {
             errors.push("ingest.max_voxels must be positive".into());
         }

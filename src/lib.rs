@@ -10,6 +10,7 @@
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod decode;
 pub mod glm;
 pub mod ingest;
 pub mod io;

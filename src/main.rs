@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use mirage_rt::commands::decode::{Renorm, TrainArgs};
 use mirage_rt::commands::glm::{DesignSource, GlmOptions};
 use mirage_rt::commands::realign::{RealignOutputs, ReferenceChoice};
 use mirage_rt::commands::{self, run::RunOptions, simulate::SimTarget};
+use mirage_rt::decode::train::TrainOptions;
 use mirage_rt::ingest::Speed;
 
 #[derive(Parser)]
@@ -133,6 +135,66 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Train the MIRAGE heads: closed-form ridge per target array, written as a model folder.
+    Train {
+        /// Betas, trials × voxels (.npy; `mirage glm` writes trial_betas.npy).
+        #[arg(long)]
+        betas: PathBuf,
+        /// Targets: a folder of HEAD.npy (or an .npz), one row per trial.
+        #[arg(long)]
+        targets: PathBuf,
+        /// Model folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Ridge penalty.
+        #[arg(long, default_value_t = 1e5)]
+        alpha: f64,
+        /// Choose the penalty per head by 5-fold cross-validation among these (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        cv: Vec<f64>,
+        /// Low-rank heads of this rank (heads with fewer outputs stay full).
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Mask NIfTI of the betas' voxels (recorded to check live masks).
+        #[arg(long)]
+        mask: Option<PathBuf>,
+        /// Do not z-score the betas.
+        #[arg(long)]
+        no_zscore: bool,
+    },
+    /// Decode betas (trials × voxels) into HEAD.npy per head.
+    Decode {
+        /// Model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Betas .npy.
+        #[arg(long)]
+        betas: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// stored (the live stage's statistics), batch (MIRAGE's normalize_preds) or none.
+        #[arg(long, default_value = "stored")]
+        renorm: String,
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// PixCorr, SSIM, 2-way identification and top-1 retrieval per head and condition.
+    Eval {
+        /// Predictions folder (HEAD.npy).
+        #[arg(long)]
+        pred: PathBuf,
+        /// Truth folder (HEAD.npy, same shapes).
+        #[arg(long)]
+        truth: PathBuf,
+        /// TSV with a condition or trial_type column, one row per sample (e.g. events.tsv).
+        #[arg(long)]
+        conditions: Option<PathBuf>,
+        /// Report JSON.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Check a configuration file without starting anything.
     Check {
         /// TOML configuration.
@@ -224,6 +286,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 opts.out.display()
             );
             Ok(())
+        }
+        Command::Train { betas, targets, out, alpha, cv, rank, mask, no_zscore } => {
+            let opts = TrainOptions {
+                alpha,
+                cv_alphas: cv,
+                rank,
+                zscore: !no_zscore,
+                progress: true,
+                ..TrainOptions::default()
+            };
+            commands::decode::train(&TrainArgs { betas, targets, out, mask, opts })
+        }
+        Command::Decode { model, betas, out, renorm, device } => {
+            let renorm = match renorm.as_str() {
+                "stored" => Renorm::Stored,
+                "batch" => Renorm::Batch,
+                "none" => Renorm::None,
+                other => anyhow::bail!("--renorm {other:?}: use stored, batch or none"),
+            };
+            commands::decode::decode(&model, &betas, &out, renorm, &device)
+        }
+        Command::Eval { pred, truth, conditions, out } => {
+            commands::decode::eval(&pred, &truth, conditions.as_deref(), &out).map(|_| ())
         }
         Command::Check { config } => commands::check(config.as_deref()),
     }

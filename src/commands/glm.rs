@@ -38,7 +38,8 @@ pub struct GlmOptions {
 }
 
 /// Fits `input` and writes `betas.nii.gz`, `tstats.nii.gz` (one volume per regressor, zero
-/// outside the mask), `design.tsv` (unwhitened) and, with AR(1), `ar1.json` (ρ).
+/// outside the mask), `design.tsv` (unwhitened), with trial regressors `trial_betas.npy`
+/// (trials × mask voxels, the decoder's input) and `trials.tsv`, and with AR(1) `ar1.json`.
 pub fn glm(input: &Path, opts: &GlmOptions, base: &GlmConfig, max_voxels: usize) -> anyhow::Result<FullFit> {
     let mut reader = NiftiReader::open(input, max_voxels)?;
     let h = reader.header().clone();
@@ -118,6 +119,26 @@ pub fn glm(input: &Path, opts: &GlmOptions, base: &GlmConfig, max_voxels: usize)
         let _ = writeln!(tsv, "{}", cells.join("\t"));
     }
     std::fs::write(opts.out.join("design.tsv"), tsv)?;
+    // Trial betas as decoder input: one row per trial (trial-id order), mask voxels as columns.
+    let trial_cols: Vec<(usize, u64)> = fit
+        .names
+        .iter()
+        .enumerate()
+        .filter_map(|(j, n)| n.strip_prefix("trial_").and_then(|id| id.parse().ok()).map(|id| (j, id)))
+        .collect();
+    if !trial_cols.is_empty() {
+        let rows: Vec<f32> = trial_cols.iter().flat_map(|(j, _)| fit.betas[*j].iter().copied()).collect();
+        crate::io::npy::write_npy(
+            opts.out.join("trial_betas.npy"),
+            &[trial_cols.len(), fit.mask.len()],
+            &rows,
+        )?;
+        let mut ids = String::from("trial_id\tcolumn\n");
+        for (j, id) in &trial_cols {
+            let _ = writeln!(ids, "{id}\t{}", fit.names[*j]);
+        }
+        std::fs::write(opts.out.join("trials.tsv"), ids)?;
+    }
     if let Some(rho) = fit.rho {
         let text =
             serde_json::json!({ "rho": rho, "warmup_volumes": cfg.ar1_warmup, "whitening": "Prais-Winsten" });

@@ -31,7 +31,7 @@ pub fn write_npy(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> std::
     out.flush()
 }
 
-/// Reads a C-order numeric array as f32, refusing more than `max_values` elements before
+/// Reads a numeric array (C or Fortran order) as row-major f32, refusing more than `max_values` elements before
 /// allocating. Returns the shape and the values.
 pub fn read_npy(path: impl AsRef<Path>, max_values: usize) -> Result<(Vec<usize>, Vec<f32>), String> {
     let path = path.as_ref();
@@ -63,9 +63,7 @@ pub fn parse_npy(bytes: &[u8], max_values: usize) -> Result<(Vec<usize>, Vec<f32
     let descr = field("descr")?;
     let descr = descr.strip_prefix('\'').and_then(|d| d.split('\'').next()).ok_or("malformed descr")?;
     let (dtype, endian) = Dtype::parse(descr).ok_or(format!("unsupported dtype {descr}"))?;
-    if field("fortran_order")?.starts_with("True") {
-        return Err("fortran_order arrays are not supported".into());
-    }
+    let fortran = field("fortran_order")?.starts_with("True");
     let shape_txt = field("shape")?;
     let shape_txt = shape_txt.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or("malformed shape")?;
     let shape = shape_txt
@@ -88,7 +86,29 @@ pub fn parse_npy(bytes: &[u8], max_values: usize) -> Result<(Vec<usize>, Vec<f32
     }
     let mut out = vec![0f32; n];
     dtype.decode_into(endian, data, &mut out).ok_or("sample size mismatch")?;
+    if fortran && shape.len() > 1 {
+        out = fortran_to_c_order(&out, &shape);
+    }
     Ok((shape, out))
+}
+
+/// Reorders a column-major (Fortran) array of `shape` to row-major (C) order.
+fn fortran_to_c_order(src: &[f32], shape: &[usize]) -> Vec<f32> {
+    // Fortran strides: the first axis is contiguous.
+    let strides: Vec<usize> = shape.iter().scan(1, |s, &d| Some(std::mem::replace(s, *s * d))).collect();
+    let mut index = vec![0usize; shape.len()];
+    let mut out = Vec::with_capacity(src.len());
+    for _ in 0..src.len() {
+        out.push(src[index.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>()]);
+        for axis in (0..shape.len()).rev() {
+            index[axis] += 1;
+            if index[axis] < shape[axis] {
+                break;
+            }
+            index[axis] = 0;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -108,5 +128,15 @@ mod tests {
         write_npy(&p, &[6], &data).unwrap();
         assert_eq!(read_npy(&p, 100).unwrap().0, vec![6]);
         assert!(write_npy(&p, &[4], &data).is_err());
+        // A Fortran-order 2 × 3 array comes back in C order.
+        write_npy(&p, &[2, 3], &data).unwrap();
+        let mut bytes = std::fs::read(&p).unwrap();
+        let end = 10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        let header = String::from_utf8(bytes[10..end].to_vec()).unwrap().replace("False", "True ");
+        bytes.splice(10..end, header.bytes());
+        bytes.truncate(end);
+        bytes.extend([0f32, 3.0, 1.0, 4.0, 2.0, 5.0].iter().flat_map(|v| v.to_le_bytes()));
+        std::fs::write(&p, bytes).unwrap();
+        assert_eq!(read_npy(&p, 100).unwrap(), (vec![2, 3], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]));
     }
 }

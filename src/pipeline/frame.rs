@@ -87,6 +87,8 @@ pub struct Frame {
     pub motion: Option<crate::motion::MotionEstimate>,
     /// ROI feedback and closed trials, once the GLM stage has run.
     pub glm: Option<crate::glm::GlmOutput>,
+    /// Trials decoded from this frame's closed trials.
+    pub decoded: Vec<crate::decode::Decoded>,
     /// A frame a stage emitted when its input ended: it carries results, not a new volume
     /// (`volume` is the run's last one).
     pub end_of_run: bool,
@@ -105,6 +107,7 @@ impl Frame {
             flags,
             motion: None,
             glm: None,
+            decoded: Vec::new(),
             end_of_run: false,
             stage_errors: Vec::new(),
             stamps,

@@ -26,16 +26,19 @@ use std::time::Duration;
 use self::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use self::metrics::{Metrics, MetricsSnapshot};
 use self::queue::{edge, EdgeRx, EdgeTx, PushError, Recv, WhenFull};
-use self::stage::{GlmStage, Identity, MotionStage, Stage};
+use self::stage::{DecodeStageAdapter, GlmStage, Identity, MotionStage, Stage};
 use crate::clock;
 use crate::config::Config;
+use crate::decode::DecodeStage;
 use crate::glm::events::Event;
 use crate::glm::GlmEstimator;
 use crate::ingest::uri::parse_publish_uri;
 use crate::ingest::{open_source, Ack, IngestUri, SourceEvent, SourceLimits};
 use crate::io::session::{MessageLog, SessionWriter};
 use crate::motion::MotionCorrector;
-use crate::publish::{betas_message, motion_message, roi_message, status_message, volume_message, Publisher};
+use crate::publish::{
+    betas_message, decode_message, motion_message, roi_message, status_message, volume_message, Publisher,
+};
 use crate::volume::Volume;
 
 /// How long a stage thread waits on its input before checking for shutdown.
@@ -303,10 +306,21 @@ impl Pipeline {
         } else {
             Box::new(Identity("glm"))
         };
+        let decode: Box<dyn Stage> = match &cfg.decode.model {
+            Some(_) => match DecodeStage::new(&cfg.decode) {
+                Ok(stage) => Box::new(DecodeStageAdapter {
+                    stage,
+                    budget_ms: cfg.decode.latency_budget_ms,
+                    run_end: cfg.decode.decode_run_end,
+                }),
+                Err(e) => return Err(vec![e.to_string()]),
+            },
+            None => Box::new(Identity("decode")),
+        };
         let stages: Vec<StageSlot> = vec![
             (motion, motion_rx, motion_tx, Boundary::Motion),
             (glm, glm_rx, glm_tx, Boundary::Glm),
-            (Box::new(Identity("decode")), decode_rx, decode_tx, Boundary::Decode),
+            (decode, decode_rx, decode_tx, Boundary::Decode),
         ];
         for (stage, rx, tx, boundary) in stages {
             let name = stage.name();
@@ -509,6 +523,12 @@ fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, st
                         (0..n).for_each(|_| m.count_error(reason));
                     }
                 }
+                for d in &frame.decoded {
+                    publisher.send(decode_message(d));
+                    if d.over_budget {
+                        m.count_error("decode_over_budget");
+                    }
+                }
                 if frame.end_of_run {
                     continue;
                 }
@@ -548,4 +568,5 @@ fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, st
         }
     }
     publisher.send(status_message(&m.snapshot()));
+    publisher.close();
 }

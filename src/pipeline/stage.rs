@@ -103,3 +103,42 @@ impl Stage for GlmStage {
         Some(f)
     }
 }
+
+/// The decode stage in the pipeline: decodes every trial the GLM closed in this frame and
+/// times each decode against the budget (the runner owns the clock).
+pub struct DecodeStageAdapter {
+    /// The loaded model and gallery.
+    pub stage: crate::decode::DecodeStage,
+    /// Budget per trial, ms.
+    pub budget_ms: f64,
+    /// Also decode end-of-run estimates.
+    pub run_end: bool,
+}
+
+impl Stage for DecodeStageAdapter {
+    fn name(&self) -> &'static str {
+        "decode"
+    }
+
+    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
+        let Some(glm) = &frame.glm else { return Ok(()) };
+        let mut first_error = None;
+        for t in glm.trials.iter().filter(|t| self.run_end || !t.at_run_end) {
+            let start = crate::clock::now();
+            match self.stage.decode(t) {
+                Ok(mut d) => {
+                    d.latency_ms = (crate::clock::now() - start) * 1e3;
+                    d.over_budget = d.latency_ms > self.budget_ms;
+                    frame.decoded.push(d);
+                }
+                Err(e) => {
+                    if first_error.is_none() {
+                        first_error =
+                            Some(StageError { stage: "decode", reason: e.reason(), message: e.to_string() });
+                    }
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}

@@ -18,6 +18,7 @@ use serde_json::{json, Map, Value};
 
 use self::message::{Message, Payload};
 use crate::clock;
+use crate::decode::Decoded;
 use crate::glm::{RoiValue, TrialBetas};
 use crate::ingest::Endpoint;
 use crate::io::session::MessageLog;
@@ -129,6 +130,45 @@ pub fn betas_message(frame: &Frame, t: &TrialBetas) -> Message {
     Message { topic: "betas", header, payloads }
 }
 
+/// Builds the `decode` message of a decoded trial: top gallery matches and timing in the
+/// header; each head's output, the fusion mix and the pixel picture (float32 and PNG) as
+/// payloads.
+pub fn decode_message(d: &Decoded) -> Message {
+    let t = &d.trial;
+    let mut header = Map::new();
+    header.insert("run".into(), json!(t.run));
+    header.insert("trial".into(), json!(t.trial));
+    header.insert("stim".into(), json!(t.stim));
+    header.insert("condition".into(), json!(t.condition));
+    header.insert("onset".into(), json!(t.onset));
+    header.insert("at_run_end".into(), json!(t.at_run_end));
+    header.insert("n_volumes".into(), json!(t.n_volumes));
+    header.insert("top".into(), json!(d.top));
+    header.insert(
+        "heads".into(),
+        json!(d.heads.iter().map(|(n, s, _)| json!({"name": n, "shape": s})).collect::<Vec<_>>()),
+    );
+    header.insert("device".into(), json!(d.device));
+    header.insert("latency_ms".into(), json!(d.latency_ms));
+    header.insert("over_budget".into(), json!(d.over_budget));
+    let mut payloads: Vec<Payload> =
+        d.heads.iter().map(|(n, s, v)| Payload::f32(n, s.clone(), "C", v)).collect();
+    if let Some((c_img, c_txt)) = &d.fused {
+        payloads.push(Payload::f32("c_img", vec![c_img.len()], "C", c_img));
+        payloads.push(Payload::f32("c_txt", vec![c_txt.len()], "C", c_txt));
+    }
+    if let Some(png) = &d.png {
+        payloads.push(Payload {
+            name: "pixels_png".into(),
+            dtype: "uint8",
+            shape: vec![png.len()],
+            order: "C",
+            bytes: png.clone(),
+        });
+    }
+    Message { topic: "decode", header, payloads }
+}
+
 /// Builds the `status` message from a metrics snapshot.
 pub fn status_message(s: &MetricsSnapshot) -> Message {
     let header = match serde_json::to_value(s) {
@@ -218,6 +258,14 @@ impl Publisher {
                 self.send_errors += 1;
                 tracing::warn!("publish: feedback outlet: {e:?}");
             }
+        }
+    }
+
+    /// Closes the sinks. LSL has no flush: with a consumer connected, the outlet is kept half a
+    /// second so the last feedback sample reaches it before the outlet goes.
+    pub fn close(self) {
+        if self.outlet.as_ref().is_some_and(|o| o.have_consumers()) {
+            std::thread::sleep(std::time::Duration::from_millis(500));
         }
     }
 

@@ -77,8 +77,12 @@ pub enum MotionKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SimConfig {
-    /// Seed of every random draw.
+    /// Seed of the participant: head, stimuli and encoding model (and, unless `run_seed` is
+    /// set, of everything else).
     pub seed: u64,
+    /// Seed of one run of that participant: trial order, amplitudes, motion, drift, noise.
+    /// Runs with one `seed` and different `run_seed`s are sessions of the same brain.
+    pub run_seed: Option<u64>,
     /// Number of volumes in the run.
     pub volumes: usize,
     /// Repetition time in seconds.
@@ -133,6 +137,7 @@ impl Default for SimConfig {
     fn default() -> SimConfig {
         SimConfig {
             seed: 1,
+            run_seed: None,
             volumes: 200,
             tr: 1.0,
             shape: None,
@@ -181,6 +186,7 @@ impl SimConfig {
         }
         match key {
             "seed" => self.seed = num(key, value)?,
+            "run_seed" => self.run_seed = Some(num(key, value)?),
             "volumes" => self.volumes = num(key, value)?,
             "tr" => self.tr = num(key, value)?,
             "shape" => {
@@ -334,8 +340,9 @@ impl Simulator {
             imagery_shift_pct: cfg.imagery_shift_pct,
         };
         let encoding = EncodingModel::build(&mut Rng::new(seed, 3), &stimuli, &roi_world, &params);
-        let trials = schedule(&mut Rng::new(seed, 4), cfg);
-        let mut jitter_rng = Rng::new(seed, 5);
+        let run_seed = cfg.run_seed.unwrap_or(seed);
+        let trials = schedule(&mut Rng::new(run_seed, 4), cfg);
+        let mut jitter_rng = Rng::new(run_seed, 5);
         let amplitudes = trials
             .iter()
             .map(|t| {
@@ -344,8 +351,8 @@ impl Simulator {
             })
             .collect();
         let (max_mm, max_rad) = (cfg.motion_mm, cfg.motion_deg.to_radians());
-        let motion = motion_course(&mut Rng::new(seed, 6), cfg.volumes, max_mm, max_rad, cfg.motion_kind);
-        let mut drift_rng = Rng::new(seed, 7);
+        let motion = motion_course(&mut Rng::new(run_seed, 6), cfg.volumes, max_mm, max_rad, cfg.motion_kind);
+        let mut drift_rng = Rng::new(run_seed, 7);
         let n = anatomy.image.len();
         let drift_coef =
             (0..n).map(|_| [drift_rng.range(-1.0, 1.0) as f32, drift_rng.range(-1.0, 1.0) as f32]).collect();
@@ -354,7 +361,7 @@ impl Simulator {
             .iter()
             .map(|&a| (0.01 * cfg.noise_pct * (f64::from(a) + NOISE_FLOOR)) as f32)
             .collect();
-        let mut noise_rng = Rng::new(seed, 8);
+        let mut noise_rng = Rng::new(run_seed, 8);
         let noise_state = noise_sd.iter().map(|&sd| (f64::from(sd) * noise_rng.normal()) as f32).collect();
         Ok(Simulator {
             cfg: cfg.clone(),
@@ -395,6 +402,11 @@ impl Simulator {
     /// The stimulus set.
     pub fn stimuli(&self) -> &Stimuli {
         &self.stimuli
+    }
+
+    /// What each decoder head should predict, per stimulus (see [`Stimuli::head_targets`]).
+    pub fn head_targets(&self) -> Vec<stimuli::HeadTarget> {
+        self.stimuli.head_targets(&mut Rng::new(self.cfg.seed, 9))
     }
 
     /// The trials, in onset order.

@@ -39,6 +39,89 @@ impl Stimuli {
     }
 }
 
+/// What a decoder head is trained to predict for each stimulus: a stand-in for MIRAGE's CLIP,
+/// VDVAE and pixel targets, one array per stimulus.
+#[derive(Clone, Debug)]
+pub struct HeadTarget {
+    /// Head name.
+    pub name: &'static str,
+    /// Shape of one target.
+    pub shape: Vec<usize>,
+    /// One flattened target per stimulus.
+    pub per_stimulus: Vec<Vec<f32>>,
+}
+
+/// Side of the low-level target grid (block means of the picture).
+const LOWLEVEL_GRID: usize = 8;
+
+impl Stimuli {
+    /// Targets of the five heads: `image` (the embedding), `text` (4 tokens × 16, a fixed
+    /// nonlinear projection of it), `lowlevel` (8×8 block means of the picture), `retrieval`
+    /// (2 tokens: the embedding and a projection of the low-level features) and `pixels`
+    /// (the picture itself, `[1, size, size]`).
+    pub fn head_targets(&self, rng: &mut Rng) -> Vec<HeadTarget> {
+        let dim = self.embeddings.first().map_or(0, Vec::len);
+        let g = LOWLEVEL_GRID;
+        let text_proj: Vec<f64> = (0..64 * dim).map(|_| rng.normal() / (dim.max(1) as f64).sqrt()).collect();
+        let low_proj: Vec<f64> = (0..dim * g * g).map(|_| rng.normal() / g as f64).collect();
+        let lowlevel: Vec<Vec<f32>> = self
+            .pictures
+            .iter()
+            .map(|pic| {
+                (0..g * g)
+                    .map(|cell| {
+                        let (gy, gx) = (cell / g, cell % g);
+                        let (y0, y1) =
+                            (gy * self.size / g, ((gy + 1) * self.size / g).max(gy * self.size / g + 1));
+                        let (x0, x1) =
+                            (gx * self.size / g, ((gx + 1) * self.size / g).max(gx * self.size / g + 1));
+                        let mut s = 0.0;
+                        for y in y0..y1.min(self.size) {
+                            for x in x0..x1.min(self.size) {
+                                s += pic[y * self.size + x];
+                            }
+                        }
+                        s / ((y1 - y0) * (x1 - x0)) as f32
+                    })
+                    .collect()
+            })
+            .collect();
+        let text = self
+            .embeddings
+            .iter()
+            .map(|e| {
+                (0..64)
+                    .map(|r| {
+                        (0..dim).map(|c| text_proj[r * dim + c] * f64::from(e[c])).sum::<f64>().tanh() as f32
+                    })
+                    .collect()
+            })
+            .collect();
+        let retrieval = self
+            .embeddings
+            .iter()
+            .zip(&lowlevel)
+            .map(|(e, l)| {
+                let p: Vec<f64> = (0..dim)
+                    .map(|r| (0..g * g).map(|c| low_proj[r * g * g + c] * (f64::from(l[c]) - 0.5)).sum())
+                    .collect();
+                e.iter().copied().chain(unit(p).into_iter().map(|v| v as f32)).collect()
+            })
+            .collect();
+        vec![
+            HeadTarget { name: "image", shape: vec![dim], per_stimulus: self.embeddings.clone() },
+            HeadTarget { name: "text", shape: vec![4, 16], per_stimulus: text },
+            HeadTarget { name: "lowlevel", shape: vec![g * g], per_stimulus: lowlevel },
+            HeadTarget { name: "retrieval", shape: vec![2, dim], per_stimulus: retrieval },
+            HeadTarget {
+                name: "pixels",
+                shape: vec![1, self.size, self.size],
+                per_stimulus: self.pictures.clone(),
+            },
+        ]
+    }
+}
+
 fn unit(v: Vec<f64>) -> Vec<f64> {
     let n = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
     v.into_iter().map(|x| x / n).collect()

@@ -111,6 +111,39 @@ impl Simulator {
         npy("stimuli_embeddings.npy", &[stim.embeddings.len(), dim], stim.embeddings.concat())?;
         npy("trial_amplitudes.npy", &[self.amplitudes().len(), anat.roi.len()], self.amplitudes().concat())?;
 
+        // Decoder targets per stimulus and per trial (trial order), and the stimuli as a gallery.
+        let targets = self.head_targets();
+        for sub in ["targets/stimuli", "targets/trials"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| write_err(&dir.join(sub), e))?;
+        }
+        for t in &targets {
+            let n = t.per_stimulus.len();
+            npy(
+                &format!("targets/stimuli/{}.npy", t.name),
+                &[vec![n], t.shape.clone()].concat(),
+                t.per_stimulus.concat(),
+            )?;
+            let rows: Vec<f32> =
+                self.trials().iter().flat_map(|tr| t.per_stimulus[tr.stim].iter().copied()).collect();
+            npy(
+                &format!("targets/trials/{}.npy", t.name),
+                &[vec![self.trials().len()], t.shape.clone()].concat(),
+                rows,
+            )?;
+        }
+        let gallery = crate::decode::gallery::Gallery {
+            items: (0..stim.pictures.len())
+                .map(|s| crate::decode::gallery::Item { id: s.to_string(), label: format!("stimulus {s}") })
+                .collect(),
+            embeddings: targets
+                .iter()
+                .filter(|t| t.name != "pixels")
+                .map(|t| (t.name.to_string(), (t.shape.iter().product(), t.per_stimulus.concat())))
+                .collect(),
+            thumbnails: Some((vec![1, stim.size, stim.size], stim.pictures.concat())),
+        };
+        gallery.write(&dir.join("gallery")).map_err(|e| write_err(&dir.join("gallery"), e))?;
+
         let doc = serde_json::json!({
             "generator": concat!("mirage-rt ", env!("CARGO_PKG_VERSION")),
             "config": self.config(),

@@ -1,0 +1,129 @@
+//! Decode cost per trial at MIRAGE's sizes: 15,724 voxels (NSD subj01 nsdgeneral) through
+//! low-rank (r = 512) heads of the full MIRAGE output shapes, beside streaming the same
+//! number of weight bytes (the memory-bandwidth floor of a batch-1 decode). With
+//! `MIRAGE_BENCH_FULL=1` also full-size heads one at a time (random weights), which need
+//! up to 7 GB of memory each; the retrieval head (16.5 GB) is timed on 64 of its 257 tokens.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use criterion::{criterion_group, criterion_main, Criterion};
+use mirage_rt::decode::model::{Decoder, FusionConfig, HeadConfig, ModelConfig, FORMAT};
+
+const VOXELS: usize = 15_724;
+
+/// MIRAGE's heads: image embedding, text embedding (77 × 1280), low-level (VDVAE latents),
+/// retrieval (257 × 1024).
+fn mirage_heads() -> Vec<(&'static str, Vec<usize>)> {
+    vec![
+        ("image", vec![768]),
+        ("text", vec![77, 1280]),
+        ("lowlevel", vec![91_168]),
+        ("retrieval", vec![257, 1024]),
+    ]
+}
+
+/// A decoder with random weights for `heads`, each low-rank with `rank` or full.
+fn random_decoder(heads: &[(&str, Vec<usize>)], rank: Option<usize>) -> (Decoder, usize) {
+    let dev = Device::Cpu;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let scale = 1.0 / (VOXELS as f64).sqrt();
+    let rand = |shape: &[usize]| Tensor::rand(-scale as f32, scale as f32, shape, &dev).unwrap();
+    t.insert("input.mean".into(), Tensor::zeros(VOXELS, DType::F32, &dev).unwrap());
+    t.insert("input.std".into(), Tensor::ones(VOXELS, DType::F32, &dev).unwrap());
+    let mut weights = 0;
+    let mut cfgs = Vec::new();
+    for (name, shape) in heads {
+        let out: usize = shape.iter().product();
+        let p = format!("heads.{name}");
+        match rank {
+            Some(r) => {
+                t.insert(format!("{p}.down"), rand(&[r, VOXELS]));
+                t.insert(format!("{p}.up"), rand(&[out, r]));
+                weights += r * (VOXELS + out);
+            }
+            None => {
+                t.insert(format!("{p}.weight"), rand(&[out, VOXELS]));
+                weights += out * VOXELS;
+            }
+        }
+        t.insert(format!("{p}.bias"), Tensor::zeros(out, DType::F32, &dev).unwrap());
+        for s in ["pred_mean", "target_mean"] {
+            t.insert(format!("{p}.{s}"), Tensor::zeros(out, DType::F32, &dev).unwrap());
+        }
+        for s in ["pred_std", "target_std"] {
+            t.insert(format!("{p}.{s}"), Tensor::ones(out, DType::F32, &dev).unwrap());
+        }
+        cfgs.push(HeadConfig { name: name.to_string(), shape: shape.clone(), rank, renorm: true });
+    }
+    let cfg = ModelConfig {
+        format: FORMAT.into(),
+        n_voxels: VOXELS,
+        zscore_input: true,
+        heads: cfgs,
+        fusion: FusionConfig::default(),
+        provenance: serde_json::Value::Null,
+    };
+    let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
+    (Decoder::new(cfg, &vb, &dev).unwrap(), weights)
+}
+
+fn betas() -> Vec<f32> {
+    (0..VOXELS).map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0).collect()
+}
+
+/// Peak resident memory of this process in MB.
+fn peak_mb() -> f64 {
+    mirage_rt::commands::decode::peak_memory_mb().unwrap_or(f64::NAN)
+}
+
+fn bench(c: &mut Criterion) {
+    let x = betas();
+    let mut g = c.benchmark_group("decode");
+    g.measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(2)).sample_size(20);
+
+    let (decoder, weights) = random_decoder(&mirage_heads(), Some(512));
+    eprintln!("low-rank r=512 MIRAGE heads: {weights} weights ({:.0} MB f32)", weights as f64 * 4e-6);
+    let floor: Vec<f32> = vec![1.0; weights];
+    g.bench_function("baseline_stream_lowrank_weight_bytes", |b| {
+        b.iter(|| black_box(floor.iter().copied().fold(0f32, |a, v| a + v)))
+    });
+    drop(floor);
+    g.bench_function("lowrank_r512_mirage_shapes_per_trial", |b| {
+        b.iter(|| black_box(decoder.predict(&x, 1).unwrap()))
+    });
+    drop(decoder);
+
+    // What the low-rank path costs without the big up-projections: the image head alone.
+    let (small, _) = random_decoder(&mirage_heads()[..1], Some(512));
+    g.bench_function("lowrank_r512_image_head_per_trial", |b| {
+        b.iter(|| black_box(small.predict(&x, 1).unwrap()))
+    });
+    let (small, _) = random_decoder(&mirage_heads()[..1], None);
+    g.bench_function("full_image_head_per_trial", |b| b.iter(|| black_box(small.predict(&x, 1).unwrap())));
+    drop(small);
+
+    if std::env::var("MIRAGE_BENCH_FULL").is_ok_and(|v| v == "1") {
+        g.sample_size(10).measurement_time(Duration::from_secs(20));
+        let full: Vec<(&str, Vec<usize>)> =
+            vec![("text", vec![77, 1280]), ("lowlevel", vec![91_168]), ("retrieval", vec![64, 1024])];
+        for (name, shape) in full {
+            let (d, weights) = random_decoder(&[(name, shape.clone())], None);
+            eprintln!(
+                "full {name} {shape:?}: {:.2} GB f32 weights, process peak {:.0} MB",
+                weights as f64 * 4e-9,
+                peak_mb()
+            );
+            g.bench_function(format!("full_{name}_{}_per_trial", shape.iter().product::<usize>()), |b| {
+                b.iter(|| black_box(d.predict(&x, 1).unwrap()))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

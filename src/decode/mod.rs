@@ -1,0 +1,269 @@
+//! The decode stage: each trial's betas through the MIRAGE heads, fusion and gallery
+//! retrieval.
+//!
+//! In: [`crate::glm::TrialBetas`] (betas over the GLM mask). Out: [`Decoded`] — every head's
+//! output, MIRAGE's conditioning mix, the top gallery matches and the pixel head's picture.
+//! Shapes: betas `(1, n_voxels)` → head `h` `(1, prod(shape_h))`. Budget: `latency_budget_ms`
+//! per trial (checked by the runner, which owns the clock).
+
+pub mod gallery;
+pub mod image;
+pub mod metrics;
+pub mod model;
+pub mod train;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use self::gallery::{Gallery, Match};
+use self::model::Decoder;
+use crate::glm::TrialBetas;
+
+/// Why decoding failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The model folder is missing, malformed or inconsistent.
+    #[error("decode: model: {0}")]
+    Model(String),
+    /// The gallery folder is unusable.
+    #[error("decode: gallery: {0}")]
+    Gallery(String),
+    /// The betas do not fit the model.
+    #[error("decode: {0}")]
+    Input(String),
+    /// The device could not be used.
+    #[error("decode: device: {0}")]
+    Device(String),
+    /// A tensor operation failed.
+    #[error("decode: {0}")]
+    Compute(String),
+    /// Training failed.
+    #[error("train: {0}")]
+    Train(String),
+}
+
+impl DecodeError {
+    /// Counter name of this kind of error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Model(_) => "decode_model",
+            DecodeError::Gallery(_) => "decode_gallery",
+            DecodeError::Input(_) => "decode_input",
+            DecodeError::Device(_) => "decode_device",
+            DecodeError::Compute(_) => "decode_compute",
+            DecodeError::Train(_) => "train",
+        }
+    }
+}
+
+/// `[decode]` settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    /// A model folder (`None`: no decoding; trials pass on).
+    pub model: Option<PathBuf>,
+    /// A gallery folder for retrieval.
+    pub gallery: Option<PathBuf>,
+    /// `auto`, `cpu` or `cuda:N`.
+    pub device: String,
+    /// Decode time (ms) above which a result is flagged and counted.
+    pub latency_budget_ms: f64,
+    /// Gallery matches published.
+    pub top_k: usize,
+    /// Also decode the end-of-run estimates of trials (they are flagged `at_run_end`).
+    pub decode_run_end: bool,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> DecodeConfig {
+        DecodeConfig {
+            model: None,
+            gallery: None,
+            device: "auto".into(),
+            latency_budget_ms: 50.0,
+            top_k: 5,
+            decode_run_end: true,
+        }
+    }
+}
+
+impl DecodeConfig {
+    /// Every problem with the settings.
+    pub fn validate(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        if let Some(m) = &self.model {
+            if !m.join(model::CONFIG_FILE).exists() {
+                e.push(format!("decode.model: {} has no {}", m.display(), model::CONFIG_FILE));
+            }
+        }
+        if let Some(g) = &self.gallery {
+            if !g.join("gallery.json").exists() {
+                e.push(format!("decode.gallery: {} has no gallery.json", g.display()));
+            }
+        }
+        if !(self.latency_budget_ms.is_finite() && self.latency_budget_ms > 0.0) {
+            e.push("decode.latency_budget_ms must be positive".into());
+        }
+        if !matches!(self.device.as_str(), "auto" | "cpu") && !self.device.starts_with("cuda:") {
+            e.push(format!("decode.device {:?}: use auto, cpu or cuda:N", self.device));
+        }
+        e
+    }
+}
+
+/// One decoded trial.
+#[derive(Clone, Debug)]
+pub struct Decoded {
+    /// The trial it came from (without its betas).
+    pub trial: TrialBetas,
+    /// Each head's renormalised output: name, shape, values.
+    pub heads: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// MIRAGE's conditioning mix `(c_img, c_txt)`, when the model names both heads.
+    pub fused: Option<(Vec<f32>, Vec<f32>)>,
+    /// Best gallery matches.
+    pub top: Vec<Match>,
+    /// The pixel head's picture as PNG bytes.
+    pub png: Option<Vec<u8>>,
+    /// Where it ran.
+    pub device: String,
+    /// Decode time in ms (set by the runner).
+    pub latency_ms: f64,
+    /// Whether the decode took longer than the budget (set by the runner).
+    pub over_budget: bool,
+}
+
+/// MIRAGE's conditioning mix: `c_img = img·(1−t) + u_img·t⁵`, `c_txt = txt·t + u_txt·(1−t)⁵`.
+pub fn mix(
+    img: &[f32],
+    txt: &[f32],
+    u_img: Option<&[f32]>,
+    u_txt: Option<&[f32]>,
+    t: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let (a, b) = ((1.0 - t) as f32, t.powi(5) as f32);
+    let (c, d) = (t as f32, (1.0 - t).powi(5) as f32);
+    let c_img = img.iter().enumerate().map(|(i, x)| x * a + u_img.map_or(0.0, |u| u[i]) * b).collect();
+    let c_txt = txt.iter().enumerate().map(|(i, x)| x * c + u_txt.map_or(0.0, |u| u[i]) * d).collect();
+    (c_img, c_txt)
+}
+
+/// The decode stage: a loaded model and gallery.
+pub struct DecodeStage {
+    decoder: Decoder,
+    gallery: Option<Gallery>,
+    top_k: usize,
+    unconditional: (Option<Vec<f32>>, Option<Vec<f32>>),
+    device: String,
+}
+
+impl DecodeStage {
+    /// Loads the model (and gallery) the configuration names.
+    pub fn new(cfg: &DecodeConfig) -> Result<DecodeStage, DecodeError> {
+        let path = cfg.model.as_ref().ok_or_else(|| DecodeError::Model("no model configured".into()))?;
+        let device = model::device(&cfg.device)?;
+        let decoder = Decoder::load(path, &device)?;
+        let gallery = cfg.gallery.as_ref().map(|g| Gallery::load(g)).transpose()?;
+        let to_vec = |t: &Option<candle_core::Tensor>| -> Result<Option<Vec<f32>>, DecodeError> {
+            t.as_ref()
+                .map(|t| t.to_vec1::<f32>().map_err(|e| DecodeError::Compute(e.to_string())))
+                .transpose()
+        };
+        let unconditional = (to_vec(&decoder.unconditional.0)?, to_vec(&decoder.unconditional.1)?);
+        let device = if device.is_cuda() { cfg.device.clone() } else { "cpu".into() };
+        // One decode at load time pages the weights in and warms the kernels, so the first
+        // live trial is not the slow one.
+        decoder.predict(&vec![0.0; decoder.cfg.n_voxels], 1)?;
+        Ok(DecodeStage { decoder, gallery, top_k: cfg.top_k, unconditional, device })
+    }
+
+    /// The model.
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// Decodes one trial's betas.
+    pub fn decode(&self, t: &TrialBetas) -> Result<Decoded, DecodeError> {
+        let n = self.decoder.cfg.n_voxels;
+        if t.betas.len() != n {
+            return Err(DecodeError::Input(format!(
+                "trial {}: {} betas, the model takes {n} voxels (is the GLM mask the model's?)",
+                t.trial,
+                t.betas.len()
+            )));
+        }
+        if let Some(v) = &self.decoder.voxels {
+            if *v != t.voxels {
+                return Err(DecodeError::Input(format!(
+                    "trial {}: the GLM mask's voxels are not the model's",
+                    t.trial
+                )));
+            }
+        }
+        if !t.estimable {
+            return Err(DecodeError::Input(format!("trial {}: betas not estimable yet", t.trial)));
+        }
+        let outputs = self.decoder.predict(&t.betas, 1)?;
+        let heads: Vec<(String, Vec<usize>, Vec<f32>)> = self
+            .decoder
+            .cfg
+            .heads
+            .iter()
+            .zip(outputs)
+            .map(|(h, o)| (h.name.clone(), h.shape.clone(), o))
+            .collect();
+        let by_name: BTreeMap<String, Vec<f32>> =
+            heads.iter().map(|(n, _, v)| (n.clone(), v.clone())).collect();
+        let fusion = &self.decoder.cfg.fusion;
+        let fused = match (
+            fusion.image_head.as_ref().and_then(|h| by_name.get(h)),
+            fusion.text_head.as_ref().and_then(|h| by_name.get(h)),
+        ) {
+            (Some(img), Some(txt)) => Some(mix(
+                img,
+                txt,
+                self.unconditional.0.as_deref(),
+                self.unconditional.1.as_deref(),
+                fusion.t,
+            )),
+            _ => None,
+        };
+        let top = self
+            .gallery
+            .as_ref()
+            .map(|g| g.rank(&by_name, &fusion.retrieval_weights, self.top_k))
+            .unwrap_or_default();
+        let png = match fusion.pixel_head.as_ref().and_then(|p| heads.iter().find(|(n, _, _)| n == p)) {
+            Some((_, shape, values)) => Some(image::png(values, shape)?),
+            None => None,
+        };
+        let mut trial = t.clone();
+        trial.betas = Vec::new();
+        trial.voxels = Vec::new();
+        Ok(Decoded {
+            trial,
+            heads,
+            fused,
+            top,
+            png,
+            device: self.device.clone(),
+            latency_ms: 0.0,
+            over_budget: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_follows_mirage() {
+        let (ci, ct) = mix(&[1.0, 2.0], &[4.0], Some(&[10.0, 10.0]), Some(&[2.0]), 0.5);
+        assert!((ci[0] - (0.5 + 10.0 * 0.03125)).abs() < 1e-6 && (ci[1] - (1.0 + 0.3125)).abs() < 1e-6);
+        assert!((ct[0] - (2.0 + 2.0 * 0.03125)).abs() < 1e-6);
+        assert_eq!(mix(&[1.0], &[1.0], None, None, 0.0), (vec![1.0], vec![0.0]));
+    }
+}

@@ -1,0 +1,349 @@
+//! The MIRAGE decoder: linear heads from z-scored betas to embeddings and images, loaded
+//! from a model folder.
+//!
+//! A model is a folder:
+//!
+//! ```text
+//! config.json          heads, shapes, input size, preprocessing, fusion, provenance
+//! model.safetensors    input.mean, input.std          [n_voxels]        (z-scoring)
+//!                      input.voxels (optional, u32)    [n_voxels]        (grid indices)
+//!                      heads.NAME.weight [out, in] + heads.NAME.bias [out]          full
+//!                      heads.NAME.down [r, in], heads.NAME.up [out, r], .bias [out]  low rank
+//!                      heads.NAME.target_mean/target_std/pred_mean/pred_std [out]   renorm
+//!                      fusion.u_img, fusion.u_txt (optional unconditional embeddings)
+//! ```
+//!
+//! `weight` is sklearn's `coef_` / PyTorch `Linear` layout. Outputs are renormalised like
+//! MIRAGE's `normalize_preds` — `(pred − pred_mean) / pred_std · target_std + target_mean` —
+//! with statistics stored at training time instead of a test batch. The safetensors file is
+//! memory-mapped, so a large head is read into tensor storage once, not through a buffer.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, Module, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::DecodeError;
+
+/// Name of the configuration file in a model folder.
+pub const CONFIG_FILE: &str = "config.json";
+/// Name of the weights file in a model folder.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// Format tag written into every model's configuration.
+pub const FORMAT: &str = "mirage-model/1";
+
+/// One head's description.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadConfig {
+    /// Name (`image`, `text`, `lowlevel`, `retrieval`, `pixels`, …).
+    pub name: String,
+    /// Output shape: `[d]`, `[tokens, d]` or `[c, h, w]`.
+    pub shape: Vec<usize>,
+    /// Rank of a low-rank head (`None`: full).
+    #[serde(default)]
+    pub rank: Option<usize>,
+    /// Whether outputs are renormalised to the stored target statistics.
+    #[serde(default = "yes")]
+    pub renorm: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl HeadConfig {
+    /// Number of outputs (the product of the shape).
+    pub fn n_outputs(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// How the heads are combined.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FusionConfig {
+    /// MIRAGE's mixing strength `t`.
+    pub t: f64,
+    /// Head giving the image conditioning (`c_img`).
+    pub image_head: Option<String>,
+    /// Head giving the text conditioning (`c_txt`).
+    pub text_head: Option<String>,
+    /// Head predicting a small image directly.
+    pub pixel_head: Option<String>,
+    /// Weight of each head's cosine similarity in gallery retrieval.
+    pub retrieval_weights: BTreeMap<String, f64>,
+}
+
+impl Default for FusionConfig {
+    fn default() -> FusionConfig {
+        FusionConfig {
+            t: 0.5,
+            image_head: None,
+            text_head: None,
+            pixel_head: None,
+            retrieval_weights: BTreeMap::new(),
+        }
+    }
+}
+
+/// `config.json` of a model folder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Number of input voxels (betas per trial).
+    pub n_voxels: usize,
+    /// Whether betas are z-scored with `input.mean` / `input.std` first.
+    #[serde(default = "yes")]
+    pub zscore_input: bool,
+    /// The heads, in output order.
+    pub heads: Vec<HeadConfig>,
+    /// Fusion and retrieval settings.
+    #[serde(default)]
+    pub fusion: FusionConfig,
+    /// Where the model came from (training data, alpha, tool versions…).
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+}
+
+impl ModelConfig {
+    /// Reads and checks `config.json`.
+    pub fn load(dir: &Path) -> Result<ModelConfig, DecodeError> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| DecodeError::Model(format!("{}: {e}", path.display())))?;
+        let cfg: ModelConfig = serde_json::from_str(&text)
+            .map_err(|e| DecodeError::Model(format!("{}: {e}", path.display())))?;
+        if cfg.format != FORMAT {
+            return Err(DecodeError::Model(format!(
+                "{}: format {:?}, expected {FORMAT:?}",
+                path.display(),
+                cfg.format
+            )));
+        }
+        if cfg.n_voxels == 0 || cfg.heads.is_empty() {
+            return Err(DecodeError::Model(format!("{}: no voxels or no heads", path.display())));
+        }
+        for h in &cfg.heads {
+            if h.n_outputs() == 0 || h.rank == Some(0) {
+                return Err(DecodeError::Model(format!("head {}: empty shape or rank 0", h.name)));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// The linear map of one head.
+enum Map {
+    Full(Linear),
+    LowRank { down: Linear, up: Linear },
+}
+
+/// Per-output renormalisation statistics.
+struct Renorm {
+    pred_mean: Tensor,
+    pred_std: Tensor,
+    target_mean: Tensor,
+    target_std: Tensor,
+}
+
+/// One loaded head.
+pub struct Head {
+    /// Its description.
+    pub cfg: HeadConfig,
+    map: Map,
+    renorm: Option<Renorm>,
+    span: tracing::Span,
+}
+
+impl Head {
+    /// Loads head `cfg.name` from `vb` (prefix `heads.NAME`).
+    pub fn new(cfg: &HeadConfig, n_in: usize, vb: VarBuilder) -> Result<Head, DecodeError> {
+        let vb = vb.pp(&cfg.name);
+        let out = cfg.n_outputs();
+        let err = |e: candle_core::Error| DecodeError::Model(format!("head {}: {e}", cfg.name));
+        let bias = vb.get(out, "bias").map_err(err)?;
+        let map = match cfg.rank {
+            None => Map::Full(Linear::new(vb.get((out, n_in), "weight").map_err(err)?, Some(bias))),
+            Some(r) => Map::LowRank {
+                down: Linear::new(vb.get((r, n_in), "down").map_err(err)?, None),
+                up: Linear::new(vb.get((out, r), "up").map_err(err)?, Some(bias)),
+            },
+        };
+        let renorm = if cfg.renorm {
+            Some(Renorm {
+                pred_mean: vb.get(out, "pred_mean").map_err(err)?,
+                pred_std: vb.get(out, "pred_std").map_err(err)?,
+                target_mean: vb.get(out, "target_mean").map_err(err)?,
+                target_std: vb.get(out, "target_std").map_err(err)?,
+            })
+        } else {
+            None
+        };
+        Ok(Head { cfg: cfg.clone(), map, renorm, span: tracing::trace_span!("head", name = %cfg.name) })
+    }
+
+    /// `xs`: z-scored betas `(batch, n_voxels)` → raw predictions `(batch, n_outputs)`.
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let _g = self.span.enter();
+        let (_batch, _n_in) = xs.dims2()?;
+        match &self.map {
+            Map::Full(l) => l.forward(xs),
+            Map::LowRank { down, up } => up.forward(&down.forward(xs)?),
+        }
+    }
+
+    /// Renormalises raw predictions with the stored statistics (or `pred` statistics given).
+    pub fn renormalise(
+        &self,
+        raw: &Tensor,
+        pred_stats: Option<(&Tensor, &Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let Some(r) = &self.renorm else { return Ok(raw.clone()) };
+        let (mean, std) = pred_stats.unwrap_or((&r.pred_mean, &r.pred_std));
+        raw.broadcast_sub(mean)?
+            .broadcast_div(std)?
+            .broadcast_mul(&r.target_std)?
+            .broadcast_add(&r.target_mean)
+    }
+
+    /// Whether the head renormalises its outputs.
+    pub fn renorms(&self) -> bool {
+        self.renorm.is_some()
+    }
+}
+
+/// A loaded model.
+pub struct Decoder {
+    /// Its configuration.
+    pub cfg: ModelConfig,
+    /// Where it runs.
+    pub device: Device,
+    input_mean: Tensor,
+    input_std: Tensor,
+    /// Grid indices of the input voxels, when the model records them.
+    pub voxels: Option<Vec<u32>>,
+    /// The heads, in `cfg.heads` order.
+    pub heads: Vec<Head>,
+    /// Unconditional image and text embeddings for fusion.
+    pub unconditional: (Option<Tensor>, Option<Tensor>),
+}
+
+impl Decoder {
+    /// Loads a model folder onto `device` (the weights are memory-mapped).
+    pub fn load(dir: &Path, device: &Device) -> Result<Decoder, DecodeError> {
+        let cfg = ModelConfig::load(dir)?;
+        let path = dir.join(WEIGHTS_FILE);
+        if !path.exists() {
+            return Err(DecodeError::Model(format!("{} is missing", path.display())));
+        }
+        // SAFETY: the model file is mapped read-only and must not be modified while loaded;
+        // model folders are written once by `mirage train` or the export tool.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
+            .map_err(|e| DecodeError::Model(format!("{}: {e}", path.display())))?;
+        Decoder::new(cfg, &vb, device)
+    }
+
+    /// Builds the decoder `cfg` describes from the tensors of `vb` (see the module docs for
+    /// their names).
+    pub fn new(cfg: ModelConfig, vb: &VarBuilder, device: &Device) -> Result<Decoder, DecodeError> {
+        let n = cfg.n_voxels;
+        let err = |e: candle_core::Error| DecodeError::Model(format!("input: {e}"));
+        let (input_mean, input_std) = if cfg.zscore_input {
+            (vb.get(n, "input.mean").map_err(err)?, vb.get(n, "input.std").map_err(err)?)
+        } else {
+            (
+                Tensor::zeros(n, DType::F32, device).map_err(err)?,
+                Tensor::ones(n, DType::F32, device).map_err(err)?,
+            )
+        };
+        // Voxel indices are stored as float32 (exact below 2²⁴).
+        let voxels = if vb.contains_tensor("input.voxels") {
+            let t = vb
+                .get(n, "input.voxels")
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| DecodeError::Model(format!("input.voxels: {e}")))?;
+            Some(t.into_iter().map(|v| v as u32).collect::<Vec<u32>>())
+        } else {
+            None
+        };
+        let heads =
+            cfg.heads.iter().map(|h| Head::new(h, n, vb.pp("heads"))).collect::<Result<Vec<_>, _>>()?;
+        let fetch = |name: &str, head: &Option<String>| -> Result<Option<Tensor>, DecodeError> {
+            let Some(h) = head.as_ref().and_then(|h| cfg.heads.iter().find(|c| &c.name == h)) else {
+                return Ok(None);
+            };
+            if vb.contains_tensor(name) {
+                Ok(Some(vb.get(h.n_outputs(), name).map_err(|e| DecodeError::Model(format!("{name}: {e}")))?))
+            } else {
+                Ok(None)
+            }
+        };
+        let unconditional =
+            (fetch("fusion.u_img", &cfg.fusion.image_head)?, fetch("fusion.u_txt", &cfg.fusion.text_head)?);
+        Ok(Decoder { cfg, device: device.clone(), input_mean, input_std, voxels, heads, unconditional })
+    }
+
+    /// Z-scores betas `(batch, n_voxels)` with the training statistics.
+    pub fn normalise(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        xs.broadcast_sub(&self.input_mean)?.broadcast_div(&self.input_std)
+    }
+
+    /// Raw predictions of every head for betas `(batch, n_voxels)`.
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let z = self.normalise(xs)?;
+        self.heads.iter().map(|h| h.forward(&z)).collect()
+    }
+
+    /// Checks betas `(batch, n_voxels)` (size, finiteness) and puts them on the device.
+    pub fn input(&self, betas: &[f32], batch: usize) -> Result<Tensor, DecodeError> {
+        let n = self.cfg.n_voxels;
+        if betas.len() != batch * n {
+            return Err(DecodeError::Input(format!(
+                "{} betas for {batch} trials of {n} voxels",
+                betas.len()
+            )));
+        }
+        if let Some(i) = betas.iter().position(|b| !b.is_finite()) {
+            return Err(DecodeError::Input(format!("trial {}, voxel {}: beta is not finite", i / n, i % n)));
+        }
+        Tensor::from_slice(betas, (batch, n), &self.device).map_err(|e| DecodeError::Compute(e.to_string()))
+    }
+
+    /// Predictions of every head for betas `(batch, n_voxels)`, renormalised with the stored
+    /// statistics, one `(batch, n_outputs)` array per head.
+    pub fn predict(&self, betas: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, DecodeError> {
+        let xs = self.input(betas, batch)?;
+        let run = || -> candle_core::Result<Vec<Vec<f32>>> {
+            let raw = self.forward(&xs)?;
+            self.heads
+                .iter()
+                .zip(raw)
+                .map(|(h, r)| h.renormalise(&r, None)?.flatten_all()?.to_vec1::<f32>())
+                .collect()
+        };
+        run().map_err(|e| DecodeError::Compute(e.to_string()))
+    }
+}
+
+/// Picks the device: `auto` (CUDA 0 if built with CUDA and present, else CPU), `cpu`, or
+/// `cuda:N`.
+pub fn device(spec: &str) -> Result<Device, DecodeError> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Device::cuda_if_available(0).map_err(|e| DecodeError::Device(e.to_string())),
+        s => {
+            let n: usize = s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| DecodeError::Device(format!("{s:?}: use auto, cpu or cuda:N")))?;
+            Device::new_cuda(n).map_err(|e| {
+                DecodeError::Device(format!("cuda:{n}: {e} (was mirage built with --features cuda?)"))
+            })
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! The decoder against outside references (sklearn's Ridge, skimage/NumPy metrics), on the
+//! simulator (train on seen, decode held-out seen and imagery), live in the daemon, and with
+//! broken inputs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{mirage, python, run_with_timeout, Daemon};
+use mirage_rt::io::npy::read_npy;
+
+fn npy(p: &Path) -> (Vec<usize>, Vec<f32>) {
+    read_npy(p, 1 << 28).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn run(cmd: &mut std::process::Command) -> String {
+    let (status, out) = run_with_timeout(cmd, Duration::from_secs(300));
+    assert!(status.success(), "{cmd:?}:\n{out}");
+    out
+}
+
+fn close(a: &[f32], b: &[f32], rel: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= rel * scale, "{what}[{i}]: {x} vs {y} (scale {scale})");
+    }
+}
+
+#[test]
+fn exported_sklearn_models_and_our_training_match_sklearn() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let alpha = "50";
+    run(python("sklearn_ref.py").arg(d).arg(alpha));
+    // The exported sklearn models predict what sklearn predicts.
+    run(mirage()
+        .args(["decode", "--device", "cpu", "--renorm", "none", "--model"])
+        .arg(d.join("exported"))
+        .arg("--betas")
+        .arg(d.join("X_test.npy"))
+        .arg("--out")
+        .arg(d.join("pred_exported")));
+    for head in ["a", "b"] {
+        let (_, ours) = npy(&d.join(format!("pred_exported/{head}.npy")));
+        let (_, theirs) = npy(&d.join(format!("sklearn/pred_{head}.npy")));
+        close(&ours, &theirs, 1e-4, &format!("exported {head}"));
+    }
+    // mirage train on the same data: the same coefficients and intercepts, the same predictions.
+    run(mirage()
+        .args(["train", "--alpha", alpha, "--betas"])
+        .arg(d.join("X.npy"))
+        .arg("--targets")
+        .arg(d.join("targets"))
+        .arg("--out")
+        .arg(d.join("ours")));
+    let bytes = std::fs::read(d.join("ours/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensor = |name: &str| -> Vec<f32> {
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    for head in ["a", "b"] {
+        close(
+            &tensor(&format!("heads.{head}.weight")),
+            &npy(&d.join(format!("sklearn/coef_{head}.npy"))).1,
+            1e-4,
+            &format!("coef {head}"),
+        );
+        close(
+            &tensor(&format!("heads.{head}.bias")),
+            &npy(&d.join(format!("sklearn/intercept_{head}.npy"))).1,
+            1e-4,
+            &format!("intercept {head}"),
+        );
+    }
+    run(mirage()
+        .args(["decode", "--device", "cpu", "--renorm", "none", "--model"])
+        .arg(d.join("ours"))
+        .arg("--betas")
+        .arg(d.join("X_test.npy"))
+        .arg("--out")
+        .arg(d.join("pred_ours")));
+    for head in ["a", "b"] {
+        let (shape, ours) = npy(&d.join(format!("pred_ours/{head}.npy")));
+        assert_eq!(shape[0], 20);
+        close(&ours, &npy(&d.join(format!("sklearn/pred_{head}.npy"))).1, 1e-4, &format!("trained {head}"));
+    }
+}
+
+#[test]
+fn eval_metrics_equal_skimage_and_numpy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(python("metrics_ref.py").arg(d));
+    let out = d.join("report.json");
+    run(mirage()
+        .args(["eval", "--pred"])
+        .arg(d.join("pred"))
+        .arg("--truth")
+        .arg(d.join("truth"))
+        .arg("--conditions")
+        .arg(d.join("conditions.tsv"))
+        .arg("--out")
+        .arg(&out));
+    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("reference.json")).unwrap()).unwrap();
+    for cond in ["seen", "imagery"] {
+        for (head, metrics) in reference[cond].as_object().unwrap() {
+            for (metric, want) in metrics.as_object().unwrap() {
+                let got = ours[cond]["heads"][head][metric].as_f64().unwrap();
+                assert!(
+                    (got - want.as_f64().unwrap()).abs() < 1e-6,
+                    "{cond} {head} {metric}: {got} vs {want}"
+                );
+            }
+        }
+    }
+    assert!(ours["seen_minus_imagery"]["pixels"]["ssim"].is_number());
+}
+
+/// Simulates a run of participant seed 7 and fits it: returns (run dir, glm dir).
+fn simulated_session(
+    dir: &Path,
+    name: &str,
+    condition: &str,
+    run_seed: u64,
+    volumes: u32,
+) -> (PathBuf, PathBuf) {
+    let run_dir = dir.join(name);
+    run(mirage()
+        .args([
+            "simulate",
+            "--seed",
+            "7",
+            "--shape",
+            "32,32,20",
+            "--condition",
+            condition,
+            "--volumes",
+            &volumes.to_string(),
+        ])
+        .args([
+            "--set",
+            &format!("run_seed={run_seed}"),
+            "--set",
+            "motion_mm=0",
+            "--set",
+            "motion_deg=0",
+            "--out",
+        ])
+        .arg(&run_dir));
+    let glm = dir.join(format!("{name}-glm"));
+    run(mirage()
+        .arg("glm")
+        .arg(run_dir.join("bold.nii.gz"))
+        .arg("--events")
+        .arg(run_dir.join("events.tsv"))
+        .arg("--mask")
+        .arg(run_dir.join("truth/roi_mask.nii.gz"))
+        .arg("--out")
+        .arg(&glm));
+    (run_dir, glm)
+}
+
+#[test]
+fn trained_on_seen_decodes_held_out_seen_well_and_imagery_worse() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (train_run, train_glm) = simulated_session(d, "train", "seen", 1, 900);
+    let (seen_run, seen_glm) = simulated_session(d, "seen", "seen", 2, 300);
+    let (imag_run, imag_glm) = simulated_session(d, "imag", "imagery", 3, 300);
+    let model = d.join("model");
+    run(mirage()
+        .args(["train", "--alpha", "1000", "--betas"])
+        .arg(train_glm.join("trial_betas.npy"))
+        .arg("--targets")
+        .arg(train_run.join("truth/targets/trials"))
+        .arg("--mask")
+        .arg(train_run.join("truth/roi_mask.nii.gz"))
+        .arg("--out")
+        .arg(&model));
+    let mut scores = Vec::new();
+    for (label, run_dir, glm) in [("seen", &seen_run, &seen_glm), ("imagery", &imag_run, &imag_glm)] {
+        let pred = d.join(format!("pred-{label}"));
+        run(mirage()
+            .args(["decode", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--betas")
+            .arg(glm.join("trial_betas.npy"))
+            .arg("--out")
+            .arg(&pred));
+        let report = d.join(format!("{label}.json"));
+        let out = run(mirage()
+            .args(["eval", "--pred"])
+            .arg(&pred)
+            .arg("--truth")
+            .arg(run_dir.join("truth/targets/trials"))
+            .arg("--out")
+            .arg(&report));
+        eprintln!("{label}:\n{out}");
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let m = |head: &str, metric: &str| r["all"]["heads"][head][metric].as_f64().unwrap();
+        scores.push([
+            m("image", "two_way"),
+            m("pixels", "pixcorr"),
+            m("pixels", "ssim"),
+            m("lowlevel", "top1"),
+        ]);
+    }
+    let ([seen_2way, seen_pix, seen_ssim, seen_low], [imag_2way, imag_pix, imag_ssim, imag_low]) =
+        (scores[0], scores[1]);
+    // Both conditions are decoded well above chance; imagery loses most at the low level (the
+    // simulator, like MIRAGE's participants, imagines pictures with weaker low-level detail).
+    assert!(seen_2way > 0.8, "seen 2-way {seen_2way}");
+    assert!(imag_2way > 0.6, "imagery 2-way {imag_2way}");
+    assert!(seen_pix > 0.5 && imag_pix < seen_pix, "PixCorr seen {seen_pix} imagery {imag_pix}");
+    assert!(imag_ssim < seen_ssim, "SSIM seen {seen_ssim} imagery {imag_ssim}");
+    assert!(imag_low < seen_low, "low-level top-1 seen {seen_low} imagery {imag_low}");
+}
+
+#[test]
+fn broken_models_and_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    run(python("sklearn_ref.py").arg(d).arg("10"));
+    let decode = |model: &Path, betas: &Path| {
+        run_with_timeout(
+            mirage()
+                .args(["decode", "--device", "cpu", "--model"])
+                .arg(model)
+                .arg("--betas")
+                .arg(betas)
+                .arg("--out")
+                .arg(d.join("p")),
+            Duration::from_secs(60),
+        )
+    };
+    // Wrong input size.
+    let (status, out) = decode(&d.join("exported"), &d.join("targets/a.npy"));
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("300"), "{out}");
+    // A missing tensor.
+    let broken = d.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(d.join("exported/model.safetensors"), broken.join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(d.join("exported/config.json"))
+        .unwrap()
+        .replace("\"name\": \"b\"", "\"name\": \"c\"");
+    std::fs::write(broken.join("config.json"), cfg).unwrap();
+    let (status, out) = decode(&broken, &d.join("X_test.npy"));
+    assert_eq!(status.code(), Some(2));
+    assert!(out.contains("head c"), "{out}");
+    // A corrupt safetensors file.
+    let mut bytes = std::fs::read(d.join("exported/model.safetensors")).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(broken.join("model.safetensors"), bytes).unwrap();
+    std::fs::copy(d.join("exported/config.json"), broken.join("config.json")).unwrap();
+    let (status, out) = decode(&broken, &d.join("X_test.npy"));
+    assert_eq!(status.code(), Some(2));
+    assert!(out.contains("model.safetensors"), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+    // NaN betas: decoding and training refuse them.
+    let (_, mut xt) = npy(&d.join("X_test.npy"));
+    xt[300 + 5] = f32::NAN;
+    mirage_rt::io::npy::write_npy(d.join("nan_test.npy"), &[20, 300], &xt).unwrap();
+    let (status, out) = decode(&d.join("exported"), &d.join("nan_test.npy"));
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("trial 1, voxel 5: beta is not finite"), "{out}");
+    let (_, mut x) = npy(&d.join("X.npy"));
+    x[7] = f32::NAN;
+    mirage_rt::io::npy::write_npy(d.join("nan.npy"), &[80, 300], &x).unwrap();
+    let (status, out) = run_with_timeout(
+        mirage()
+            .args(["train", "--betas"])
+            .arg(d.join("nan.npy"))
+            .arg("--targets")
+            .arg(d.join("targets"))
+            .arg("--out")
+            .arg(d.join("m")),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(2));
+    assert!(out.contains("not finite"), "{out}");
+}
+
+#[test]
+fn the_daemon_decodes_trials_live_and_survives_a_model_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (train_run, train_glm) = simulated_session(d, "train", "seen", 1, 600);
+    let model = d.join("model");
+    run(mirage()
+        .args(["train", "--alpha", "1000", "--betas"])
+        .arg(train_glm.join("trial_betas.npy"))
+        .arg("--targets")
+        .arg(train_run.join("truth/targets/trials"))
+        .arg("--mask")
+        .arg(train_run.join("truth/roi_mask.nii.gz"))
+        .arg("--out")
+        .arg(&model));
+    let session = d.join("s");
+    let daemon = Daemon::start(
+        &[
+            "--ingest",
+            "sim://?seed=7&run_seed=9&volumes=80&shape=32,32,20&condition=seen&motion_mm=0&motion_deg=0&speed=max",
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--quiet",
+            "--record",
+            session.to_str().unwrap(),
+            "--set",
+            "glm.mask=sim",
+            "--set",
+            &format!("decode.model=\"{}\"", model.display()),
+            "--set",
+            &format!("decode.gallery=\"{}\"", train_run.join("truth/gallery").display()),
+            "--set",
+            "decode.device=cpu",
+        ],
+        d,
+    );
+    let (status, log) = daemon.wait(Duration::from_secs(120));
+    assert!(status.success(), "{log}");
+    let messages: Vec<serde_json::Value> = std::fs::read_to_string(session.join("messages.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let decoded: Vec<&serde_json::Value> =
+        messages.iter().filter(|m| m["topic"] == "decode").map(|m| &m["header"]).collect();
+    let live: Vec<&&serde_json::Value> = decoded.iter().filter(|h| h["at_run_end"] == false).collect();
+    assert!(live.len() >= 5, "{} live decodes\n{log}", live.len());
+    let hits = live
+        .iter()
+        .filter(|h| h["top"][0]["id"].as_str().unwrap() == h["stim"].as_u64().unwrap().to_string())
+        .count();
+    eprintln!("live top-1 gallery hits: {hits}/{}", live.len());
+    assert!(hits * 3 > live.len(), "top-1 hits {hits} of {}", live.len());
+    for h in &live {
+        assert!(h["latency_ms"].as_f64().unwrap() > 0.0);
+        let payloads: Vec<&str> =
+            h["payloads"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        for want in ["image", "text", "lowlevel", "retrieval", "pixels", "c_img", "c_txt", "pixels_png"] {
+            assert!(payloads.contains(&want), "{want} missing from {payloads:?}");
+        }
+    }
+
+    // The same daemon with a model for another mask: every trial is refused and counted, the
+    // run goes on.
+    let session = d.join("s2");
+    let daemon = Daemon::start(
+        &[
+            "--ingest",
+            "sim://?seed=7&run_seed=9&volumes=40&shape=32,32,20&speed=max",
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--quiet",
+            "--record",
+            session.to_str().unwrap(),
+            "--set",
+            "glm.mask=auto",
+            "--set",
+            &format!("decode.model=\"{}\"", model.display()),
+        ],
+        d,
+    );
+    let (status, log) = daemon.wait(Duration::from_secs(120));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("received 40 recorded 40 published 40"), "{log}");
+    assert!(log.contains("decode_input="), "{log}");
+}
