@@ -91,6 +91,48 @@ fn exported_sklearn_models_and_our_training_match_sklearn() {
         assert_eq!(shape[0], 20);
         close(&ours, &npy(&d.join(format!("sklearn/pred_{head}.npy"))).1, 1e-4, &format!("trained {head}"));
     }
+    // Cross-validation picks the penalty scikit-learn's 5-fold search picks, per head.
+    run(mirage()
+        .args(["train", "--cv", "1,100,10000,1000000", "--betas"])
+        .arg(d.join("X.npy"))
+        .arg("--targets")
+        .arg(d.join("targets"))
+        .arg("--out")
+        .arg(d.join("cv")));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("cv/config.json")).unwrap()).unwrap();
+    for head in ["a", "b"] {
+        let want: f64 = std::fs::read_to_string(d.join(format!("sklearn/cv_alpha_{head}.txt")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(cfg["provenance"]["alpha"][head].as_f64(), Some(want), "CV alpha of {head}");
+    }
+    // Reduced rank: the fitted map projected onto the top singular directions, as NumPy does.
+    run(mirage()
+        .args(["train", "--alpha", alpha, "--rank", "3", "--betas"])
+        .arg(d.join("X.npy"))
+        .arg("--targets")
+        .arg(d.join("targets"))
+        .arg("--out")
+        .arg(d.join("rank3")));
+    run(mirage()
+        .args(["decode", "--device", "cpu", "--renorm", "none", "--model"])
+        .arg(d.join("rank3"))
+        .arg("--betas")
+        .arg(d.join("X_test.npy"))
+        .arg("--out")
+        .arg(d.join("pred_rank3")));
+    for head in ["a", "b"] {
+        let (_, ours) = npy(&d.join(format!("pred_rank3/{head}.npy")));
+        close(
+            &ours,
+            &npy(&d.join(format!("sklearn/pred_rank3_{head}.npy"))).1,
+            1e-4,
+            &format!("rank 3 {head}"),
+        );
+    }
 }
 
 #[test]

@@ -10,8 +10,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use faer::linalg::solvers::Solve;
-use faer::{Mat, Side};
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::linalg::solvers::{Llt, Solve};
+use faer::{get_global_parallelism, Accum, Mat, Side};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::model::{FusionConfig, HeadConfig, ModelConfig, CONFIG_FILE, FORMAT, WEIGHTS_FILE};
@@ -113,28 +114,61 @@ fn column_stats(x: &[f32], n: usize, v: usize) -> (Vec<f64>, Vec<f64>) {
     (mean, std)
 }
 
-/// The ridge solution for centred `z` (n × v) and centred targets `y` (n × out).
-fn ridge(z: &Mat<f64>, y: &Mat<f64>, alpha: f64) -> Result<Mat<f64>, DecodeError> {
-    let (n, v) = (z.nrows(), z.ncols());
-    let singular = |_| DecodeError::Train(format!("the ridge system is singular (alpha {alpha})"));
-    if n <= v {
-        let mut k = z * z.transpose();
-        for i in 0..n {
-            k[(i, i)] += alpha;
+/// The ridge system of centred inputs `z` (n × v): the Gram matrix (`Z Zᵀ` when n ≤ v, the
+/// dual form, else `ZᵀZ`), lower triangle only, and its Cholesky factor per penalty, so every
+/// head and target sharing a penalty shares one factorisation.
+struct RidgeSystem<'a> {
+    z: &'a Mat<f64>,
+    gram: Mat<f64>,
+    factors: Vec<(f64, Llt<f64>)>,
+}
+
+impl<'a> RidgeSystem<'a> {
+    fn new(z: &'a Mat<f64>) -> RidgeSystem<'a> {
+        let (n, v) = (z.nrows(), z.ncols());
+        let m = n.min(v);
+        let mut gram = Mat::zeros(m, m);
+        let (lhs, rhs) = if n <= v { (z.as_ref(), z.transpose()) } else { (z.transpose(), z.as_ref()) };
+        triangular::matmul(
+            gram.as_mut(),
+            BlockStructure::TriangularLower,
+            Accum::Replace,
+            lhs,
+            BlockStructure::Rectangular,
+            rhs,
+            BlockStructure::Rectangular,
+            1.0,
+            get_global_parallelism(),
+        );
+        RidgeSystem { z, gram, factors: Vec::new() }
+    }
+
+    /// The ridge weights (v × out) for centred targets `y` (n × out).
+    fn solve(&mut self, y: &Mat<f64>, alpha: f64) -> Result<Mat<f64>, DecodeError> {
+        let at = match self.factors.iter().position(|(a, _)| *a == alpha) {
+            Some(i) => i,
+            None => {
+                let mut g = self.gram.clone();
+                for i in 0..g.nrows() {
+                    g[(i, i)] += alpha;
+                }
+                let llt = g.llt(Side::Lower).map_err(|_| {
+                    DecodeError::Train(format!("the ridge system is singular (alpha {alpha})"))
+                })?;
+                self.factors.push((alpha, llt));
+                self.factors.len() - 1
+            }
+        };
+        let llt = &self.factors[at].1;
+        if self.z.nrows() <= self.z.ncols() {
+            let mut a = y.clone();
+            llt.solve_in_place(&mut a);
+            Ok(self.z.transpose() * &a)
+        } else {
+            let mut w = self.z.transpose() * y;
+            llt.solve_in_place(&mut w);
+            Ok(w)
         }
-        let llt = k.llt(Side::Lower).map_err(singular)?;
-        let mut a = y.clone();
-        llt.solve_in_place(&mut a);
-        Ok(z.transpose() * &a)
-    } else {
-        let mut g = z.transpose() * z;
-        for i in 0..v {
-            g[(i, i)] += alpha;
-        }
-        let llt = g.llt(Side::Lower).map_err(singular)?;
-        let mut w = z.transpose() * y;
-        llt.solve_in_place(&mut w);
-        Ok(w)
     }
 }
 
@@ -168,40 +202,38 @@ fn mean_correlation(a: &Mat<f64>, b: &Mat<f64>) -> f64 {
     total / m.max(1) as f64
 }
 
-/// Picks the penalty with the best mean held-out correlation over `folds` folds.
+/// Picks the penalty with the best mean held-out correlation over `folds` folds; each fold's
+/// Gram matrix is computed once for all penalties.
 fn cross_validate(z: &Mat<f64>, y: &Mat<f64>, alphas: &[f64], folds: usize) -> Result<f64, DecodeError> {
     let n = z.nrows();
     let folds = folds.clamp(2, n.max(2));
-    let mut best = (f64::NEG_INFINITY, alphas[0]);
-    for &alpha in alphas {
-        let mut score = 0.0;
-        for f in 0..folds {
-            let test: Vec<usize> = (0..n).filter(|i| i % folds == f).collect();
-            let train: Vec<usize> = (0..n).filter(|i| i % folds != f).collect();
-            let pick =
-                |m: &Mat<f64>, rows: &[usize]| Mat::from_fn(rows.len(), m.ncols(), |i, j| m[(rows[i], j)]);
-            let (zt, yt) = (pick(z, &train), pick(y, &train));
-            // Re-centre on the training fold.
-            let zm: Vec<f64> = (0..zt.ncols())
-                .map(|j| (0..zt.nrows()).map(|i| zt[(i, j)]).sum::<f64>() / zt.nrows() as f64)
-                .collect();
-            let ym: Vec<f64> = (0..yt.ncols())
-                .map(|j| (0..yt.nrows()).map(|i| yt[(i, j)]).sum::<f64>() / yt.nrows() as f64)
-                .collect();
-            let zc = Mat::from_fn(zt.nrows(), zt.ncols(), |i, j| zt[(i, j)] - zm[j]);
-            let yc = Mat::from_fn(yt.nrows(), yt.ncols(), |i, j| yt[(i, j)] - ym[j]);
-            let w = ridge(&zc, &yc, alpha)?;
-            let zh = Mat::from_fn(test.len(), z.ncols(), |i, j| z[(test[i], j)] - zm[j]);
-            let pred = &zh * &w;
-            score += mean_correlation(&pred, &pick(y, &test));
-        }
-        if score > best.0 {
-            best = (score, alpha);
+    let mut scores = vec![0.0; alphas.len()];
+    let pick = |m: &Mat<f64>, rows: &[usize]| Mat::from_fn(rows.len(), m.ncols(), |i, j| m[(rows[i], j)]);
+    let col_means = |m: &Mat<f64>| -> Vec<f64> {
+        (0..m.ncols()).map(|j| (0..m.nrows()).map(|i| m[(i, j)]).sum::<f64>() / m.nrows() as f64).collect()
+    };
+    for f in 0..folds {
+        let test: Vec<usize> = (0..n).filter(|i| i % folds == f).collect();
+        let train: Vec<usize> = (0..n).filter(|i| i % folds != f).collect();
+        let (zt, yt) = (pick(z, &train), pick(y, &train));
+        // Re-centre on the training fold.
+        let (zm, ym) = (col_means(&zt), col_means(&yt));
+        let zc = Mat::from_fn(zt.nrows(), zt.ncols(), |i, j| zt[(i, j)] - zm[j]);
+        let yc = Mat::from_fn(yt.nrows(), yt.ncols(), |i, j| yt[(i, j)] - ym[j]);
+        let zh = Mat::from_fn(test.len(), z.ncols(), |i, j| z[(test[i], j)] - zm[j]);
+        let y_test = pick(y, &test);
+        let mut system = RidgeSystem::new(&zc);
+        for (score, &alpha) in scores.iter_mut().zip(alphas) {
+            let w = system.solve(&yc, alpha)?;
+            *score += mean_correlation(&(&zh * &w), &y_test);
         }
     }
-    Ok(best.1)
+    // The first of equal scores wins.
+    let best = scores.iter().enumerate().fold(0, |best, (i, s)| if *s > scores[best] { i } else { best });
+    Ok(alphas[best])
 }
 
+/// Mean (plus `bias`) and sample standard deviation of each column of `x`: renormalisation statistics.
 fn spread(x: &Mat<f64>, bias: &[f64]) -> (Vec<f32>, Vec<f32>) {
     let (n, m) = (x.nrows(), x.ncols());
     let mut mean = vec![0f32; m];
@@ -244,6 +276,7 @@ pub fn train(
         .collect();
     let (z, _) = centred(&zf, n, v);
     progress.inc(1);
+    let mut system = RidgeSystem::new(&z);
     let mut heads = Vec::with_capacity(targets.len());
     for t in targets {
         progress.set_message(t.name.clone());
@@ -265,7 +298,7 @@ pub fn train(
         } else {
             cross_validate(&z, &y, &opts.cv_alphas, opts.cv_folds)?
         };
-        let w = ridge(&z, &y, alpha)?; // v × out
+        let w = system.solve(&y, alpha)?; // v × out
         let fitted = &z * &w; // n × out, centred
         let rank = opts.rank.filter(|r| *r < out && *r < n);
         let (weight, low_rank, fitted) = match rank {
