@@ -229,10 +229,15 @@ impl fmt::Display for Dtype {
 
 /// Little-endian bytes of f32 samples (what the wire, the publisher and the recorder write).
 pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
+    f32_le_view(values).into_owned()
+}
+
+/// [`f32_le_bytes`] without a copy on little-endian machines, for writers that only read them.
+pub fn f32_le_view(values: &[f32]) -> std::borrow::Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
-        bytemuck::cast_slice(values).to_vec()
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(values))
     } else {
-        values.iter().flat_map(|v| v.to_le_bytes()).collect()
+        std::borrow::Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 }
 

@@ -106,28 +106,12 @@ impl Gallery {
         let err = |e: String| DecodeError::Gallery(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         let n = self.items.len();
-        let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .embeddings
-            .iter()
-            .map(|(h, (d, v))| (h.clone(), vec![n, *d], crate::volume::f32_le_bytes(v)))
-            .collect();
+        let mut tensors: Vec<(&str, Vec<usize>, &[f32])> =
+            self.embeddings.iter().map(|(h, (d, v))| (h.as_str(), vec![n, *d], v.as_slice())).collect();
         if let Some((shape, v)) = &self.thumbnails {
-            owned.push((
-                "thumbnails".into(),
-                [vec![n], shape.clone()].concat(),
-                crate::volume::f32_le_bytes(v),
-            ));
+            tensors.push(("thumbnails", [vec![n], shape.clone()].concat(), v.as_slice()));
         }
-        let views = owned
-            .iter()
-            .map(|(name, shape, data)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| err(e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        safetensors::serialize_to_file(views, None, &dir.join("gallery.safetensors"))
-            .map_err(|e| err(e.to_string()))?;
+        super::model::write_f32_safetensors(&dir.join("gallery.safetensors"), &tensors).map_err(err)?;
         let index = Index {
             format: FORMAT.into(),
             items: self.items.clone(),

@@ -330,6 +330,22 @@ impl Decoder {
     }
 }
 
+/// Writes float32 tensors `(name, shape, values)` as a safetensors file (model and gallery
+/// files alike), without copying the values on little-endian machines.
+pub fn write_f32_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<(), String> {
+    let bytes: Vec<_> = tensors.iter().map(|(_, _, v)| crate::volume::f32_le_view(v)).collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|v| (name.to_string(), v))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Picks the device: `auto` (CUDA 0 if built with CUDA and present, else CPU), `cpu`, or
 /// `cuda:N`.
 pub fn device(spec: &str) -> Result<Device, DecodeError> {

@@ -15,7 +15,9 @@ use faer::linalg::solvers::{Llt, Solve};
 use faer::{get_global_parallelism, Accum, Mat, Side};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::model::{FusionConfig, HeadConfig, ModelConfig, CONFIG_FILE, FORMAT, WEIGHTS_FILE};
+use super::model::{
+    write_f32_safetensors, FusionConfig, HeadConfig, ModelConfig, CONFIG_FILE, FORMAT, WEIGHTS_FILE,
+};
 use super::DecodeError;
 
 /// Training options.
@@ -363,17 +365,9 @@ pub struct NamedTensor {
 pub fn write_model(dir: &Path, cfg: &ModelConfig, tensors: Vec<NamedTensor>) -> Result<(), DecodeError> {
     let err = |e: String| DecodeError::Model(format!("{}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
-        tensors.into_iter().map(|t| (t.name, t.shape, crate::volume::f32_le_bytes(&t.values))).collect();
-    let views = bytes
-        .iter()
-        .map(|(name, shape, data)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| err(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize_to_file(views, None, &dir.join(WEIGHTS_FILE)).map_err(|e| err(e.to_string()))?;
+    let views: Vec<(&str, Vec<usize>, &[f32])> =
+        tensors.iter().map(|t| (t.name.as_str(), t.shape.clone(), t.values.as_slice())).collect();
+    write_f32_safetensors(&dir.join(WEIGHTS_FILE), &views).map_err(err)?;
     let text = serde_json::to_string_pretty(cfg).map_err(|e| err(e.to_string()))?;
     std::fs::write(dir.join(CONFIG_FILE), text).map_err(|e| err(e.to_string()))
 }

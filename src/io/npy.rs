@@ -27,7 +27,7 @@ pub fn write_npy(path: impl AsRef<Path>, shape: &[usize], data: &[f32]) -> std::
     out.write_all(b"\x93NUMPY\x01\x00")?;
     out.write_all(&(header.len() as u16).to_le_bytes())?;
     out.write_all(header.as_bytes())?;
-    out.write_all(&crate::volume::f32_le_bytes(data))?;
+    out.write_all(&crate::volume::f32_le_view(data))?;
     out.flush()
 }
 

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::volume::{f32_le_bytes, Affine, Volume};
+use crate::volume::{f32_le_view, Affine, Volume};
 
 /// File names inside a session folder.
 pub const SESSION_JSON: &str = "session.json";
@@ -145,7 +145,7 @@ impl SessionWriter {
 
     /// Appends one volume: data, then its index line.
     pub fn append(&mut self, seq: u64, v: &Volume, flags: serde_json::Value) -> Result<(), SessionError> {
-        let bytes = f32_le_bytes(&v.data);
+        let bytes = f32_le_view(&v.data);
         let data_path = self.dir.join(VOLUMES_DATA);
         self.data.write_all(&bytes).map_err(io_err(&data_path))?;
         let entry = IndexEntry {
