@@ -110,9 +110,8 @@ pub fn roi_message(frame: &Frame, rois: &[RoiValue]) -> Message {
     Message { topic: "roi", header, payloads: Vec::new() }
 }
 
-/// Builds the `betas` message of one trial: its description and, as payloads, one beta per
-/// mask voxel (`betas`, float32) and the voxels' grid indices (`voxels`, uint32, x fastest).
-pub fn betas_message(frame: &Frame, t: &TrialBetas) -> Message {
+/// The header fields that describe a trial, shared by the `betas` and `decode` topics.
+fn trial_header(t: &TrialBetas) -> Map<String, Value> {
     let mut header = Map::new();
     header.insert("run".into(), json!(t.run));
     header.insert("trial".into(), json!(t.trial));
@@ -123,6 +122,13 @@ pub fn betas_message(frame: &Frame, t: &TrialBetas) -> Message {
     header.insert("n_volumes".into(), json!(t.n_volumes));
     header.insert("estimable".into(), json!(t.estimable));
     header.insert("at_run_end".into(), json!(t.at_run_end));
+    header
+}
+
+/// Builds the `betas` message of one trial: its description and, as payloads, one beta per
+/// mask voxel (`betas`, float32) and the voxels' grid indices (`voxels`, uint32, x fastest).
+pub fn betas_message(frame: &Frame, t: &TrialBetas) -> Message {
+    let mut header = trial_header(t);
     header.insert("index".into(), json!(frame.volume.index));
     header.insert("shape".into(), json!(frame.volume.dims));
     let payloads =
@@ -134,15 +140,7 @@ pub fn betas_message(frame: &Frame, t: &TrialBetas) -> Message {
 /// header; each head's output, the fusion mix and the pixel picture (float32 and PNG) as
 /// payloads.
 pub fn decode_message(d: &Decoded) -> Message {
-    let t = &d.trial;
-    let mut header = Map::new();
-    header.insert("run".into(), json!(t.run));
-    header.insert("trial".into(), json!(t.trial));
-    header.insert("stim".into(), json!(t.stim));
-    header.insert("condition".into(), json!(t.condition));
-    header.insert("onset".into(), json!(t.onset));
-    header.insert("at_run_end".into(), json!(t.at_run_end));
-    header.insert("n_volumes".into(), json!(t.n_volumes));
+    let mut header = trial_header(&d.trial);
     header.insert("top".into(), json!(d.top));
     header.insert(
         "heads".into(),
