@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{mirage, python, run_with_timeout, Daemon};
+use common::{mirage, published, python, run_with_timeout, Daemon};
 use mirage_rt::io::npy::read_npy;
 
 fn npy(p: &Path) -> (Vec<usize>, Vec<f32>) {
@@ -371,14 +371,8 @@ fn the_daemon_decodes_trials_live_and_survives_a_model_that_does_not_fit() {
     );
     let (status, log) = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{log}");
-    let messages: Vec<serde_json::Value> = std::fs::read_to_string(session.join("messages.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let decoded: Vec<&serde_json::Value> =
-        messages.iter().filter(|m| m["topic"] == "decode").map(|m| &m["header"]).collect();
-    let live: Vec<&&serde_json::Value> = decoded.iter().filter(|h| h["at_run_end"] == false).collect();
+    let decoded = published(&session, "decode");
+    let live: Vec<&serde_json::Value> = decoded.iter().filter(|h| h["at_run_end"] == false).collect();
     assert!(live.len() >= 5, "{} live decodes\n{log}", live.len());
     let hits = live
         .iter()

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{free_port, mirage, python, run_with_timeout, unique_name, Daemon};
+use common::{free_port, mirage, published, python, run_with_timeout, unique_name, Daemon};
 use mirage_rt::io::nifti::read_nifti;
 
 /// A simulated run without motion (the offline twin has no motion regressors) and its offline
@@ -80,17 +80,6 @@ fn ar1_prewhitened_fit_equals_numpy_gls() {
     assert!(r["max_rel_error"].as_f64().unwrap() <= 1e-4, "{r}");
 }
 
-/// The published `betas` messages of a session, by topic header.
-fn betas_messages(session: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(session.join("messages.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|m| m["topic"] == "betas")
-        .map(|m| m["header"].clone())
-        .collect()
-}
-
 #[test]
 fn online_betas_after_the_last_volume_equal_the_offline_fit() {
     let dir = tempfile::tempdir().unwrap();
@@ -147,15 +136,10 @@ fn online_betas_after_the_last_volume_equal_the_offline_fit() {
         }
     }
     // ROI feedback: one message per volume, percent signal change once estimable.
-    let log = std::fs::read_to_string(session.join("messages.jsonl")).unwrap();
-    let roi: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|m| m["topic"] == "roi")
-        .collect();
+    let roi = published(&session, "roi");
     assert_eq!(roi.len(), 120);
-    assert!(roi[60]["header"]["rois"][0]["psc"].as_f64().unwrap().abs() < 10.0);
-    assert_eq!(betas_messages(&session).len(), msgs.len());
+    assert!(roi[60]["rois"][0]["psc"].as_f64().unwrap().abs() < 10.0);
+    assert_eq!(published(&session, "betas").len(), msgs.len());
 }
 
 #[test]
@@ -198,7 +182,7 @@ fn zmq_markers_from_the_streaming_simulator_make_trial_betas() {
     assert!(log.contains("3 trial markers"), "{log}");
     let (status, log) = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "{log}");
-    let betas = betas_messages(&session);
+    let betas = published(&session, "betas");
     let trials: Vec<u64> =
         betas.iter().filter(|b| b["at_run_end"] == true).map(|b| b["trial"].as_u64().unwrap()).collect();
     assert_eq!(trials, vec![0, 1, 2], "{log}");
@@ -247,7 +231,7 @@ fn lsl_markers_from_pylsl_are_placed_on_the_scanner_clock() {
     assert!(status.success(), "{out}");
     let (status, log) = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "{log}");
-    let betas = betas_messages(&session);
+    let betas = published(&session, "betas");
     let ours: Vec<&serde_json::Value> =
         betas.iter().filter(|b| b["trial"].as_u64().unwrap() >= 100 && b["at_run_end"] == true).collect();
     assert_eq!(ours.len(), 2, "{log}");
@@ -256,12 +240,6 @@ fn lsl_markers_from_pylsl_are_placed_on_the_scanner_clock() {
     let (o1, o2) = (ours[0]["onset"].as_f64().unwrap(), ours[1]["onset"].as_f64().unwrap());
     assert!((o2 - o1 - 1.0).abs() < 0.3, "{o1} {o2}");
     assert!(o1 > 0.0 && o1 < 3.0, "{o1}");
-    let status_msg: serde_json::Value = std::fs::read_to_string(session.join("messages.jsonl"))
-        .unwrap()
-        .lines()
-        .rev()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|m| m["topic"] == "status")
-        .unwrap();
-    assert_eq!(status_msg["header"]["errors"]["bad_marker"], 1);
+    let status = published(&session, "status");
+    assert_eq!(status.last().expect("a status message")["errors"]["bad_marker"], 1);
 }

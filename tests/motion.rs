@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{mirage, run_with_timeout, Daemon};
+use common::{free_port, mirage, published, run_with_timeout, Daemon};
 use mirage_rt::motion::rigid::{mean_displacement, RigidParams};
 use mirage_rt::motion::{MotionConfig, MotionCorrector};
 use mirage_rt::sim::{SimConfig, Simulator};
@@ -163,13 +163,7 @@ fn online_stage_and_offline_realign_give_identical_numbers() {
     );
     let (status, log) = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "{log}");
-    let online: Vec<serde_json::Value> = std::fs::read_to_string(session.join("messages.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|m| m["topic"] == "motion")
-        .map(|m| m["header"].clone())
-        .collect();
+    let online = published(&session, "motion");
     let table = std::fs::read_to_string(&params).unwrap();
     let mut rows = table.lines();
     assert_eq!(
@@ -213,9 +207,8 @@ fn online_stage_and_offline_realign_give_identical_numbers() {
 
 #[test]
 fn the_daemon_publishes_motion_and_survives_a_volume_it_cannot_realign() {
-    use std::net::TcpListener;
     let dir = tempfile::tempdir().unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let session = dir.path().join("s");
     let daemon = Daemon::start(
         &[
@@ -265,13 +258,7 @@ fn the_daemon_publishes_motion_and_survives_a_volume_it_cannot_realign() {
     }
     let (status, log) = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "{log}");
-    let messages: Vec<serde_json::Value> = std::fs::read_to_string(session.join("messages.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let motion: Vec<&serde_json::Value> =
-        messages.iter().filter(|m| m["topic"] == "motion").map(|m| &m["header"]).collect();
+    let motion = published(&session, "motion");
     let indices: Vec<u64> = motion.iter().map(|h| h["index"].as_u64().unwrap()).collect();
     assert_eq!(indices, vec![0, 2, 3]);
     for h in &motion[1..] {
@@ -279,10 +266,9 @@ fn the_daemon_publishes_motion_and_survives_a_volume_it_cannot_realign() {
         assert!((h["trans_x"].as_f64().unwrap() - truth[t].trans[0]).abs() < 0.05, "{h}");
         assert!(h["converged"].as_bool().unwrap());
     }
-    let volumes: Vec<&serde_json::Value> =
-        messages.iter().filter(|m| m["topic"] == "volume").map(|m| &m["header"]).collect();
+    let volumes = published(&session, "volume");
     assert_eq!(volumes.len(), 4, "every volume is published, realigned or not");
     assert!(volumes[1]["stage_errors"][0].as_str().unwrap().contains("constant"), "{}", volumes[1]);
-    let status = messages.iter().rev().find(|m| m["topic"] == "status").unwrap();
-    assert_eq!(status["header"]["errors"]["motion_degenerate"], 1);
+    let status = published(&session, "status").pop().expect("a status message");
+    assert_eq!(status["errors"]["motion_degenerate"], 1);
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{free_port, python, run_with_timeout, shared_data, Daemon, Subscriber};
+use common::{free_port, published, python, run_with_timeout, shared_data, Daemon, Subscriber};
 use mirage_rt::io::nifti::read_nifti;
 use mirage_rt::io::session::SessionReader;
 
@@ -89,9 +89,7 @@ fn header(idx: u64, dtype: &str, shape: [usize; 3]) -> String {
 }
 
 fn last_status(session: &std::path::Path) -> serde_json::Value {
-    let log = std::fs::read_to_string(session.join("messages.jsonl")).unwrap();
-    let last = log.lines().rev().find(|l| l.contains("\"topic\":\"status\"")).expect("a status message");
-    serde_json::from_str::<serde_json::Value>(last).unwrap()["header"].clone()
+    published(session, "status").pop().expect("a status message")
 }
 
 #[test]

@@ -32,6 +32,17 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The headers of the messages a session folder recorded under `topic`, in publish order.
+pub fn published(session: &Path, topic: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(session.join("messages.jsonl"))
+        .unwrap_or_else(|e| panic!("{}: {e}", session.display()))
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|m| m["topic"] == topic)
+        .map(|m| m["header"].clone())
+        .collect()
+}
+
 /// A name unique to this test process and call (for LSL streams, which are found by name).
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
