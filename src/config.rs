@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::calibrate::CalibrateConfig;
 use crate::decode::DecodeConfig;
 use crate::glm::GlmConfig;
 use crate::ingest::uri::{parse_publish_uri, IngestUri};
@@ -31,6 +32,8 @@ pub struct Config {
     pub glm: GlmConfig,
     /// The MIRAGE decoder.
     pub decode: DecodeConfig,
+    /// Calibration mode: the domain-alignment head and its fit.
+    pub calibrate: CalibrateConfig,
     /// Sinks for processed data.
     pub publish: PublishConfig,
     /// The session folder.
@@ -203,6 +206,17 @@ impl Config {
         errors.extend(self.motion.validate());
         errors.extend(self.glm.validate());
         errors.extend(self.decode.validate());
+        errors.extend(self.calibrate.validate());
+        if self.decode.mode == crate::decode::Mode::Calibrate {
+            if self.decode.model.is_none() || self.decode.gallery.is_none() {
+                errors.push(
+                    "decode.mode = calibrate needs decode.model and decode.gallery (the targets)".into(),
+                );
+            }
+            if self.calibrate.protocol.is_none() {
+                errors.push("decode.mode = calibrate needs calibrate.protocol (--protocol FILE)".into());
+            }
+        }
         if self.ingest.max_voxels == 0 {
             errors.push("ingest.max_voxels must be positive".into());
         }

@@ -43,6 +43,13 @@ enum Command {
         /// No live status line.
         #[arg(long)]
         quiet: bool,
+        /// decode, or calibrate: fit the alignment head on the protocol's trials, then decode
+        /// with it.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Calibration protocol (calibration/*.toml); the simulator follows it.
+        #[arg(long)]
+        protocol: Option<PathBuf>,
         /// Override any configuration key, SECTION.KEY=VALUE (repeatable), e.g. motion.enabled=false.
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
@@ -179,6 +186,48 @@ enum Command {
         /// auto, cpu or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// none, zscore-run (z-score with this file's own statistics, MIRAGE's imagery
+        /// baseline) or an alignment head file.
+        #[arg(long, default_value = "none")]
+        align: String,
+    },
+    /// Fit the domain-alignment head on a few imagery trials.
+    Calibrate {
+        /// Model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Betas .npy (trials × voxels).
+        #[arg(long)]
+        betas: PathBuf,
+        /// Targets: a folder of HEAD.npy (or an .npz), one row per betas row.
+        #[arg(long)]
+        targets: PathBuf,
+        /// Rows used for calibration, e.g. 0,3,5-9.
+        #[arg(long)]
+        trials: String,
+        /// Alignment head file to write (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// TOML configuration whose [calibrate] section sets the fit.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a [calibrate] key, e.g. --set rank=4.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Write the fit report (JSON) here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Print a calibration protocol's cue schedule as events.tsv.
+    Protocol {
+        /// Protocol TOML (calibration/*.toml).
+        file: PathBuf,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// PixCorr, SSIM, 2-way identification and top-1 retrieval per head and condition.
     Eval {
@@ -205,9 +254,9 @@ enum Command {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, ingest, publish, record, stop_after, no_lsl, quiet, set } => {
+        Command::Run { config, ingest, publish, record, stop_after, no_lsl, quiet, mode, protocol, set } => {
             let cfg = commands::load_config(config.as_deref())?;
-            let opts = RunOptions { ingest, publish, record, stop_after, no_lsl, quiet, set };
+            let opts = RunOptions { ingest, publish, record, stop_after, no_lsl, quiet, mode, protocol, set };
             commands::run::run(cfg, &opts).map(|_| ())
         }
         Command::Simulate {
@@ -298,15 +347,46 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             commands::decode::train(&TrainArgs { betas, targets, out, mask, opts })
         }
-        Command::Decode { model, betas, out, renorm, device } => {
+        Command::Decode { model, betas, out, renorm, device, align } => {
             let renorm = match renorm.as_str() {
                 "stored" => Renorm::Stored,
                 "batch" => Renorm::Batch,
                 "none" => Renorm::None,
                 other => anyhow::bail!("--renorm {other:?}: use stored, batch or none"),
             };
-            commands::decode::decode(&model, &betas, &out, renorm, &device)
+            commands::decode::decode(&model, &betas, &out, renorm, &device, &align)
         }
+        Command::Calibrate { model, betas, targets, trials, out, config, set, device, report } => {
+            let mut cfg = match &config {
+                Some(path) => mirage_rt::config::Config::load(path)?,
+                None => mirage_rt::config::Config::default(),
+            };
+            for s in &set {
+                cfg.set(&format!("calibrate.{s}"))?;
+            }
+            let problems = cfg.calibrate.validate();
+            if !problems.is_empty() {
+                anyhow::bail!("{}", problems.join("\n"));
+            }
+            let trials = commands::calibrate::parse_trials(&trials)?;
+            let args = commands::calibrate::CalibrateArgs {
+                model,
+                betas,
+                targets,
+                trials,
+                out,
+                device,
+                cfg: cfg.calibrate,
+                progress: true,
+            };
+            let r = commands::calibrate::calibrate(&args)?;
+            eprintln!("{}", commands::calibrate::summary(&r, &args.out));
+            if let Some(path) = report {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
+            }
+            Ok(())
+        }
+        Command::Protocol { file, out } => commands::calibrate::protocol(&file, out.as_deref()),
         Command::Eval { pred, truth, conditions, out } => {
             commands::decode::eval(&pred, &truth, conditions.as_deref(), &out).map(|_| ())
         }

@@ -4,21 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{mirage, published, python, run_with_timeout, Daemon};
-use mirage_rt::io::npy::read_npy;
-
-fn npy(p: &Path) -> (Vec<usize>, Vec<f32>) {
-    read_npy(p, 1 << 28).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn run(cmd: &mut std::process::Command) -> String {
-    let (status, out) = run_with_timeout(cmd, Duration::from_secs(300));
-    assert!(status.success(), "{cmd:?}:\n{out}");
-    out
-}
+use common::{mirage, npy, published, python, run, run_with_timeout, simulated_session, train_model, Daemon};
 
 fn close(a: &[f32], b: &[f32], rel: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}");
@@ -167,67 +156,14 @@ fn eval_metrics_equal_skimage_and_numpy() {
     assert!(ours["seen_minus_imagery"]["pixels"]["ssim"].is_number());
 }
 
-/// Simulates a run of participant seed 7 and fits it: returns (run dir, glm dir).
-fn simulated_session(
-    dir: &Path,
-    name: &str,
-    condition: &str,
-    run_seed: u64,
-    volumes: u32,
-) -> (PathBuf, PathBuf) {
-    let run_dir = dir.join(name);
-    run(mirage()
-        .args([
-            "simulate",
-            "--seed",
-            "7",
-            "--shape",
-            "32,32,20",
-            "--condition",
-            condition,
-            "--volumes",
-            &volumes.to_string(),
-        ])
-        .args([
-            "--set",
-            &format!("run_seed={run_seed}"),
-            "--set",
-            "motion_mm=0",
-            "--set",
-            "motion_deg=0",
-            "--out",
-        ])
-        .arg(&run_dir));
-    let glm = dir.join(format!("{name}-glm"));
-    run(mirage()
-        .arg("glm")
-        .arg(run_dir.join("bold.nii.gz"))
-        .arg("--events")
-        .arg(run_dir.join("events.tsv"))
-        .arg("--mask")
-        .arg(run_dir.join("truth/roi_mask.nii.gz"))
-        .arg("--out")
-        .arg(&glm));
-    (run_dir, glm)
-}
-
 #[test]
 fn trained_on_seen_decodes_held_out_seen_well_and_imagery_worse() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (train_run, train_glm) = simulated_session(d, "train", "seen", 1, 900);
-    let (seen_run, seen_glm) = simulated_session(d, "seen", "seen", 2, 300);
-    let (imag_run, imag_glm) = simulated_session(d, "imag", "imagery", 3, 300);
-    let model = d.join("model");
-    run(mirage()
-        .args(["train", "--alpha", "1000", "--betas"])
-        .arg(train_glm.join("trial_betas.npy"))
-        .arg("--targets")
-        .arg(train_run.join("truth/targets/trials"))
-        .arg("--mask")
-        .arg(train_run.join("truth/roi_mask.nii.gz"))
-        .arg("--out")
-        .arg(&model));
+    let (train_run, train_glm) = simulated_session(d, 7, "train", "seen", 1, 900);
+    let (seen_run, seen_glm) = simulated_session(d, 7, "seen", "seen", 2, 300);
+    let (imag_run, imag_glm) = simulated_session(d, 7, "imag", "imagery", 3, 300);
+    let model = train_model(d, &train_run, &train_glm);
     let mut scores = Vec::new();
     for (label, run_dir, glm) in [("seen", &seen_run, &seen_glm), ("imagery", &imag_run, &imag_glm)] {
         let pred = d.join(format!("pred-{label}"));
@@ -336,17 +272,8 @@ fn broken_models_and_inputs_are_clear_errors() {
 fn the_daemon_decodes_trials_live_and_survives_a_model_that_does_not_fit() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (train_run, train_glm) = simulated_session(d, "train", "seen", 1, 600);
-    let model = d.join("model");
-    run(mirage()
-        .args(["train", "--alpha", "1000", "--betas"])
-        .arg(train_glm.join("trial_betas.npy"))
-        .arg("--targets")
-        .arg(train_run.join("truth/targets/trials"))
-        .arg("--mask")
-        .arg(train_run.join("truth/roi_mask.nii.gz"))
-        .arg("--out")
-        .arg(&model));
+    let (train_run, train_glm) = simulated_session(d, 7, "train", "seen", 1, 600);
+    let model = train_model(d, &train_run, &train_glm);
     let session = d.join("s");
     let daemon = Daemon::start(
         &[

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::calibrate::head::Adapter;
 use crate::decode::metrics;
 use crate::decode::model::{device, Decoder, FusionConfig};
 use crate::decode::train::{train as fit, write_model, NamedTensor, Targets, TrainOptions};
@@ -53,7 +54,7 @@ pub fn read_arrays(path: &Path) -> anyhow::Result<Vec<NamedTensor>> {
 }
 
 /// Reads a `trials × voxels` betas array.
-fn read_betas(path: &Path) -> anyhow::Result<(usize, usize, Vec<f32>)> {
+pub fn read_betas(path: &Path) -> anyhow::Result<(usize, usize, Vec<f32>)> {
     let (shape, values) = read_npy(path, MAX_VALUES).map_err(|e| anyhow::anyhow!(e))?;
     match shape.as_slice() {
         [n, v] => Ok((*n, *v, values)),
@@ -176,6 +177,7 @@ pub fn decode(
     out: &Path,
     renorm: Renorm,
     device_spec: &str,
+    align: &str,
 ) -> anyhow::Result<()> {
     let dev = device(device_spec)?;
     let decoder = Decoder::load(model, &dev)?;
@@ -183,10 +185,12 @@ pub fn decode(
     if v != decoder.cfg.n_voxels {
         anyhow::bail!("{}: {v} voxels, the model takes {}", betas.display(), decoder.cfg.n_voxels);
     }
+    let adapter = Adapter::parse(align, &decoder)?;
     let xs = decoder.input(&x, n)?;
-    let raw = decoder.forward(&xs)?;
+    let z = adapter.normalise(&decoder, &xs, None)?;
     std::fs::create_dir_all(out)?;
-    for (head, r) in decoder.heads.iter().zip(raw) {
+    for head in &decoder.heads {
+        let r = head.forward(&z)?;
         let y = match renorm {
             Renorm::None => r,
             Renorm::Stored => head.renormalise(&r, None)?,

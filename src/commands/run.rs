@@ -24,6 +24,10 @@ pub struct RunOptions {
     pub no_lsl: bool,
     /// `--quiet`: no live status line.
     pub quiet: bool,
+    /// `--mode decode|calibrate`.
+    pub mode: Option<String>,
+    /// `--protocol FILE`: the calibration protocol (the simulator, as ingest, follows it).
+    pub protocol: Option<std::path::PathBuf>,
     /// `--set SECTION.KEY=VALUE` overrides, applied last.
     pub set: Vec<String>,
 }
@@ -46,8 +50,20 @@ impl RunOptions {
         if self.no_lsl {
             cfg.publish.lsl_feedback = None;
         }
+        match self.mode.as_deref() {
+            None => {}
+            Some("decode") => cfg.decode.mode = crate::decode::Mode::Decode,
+            Some("calibrate") => cfg.decode.mode = crate::decode::Mode::Calibrate,
+            Some(m) => anyhow::bail!("--mode {m:?}: use decode or calibrate"),
+        }
+        if let Some(p) = &self.protocol {
+            cfg.calibrate.protocol = Some(p.clone());
+        }
         for s in &self.set {
             cfg.set(s)?;
+        }
+        if cfg.decode.mode == crate::decode::Mode::Calibrate && cfg.sim.protocol.is_none() {
+            cfg.sim.protocol = cfg.calibrate.protocol.clone();
         }
         Ok(())
     }

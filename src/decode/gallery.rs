@@ -111,7 +111,7 @@ impl Gallery {
         if let Some((shape, v)) = &self.thumbnails {
             tensors.push(("thumbnails", [vec![n], shape.clone()].concat(), v.as_slice()));
         }
-        super::model::write_f32_safetensors(&dir.join("gallery.safetensors"), &tensors).map_err(err)?;
+        super::model::write_f32_safetensors(&dir.join("gallery.safetensors"), &tensors, None).map_err(err)?;
         let index = Index {
             format: FORMAT.into(),
             items: self.items.clone(),

@@ -13,12 +13,13 @@ pub mod model;
 pub mod train;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use self::gallery::{Gallery, Match};
 use self::model::Decoder;
+use crate::calibrate::head::{Adapter, RunStats};
 use crate::glm::TrialBetas;
 
 /// Why decoding failed.
@@ -75,6 +76,23 @@ pub struct DecodeConfig {
     pub top_k: usize,
     /// Also decode the end-of-run estimates of trials (they are flagged `at_run_end`).
     pub decode_run_end: bool,
+    /// Between z-scoring and the heads: `none`, `zscore-run` (MIRAGE's per-run z-scoring) or
+    /// the path of a fitted alignment head.
+    pub alignment: String,
+    /// `decode`, or `calibrate`: collect the protocol's trials, fit the alignment head, then
+    /// decode with it.
+    pub mode: Mode,
+}
+
+/// What the decode stage does with trials.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Decode every trial.
+    #[default]
+    Decode,
+    /// Decode every trial, and fit the alignment head once the calibration trials are in.
+    Calibrate,
 }
 
 impl Default for DecodeConfig {
@@ -86,6 +104,8 @@ impl Default for DecodeConfig {
             latency_budget_ms: 50.0,
             top_k: 5,
             decode_run_end: true,
+            alignment: "none".into(),
+            mode: Mode::Decode,
         }
     }
 }
@@ -103,6 +123,12 @@ impl DecodeConfig {
             if !g.join("gallery.json").exists() {
                 e.push(format!("decode.gallery: {} has no gallery.json", g.display()));
             }
+        }
+        if !matches!(self.alignment.as_str(), "none" | "zscore-run") && !Path::new(&self.alignment).exists() {
+            e.push(format!(
+                "decode.alignment {:?}: use none, zscore-run or the path of an alignment head",
+                self.alignment
+            ));
         }
         if !(self.latency_budget_ms.is_finite() && self.latency_budget_ms > 0.0) {
             e.push("decode.latency_budget_ms must be positive".into());
@@ -129,6 +155,8 @@ pub struct Decoded {
     pub png: Option<Vec<u8>>,
     /// Where it ran.
     pub device: String,
+    /// What aligned the betas to the model (`none`, `zscore-run` or `head`).
+    pub alignment: &'static str,
     /// Decode time in ms (set by the runner).
     pub latency_ms: f64,
     /// Whether the decode took longer than the budget (set by the runner).
@@ -150,9 +178,11 @@ pub fn mix(
     (c_img, c_txt)
 }
 
-/// The decode stage: a loaded model and gallery.
+/// The decode stage: a loaded model and gallery, and what aligns trials to the model.
 pub struct DecodeStage {
-    decoder: Decoder,
+    decoder: std::sync::Arc<Decoder>,
+    adapter: Adapter,
+    run_stats: RunStats,
     gallery: Option<Gallery>,
     top_k: usize,
     unconditional: (Option<Vec<f32>>, Option<Vec<f32>>),
@@ -176,16 +206,42 @@ impl DecodeStage {
         // One decode at load time pages the weights in and warms the kernels, so the first
         // live trial is not the slow one.
         decoder.predict(&vec![0.0; decoder.cfg.n_voxels], 1)?;
-        Ok(DecodeStage { decoder, gallery, top_k: cfg.top_k, unconditional, device })
+        let adapter =
+            Adapter::parse(&cfg.alignment, &decoder).map_err(|e| DecodeError::Model(e.to_string()))?;
+        Ok(DecodeStage {
+            decoder: std::sync::Arc::new(decoder),
+            adapter,
+            run_stats: RunStats::default(),
+            gallery,
+            top_k: cfg.top_k,
+            unconditional,
+            device,
+        })
     }
 
-    /// The model.
-    pub fn decoder(&self) -> &Decoder {
+    /// The model (shared, so that a calibration fit can run beside live decoding).
+    pub fn decoder(&self) -> &std::sync::Arc<Decoder> {
         &self.decoder
     }
 
-    /// Decodes one trial's betas.
-    pub fn decode(&self, t: &TrialBetas) -> Result<Decoded, DecodeError> {
+    /// The gallery, when one is loaded.
+    pub fn gallery(&self) -> Option<&Gallery> {
+        self.gallery.as_ref()
+    }
+
+    /// What stands between z-scoring and the heads now.
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
+    }
+
+    /// Replaces the adapter (calibration mode switches to its fitted head this way).
+    pub fn set_adapter(&mut self, adapter: Adapter) {
+        self.adapter = adapter;
+    }
+
+    /// Decodes one trial's betas (with per-run z-scoring, the trial joins its run's
+    /// statistics first).
+    pub fn decode(&mut self, t: &TrialBetas) -> Result<Decoded, DecodeError> {
         let n = self.decoder.cfg.n_voxels;
         if t.betas.len() != n {
             return Err(DecodeError::Input(format!(
@@ -205,7 +261,21 @@ impl DecodeStage {
         if !t.estimable {
             return Err(DecodeError::Input(format!("trial {}: betas not estimable yet", t.trial)));
         }
-        let outputs = self.decoder.predict(&t.betas, 1)?;
+        let xs = self.decoder.input(&t.betas, 1)?;
+        let stats = match self.adapter {
+            Adapter::ZscoreRun => {
+                if !t.at_run_end {
+                    self.run_stats.push(&t.run, &t.betas);
+                }
+                self.run_stats.get()
+            }
+            _ => None,
+        };
+        let z = self
+            .adapter
+            .normalise(&self.decoder, &xs, stats.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice())))
+            .map_err(|e| DecodeError::Compute(e.to_string()))?;
+        let outputs = self.decoder.predict_normalised(&z)?;
         let heads: Vec<(String, Vec<usize>, Vec<f32>)> = self
             .decoder
             .cfg
@@ -249,6 +319,7 @@ impl DecodeStage {
             top,
             png,
             device: self.device.clone(),
+            alignment: self.adapter.name(),
             latency_ms: 0.0,
             over_budget: false,
         })

@@ -149,6 +149,7 @@ struct Renorm {
     pred_std: Tensor,
     target_mean: Tensor,
     target_std: Tensor,
+    pred_corr: Option<Tensor>,
 }
 
 /// One loaded head.
@@ -180,6 +181,11 @@ impl Head {
                 pred_std: vb.get(out, "pred_std").map_err(err)?,
                 target_mean: vb.get(out, "target_mean").map_err(err)?,
                 target_std: vb.get(out, "target_std").map_err(err)?,
+                pred_corr: if vb.contains_tensor("pred_corr") {
+                    Some(vb.get((out, out), "pred_corr").map_err(err)?)
+                } else {
+                    None
+                },
             })
         } else {
             None
@@ -214,6 +220,16 @@ impl Head {
     /// Whether the head renormalises its outputs.
     pub fn renorms(&self) -> bool {
         self.renorm.is_some()
+    }
+
+    /// Mean and standard deviation of its raw predictions on the seen training set.
+    pub fn pred_stats(&self) -> Option<(&Tensor, &Tensor)> {
+        self.renorm.as_ref().map(|r| (&r.pred_mean, &r.pred_std))
+    }
+
+    /// Correlation matrix of its standardised training predictions, when the model stores it.
+    pub fn pred_corr(&self) -> Option<&Tensor> {
+        self.renorm.as_ref().and_then(|r| r.pred_corr.as_ref())
     }
 }
 
@@ -288,6 +304,19 @@ impl Decoder {
         Ok(Decoder { cfg, device: device.clone(), input_mean, input_std, voxels, heads, unconditional })
     }
 
+    /// A short fingerprint of the model (configuration and input statistics), so that files
+    /// fitted for one model are not used with another.
+    pub fn fingerprint(&self) -> String {
+        let mut h = crc32fast::Hasher::new();
+        h.update(serde_json::to_string(&self.cfg).unwrap_or_default().as_bytes());
+        for t in [&self.input_mean, &self.input_std] {
+            if let Ok(v) = t.to_vec1::<f32>() {
+                h.update(&crate::volume::f32_le_view(&v));
+            }
+        }
+        format!("{:08x}", h.finalize())
+    }
+
     /// Z-scores betas `(batch, n_voxels)` with the training statistics.
     pub fn normalise(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         xs.broadcast_sub(&self.input_mean)?.broadcast_div(&self.input_std)
@@ -297,6 +326,18 @@ impl Decoder {
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Vec<Tensor>> {
         let z = self.normalise(xs)?;
         self.heads.iter().map(|h| h.forward(&z)).collect()
+    }
+
+    /// Renormalised predictions of every head for normalised (and aligned) inputs `z`
+    /// `(batch, n_voxels)`, one `(batch, n_outputs)` array per head.
+    pub fn predict_normalised(&self, z: &Tensor) -> Result<Vec<Vec<f32>>, DecodeError> {
+        let run = || -> candle_core::Result<Vec<Vec<f32>>> {
+            self.heads
+                .iter()
+                .map(|h| h.renormalise(&h.forward(z)?, None)?.flatten_all()?.to_vec1::<f32>())
+                .collect()
+        };
+        run().map_err(|e| DecodeError::Compute(e.to_string()))
     }
 
     /// Checks betas `(batch, n_voxels)` (size, finiteness) and puts them on the device.
@@ -318,21 +359,18 @@ impl Decoder {
     /// statistics, one `(batch, n_outputs)` array per head.
     pub fn predict(&self, betas: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, DecodeError> {
         let xs = self.input(betas, batch)?;
-        let run = || -> candle_core::Result<Vec<Vec<f32>>> {
-            let raw = self.forward(&xs)?;
-            self.heads
-                .iter()
-                .zip(raw)
-                .map(|(h, r)| h.renormalise(&r, None)?.flatten_all()?.to_vec1::<f32>())
-                .collect()
-        };
-        run().map_err(|e| DecodeError::Compute(e.to_string()))
+        let z = self.normalise(&xs).map_err(|e| DecodeError::Compute(e.to_string()))?;
+        self.predict_normalised(&z)
     }
 }
 
 /// Writes float32 tensors `(name, shape, values)` as a safetensors file (model and gallery
-/// files alike), without copying the values on little-endian machines.
-pub fn write_f32_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<(), String> {
+/// files alike) with optional metadata, without copying the values on little-endian machines.
+pub fn write_f32_safetensors(
+    path: &Path,
+    tensors: &[(&str, Vec<usize>, &[f32])],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<(), String> {
     let bytes: Vec<_> = tensors.iter().map(|(_, _, v)| crate::volume::f32_le_view(v)).collect();
     let views = tensors
         .iter()
@@ -343,7 +381,7 @@ pub fn write_f32_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]
                 .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| format!("{}: {e}", path.display()))
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Picks the device: `auto` (CUDA 0 if built with CUDA and present, else CPU), `cpu`, or

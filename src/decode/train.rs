@@ -77,6 +77,20 @@ pub struct FittedHead {
     /// Renormalisation statistics `[out]` each: prediction mean/std on the training trials and
     /// target mean/std.
     pub stats: [Vec<f32>; 4],
+    /// `[out, out]` correlation of the standardised training predictions (heads of at most
+    /// [`MAX_CORR_OUTPUTS`] outputs): the seen statistics calibration aligns imagery to.
+    pub pred_corr: Option<Vec<f32>>,
+}
+
+/// Largest head whose prediction correlation matrix is stored.
+pub const MAX_CORR_OUTPUTS: usize = 1024;
+
+/// Correlation matrix of the columns of `x` (`n × m`, centred), row-major.
+fn correlation(x: &Mat<f64>) -> Vec<f32> {
+    let m = x.ncols();
+    let cov = x.transpose() * x;
+    let sd: Vec<f64> = (0..m).map(|j| cov[(j, j)].sqrt().max(1e-300)).collect();
+    (0..m * m).map(|k| (cov[(k / m, k % m)] / (sd[k / m] * sd[k % m])) as f32).collect()
 }
 
 /// A trained model, ready to write.
@@ -88,7 +102,8 @@ pub struct Trained {
     pub heads: Vec<FittedHead>,
 }
 
-fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
+/// A progress bar on stderr (hidden when `show` is false).
+pub fn bar(show: bool, len: u64, what: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
@@ -341,6 +356,7 @@ pub fn train(
             low_rank,
             bias: y_mean.iter().map(|b| *b as f32).collect(),
             stats: [pred_mean, pred_std, target_mean, target_std],
+            pred_corr: (out <= MAX_CORR_OUTPUTS).then(|| correlation(&fitted)),
         });
         progress.inc(1);
     }
@@ -367,7 +383,7 @@ pub fn write_model(dir: &Path, cfg: &ModelConfig, tensors: Vec<NamedTensor>) -> 
     std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
     let views: Vec<(&str, Vec<usize>, &[f32])> =
         tensors.iter().map(|t| (t.name.as_str(), t.shape.clone(), t.values.as_slice())).collect();
-    write_f32_safetensors(&dir.join(WEIGHTS_FILE), &views).map_err(err)?;
+    write_f32_safetensors(&dir.join(WEIGHTS_FILE), &views, None).map_err(err)?;
     let text = serde_json::to_string_pretty(cfg).map_err(|e| err(e.to_string()))?;
     std::fs::write(dir.join(CONFIG_FILE), text).map_err(|e| err(e.to_string()))
 }
@@ -406,6 +422,9 @@ impl Trained {
             put("pred_std", vec![out], ps);
             put("target_mean", vec![out], tm);
             put("target_std", vec![out], ts);
+            if let Some(corr) = h.pred_corr {
+                put("pred_corr", vec![out, out], corr);
+            }
             alphas.insert(h.cfg.name.clone(), h.alpha);
             heads.push(h.cfg);
         }

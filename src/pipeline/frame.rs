@@ -89,6 +89,8 @@ pub struct Frame {
     pub glm: Option<crate::glm::GlmOutput>,
     /// Trials decoded from this frame's closed trials.
     pub decoded: Vec<crate::decode::Decoded>,
+    /// Calibration-mode events raised while this frame was decoded.
+    pub calibration: Vec<super::calibration::CalibrationEvent>,
     /// A frame a stage emitted when its input ended: it carries results, not a new volume
     /// (`volume` is the run's last one).
     pub end_of_run: bool,
@@ -108,6 +110,7 @@ impl Frame {
             motion: None,
             glm: None,
             decoded: Vec::new(),
+            calibration: Vec::new(),
             end_of_run: false,
             stage_errors: Vec::new(),
             stamps,

@@ -11,6 +11,7 @@
 //! are taken at every boundary ([`frame::Boundary`]). [`Pipeline::build`] gathers every setup
 //! error before anything runs; [`PipelineHandle`] stops and joins on drop.
 
+pub mod calibration;
 pub mod frame;
 pub mod metrics;
 pub mod queue;
@@ -23,10 +24,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use self::calibration::LiveCalibration;
 use self::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use self::metrics::{Metrics, MetricsSnapshot};
 use self::queue::{edge, EdgeRx, EdgeTx, PushError, Recv, WhenFull};
 use self::stage::{DecodeStageAdapter, GlmStage, Identity, MotionStage, Stage};
+use crate::calibrate::protocol::Protocol;
 use crate::clock;
 use crate::config::Config;
 use crate::decode::DecodeStage;
@@ -37,7 +40,8 @@ use crate::ingest::{open_source, Ack, IngestUri, SourceEvent, SourceLimits};
 use crate::io::session::{MessageLog, SessionWriter};
 use crate::motion::MotionCorrector;
 use crate::publish::{
-    betas_message, decode_message, motion_message, roi_message, status_message, volume_message, Publisher,
+    betas_message, calibration_message, decode_message, motion_message, roi_message, status_message,
+    volume_message, Publisher,
 };
 use crate::volume::Volume;
 
@@ -46,6 +50,31 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Live events waiting for the GLM stage.
 const EVENT_QUEUE: usize = 4096;
+
+/// Calibration mode's state, when `decode.mode = "calibrate"`: the protocol checked against
+/// the model and gallery, and where the head will be saved.
+fn live_calibration(
+    cfg: &Config,
+    stage: &DecodeStage,
+    session_dir: Option<&std::path::Path>,
+) -> Result<Option<LiveCalibration>, String> {
+    if cfg.decode.mode != crate::decode::Mode::Calibrate {
+        return Ok(None);
+    }
+    let path = cfg.calibrate.protocol.as_ref().ok_or("calibration mode needs calibrate.protocol")?;
+    let protocol = Protocol::load(path).map_err(|e| e.to_string())?;
+    let out = match (&cfg.calibrate.out, session_dir, &cfg.decode.model) {
+        (Some(out), _, _) => out.clone(),
+        (None, Some(dir), _) => dir.join("alignment.safetensors"),
+        (None, None, Some(model)) => {
+            model.join(format!("alignment-{}.safetensors", clock::utc_label(clock::unix_now())))
+        }
+        (None, None, None) => return Err("calibration mode needs decode.model".into()),
+    };
+    LiveCalibration::new(protocol, cfg.calibrate.clone(), out, stage.decoder(), stage.gallery())
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
 
 /// Builds the GLM estimator, resolving `glm.mask = "sim"` to the simulator's visual ROI.
 fn glm_estimator(cfg: &Config, uri: &IngestUri) -> Result<GlmEstimator, String> {
@@ -308,11 +337,18 @@ impl Pipeline {
         };
         let decode: Box<dyn Stage> = match &cfg.decode.model {
             Some(_) => match DecodeStage::new(&cfg.decode) {
-                Ok(stage) => Box::new(DecodeStageAdapter {
-                    stage,
-                    budget_ms: cfg.decode.latency_budget_ms,
-                    run_end: cfg.decode.decode_run_end,
-                }),
+                Ok(stage) => {
+                    let calibration = match live_calibration(cfg, &stage, handle.session_dir.as_deref()) {
+                        Ok(c) => c,
+                        Err(e) => return Err(vec![e.to_string()]),
+                    };
+                    Box::new(DecodeStageAdapter {
+                        stage,
+                        budget_ms: cfg.decode.latency_budget_ms,
+                        run_end: cfg.decode.decode_run_end,
+                        calibration,
+                    })
+                }
                 Err(e) => return Err(vec![e.to_string()]),
             },
             None => Box::new(Identity("decode")),
@@ -521,6 +557,13 @@ fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, st
                         ("rejected_events", g.rejected_events),
                     ] {
                         (0..n).for_each(|_| m.count_error(reason));
+                    }
+                }
+                for ev in &frame.calibration {
+                    publisher.send(calibration_message(ev));
+                    if matches!(ev.phase, "failed" | "incomplete") {
+                        m.count_error("calibration_failed");
+                        tracing::error!("calibration: {}", ev.error.as_deref().unwrap_or(ev.phase));
                     }
                 }
                 for d in &frame.decoded {

@@ -105,7 +105,8 @@ impl Stage for GlmStage {
 }
 
 /// The decode stage in the pipeline: decodes every trial the GLM closed in this frame and
-/// times each decode against the budget (the runner owns the clock).
+/// times each decode against the budget (the runner owns the clock); in calibration mode it
+/// also feeds the live calibration and switches to the fitted head when it is ready.
 pub struct DecodeStageAdapter {
     /// The loaded model and gallery.
     pub stage: crate::decode::DecodeStage,
@@ -113,6 +114,23 @@ pub struct DecodeStageAdapter {
     pub budget_ms: f64,
     /// Also decode end-of-run estimates.
     pub run_end: bool,
+    /// Calibration mode's state (`None` in decode mode).
+    pub calibration: Option<super::calibration::LiveCalibration>,
+}
+
+impl DecodeStageAdapter {
+    fn poll_calibration(&mut self, frame: &mut Frame, wait: bool) {
+        let Some(c) = &mut self.calibration else { return };
+        let (event, head) = c.poll(wait);
+        frame.calibration.extend(event);
+        if let Some(head) = head {
+            tracing::info!("calibration: switching to the fitted alignment head");
+            self.stage.set_adapter(crate::calibrate::head::Adapter::Head(head));
+        }
+        if wait {
+            frame.calibration.extend(c.finish());
+        }
+    }
 }
 
 impl Stage for DecodeStageAdapter {
@@ -121,24 +139,39 @@ impl Stage for DecodeStageAdapter {
     }
 
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
-        let Some(glm) = &frame.glm else { return Ok(()) };
         let mut first_error = None;
-        for t in glm.trials.iter().filter(|t| self.run_end || !t.at_run_end) {
-            let start = crate::clock::now();
-            match self.stage.decode(t) {
-                Ok(mut d) => {
-                    d.latency_ms = (crate::clock::now() - start) * 1e3;
-                    d.over_budget = d.latency_ms > self.budget_ms;
-                    frame.decoded.push(d);
-                }
-                Err(e) => {
-                    if first_error.is_none() {
-                        first_error =
-                            Some(StageError { stage: "decode", reason: e.reason(), message: e.to_string() });
+        if let Some(glm) = &frame.glm {
+            for t in glm.trials.iter().filter(|t| self.run_end || !t.at_run_end) {
+                let start = crate::clock::now();
+                match self.stage.decode(t) {
+                    Ok(mut d) => {
+                        d.latency_ms = (crate::clock::now() - start) * 1e3;
+                        d.over_budget = d.latency_ms > self.budget_ms;
+                        frame.decoded.push(d);
                     }
+                    Err(e) => {
+                        if first_error.is_none() {
+                            first_error = Some(StageError {
+                                stage: "decode",
+                                reason: e.reason(),
+                                message: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                if let Some(c) = &mut self.calibration {
+                    frame.calibration.extend(c.observe(t, self.stage.decoder()));
                 }
             }
         }
+        let end = frame.end_of_run;
+        self.poll_calibration(frame, end);
         first_error.map_or(Ok(()), Err)
+    }
+
+    fn flush(&mut self, last: &Frame) -> Option<Frame> {
+        let mut f = Frame::end_of_run_after(last);
+        self.poll_calibration(&mut f, true);
+        (!f.calibration.is_empty()).then_some(f)
     }
 }

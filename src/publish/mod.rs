@@ -147,6 +147,7 @@ pub fn decode_message(d: &Decoded) -> Message {
         json!(d.heads.iter().map(|(n, s, _)| json!({"name": n, "shape": s})).collect::<Vec<_>>()),
     );
     header.insert("device".into(), json!(d.device));
+    header.insert("alignment".into(), json!(d.alignment));
     header.insert("latency_ms".into(), json!(d.latency_ms));
     header.insert("over_budget".into(), json!(d.over_budget));
     let mut payloads: Vec<Payload> =
@@ -165,6 +166,15 @@ pub fn decode_message(d: &Decoded) -> Message {
         });
     }
     Message { topic: "decode", header, payloads }
+}
+
+/// Builds the `calibration` message: the event's fields as the header.
+pub fn calibration_message(ev: &crate::pipeline::calibration::CalibrationEvent) -> Message {
+    let header = match serde_json::to_value(ev) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    Message { topic: "calibration", header, payloads: Vec::new() }
 }
 
 /// Builds the `status` message from a metrics snapshot.

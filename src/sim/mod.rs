@@ -129,6 +129,12 @@ pub struct SimConfig {
     pub imagery_gain: f64,
     /// Structured voxel-space shift under imagery, percent signal change.
     pub imagery_shift_pct: f64,
+    /// Stimulus information imagery spreads through a few large-scale spatial modes
+    /// (relative to `signal_pct`; see [`stimuli::EncodingModel::build`]).
+    pub imagery_mixing: f64,
+    /// A calibration protocol (`calibration/*.toml`) whose imagery cues open the run; random
+    /// trials of `condition` follow.
+    pub protocol: Option<PathBuf>,
     /// Largest voxel count a grid may have.
     pub max_voxels: usize,
 }
@@ -159,8 +165,10 @@ impl Default for SimConfig {
             motion_deg: 0.5,
             motion_kind: MotionKind::Smooth,
             imagery_lowlevel: 0.3,
-            imagery_gain: 0.6,
+            imagery_gain: 0.3,
             imagery_shift_pct: 0.5,
+            imagery_mixing: 4.0,
+            protocol: None,
             max_voxels: 1 << 24,
         }
     }
@@ -231,6 +239,8 @@ impl SimConfig {
             "imagery_lowlevel" => self.imagery_lowlevel = num(key, value)?,
             "imagery_gain" => self.imagery_gain = num(key, value)?,
             "imagery_shift_pct" => self.imagery_shift_pct = num(key, value)?,
+            "imagery_mixing" => self.imagery_mixing = num(key, value)?,
+            "protocol" => self.protocol = Some(PathBuf::from(value)),
             "max_voxels" => self.max_voxels = num(key, value)?,
             _ => return Err(format!("unknown sim parameter {key:?}")),
         }
@@ -269,10 +279,27 @@ impl SimConfig {
             ("imagery_lowlevel", self.imagery_lowlevel),
             ("imagery_gain", self.imagery_gain),
             ("imagery_shift_pct", self.imagery_shift_pct),
+            ("imagery_mixing", self.imagery_mixing),
         ] {
             check(v.is_finite() && v >= 0.0, &format!("{name} must be a non-negative number"));
         }
         check((0.0..1.0).contains(&self.ar1), "ar1 must be in [0, 1)");
+        if let Some(p) = &self.protocol {
+            match crate::calibrate::protocol::Protocol::load(p) {
+                Ok(p) => {
+                    let bad: Vec<&String> = p
+                        .stimuli
+                        .iter()
+                        .filter(|s| !s.parse::<usize>().is_ok_and(|s| s < self.n_stimuli))
+                        .collect();
+                    check(
+                        bad.is_empty(),
+                        &format!("protocol stimuli {bad:?} are not stimulus numbers below n_stimuli"),
+                    )
+                }
+                Err(e) => errors.push(format!("sim: {e}")),
+            }
+        }
         errors
     }
 }
@@ -338,6 +365,7 @@ impl Simulator {
             imagery_lowlevel: cfg.imagery_lowlevel,
             imagery_gain: cfg.imagery_gain,
             imagery_shift_pct: cfg.imagery_shift_pct,
+            imagery_mixing: cfg.imagery_mixing,
         };
         let encoding = EncodingModel::build(&mut Rng::new(seed, 3), &stimuli, &roi_world, &params);
         let run_seed = cfg.run_seed.unwrap_or(seed);
@@ -502,13 +530,30 @@ impl Simulator {
     }
 }
 
-/// Onsets every `trial_interval` ± 1 s from 4 s until 12 s before the run ends; stimuli in
-/// shuffled rounds; conditions per the run's setting.
+/// The calibration protocol's imagery cues first (when one is set), then onsets every
+/// `trial_interval` ± 1 s until 12 s before the run ends; stimuli in shuffled rounds;
+/// conditions per the run's setting.
 fn schedule(rng: &mut Rng, cfg: &SimConfig) -> Vec<Trial> {
     let run_len = cfg.volumes as f64 * cfg.tr;
     let mut trials = Vec::new();
-    let mut order: Vec<usize> = Vec::new();
     let mut onset = 4.0;
+    if let Some(p) = cfg.protocol.as_ref().and_then(|p| crate::calibrate::protocol::Protocol::load(p).ok()) {
+        for cue in p.schedule() {
+            if cue.onset + cue.duration + 12.0 > run_len {
+                break;
+            }
+            trials.push(Trial {
+                id: trials.len(),
+                stim: cue.stim.parse().unwrap_or(0),
+                condition: TrialCondition::Imagery,
+                onset: cue.onset,
+                duration: cue.duration,
+            });
+            onset = cue.onset + p.interval_s;
+        }
+    }
+    let first = trials.len();
+    let mut order: Vec<usize> = Vec::new();
     while onset + cfg.trial_duration + 12.0 <= run_len {
         if order.is_empty() {
             order = (0..cfg.n_stimuli).collect();
@@ -520,7 +565,7 @@ fn schedule(rng: &mut Rng, cfg: &SimConfig) -> Vec<Trial> {
         let condition = match cfg.condition {
             RunCondition::Seen => TrialCondition::Seen,
             RunCondition::Imagery => TrialCondition::Imagery,
-            RunCondition::Mixed if id % 2 == 0 => TrialCondition::Seen,
+            RunCondition::Mixed if (id - first) % 2 == 0 => TrialCondition::Seen,
             RunCondition::Mixed => TrialCondition::Imagery,
         };
         let stim = order.pop().unwrap_or(0);

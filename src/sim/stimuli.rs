@@ -190,7 +190,13 @@ pub struct EncodingParams {
     pub imagery_gain: f64,
     /// Amplitude (percent signal change) of the structured voxel-space shift under imagery.
     pub imagery_shift_pct: f64,
+    /// Strength (relative to `signal_pct`) of the stimulus information that imagery spreads
+    /// through a few large-scale spatial modes.
+    pub imagery_mixing: f64,
 }
+
+/// Number of large-scale spatial modes imagery mixes stimulus information into.
+pub const IMAGERY_MODES: usize = 4;
 
 /// Per-voxel response amplitudes (percent signal change) of every stimulus in both conditions.
 #[derive(Clone, Debug)]
@@ -209,6 +215,9 @@ impl EncodingModel {
     /// `gain · (0.5 + 0.6·L̂ + 0.6·Ŝ)`, where `L̂` and `Ŝ` are the low-level and semantic drives
     /// standardised over the stimulus set. Imagery scales `L̂` by `imagery_lowlevel` and everything
     /// by `imagery_gain`, modulates gains by a smooth spatial field and adds a smooth shift.
+    /// It also adds `imagery_mixing · Σₖ φₖ(r)·cₖ(s)`: [`IMAGERY_MODES`] smooth fields `φₖ`
+    /// driven by random linear read-outs `cₖ` of the seen pattern — a low-rank, stimulus-
+    /// dependent distortion that per-voxel z-scoring cannot undo but `I + U·Vᵀ` can.
     pub fn build(
         rng: &mut Rng,
         stimuli: &Stimuli,
@@ -264,6 +273,25 @@ impl EncodingModel {
                 imagery[s][r] =
                     (p.signal_pct * gain * g_img * (0.5 + 0.6 * p.imagery_lowlevel * low[s] + 0.6 * sem[s])
                         + shift) as f32;
+            }
+        }
+        let modes: Vec<SmoothField> = (0..IMAGERY_MODES).map(|_| SmoothField::new(rng)).collect();
+        let readouts: Vec<Vec<f64>> =
+            (0..IMAGERY_MODES).map(|_| (0..roi_world.len()).map(|_| rng.normal()).collect()).collect();
+        let mean: Vec<f64> = (0..roi_world.len())
+            .map(|r| seen.iter().map(|p| f64::from(p[r])).sum::<f64>() / n_stim.max(1) as f64)
+            .collect();
+        for (field, readout) in modes.iter().zip(&readouts) {
+            let mut c: Vec<f64> = seen
+                .iter()
+                .map(|p| readout.iter().zip(p).zip(&mean).map(|((v, x), m)| v * (f64::from(*x) - m)).sum())
+                .collect();
+            standardize(&mut c);
+            for (r, w) in roi_world.iter().enumerate() {
+                let phi = p.signal_pct * p.imagery_mixing * field.at(w);
+                for s in 0..n_stim {
+                    imagery[s][r] += (phi * c[s]) as f32;
+                }
             }
         }
         EncodingModel { seen, imagery }

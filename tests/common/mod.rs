@@ -180,3 +180,59 @@ impl Subscriber {
         out
     }
 }
+
+/// Reads an `.npy` file, panicking with the reason.
+pub fn npy(p: &Path) -> (Vec<usize>, Vec<f32>) {
+    mirage_rt::io::npy::read_npy(p, 1 << 28).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs a command that must succeed within 5 minutes; returns its output.
+pub fn run(cmd: &mut Command) -> String {
+    let (status, out) = run_with_timeout(cmd, Duration::from_secs(300));
+    assert!(status.success(), "{cmd:?}:\n{out}");
+    out
+}
+
+/// Simulates a still run of participant `seed` on a 32×32×20 grid and fits its trials:
+/// returns (run folder, GLM folder).
+pub fn simulated_session(
+    dir: &Path,
+    seed: u64,
+    name: &str,
+    condition: &str,
+    run_seed: u64,
+    volumes: u32,
+) -> (PathBuf, PathBuf) {
+    let run_dir = dir.join(name);
+    run(mirage()
+        .args(["simulate", "--seed", &seed.to_string(), "--shape", "32,32,20", "--condition", condition])
+        .args(["--volumes", &volumes.to_string(), "--set", &format!("run_seed={run_seed}")])
+        .args(["--set", "motion_mm=0", "--set", "motion_deg=0", "--out"])
+        .arg(&run_dir));
+    let glm = dir.join(format!("{name}-glm"));
+    run(mirage()
+        .arg("glm")
+        .arg(run_dir.join("bold.nii.gz"))
+        .arg("--events")
+        .arg(run_dir.join("events.tsv"))
+        .arg("--mask")
+        .arg(run_dir.join("truth/roi_mask.nii.gz"))
+        .arg("--out")
+        .arg(&glm));
+    (run_dir, glm)
+}
+
+/// Trains a model (alpha 1000) on a simulated session into `dir/model`.
+pub fn train_model(dir: &Path, run_dir: &Path, glm: &Path) -> PathBuf {
+    let model = dir.join("model");
+    run(mirage()
+        .args(["train", "--alpha", "1000", "--betas"])
+        .arg(glm.join("trial_betas.npy"))
+        .arg("--targets")
+        .arg(run_dir.join("truth/targets/trials"))
+        .arg("--mask")
+        .arg(run_dir.join("truth/roi_mask.nii.gz"))
+        .arg("--out")
+        .arg(&model));
+    model
+}

@@ -1,0 +1,225 @@
+//! Calibration mode in the runner: collect the protocol's imagery trials as they close, fit
+//! the alignment head on a thread of its own (decoding goes on meanwhile), save it, and switch
+//! the decode stage to it without a restart.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde::Serialize;
+
+use crate::calibrate::fit::{fit, CalibrationSet, FitReport, Progress};
+use crate::calibrate::head::AlignmentHead;
+use crate::calibrate::protocol::Protocol;
+use crate::calibrate::{CalibrateConfig, CalibrateError};
+use crate::decode::gallery::Gallery;
+use crate::decode::model::Decoder;
+use crate::glm::TrialBetas;
+
+/// One `calibration` message: where calibration stands.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CalibrationEvent {
+    /// `collecting`, `fitting`, `done`, `failed` or `incomplete` (the run ended first).
+    pub phase: &'static str,
+    /// Calibration trials collected so far.
+    pub collected: usize,
+    /// Trials the protocol cues.
+    pub needed: usize,
+    /// The trial just collected.
+    pub trial: Option<u64>,
+    /// Its stimulus.
+    pub stim: Option<String>,
+    /// Fit progress: step and most steps of the current phase.
+    pub step: Option<(usize, usize)>,
+    /// Current training loss.
+    pub loss: Option<f64>,
+    /// Current held-out loss.
+    pub heldout_loss: Option<f64>,
+    /// The finished fit.
+    pub report: Option<FitReport>,
+    /// Where the head was saved.
+    pub path: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+type FitResult = Result<(AlignmentHead, FitReport), CalibrateError>;
+
+enum State {
+    Collecting,
+    Fitting { thread: JoinHandle<FitResult>, progress: crossbeam_channel::Receiver<Progress> },
+    Finished,
+}
+
+/// The live calibration of one session.
+pub struct LiveCalibration {
+    protocol: Protocol,
+    cfg: CalibrateConfig,
+    out: PathBuf,
+    targets: BTreeMap<String, BTreeMap<String, Vec<f32>>>,
+    per_stim: BTreeMap<String, usize>,
+    set: CalibrationSet,
+    state: State,
+}
+
+impl LiveCalibration {
+    /// Checks the protocol against the model and gallery (every cued stimulus must be a
+    /// gallery item; the gallery gives the targets) and starts collecting.
+    pub fn new(
+        protocol: Protocol,
+        cfg: CalibrateConfig,
+        out: PathBuf,
+        decoder: &Decoder,
+        gallery: Option<&Gallery>,
+    ) -> Result<LiveCalibration, CalibrateError> {
+        let g = gallery.ok_or_else(|| {
+            CalibrateError::Input("calibration needs a gallery: it holds the cued stimuli's targets".into())
+        })?;
+        let unknown: Vec<&String> =
+            protocol.stimuli.iter().filter(|s| !g.items.iter().any(|i| &i.id == *s)).collect();
+        if !unknown.is_empty() {
+            return Err(CalibrateError::Input(format!(
+                "protocol stimuli {unknown:?} are not in the gallery"
+            )));
+        }
+        let mut targets = BTreeMap::new();
+        for s in &protocol.stimuli {
+            let Some(k) = g.items.iter().position(|i| &i.id == s) else { continue };
+            let mut per_head = BTreeMap::new();
+            for h in &decoder.cfg.heads {
+                let out = h.n_outputs();
+                if let Some((size, values)) = g.embeddings.get(&h.name).filter(|(size, _)| *size == out) {
+                    per_head.insert(h.name.clone(), values[k * size..(k + 1) * size].to_vec());
+                } else if let Some((shape, pixels)) = g.thumbnails.as_ref().filter(|(shape, _)| {
+                    Some(&h.name) == decoder.cfg.fusion.pixel_head.as_ref()
+                        && shape.iter().product::<usize>() == out
+                }) {
+                    let size: usize = shape.iter().product();
+                    per_head.insert(h.name.clone(), pixels[k * size..(k + 1) * size].to_vec());
+                }
+            }
+            if per_head.is_empty() {
+                return Err(CalibrateError::Input(
+                    "the gallery holds targets for none of the model's heads".into(),
+                ));
+            }
+            targets.insert(s.clone(), per_head);
+        }
+        Ok(LiveCalibration {
+            protocol,
+            cfg,
+            out,
+            targets,
+            per_stim: BTreeMap::new(),
+            set: CalibrationSet::default(),
+            state: State::Collecting,
+        })
+    }
+
+    /// Takes a closed trial: collects it when it is one of the protocol's cues still
+    /// wanted, and starts the fit once all are in.
+    pub fn observe(&mut self, t: &TrialBetas, decoder: &Arc<Decoder>) -> Option<CalibrationEvent> {
+        // Trials the model cannot take were refused (and counted) by decode already.
+        let fits = t.betas.len() == decoder.cfg.n_voxels && t.betas.iter().all(|b| b.is_finite());
+        if !matches!(self.state, State::Collecting) || t.at_run_end || !t.estimable || !fits {
+            return None;
+        }
+        let stim = t.stim?.to_string();
+        let targets = self.targets.get(&stim)?;
+        let count = self.per_stim.entry(stim.clone()).or_default();
+        if *count >= self.protocol.repeats {
+            return None;
+        }
+        *count += 1;
+        self.set.betas.extend_from_slice(&t.betas);
+        self.set.stimuli.push(stim.clone());
+        for (head, values) in targets {
+            self.set.targets.entry(head.clone()).or_default().extend_from_slice(values);
+        }
+        let mut ev = self.event("collecting");
+        ev.trial = Some(t.trial);
+        ev.stim = Some(stim);
+        if self.set.len() == self.protocol.n_trials() {
+            let (tx, rx) = crossbeam_channel::bounded(1024);
+            let (decoder, set, cfg) = (decoder.clone(), std::mem::take(&mut self.set), self.cfg.clone());
+            let spawned = std::thread::Builder::new().name("mirage/calibrate".into()).spawn(move || {
+                fit(&decoder, &set, &cfg, &mut |p| {
+                    let _ = tx.try_send(p.clone());
+                })
+            });
+            match spawned {
+                Ok(thread) => {
+                    self.state = State::Fitting { thread, progress: rx };
+                    ev.phase = "fitting";
+                }
+                Err(e) => {
+                    self.state = State::Finished;
+                    ev.phase = "failed";
+                    ev.error = Some(format!("could not start the fit: {e}"));
+                }
+            }
+        }
+        Some(ev)
+    }
+
+    /// Reports fit progress and, once the fit is over (waiting for it when `wait`), the
+    /// saved head to switch to.
+    pub fn poll(&mut self, wait: bool) -> (Option<CalibrationEvent>, Option<AlignmentHead>) {
+        let State::Fitting { thread, progress } = &self.state else { return (None, None) };
+        if !wait && !thread.is_finished() {
+            let last = progress.try_iter().last();
+            return (
+                last.map(|p| {
+                    let mut ev = self.event("fitting");
+                    ev.step = Some((p.step, p.steps));
+                    ev.loss = Some(p.loss);
+                    ev.heldout_loss = p.heldout_loss;
+                    ev
+                }),
+                None,
+            );
+        }
+        let State::Fitting { thread, .. } = std::mem::replace(&mut self.state, State::Finished) else {
+            return (None, None);
+        };
+        let result =
+            thread.join().unwrap_or_else(|_| Err(CalibrateError::Compute("the fit panicked".into())));
+        let mut ev = self.event("done");
+        match result.and_then(|(head, report)| head.save(&self.out).map(|()| (head, report))) {
+            Ok((head, report)) => {
+                ev.report = Some(report);
+                ev.path = Some(self.out.display().to_string());
+                (Some(ev), Some(head))
+            }
+            Err(e) => {
+                ev.phase = "failed";
+                ev.error = Some(e.to_string());
+                (Some(ev), None)
+            }
+        }
+    }
+
+    /// At the end of the input: an `incomplete` event when trials were still missing.
+    pub fn finish(&mut self) -> Option<CalibrationEvent> {
+        if matches!(self.state, State::Collecting) {
+            self.state = State::Finished;
+            let mut ev = self.event("incomplete");
+            ev.error = Some(format!(
+                "the run ended after {} of {} calibration trials; no head was fitted",
+                self.set.len(),
+                self.protocol.n_trials()
+            ));
+            return Some(ev);
+        }
+        None
+    }
+
+    fn event(&self, phase: &'static str) -> CalibrationEvent {
+        let collected = match self.state {
+            State::Collecting => self.set.len(),
+            _ => self.protocol.n_trials(),
+        };
+        CalibrationEvent { phase, collected, needed: self.protocol.n_trials(), ..Default::default() }
+    }
+}
