@@ -221,6 +221,42 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Measure the whole pipeline: per-stage and trigger-to-feedback latency, throughput, CPU.
+    Bench {
+        /// TOML configuration for the stages and queues.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Grid X,Y,Z.
+        #[arg(long, default_value = "64,64,36")]
+        shape: String,
+        /// Voxels decoded per trial through random low-rank heads of MIRAGE's output shapes (0: none).
+        #[arg(long, default_value_t = 0)]
+        voxels_decoded: usize,
+        /// Rank of those heads.
+        #[arg(long, default_value_t = 512)]
+        rank: usize,
+        /// Volumes to send.
+        #[arg(long, default_value_t = 500)]
+        volumes: usize,
+        /// Transport: inproc, pyneal, zmq or lsl.
+        #[arg(long, default_value = "pyneal")]
+        ingest: String,
+        /// Volumes per second, or max.
+        #[arg(long, default_value = "max")]
+        rate: String,
+        /// Trigger-to-feedback deadline, ms (default one TR: 1000).
+        #[arg(long)]
+        deadline_ms: Option<f64>,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write latency plots (SVG) here.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// Override a configuration key, SECTION.KEY=VALUE (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Print a calibration protocol's cue schedule as events.tsv.
     Protocol {
         /// Protocol TOML (calibration/*.toml).
@@ -384,6 +420,48 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if let Some(path) = report {
                 std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
             }
+            Ok(())
+        }
+        Command::Bench {
+            config,
+            shape,
+            voxels_decoded,
+            rank,
+            volumes,
+            ingest,
+            rate,
+            deadline_ms,
+            json,
+            plot,
+            set,
+        } => {
+            let mut cfg = commands::load_config(config.as_deref())?;
+            for s in &set {
+                cfg.set(s)?;
+            }
+            let parts: Vec<usize> = shape.split(',').map(|p| p.trim().parse()).collect::<Result<_, _>>()?;
+            let shape: [usize; 3] =
+                parts.try_into().map_err(|_| anyhow::anyhow!("--shape {shape:?}: want X,Y,Z"))?;
+            let rate = match rate.as_str() {
+                "max" => None,
+                r => {
+                    Some(r.parse::<f64>().map_err(|_| anyhow::anyhow!("--rate {r:?}: use max or a number"))?)
+                }
+            };
+            let args = commands::bench::BenchArgs {
+                config: cfg,
+                shape,
+                voxels_decoded,
+                rank,
+                volumes,
+                ingest: commands::bench::Transport::parse(&ingest)?,
+                rate,
+                deadline_ms,
+                json,
+                plot,
+            };
+            let report = commands::bench::bench(&args, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+            print!("{}", report.table());
             Ok(())
         }
         Command::Protocol { file, out } => commands::calibrate::protocol(&file, out.as_deref()),

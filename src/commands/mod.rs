@@ -1,5 +1,6 @@
 //! The commands behind the `mirage` binary; `main.rs` only parses arguments into these.
 
+pub mod bench;
 pub mod calibrate;
 pub mod decode;
 pub mod glm;

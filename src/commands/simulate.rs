@@ -40,11 +40,26 @@ pub fn simulate(cfg: &SimConfig, target: &SimTarget) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        SimTarget::Stream { uri, speed, timeout } => stream(sim, uri, *speed, *timeout),
+        SimTarget::Stream { uri, speed, timeout } => {
+            let (sent, markers) = stream(sim, uri, *speed, *timeout, true, &mut |_, _| {})?;
+            eprintln!("mirage: streamed {sent} volumes and {markers} trial markers to {uri}");
+            Ok(())
+        }
     }
 }
 
-fn stream(mut sim: Simulator, uri: &str, speed: Speed, timeout: f64) -> anyhow::Result<()> {
+/// Sends a simulated run to a daemon at `speed` (and, with `markers`, its trial markers where
+/// the protocol carries them); `on_send(index, acquisition time)` hears each volume as it
+/// goes. Returns (volumes, markers) sent.
+pub fn stream(
+    mut sim: Simulator,
+    uri: &str,
+    speed: Speed,
+    timeout: f64,
+    markers: bool,
+    on_send: &mut dyn FnMut(u64, f64),
+) -> anyhow::Result<(usize, usize)> {
+    let with_markers = markers;
     let dest = IngestUri::parse(uri, &SimConfig::default()).map_err(|e| anyhow::anyhow!("--stream: {e}"))?;
     let mut sender = VolumeSender::connect(&dest, timeout)?;
     let mut pacer = Pacer::new(speed.interval(sim.config().tr), 0.0);
@@ -52,12 +67,19 @@ fn stream(mut sim: Simulator, uri: &str, speed: Speed, timeout: f64) -> anyhow::
     let (mut sent, mut markers, mut next_marker) = (0, 0, 0);
     let trials = sim.trials().to_vec();
     while sim.position() < n {
-        let Some(due) = pacer.wait_for(sim.position() as u64, Duration::from_secs(1)) else {
-            continue;
+        // The volume is made before its slot, as a scanner has it at acquisition time.
+        let i = sim.position() as u64;
+        let Some(mut v) = sim.next_volume() else {
+            break;
+        };
+        let due = loop {
+            if let Some(due) = pacer.wait_for(i, Duration::from_secs(1)) {
+                break due;
+            }
         };
         // Markers for the trials that started before this volume, with their exact onsets.
-        let now = sim.position() as f64 * sim.config().tr;
-        while let Some(t) = trials.get(next_marker).filter(|t| t.onset < now) {
+        let now = i as f64 * sim.config().tr;
+        while let Some(t) = trials.get(next_marker).filter(|t| with_markers && t.onset < now) {
             let marker = format!(
                 "trial={};stim={};cond={};dur={};onset={}",
                 t.id,
@@ -69,15 +91,12 @@ fn stream(mut sim: Simulator, uri: &str, speed: Speed, timeout: f64) -> anyhow::
             markers += usize::from(sender.send_marker(&marker)?);
             next_marker += 1;
         }
-        let Some(mut v) = sim.next_volume() else {
-            break;
-        };
         v.acq_time = Some(due);
         v.recv_time = clock::now();
+        on_send(v.index, due);
         sender.send(&v)?;
         sent += 1;
     }
     sender.finish();
-    eprintln!("mirage: streamed {sent} volumes and {markers} trial markers to {uri}");
-    Ok(())
+    Ok((sent, markers))
 }

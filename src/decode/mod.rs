@@ -159,6 +159,8 @@ pub struct Decoded {
     pub alignment: &'static str,
     /// Decode time in ms (set by the runner).
     pub latency_ms: f64,
+    /// When the GLM closed the trial, on the monotonic clock (set by the runner).
+    pub closed_time: Option<f64>,
     /// Whether the decode took longer than the budget (set by the runner).
     pub over_budget: bool,
 }
@@ -321,6 +323,7 @@ impl DecodeStage {
             device: self.device.clone(),
             alignment: self.adapter.name(),
             latency_ms: 0.0,
+            closed_time: None,
             over_budget: false,
         })
     }

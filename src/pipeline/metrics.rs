@@ -17,6 +17,7 @@ struct LatencyBook {
     stages: Vec<Histogram<u64>>,
     total: Histogram<u64>,
     acquisition: Histogram<u64>,
+    trial_decode: Histogram<u64>,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -43,7 +44,8 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
-    fn of(h: &Histogram<u64>) -> LatencySummary {
+    /// Percentiles of a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> LatencySummary {
         if h.is_empty() {
             return LatencySummary::default();
         }
@@ -109,6 +111,8 @@ pub struct MetricsSnapshot {
     pub end_to_end_ms: LatencySummary,
     /// Acquisition (sender clock) to publish, ms, where the sender gave acquisition times.
     pub acquisition_to_publish_ms: LatencySummary,
+    /// Trial closed by the GLM to its decode published, ms (off the volume path).
+    pub trial_decode_ms: LatencySummary,
 }
 
 /// The shared counters of one pipeline.
@@ -151,6 +155,7 @@ impl Metrics {
                 stages: STAGES.iter().map(|_| histogram()).collect(),
                 total: histogram(),
                 acquisition: histogram(),
+                trial_decode: histogram(),
             }),
             edges: Mutex::new(Vec::new()),
         }
@@ -189,6 +194,13 @@ impl Metrics {
         }
     }
 
+    /// Records one decoded trial: from the GLM closing it to its decode being published.
+    pub fn record_trial_decode(&self, ms: f64) {
+        if let Ok(mut book) = self.latency.lock() {
+            book.trial_decode.saturating_record((ms * 1e3).round().max(1.0) as u64);
+        }
+    }
+
     /// Copies every counter now.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -212,14 +224,16 @@ impl Metrics {
                     .collect()
             })
             .unwrap_or_default();
-        let (stage_latency_ms, end_to_end_ms, acquisition_to_publish_ms) = match self.latency.lock() {
-            Ok(book) => (
-                STAGES.iter().zip(&book.stages).map(|(n, h)| (*n, LatencySummary::of(h))).collect(),
-                LatencySummary::of(&book.total),
-                LatencySummary::of(&book.acquisition),
-            ),
-            Err(_) => Default::default(),
-        };
+        let (stage_latency_ms, end_to_end_ms, acquisition_to_publish_ms, trial_decode_ms) =
+            match self.latency.lock() {
+                Ok(book) => (
+                    STAGES.iter().zip(&book.stages).map(|(n, h)| (*n, LatencySummary::of(h))).collect(),
+                    LatencySummary::of(&book.total),
+                    LatencySummary::of(&book.acquisition),
+                    LatencySummary::of(&book.trial_decode),
+                ),
+                Err(_) => Default::default(),
+            };
         MetricsSnapshot {
             uptime_s: crate::clock::now() - self.started,
             received: get(&self.received),
@@ -234,6 +248,7 @@ impl Metrics {
             stage_latency_ms,
             end_to_end_ms,
             acquisition_to_publish_ms,
+            trial_decode_ms,
         }
     }
 }
@@ -281,6 +296,9 @@ impl MetricsSnapshot {
         row(&mut s, "end to end", &self.end_to_end_ms);
         if self.acquisition_to_publish_ms.count > 0 {
             row(&mut s, "acquisition to publish", &self.acquisition_to_publish_ms);
+        }
+        if self.trial_decode_ms.count > 0 {
+            row(&mut s, "trial close to decode", &self.trial_decode_ms);
         }
         let _ = writeln!(
             s,

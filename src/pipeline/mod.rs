@@ -28,7 +28,7 @@ use self::calibration::LiveCalibration;
 use self::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use self::metrics::{Metrics, MetricsSnapshot};
 use self::queue::{edge, EdgeRx, EdgeTx, PushError, Recv, WhenFull};
-use self::stage::{DecodeStageAdapter, GlmStage, Identity, MotionStage, Stage};
+use self::stage::{DecodeDispatch, DecodeStageAdapter, GlmStage, Identity, MotionStage, Stage};
 use crate::calibrate::protocol::Protocol;
 use crate::clock;
 use crate::config::Config;
@@ -47,6 +47,9 @@ use crate::volume::Volume;
 
 /// How long a stage thread waits on its input before checking for shutdown.
 const POLL: Duration = Duration::from_millis(100);
+
+/// Frames of trials waiting for the decode worker, and of its results waiting for publish.
+const LATE_QUEUE: usize = 256;
 
 /// Live events waiting for the GLM stage.
 const EVENT_QUEUE: usize = 4096;
@@ -298,11 +301,14 @@ impl Pipeline {
         let m = metrics.clone();
         let ready = ready_tx.clone();
         let ep = publish_ep.clone();
+        // Decoded trials reach publish off the volume path, from the decode worker.
+        let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
+        let waker = publish_rx.waker();
         match spawn("publish", move || {
             match Publisher::new(ep.as_ref(), hwm, feedback.as_deref(), n_rois, message_log) {
                 Ok(publisher) => {
                     let _ = ready.send(Ok(String::new()));
-                    publish_loop(publisher, publish_rx, &m, interval);
+                    publish_loop(publisher, publish_rx, Some(late_rx), &m, interval);
                 }
                 Err(e) => {
                     let _ = ready.send(Err(e.to_string()));
@@ -342,12 +348,19 @@ impl Pipeline {
                         Ok(c) => c,
                         Err(e) => return Err(vec![e.to_string()]),
                     };
-                    Box::new(DecodeStageAdapter {
+                    let adapter = DecodeStageAdapter {
                         stage,
                         budget_ms: cfg.decode.latency_budget_ms,
                         run_end: cfg.decode.decode_run_end,
                         calibration,
-                    })
+                    };
+                    let (worker_tx, worker_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
+                    let m = metrics.clone();
+                    match spawn("decoder", move || decode_worker(adapter, worker_rx, late_tx, waker, &m)) {
+                        Ok(t) => handle.threads.push(t),
+                        Err(e) => return Err(vec![e]),
+                    }
+                    Box::new(DecodeDispatch { worker: worker_tx })
                 }
                 Err(e) => return Err(vec![e.to_string()]),
             },
@@ -514,6 +527,45 @@ fn stage_loop(
     }
 }
 
+/// The decode worker: decodes the trials of each frame the dispatch hands over (and runs
+/// calibration), and sends the results to publish, waking it.
+fn decode_worker(
+    mut adapter: DecodeStageAdapter,
+    rx: crossbeam_channel::Receiver<Frame>,
+    tx: crossbeam_channel::Sender<Frame>,
+    waker: queue::Waker,
+    m: &Metrics,
+) {
+    let send = |f: Frame| {
+        if tx.send(f).is_ok() {
+            waker.wake();
+        }
+    };
+    let mut last: Option<Frame> = None;
+    loop {
+        match rx.recv_timeout(POLL) {
+            Ok(mut frame) => {
+                if let Err(e) = adapter.process(&mut frame) {
+                    m.count_error(e.reason);
+                    tracing::warn!("volume {}: {e}", frame.volume.index);
+                }
+                frame.stamps.set(Boundary::Decode, clock::now());
+                last = Some(Frame::end_of_run_after(&frame));
+                send(frame);
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if let Some(f) = last.as_ref().and_then(|l| adapter.idle(l)) {
+                    send(f);
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if let Some(f) = last.as_ref().and_then(|l| adapter.flush(l)) {
+        send(f);
+    }
+}
+
 fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metrics) {
     loop {
         match rx.recv_timeout(POLL) {
@@ -539,10 +591,48 @@ fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metric
     }
 }
 
-fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, status_interval_s: f64) {
+/// Publishes a frame's calibration events and decoded trials.
+fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
+    for ev in &frame.calibration {
+        publisher.send(calibration_message(ev));
+        if matches!(ev.phase, "failed" | "incomplete") {
+            m.count_error("calibration_failed");
+            tracing::error!("calibration: {}", ev.error.as_deref().unwrap_or(ev.phase));
+        }
+    }
+    for d in &frame.decoded {
+        publisher.send(decode_message(d));
+        if d.over_budget {
+            m.count_error("decode_over_budget");
+        }
+    }
+}
+
+/// Publishes one frame of late results (decoded trials, calibration events).
+fn publish_late(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
+    publish_results(publisher, frame, m);
+    if let Some(closed) = frame.stamps.get(Boundary::Glm) {
+        if !frame.decoded.is_empty() {
+            m.record_trial_decode((clock::now() - closed) * 1e3);
+        }
+    }
+}
+
+fn publish_loop(
+    mut publisher: Publisher,
+    mut rx: EdgeRx<Frame>,
+    late: Option<crossbeam_channel::Receiver<Frame>>,
+    m: &Metrics,
+    status_interval_s: f64,
+) {
     let mut next_status = clock::now() + status_interval_s;
     let mut reported_errors = 0;
     loop {
+        if let Some(late) = &late {
+            for f in late.try_iter() {
+                publish_late(&mut publisher, &f, m);
+            }
+        }
         let wait = Duration::from_secs_f64((next_status - clock::now()).clamp(0.0, POLL.as_secs_f64()));
         match rx.recv_timeout(wait) {
             Recv::Msg(mut frame) => {
@@ -559,19 +649,7 @@ fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, st
                         (0..n).for_each(|_| m.count_error(reason));
                     }
                 }
-                for ev in &frame.calibration {
-                    publisher.send(calibration_message(ev));
-                    if matches!(ev.phase, "failed" | "incomplete") {
-                        m.count_error("calibration_failed");
-                        tracing::error!("calibration: {}", ev.error.as_deref().unwrap_or(ev.phase));
-                    }
-                }
-                for d in &frame.decoded {
-                    publisher.send(decode_message(d));
-                    if d.over_budget {
-                        m.count_error("decode_over_budget");
-                    }
-                }
+                publish_results(&mut publisher, &frame, m);
                 if frame.end_of_run {
                     continue;
                 }
@@ -597,7 +675,13 @@ fn publish_loop(mut publisher: Publisher, mut rx: EdgeRx<Frame>, m: &Metrics, st
                 );
             }
             Recv::Timeout => {}
-            Recv::Closed => break,
+            Recv::Closed => {
+                // The decode worker ends after the volume path; publish what it still sends.
+                for f in late.iter().flat_map(|l| l.iter()) {
+                    publish_late(&mut publisher, &f, m);
+                }
+                break;
+            }
         }
         if publisher.send_errors() > reported_errors {
             for _ in reported_errors..publisher.send_errors() {

@@ -56,6 +56,7 @@ pub struct EdgeStats {
 
 struct Shared {
     stats: Arc<EdgeStats>,
+    woken: AtomicBool,
     producer_closed: AtomicBool,
     consumer_closed: AtomicBool,
     producer_thread: OnceLock<Thread>,
@@ -99,6 +100,7 @@ pub fn edge<T: ByteSize>(
     });
     let shared = Arc::new(Shared {
         stats,
+        woken: AtomicBool::new(false),
         producer_closed: AtomicBool::new(false),
         consumer_closed: AtomicBool::new(false),
         producer_thread: OnceLock::new(),
@@ -201,7 +203,27 @@ pub enum Recv<T> {
     Closed,
 }
 
+/// Wakes an edge's consumer from [`EdgeRx::recv_timeout`] early (it returns `Timeout`), so
+/// that it can serve a second source.
+#[derive(Clone)]
+pub struct Waker(Arc<Shared>);
+
+impl Waker {
+    /// Makes the consumer's current or next wait return.
+    pub fn wake(&self) {
+        self.0.woken.store(true, Ordering::Release);
+        if let Some(t) = self.0.consumer_thread.get() {
+            t.unpark();
+        }
+    }
+}
+
 impl<T: ByteSize> EdgeRx<T> {
+    /// A handle that interrupts this consumer's waits.
+    pub fn waker(&self) -> Waker {
+        Waker(self.shared.clone())
+    }
+
     /// The edge's counters.
     pub fn stats(&self) -> Arc<EdgeStats> {
         self.shared.stats.clone()
@@ -232,7 +254,7 @@ impl<T: ByteSize> EdgeRx<T> {
                 return Recv::Closed;
             }
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || self.shared.woken.swap(false, Ordering::AcqRel) {
                 return Recv::Timeout;
             }
             std::thread::park_timeout(deadline - now);

@@ -147,6 +147,7 @@ impl Stage for DecodeStageAdapter {
                     Ok(mut d) => {
                         d.latency_ms = (crate::clock::now() - start) * 1e3;
                         d.over_budget = d.latency_ms > self.budget_ms;
+                        d.closed_time = frame.stamps.get(super::frame::Boundary::Glm);
                         frame.decoded.push(d);
                     }
                     Err(e) => {
@@ -173,5 +174,45 @@ impl Stage for DecodeStageAdapter {
         let mut f = Frame::end_of_run_after(last);
         self.poll_calibration(&mut f, true);
         (!f.calibration.is_empty()).then_some(f)
+    }
+}
+
+impl DecodeStageAdapter {
+    /// Between trials: calibration progress, and the switch to a fitted head, as a frame of
+    /// results after `last` (or nothing to report).
+    pub fn idle(&mut self, last: &Frame) -> Option<Frame> {
+        let mut f = Frame::end_of_run_after(last);
+        f.end_of_run = false;
+        self.poll_calibration(&mut f, false);
+        (!f.calibration.is_empty()).then_some(f)
+    }
+}
+
+/// The decode stage's place on the volume path: frames go on at once; a copy of each frame
+/// that closes trials goes to the decode worker, whose results reach publish on their own.
+/// Volume feedback never waits for a decode.
+pub struct DecodeDispatch {
+    /// The decode worker's input.
+    pub worker: crossbeam_channel::Sender<Frame>,
+}
+
+impl Stage for DecodeDispatch {
+    fn name(&self) -> &'static str {
+        "decode"
+    }
+
+    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
+        let has_trials = frame.glm.as_ref().is_some_and(|g| !g.trials.is_empty());
+        if has_trials || frame.end_of_run {
+            let mut copy = frame.clone();
+            copy.late_results = true;
+            copy.glm.iter_mut().for_each(|g| g.roi.clear());
+            self.worker.send(copy).map_err(|_| StageError {
+                stage: "decode",
+                reason: "decode_worker",
+                message: "the decode worker has stopped".into(),
+            })?;
+        }
+        Ok(())
     }
 }

@@ -150,6 +150,7 @@ pub fn decode_message(d: &Decoded) -> Message {
     header.insert("alignment".into(), json!(d.alignment));
     header.insert("latency_ms".into(), json!(d.latency_ms));
     header.insert("over_budget".into(), json!(d.over_budget));
+    header.insert("closed_time".into(), json!(d.closed_time));
     let mut payloads: Vec<Payload> =
         d.heads.iter().map(|(n, s, v)| Payload::f32(n, s.clone(), "C", v)).collect();
     if let Some((c_img, c_txt)) = &d.fused {

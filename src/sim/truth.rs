@@ -45,6 +45,17 @@ impl Simulator {
             .map_err(|e| write_err(&bold, e))?;
         // Truth first (needs &self), then the volumes (consume the generator).
         let events = dir.join("events.tsv");
+        write_text(&events, &self.events_tsv())?;
+        self.write_truth(&truth)?;
+        while let Some(v) = self.next_volume() {
+            writer.write_volume(&v.data).map_err(|e| write_err(&bold, e))?;
+        }
+        writer.finish().map_err(|e| write_err(&bold, e))?;
+        Ok(RunFiles { bold, events, truth })
+    }
+
+    /// The run's trials as BIDS `events.tsv` (`onset duration trial_type stim_id trial_id`).
+    pub fn events_tsv(&self) -> String {
         let mut tsv = String::from("onset\tduration\ttrial_type\tstim_id\ttrial_id\n");
         for t in self.trials() {
             let _ = writeln!(
@@ -57,13 +68,7 @@ impl Simulator {
                 t.id
             );
         }
-        write_text(&events, &tsv)?;
-        self.write_truth(&truth)?;
-        while let Some(v) = self.next_volume() {
-            writer.write_volume(&v.data).map_err(|e| write_err(&bold, e))?;
-        }
-        writer.finish().map_err(|e| write_err(&bold, e))?;
-        Ok(RunFiles { bold, events, truth })
+        tsv
     }
 
     fn write_truth(&self, dir: &Path) -> Result<(), SimError> {
