@@ -14,6 +14,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use mirage_rt::decode::model::{Decoder, FusionConfig, HeadConfig, ModelConfig, FORMAT};
 
 const VOXELS: usize = 15_724;
+/// nsdgeneral's size on a 3 mm grid (64×64×36).
+const SMALL_VOXELS: usize = 3_400;
 
 /// MIRAGE's heads: image embedding, text embedding (77 × 1280), low-level (VDVAE latents),
 /// retrieval (257 × 1024).
@@ -27,13 +29,13 @@ fn mirage_heads() -> Vec<(&'static str, Vec<usize>)> {
 }
 
 /// A decoder with random weights for `heads`, each low-rank with `rank` or full.
-fn random_decoder(heads: &[(&str, Vec<usize>)], rank: Option<usize>) -> (Decoder, usize) {
+fn random_decoder(heads: &[(&str, Vec<usize>)], rank: Option<usize>, voxels: usize) -> (Decoder, usize) {
     let dev = Device::Cpu;
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    let scale = 1.0 / (VOXELS as f64).sqrt();
+    let scale = 1.0 / (voxels as f64).sqrt();
     let rand = |shape: &[usize]| Tensor::rand(-scale as f32, scale as f32, shape, &dev).unwrap();
-    t.insert("input.mean".into(), Tensor::zeros(VOXELS, DType::F32, &dev).unwrap());
-    t.insert("input.std".into(), Tensor::ones(VOXELS, DType::F32, &dev).unwrap());
+    t.insert("input.mean".into(), Tensor::zeros(voxels, DType::F32, &dev).unwrap());
+    t.insert("input.std".into(), Tensor::ones(voxels, DType::F32, &dev).unwrap());
     let mut weights = 0;
     let mut cfgs = Vec::new();
     for (name, shape) in heads {
@@ -41,13 +43,13 @@ fn random_decoder(heads: &[(&str, Vec<usize>)], rank: Option<usize>) -> (Decoder
         let p = format!("heads.{name}");
         match rank {
             Some(r) => {
-                t.insert(format!("{p}.down"), rand(&[r, VOXELS]));
+                t.insert(format!("{p}.down"), rand(&[r, voxels]));
                 t.insert(format!("{p}.up"), rand(&[out, r]));
-                weights += r * (VOXELS + out);
+                weights += r * (voxels + out);
             }
             None => {
-                t.insert(format!("{p}.weight"), rand(&[out, VOXELS]));
-                weights += out * VOXELS;
+                t.insert(format!("{p}.weight"), rand(&[out, voxels]));
+                weights += out * voxels;
             }
         }
         t.insert(format!("{p}.bias"), Tensor::zeros(out, DType::F32, &dev).unwrap());
@@ -61,7 +63,7 @@ fn random_decoder(heads: &[(&str, Vec<usize>)], rank: Option<usize>) -> (Decoder
     }
     let cfg = ModelConfig {
         format: FORMAT.into(),
-        n_voxels: VOXELS,
+        n_voxels: voxels,
         zscore_input: true,
         heads: cfgs,
         fusion: FusionConfig::default(),
@@ -71,8 +73,8 @@ fn random_decoder(heads: &[(&str, Vec<usize>)], rank: Option<usize>) -> (Decoder
     (Decoder::new(cfg, &vb, &dev).unwrap(), weights)
 }
 
-fn betas() -> Vec<f32> {
-    (0..VOXELS).map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0).collect()
+fn betas(voxels: usize) -> Vec<f32> {
+    (0..voxels).map(|v| ((v * 37 % 101) as f32 - 50.0) / 25.0).collect()
 }
 
 /// Reads every value once with independent lanes (vectorised): the memory-bandwidth floor of
@@ -91,11 +93,11 @@ fn peak_mb() -> f64 {
 }
 
 fn bench(c: &mut Criterion) {
-    let x = betas();
+    let x = betas(VOXELS);
     let mut g = c.benchmark_group("decode");
     g.measurement_time(Duration::from_secs(10)).warm_up_time(Duration::from_secs(2)).sample_size(20);
 
-    let (decoder, weights) = random_decoder(&mirage_heads(), Some(512));
+    let (decoder, weights) = random_decoder(&mirage_heads(), Some(512), VOXELS);
     eprintln!("low-rank r=512 MIRAGE heads: {weights} weights ({:.0} MB f32)", weights as f64 * 4e-6);
     let floor: Vec<f32> = vec![1.0; weights];
     g.bench_function("baseline_stream_lowrank_weight_bytes", |b| b.iter(|| black_box(stream(&floor))));
@@ -104,13 +106,20 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(decoder.predict(&x, 1).unwrap()))
     });
     drop(decoder);
+    // The same heads from the 64×64×36 (3 mm) equivalent of nsdgeneral: 15,724 × (1.8/3)³.
+    let (decoder, _) = random_decoder(&mirage_heads(), Some(512), SMALL_VOXELS);
+    let xs = betas(SMALL_VOXELS);
+    g.bench_function("lowrank_r512_mirage_shapes_per_trial_3400_voxels", |b| {
+        b.iter(|| black_box(decoder.predict(&xs, 1).unwrap()))
+    });
+    drop(decoder);
 
     // What the low-rank path costs without the big up-projections: the image head alone.
-    let (small, _) = random_decoder(&mirage_heads()[..1], Some(512));
+    let (small, _) = random_decoder(&mirage_heads()[..1], Some(512), VOXELS);
     g.bench_function("lowrank_r512_image_head_per_trial", |b| {
         b.iter(|| black_box(small.predict(&x, 1).unwrap()))
     });
-    let (small, _) = random_decoder(&mirage_heads()[..1], None);
+    let (small, _) = random_decoder(&mirage_heads()[..1], None, VOXELS);
     g.bench_function("full_image_head_per_trial", |b| b.iter(|| black_box(small.predict(&x, 1).unwrap())));
     drop(small);
 
@@ -119,7 +128,7 @@ fn bench(c: &mut Criterion) {
         let full: Vec<(&str, Vec<usize>)> =
             vec![("text", vec![77, 1280]), ("lowlevel", vec![91_168]), ("retrieval", vec![64, 1024])];
         for (name, shape) in full {
-            let (d, weights) = random_decoder(&[(name, shape.clone())], None);
+            let (d, weights) = random_decoder(&[(name, shape.clone())], None, VOXELS);
             eprintln!(
                 "full {name} {shape:?}: {:.2} GB f32 weights, process peak {:.0} MB",
                 weights as f64 * 4e-9,

@@ -1,6 +1,6 @@
 //! One realignment (registration from the identity + reslice) of a real EPI anatomy (FSL's
-//! example_func) moved by ~3 mm / 3°, at 64×64×36 @ 3 mm and 96×114×96 @ 2 mm, beside the
-//! reslice alone as the in-process baseline. Needs `../shared/data` (or `$MIRAGE_SHARED_DATA`).
+//! example_func) moved by ~3 mm / 3°, at 64×64×36 @ 3 mm, 81×104×83 @ 1.8 mm (NSD's grid) and
+//! 96×114×96 @ 2 mm, beside the reslice alone as the in-process baseline. Needs `../shared/data` (or `$MIRAGE_SHARED_DATA`).
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -23,7 +23,7 @@ fn anatomy() -> PathBuf {
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("motion");
     g.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1)).sample_size(30);
-    for (shape, voxel) in [("64,64,36", "3,3,3"), ("96,114,96", "2,2,2")] {
+    for (shape, voxel) in [("64,64,36", "3,3,3"), ("81,104,83", "1.8,1.8,1.8"), ("96,114,96", "2,2,2")] {
         let mut cfg = SimConfig::default();
         let anat = anatomy();
         for (k, v) in [

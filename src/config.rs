@@ -105,6 +105,9 @@ pub struct PublishConfig {
     pub status_interval_s: f64,
     /// Messages queued per subscriber before PUB drops for that subscriber.
     pub send_hwm: i32,
+    /// Prometheus endpoint `IP:PORT` serving `GET /metrics`, or `"none"`.
+    #[serde(with = "none_string")]
+    pub metrics: Option<String>,
 }
 
 impl Default for PublishConfig {
@@ -114,6 +117,7 @@ impl Default for PublishConfig {
             lsl_feedback: Some("mirage-feedback".into()),
             status_interval_s: 1.0,
             send_hwm: 1000,
+            metrics: None,
         }
     }
 }
@@ -235,6 +239,11 @@ impl Config {
         }
         if !(self.publish.status_interval_s.is_finite() && self.publish.status_interval_s > 0.0) {
             errors.push("publish.status_interval_s must be a positive number".into());
+        }
+        if let Some(m) = &self.publish.metrics {
+            if m.parse::<std::net::SocketAddr>().is_err() {
+                errors.push(format!("publish.metrics {m:?}: want IP:PORT, e.g. 127.0.0.1:9464"));
+            }
         }
         if self.publish.send_hwm < 1 {
             errors.push("publish.send_hwm must be at least 1".into());

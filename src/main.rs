@@ -43,6 +43,9 @@ enum Command {
         /// No live status line.
         #[arg(long)]
         quiet: bool,
+        /// Serve Prometheus metrics at IP:PORT (GET /metrics).
+        #[arg(long)]
+        metrics: Option<String>,
         /// decode, or calibrate: fit the alignment head on the protocol's trials, then decode
         /// with it.
         #[arg(long)]
@@ -290,9 +293,32 @@ enum Command {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, ingest, publish, record, stop_after, no_lsl, quiet, mode, protocol, set } => {
+        Command::Run {
+            config,
+            ingest,
+            publish,
+            record,
+            stop_after,
+            no_lsl,
+            quiet,
+            metrics,
+            mode,
+            protocol,
+            set,
+        } => {
             let cfg = commands::load_config(config.as_deref())?;
-            let opts = RunOptions { ingest, publish, record, stop_after, no_lsl, quiet, mode, protocol, set };
+            let opts = RunOptions {
+                ingest,
+                publish,
+                record,
+                stop_after,
+                no_lsl,
+                quiet,
+                metrics,
+                mode,
+                protocol,
+                set,
+            };
             commands::run::run(cfg, &opts).map(|_| ())
         }
         Command::Simulate {

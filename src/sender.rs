@@ -200,8 +200,9 @@ fn create_outlet(name: &str, v: &Volume, wait_consumer: f64) -> Result<lsl::Stre
     }
     vol.append_child_value("run", &v.run);
     vol.append_child_value("first_index", &v.index.to_string());
-    // 30 s of buffering at the nominal rate; each sample is a whole volume.
-    let outlet = lsl::StreamOutlet::new(&info, 0, 30).map_err(err)?;
+    // 600 s of buffering at the nominal rate (each sample a whole volume): a sender faster
+    // than real time, or a consumer that stalls for minutes, loses nothing.
+    let outlet = lsl::StreamOutlet::new(&info, 0, 600).map_err(err)?;
     if !outlet.wait_for_consumers(wait_consumer) {
         return Err(SendError::Lsl(format!("no inlet connected to {name:?} within {wait_consumer} s")));
     }

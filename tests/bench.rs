@@ -56,8 +56,85 @@ fn bench_reports_ordered_percentiles_and_counts_that_add_up_for_every_transport(
             assert!(t2f + 0.01 >= inside, "{ingest}: volume {}: {t2f} ms < {inside} ms", v["index"]);
         }
         assert!(r["throughput_vps"].as_f64().unwrap() > 0.0);
-        assert!(r["cpu_ms_per_volume"]["pipeline threads"].as_f64().unwrap() > 0.0, "{}", r["cpu_ms_per_volume"]);
+        assert!(
+            r["cpu_ms_per_volume"]["pipeline threads"].as_f64().unwrap() > 0.0,
+            "{}",
+            r["cpu_ms_per_volume"]
+        );
         let plot = std::fs::read_to_string(&svg).unwrap();
-        assert!(plot.starts_with("<svg") && plot.contains("<polyline") && plot.trim_end().ends_with("</svg>"));
+        assert!(
+            plot.starts_with("<svg") && plot.contains("<polyline") && plot.trim_end().ends_with("</svg>")
+        );
     }
+}
+
+/// `GET path` over plain HTTP; the body.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn live_metrics_serve_prometheus_and_the_status_topic_carries_rolling_percentiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let session = dir.path().join("s");
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = common::Daemon::start(
+        &[
+            "--ingest",
+            "sim://?shape=32,32,20&volumes=80&speed=20",
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--quiet",
+            "--record",
+            session.to_str().unwrap(),
+            "--metrics",
+            &addr,
+            "--set",
+            "publish.status_interval_s=0.5",
+        ],
+        dir.path(),
+    );
+    // Scrape while it runs.
+    let mut scrapes = Vec::new();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while scrapes.len() < 2 && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        if let Some(body) = http_get(port, "/metrics").filter(|b| b.contains("mirage_received_total")) {
+            scrapes.push(body);
+        }
+    }
+    let not_found = http_get(port, "/nothing");
+    let (status, log) = daemon.wait(std::time::Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    assert!(scrapes.len() >= 2, "{log}");
+    assert!(not_found.is_some_and(|b| b.starts_with("HTTP/1.0 404")), "{log}");
+    let value = |body: &str, key: &str| -> f64 {
+        body.lines().find(|l| l.starts_with(key)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap()
+    };
+    let body = &scrapes[scrapes.len() - 1];
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    assert!(value(body, "mirage_received_total ") >= value(&scrapes[0], "mirage_received_total "));
+    // Histogram buckets are cumulative and end at the count.
+    let buckets: Vec<f64> = body
+        .lines()
+        .filter(|l| l.starts_with("mirage_latency_seconds_bucket{stage=\"motion\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(buckets.len() == 15 && buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    assert_eq!(buckets[14], value(body, "mirage_latency_seconds_count{stage=\"motion\"}"));
+    assert!(buckets[14] > 0.0);
+
+    let statuses = common::published(&session, "status");
+    let last = statuses.last().unwrap();
+    let r = &last["rolling_ms"]["end_to_end"];
+    assert_eq!(r["count"], 80, "{last}");
+    assert!(r["p50"].as_f64().unwrap() <= r["p99"].as_f64().unwrap());
+    assert!(r["p99"].as_f64().unwrap() <= r["max"].as_f64().unwrap());
 }

@@ -81,6 +81,9 @@ pub struct BenchArgs {
     pub plot: Option<PathBuf>,
 }
 
+/// Seconds without a published volume, after the sender finished, before the bench stops.
+const IDLE_S: f64 = 10.0;
+
 /// MIRAGE's output shapes: image embedding, text tokens, low-level latents, retrieval tokens.
 const MIRAGE_HEADS: [(&str, &[usize]); 4] =
     [("image", &[768]), ("text", &[77, 1280]), ("lowlevel", &[91168]), ("retrieval", &[257, 1024])];
@@ -232,28 +235,44 @@ pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
             .spawn(move || subscribe(&endpoint, &stop, &seen))?
     };
     std::thread::sleep(Duration::from_millis(500));
-    // Acquisition time of each volume the sender sent (pyneal's header carries none).
+    // Acquisition time of each volume the sender sent (pyneal's header carries none). The
+    // volumes are made first, so the simulator's cost is not the daemon's latency.
     let acquired: Arc<Mutex<BTreeMap<u64, f64>>> = Arc::default();
     let sender = match &send_uri {
         Some(uri) => {
-            let (uri, cfg_sim, acquired) = (uri.clone(), cfg.sim.clone(), acquired.clone());
+            let mut sim = Simulator::new(&cfg.sim)?;
+            let volumes: Vec<_> = std::iter::from_fn(|| sim.next_volume()).collect();
+            let (uri, acquired) = (uri.clone(), acquired.clone());
             Some(std::thread::Builder::new().name("bench/sender".into()).spawn(move || {
-                let sim = Simulator::new(&cfg_sim)?;
-                crate::commands::simulate::stream(sim, &uri, speed, 30.0, false, &mut |index, acq| {
+                let record = &mut |index, acq| {
                     if let Ok(mut a) = acquired.lock() {
                         a.insert(index, acq);
                     }
-                })
+                };
+                crate::commands::simulate::stream(volumes.into_iter(), &[], 1.0, &uri, speed, 30.0, record)
             })?)
         }
         None => None,
     };
     let mut threads: BTreeMap<u64, (String, f64)> = BTreeMap::new();
     let mut ticks = 0;
+    // Once the sender is done, a pipeline that publishes nothing for IDLE_S has lost volumes
+    // on the way in (counted as missing); stop it rather than wait for ever.
+    let (mut last_published, mut since) = (0, clock::now());
     while !handle.is_finished() {
         std::thread::sleep(Duration::from_millis(50));
         threads.extend(thread_cpu_ms());
         ticks += 1;
+        let published = handle.metrics().published.load(Ordering::Relaxed);
+        if published != last_published {
+            (last_published, since) = (published, clock::now());
+        }
+        let sender_done = sender.as_ref().is_none_or(|t| t.is_finished());
+        if sender_done && clock::now() - since > IDLE_S {
+            tracing::warn!("bench: nothing published for {IDLE_S} s after the sender finished; stopping");
+            handle.request_stop();
+            since = f64::INFINITY;
+        }
         if progress && ticks % 20 == 0 {
             eprint!("\r\x1b[2K{}", handle.metrics().snapshot().status_line());
         }

@@ -24,6 +24,8 @@ pub struct RunOptions {
     pub no_lsl: bool,
     /// `--quiet`: no live status line.
     pub quiet: bool,
+    /// `--metrics IP:PORT`: the Prometheus endpoint.
+    pub metrics: Option<String>,
     /// `--mode decode|calibrate`.
     pub mode: Option<String>,
     /// `--protocol FILE`: the calibration protocol (the simulator, as ingest, follows it).
@@ -49,6 +51,9 @@ impl RunOptions {
         }
         if self.no_lsl {
             cfg.publish.lsl_feedback = None;
+        }
+        if let Some(m) = &self.metrics {
+            cfg.publish.metrics = (m != "none").then(|| m.clone());
         }
         match self.mode.as_deref() {
             None => {}

@@ -7,7 +7,8 @@ use crate::clock;
 use crate::ingest::pacer::Pacer;
 use crate::ingest::{IngestUri, Speed};
 use crate::sender::VolumeSender;
-use crate::sim::{SimConfig, Simulator};
+use crate::sim::{SimConfig, Simulator, Trial};
+use crate::volume::Volume;
 
 /// Where the simulated run goes.
 #[derive(Clone, Debug)]
@@ -41,45 +42,44 @@ pub fn simulate(cfg: &SimConfig, target: &SimTarget) -> anyhow::Result<()> {
             Ok(())
         }
         SimTarget::Stream { uri, speed, timeout } => {
-            let (sent, markers) = stream(sim, uri, *speed, *timeout, true, &mut |_, _| {})?;
+            let (trials, tr) = (sim.trials().to_vec(), sim.config().tr);
+            let mut sim = sim;
+            let volumes = std::iter::from_fn(|| sim.next_volume());
+            let (sent, markers) = stream(volumes, &trials, tr, uri, *speed, *timeout, &mut |_, _| {})?;
             eprintln!("mirage: streamed {sent} volumes and {markers} trial markers to {uri}");
             Ok(())
         }
     }
 }
 
-/// Sends a simulated run to a daemon at `speed` (and, with `markers`, its trial markers where
-/// the protocol carries them); `on_send(index, acquisition time)` hears each volume as it
-/// goes. Returns (volumes, markers) sent.
+/// Sends volumes to a daemon at `speed` (one per `tr` in real time), with a marker for each
+/// of `trials` before the first volume acquired after its onset (where the protocol carries
+/// markers); `on_send(index, acquisition time)` hears each volume as it goes. Each volume is
+/// in hand before its slot, as a scanner has it at acquisition time. Returns (volumes,
+/// markers) sent.
+#[allow(clippy::too_many_arguments)]
 pub fn stream(
-    mut sim: Simulator,
+    volumes: impl Iterator<Item = Volume>,
+    trials: &[Trial],
+    tr: f64,
     uri: &str,
     speed: Speed,
     timeout: f64,
-    markers: bool,
     on_send: &mut dyn FnMut(u64, f64),
 ) -> anyhow::Result<(usize, usize)> {
-    let with_markers = markers;
     let dest = IngestUri::parse(uri, &SimConfig::default()).map_err(|e| anyhow::anyhow!("--stream: {e}"))?;
     let mut sender = VolumeSender::connect(&dest, timeout)?;
-    let mut pacer = Pacer::new(speed.interval(sim.config().tr), 0.0);
-    let n = sim.n_volumes();
+    let mut pacer = Pacer::new(speed.interval(tr), 0.0);
     let (mut sent, mut markers, mut next_marker) = (0, 0, 0);
-    let trials = sim.trials().to_vec();
-    while sim.position() < n {
-        // The volume is made before its slot, as a scanner has it at acquisition time.
-        let i = sim.position() as u64;
-        let Some(mut v) = sim.next_volume() else {
-            break;
-        };
+    for (i, mut v) in volumes.enumerate() {
         let due = loop {
-            if let Some(due) = pacer.wait_for(i, Duration::from_secs(1)) {
+            if let Some(due) = pacer.wait_for(i as u64, Duration::from_secs(1)) {
                 break due;
             }
         };
         // Markers for the trials that started before this volume, with their exact onsets.
-        let now = i as f64 * sim.config().tr;
-        while let Some(t) = trials.get(next_marker).filter(|t| with_markers && t.onset < now) {
+        let now = i as f64 * tr;
+        while let Some(t) = trials.get(next_marker).filter(|t| t.onset < now) {
             let marker = format!(
                 "trial={};stim={};cond={};dur={};onset={}",
                 t.id,

@@ -82,6 +82,9 @@ pub struct DecodeConfig {
     /// `decode`, or `calibrate`: collect the protocol's trials, fit the alignment head, then
     /// decode with it.
     pub mode: Mode,
+    /// CPU threads a decode may use (0: every core). One leaves the other cores to the volume
+    /// path: a decode is bound by memory bandwidth, so more threads barely speed it up.
+    pub threads: usize,
 }
 
 /// What the decode stage does with trials.
@@ -106,6 +109,7 @@ impl Default for DecodeConfig {
             decode_run_end: true,
             alignment: "none".into(),
             mode: Mode::Decode,
+            threads: 1,
         }
     }
 }

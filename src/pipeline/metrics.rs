@@ -18,6 +18,36 @@ struct LatencyBook {
     total: Histogram<u64>,
     acquisition: Histogram<u64>,
     trial_decode: Histogram<u64>,
+    /// The last [`ROLLING`] volumes: per-stage latencies then end to end, ms.
+    recent: std::collections::VecDeque<[f64; STAGES.len() + 1]>,
+}
+
+/// Volumes the rolling percentiles of the status topic cover.
+pub const ROLLING: usize = 256;
+
+/// Percentiles of the last [`ROLLING`] volumes, ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct RollingSummary {
+    /// Volumes covered.
+    pub count: usize,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl RollingSummary {
+    fn of(mut v: Vec<f64>) -> RollingSummary {
+        v.retain(|x| x.is_finite());
+        if v.is_empty() {
+            return RollingSummary::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let q = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        RollingSummary { count: v.len(), p50: q(0.5), p99: q(0.99), max: v[v.len() - 1] }
+    }
 }
 
 fn histogram() -> Histogram<u64> {
@@ -113,6 +143,8 @@ pub struct MetricsSnapshot {
     pub acquisition_to_publish_ms: LatencySummary,
     /// Trial closed by the GLM to its decode published, ms (off the volume path).
     pub trial_decode_ms: LatencySummary,
+    /// Per stage and `end_to_end`, over the last [`ROLLING`] volumes, ms.
+    pub rolling_ms: BTreeMap<&'static str, RollingSummary>,
 }
 
 /// The shared counters of one pipeline.
@@ -156,6 +188,7 @@ impl Metrics {
                 total: histogram(),
                 acquisition: histogram(),
                 trial_decode: histogram(),
+                recent: std::collections::VecDeque::with_capacity(ROLLING),
             }),
             edges: Mutex::new(Vec::new()),
         }
@@ -189,6 +222,15 @@ impl Metrics {
         if let Some(ms) = stamps.total_ms() {
             book.total.saturating_record(us(ms));
         }
+        let mut row = [f64::NAN; STAGES.len() + 1];
+        for (r, ms) in row.iter_mut().zip(stamps.stage_ms()) {
+            *r = ms.unwrap_or(f64::NAN);
+        }
+        row[STAGES.len()] = stamps.total_ms().unwrap_or(f64::NAN);
+        if book.recent.len() == ROLLING {
+            book.recent.pop_front();
+        }
+        book.recent.push_back(row);
         if let Some(ms) = acq_to_publish_ms.filter(|m| *m >= 0.0) {
             book.acquisition.saturating_record(us(ms));
         }
@@ -224,13 +266,20 @@ impl Metrics {
                     .collect()
             })
             .unwrap_or_default();
-        let (stage_latency_ms, end_to_end_ms, acquisition_to_publish_ms, trial_decode_ms) =
+        let (stage_latency_ms, end_to_end_ms, acquisition_to_publish_ms, trial_decode_ms, rolling_ms) =
             match self.latency.lock() {
                 Ok(book) => (
                     STAGES.iter().zip(&book.stages).map(|(n, h)| (*n, LatencySummary::of(h))).collect(),
                     LatencySummary::of(&book.total),
                     LatencySummary::of(&book.acquisition),
                     LatencySummary::of(&book.trial_decode),
+                    STAGES
+                        .iter()
+                        .copied()
+                        .chain(["end_to_end"])
+                        .enumerate()
+                        .map(|(k, n)| (n, RollingSummary::of(book.recent.iter().map(|r| r[k]).collect())))
+                        .collect(),
                 ),
                 Err(_) => Default::default(),
             };
@@ -249,9 +298,80 @@ impl Metrics {
             end_to_end_ms,
             acquisition_to_publish_ms,
             trial_decode_ms,
+            rolling_ms,
         }
     }
+
+    /// Prometheus text exposition: counters, queue gauges, and latency histograms (seconds).
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let snap = self.snapshot();
+        let mut s = String::new();
+        for (name, help, v) in [
+            ("received", "Volumes accepted by ingest", snap.received),
+            ("rejected", "Messages refused by ingest", snap.rejected),
+            ("recorded", "Volumes written to the session folder", snap.recorded),
+            ("published", "Volume messages published", snap.published),
+            ("duplicates", "Volumes whose index repeated", snap.duplicates),
+            ("missing", "Indices missing between received volumes", snap.missing),
+            ("out_of_order", "Volumes that arrived after a higher index", snap.out_of_order),
+        ] {
+            let _ = writeln!(s, "# HELP mirage_{name}_total {help}.\n# TYPE mirage_{name}_total counter");
+            let _ = writeln!(s, "mirage_{name}_total {v}");
+        }
+        let _ =
+            writeln!(s, "# HELP mirage_errors_total Errors by reason.\n# TYPE mirage_errors_total counter");
+        for (reason, v) in &snap.errors {
+            let _ = writeln!(s, "mirage_errors_total{{reason=\"{reason}\"}} {v}");
+        }
+        for (name, help, f) in [
+            (
+                "queue_depth",
+                "Messages queued on an edge",
+                (|q: &QueueSnapshot| q.depth as u64) as fn(&QueueSnapshot) -> u64,
+            ),
+            ("queue_dropped", "Messages an edge dropped", |q| q.dropped),
+            ("queue_blocked", "Pushes that waited for room", |q| q.blocked),
+        ] {
+            let kind = if name == "queue_depth" { "gauge" } else { "counter" };
+            let metric =
+                if kind == "counter" { format!("mirage_{name}_total") } else { format!("mirage_{name}") };
+            let _ = writeln!(s, "# HELP {metric} {help}.\n# TYPE {metric} {kind}");
+            for q in &snap.queues {
+                let _ = writeln!(s, "{metric}{{edge=\"{}\"}} {}", q.name, f(q));
+            }
+        }
+        let Ok(book) = self.latency.lock() else { return s };
+        let _ = writeln!(
+            s,
+            "# HELP mirage_latency_seconds Latency per stage (queue wait included), end to end, and trial decode.\n# TYPE mirage_latency_seconds histogram"
+        );
+        let all = STAGES
+            .iter()
+            .copied()
+            .zip(&book.stages)
+            .chain([("end_to_end", &book.total), ("trial_decode", &book.trial_decode)]);
+        for (name, h) in all {
+            for le in PROMETHEUS_BUCKETS_MS {
+                let n = if h.is_empty() { 0 } else { h.count_between(0, (le * 1e3) as u64) };
+                let _ =
+                    writeln!(s, "mirage_latency_seconds_bucket{{stage=\"{name}\",le=\"{}\"}} {n}", le / 1e3);
+            }
+            let _ = writeln!(s, "mirage_latency_seconds_bucket{{stage=\"{name}\",le=\"+Inf\"}} {}", h.len());
+            let _ = writeln!(
+                s,
+                "mirage_latency_seconds_sum{{stage=\"{name}\"}} {}",
+                h.mean() * h.len() as f64 / 1e6
+            );
+            let _ = writeln!(s, "mirage_latency_seconds_count{{stage=\"{name}\"}} {}", h.len());
+        }
+        s
+    }
 }
+
+/// Upper bounds (ms) of the Prometheus latency buckets.
+const PROMETHEUS_BUCKETS_MS: [f64; 14] =
+    [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
 
 impl MetricsSnapshot {
     /// One status line: counts, end-to-end latency and the fullest queue.
@@ -263,14 +383,16 @@ impl MetricsSnapshot {
             .max_by_key(|q| q.depth)
             .map(|q| format!(" queue {}={}/{}", q.name, q.depth, q.capacity))
             .unwrap_or_default();
+        let recent = self.rolling_ms.get("end_to_end").copied().unwrap_or_default();
         format!(
-            "[{:>6.1}s] in {} rec {} out {} | e2e p50 {:.2} ms p99 {:.2} ms | rejected {} errors {} dup {} missing {}{}",
+            "[{:>6.1}s] in {} rec {} out {} | e2e (last {}) p50 {:.2} ms p99 {:.2} ms | rejected {} errors {} dup {} missing {}{}",
             self.uptime_s,
             self.received,
             self.recorded,
             self.published,
-            self.end_to_end_ms.p50,
-            self.end_to_end_ms.p99,
+            recent.count,
+            recent.p50,
+            recent.p99,
             self.rejected,
             errors,
             self.duplicates,

@@ -48,6 +48,18 @@ use crate::volume::Volume;
 /// How long a stage thread waits on its input before checking for shutdown.
 const POLL: Duration = Duration::from_millis(100);
 
+/// Nice value of decode threads: the volume path (niceness 0) runs first when cores are
+/// short, so a decode delays no volume's feedback.
+const DECODE_NICE: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority (Linux: per thread); failure only logs.
+fn lower_priority(nice: i32) {
+    // SAFETY: setpriority on the calling thread (who = 0) has no memory effects.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        tracing::debug!("decode: could not lower thread priority: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// Frames of trials waiting for the decode worker, and of its results waiting for publish.
 const LATE_QUEUE: usize = 256;
 
@@ -301,6 +313,21 @@ impl Pipeline {
         let m = metrics.clone();
         let ready = ready_tx.clone();
         let ep = publish_ep.clone();
+        // The Prometheus endpoint serves until publish has sent its last status.
+        let published_all = Arc::new(AtomicBool::new(false));
+        if let Some(addr) = &cfg.publish.metrics {
+            let listener = match crate::publish::prometheus::bind(addr) {
+                Ok(l) => l,
+                Err(e) => return Err(vec![e]),
+            };
+            let (m, done) = (metrics.clone(), published_all.clone());
+            match spawn("metrics", move || crate::publish::prometheus::serve(listener, m, done)) {
+                Ok(t) => handle.threads.push(t),
+                Err(e) => return Err(vec![e]),
+            }
+            tracing::info!("metrics: http://{addr}/metrics");
+        }
+        let published_all_flag = published_all.clone();
         // Decoded trials reach publish off the volume path, from the decode worker.
         let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
         let waker = publish_rx.waker();
@@ -314,6 +341,7 @@ impl Pipeline {
                     let _ = ready.send(Err(e.to_string()));
                 }
             }
+            published_all_flag.store(true, Ordering::Relaxed);
         }) {
             Ok(t) => handle.threads.push(t),
             Err(e) => errors.push(e),
@@ -356,7 +384,17 @@ impl Pipeline {
                     };
                     let (worker_tx, worker_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
                     let m = metrics.clone();
-                    match spawn("decoder", move || decode_worker(adapter, worker_rx, late_tx, waker, &m)) {
+                    let pool = match rayon::ThreadPoolBuilder::new()
+                        .num_threads(cfg.decode.threads)
+                        .thread_name(|i| format!("mirage/decode{i}"))
+                        .start_handler(|_| lower_priority(DECODE_NICE))
+                        .build()
+                    {
+                        Ok(p) => p,
+                        Err(e) => return Err(vec![format!("decode threads: {e}")]),
+                    };
+                    let work = move || decode_worker(adapter, worker_rx, late_tx, waker, &m);
+                    match spawn("decoder", move || pool.install(work)) {
                         Ok(t) => handle.threads.push(t),
                         Err(e) => return Err(vec![e]),
                     }
@@ -528,7 +566,8 @@ fn stage_loop(
 }
 
 /// The decode worker: decodes the trials of each frame the dispatch hands over (and runs
-/// calibration), and sends the results to publish, waking it.
+/// calibration), and sends the results to publish, waking it. It runs inside a thread pool
+/// of `decode.threads`, which candle's matrix products then use.
 fn decode_worker(
     mut adapter: DecodeStageAdapter,
     rx: crossbeam_channel::Receiver<Frame>,

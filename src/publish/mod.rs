@@ -13,6 +13,7 @@
 //! sender gave one, so a consumer can compute trigger-to-feedback latency.
 
 pub mod message;
+pub mod prometheus;
 
 use serde_json::{json, Map, Value};
 

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Regenerates BENCHMARKS.md: runs `mirage bench` scenarios (and, with --criterion, the
+criterion benches) on this machine and writes their figures, the commands and the date.
+
+usage: benches/benchmarks.py [--criterion] [--quick]
+Numbers are never edited by hand: rerun this script.
+"""
+import argparse
+import datetime
+import glob
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIRAGE = os.path.join(ROOT, "target", "release", "mirage")
+PLOTS = os.path.join(ROOT, "docs", "benchmarks")
+
+SCENARIOS = [
+    ("64x64x36, pyneal, 10 Hz, decode 15,724 voxels",
+     ["--shape", "64,64,36", "--volumes", "400", "--ingest", "pyneal", "--rate", "10", "--voxels-decoded", "15724"],
+     "p99 ingest→publish ≤ 10 ms"),
+    ("81x104x83, pyneal, 5 Hz, decode 15,724 voxels",
+     ["--shape", "81,104,83", "--volumes", "200", "--ingest", "pyneal", "--rate", "5", "--voxels-decoded", "15724"],
+     "p99 ingest→publish ≤ 60 ms"),
+    ("64x64x36, pyneal, max rate, decode 15,724 voxels",
+     ["--shape", "64,64,36", "--volumes", "1000", "--ingest", "pyneal", "--rate", "max", "--voxels-decoded", "15724"],
+     "≥ 100 volumes/s, nothing lost"),
+    ("64x64x36, LSL, 10 Hz, no decode",
+     ["--shape", "64,64,36", "--volumes", "300", "--ingest", "lsl", "--rate", "10"], None),
+    ("64x64x36, native ZMQ, 10 Hz, no decode",
+     ["--shape", "64,64,36", "--volumes", "300", "--ingest", "zmq", "--rate", "10"], None),
+]
+
+
+def sh(cmd, **kw):
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}")
+    return r.stdout
+
+
+def row(name, s):
+    return f"| {name} | {s['count']} | {s['p50']:.2f} | {s['p90']:.2f} | {s['p99']:.2f} | {s['p999']:.2f} | {s['max']:.2f} |"
+
+
+def scenario_md(title, args, target, r, slug):
+    out = [f"### {title}", "", f"`mirage bench {' '.join(args)} --json … --plot docs/benchmarks/{slug}.svg`", ""]
+    if target:
+        out += [f"Target: {target}.", ""]
+    out += ["| latency (ms) | n | p50 | p90 | p99 | p99.9 | max |", "|---|---|---|---|---|---|---|"]
+    for stage in ["ingest", "motion", "glm", "decode", "publish"]:
+        if stage in r["stages_ms"]:
+            out.append(row(stage, r["stages_ms"][stage]))
+    out.append(row("**ingest → publish**", r["ingest_to_publish_ms"]))
+    out.append(row("**trigger → feedback** (at the subscriber)", r["trigger_to_feedback_ms"]))
+    if r["trial_decode_ms"]["count"]:
+        out.append(row("trial close → decode received", r["trial_decode_ms"]))
+        out.append(row("decode compute per trial", r["decode_compute_ms"]))
+    c = r["counts"]
+    cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cpu_ms_per_volume"].items()))
+    out += [
+        "",
+        f"Jitter (sd of trigger→feedback) {r['jitter_ms']:.2f} ms; throughput {r['throughput_vps']:.1f} volumes/s; "
+        f"deadline {r['setup']['deadline_ms']:.0f} ms missed {r['deadline_misses']}; sent {c['sent']}, received "
+        f"{c['received']}, recorded {c['recorded']}, published {c['published']}, at the subscriber {c['subscriber']}, "
+        f"dropped {c['dropped']}.",
+        "",
+        f"CPU ms per volume: {cpu}.",
+        "",
+        f"![{title}](docs/benchmarks/{slug}.svg)",
+        "",
+    ]
+    return out
+
+
+def criterion_md():
+    rows = []
+    for est in sorted(glob.glob(os.path.join(ROOT, "target", "criterion", "*", "*", "new", "estimates.json"))):
+        parts = est.split(os.sep)
+        group, name = parts[-4], parts[-3]
+        e = json.load(open(est))
+        med = e["median"]
+        ci = med["confidence_interval"]
+        unit = lambda ns: f"{ns / 1e6:.3f} ms" if ns >= 1e5 else f"{ns / 1e3:.2f} µs"
+        when = datetime.datetime.fromtimestamp(os.path.getmtime(est), datetime.timezone.utc).strftime("%Y-%m-%d")
+        rows.append(f"| {group} | {name} | {unit(med['point_estimate'])} | {unit(ci['lower_bound'])} – {unit(ci['upper_bound'])} | {when} |")
+    if not rows:
+        return []
+    return ["## Criterion benches", "",
+            "`cargo bench` results found in `target/criterion` (median, its 95% confidence interval, and the day it "
+            "was measured; `--criterion` reruns them; the full-size `full_*` decode heads need `MIRAGE_BENCH_FULL=1`). "
+            "Each bench file's doc comment says what it does; baselines such as `baseline_*` and `reslice_*` ran in "
+            "the same process.", "",
+            "| group | bench | median | 95% CI | measured |", "|---|---|---|---|---|", *rows, ""]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--criterion", action="store_true", help="run `cargo bench` first")
+    ap.add_argument("--quick", action="store_true", help="fewer volumes (for trying the script)")
+    a = ap.parse_args()
+    sh(["cargo", "build", "--release", "-q"])
+    if a.criterion:
+        subprocess.run(["cargo", "bench", "-q"], cwd=ROOT, check=True)
+    os.makedirs(PLOTS, exist_ok=True)
+    machine = None
+    body = []
+    for title, args, target in SCENARIOS:
+        args = list(args)
+        if a.quick:
+            i = args.index("--volumes")
+            args[i + 1] = str(max(40, int(args[i + 1]) // 10))
+        slug = title.split(",")[0] + "-" + "-".join(p.strip().split()[0].lower() for p in title.split(",")[1:3])
+        slug = slug.replace(" ", "").replace("/", "")
+        js = os.path.join("/tmp", f"mirage-bench-{slug}.json")
+        print(f"== {title}", file=sys.stderr)
+        sh([MIRAGE, "bench", *args, "--json", js, "--plot", os.path.join(PLOTS, f"{slug}.svg")])
+        r = json.load(open(js))
+        machine = r["setup"]["machine"]
+        body += scenario_md(title, args, target, r, slug)
+    commit = sh(["git", "describe", "--always", "--dirty"]).strip()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = [
+        "# Benchmarks",
+        "",
+        f"Generated by `benches/benchmarks.py{' --criterion' if a.criterion else ''}` on {date}, commit {commit}, "
+        f"on {machine}. Do not edit by hand: rerun the script.",
+        "",
+        "`mirage bench` runs the whole daemon in one process: the simulator's volumes (made before "
+        "the run, so their cost is not counted) go over a real transport on loopback into ingest, "
+        "motion correction, the online GLM, decoding (random low-rank r = 512 heads of MIRAGE's "
+        "output shapes over 15,724 voxels where named; a worker beside the volume path) and "
+        "publish, and a ZMQ subscriber thread stamps each message on receipt. Trigger → feedback "
+        "is the sender's acquisition stamp to that receipt, on one monotonic clock. Stage "
+        "latencies include queue waits; at `--rate max` they are mostly queue.",
+        "",
+    ]
+    text = "\n".join(head + ["## End to end", ""] + body + criterion_md())
+    open(os.path.join(ROOT, "BENCHMARKS.md"), "w").write(text)
+    print(f"wrote BENCHMARKS.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
