@@ -25,37 +25,8 @@ enum Command {
         /// TOML configuration (default: built-in defaults).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Source: pyneal://HOST:PORT, zmq://HOST:PORT, lsl://NAME, file://PATH?speed=…, sim://?…
-        #[arg(long)]
-        ingest: Option<String>,
-        /// ZMQ PUB address tcp://HOST:PORT, or `none`.
-        #[arg(long)]
-        publish: Option<String>,
-        /// Session folder, or `none`.
-        #[arg(long)]
-        record: Option<String>,
-        /// Stop after this many volumes.
-        #[arg(long)]
-        stop_after: Option<u64>,
-        /// Do not create the LSL feedback outlet.
-        #[arg(long)]
-        no_lsl: bool,
-        /// No live status line.
-        #[arg(long)]
-        quiet: bool,
-        /// Serve Prometheus metrics at IP:PORT (GET /metrics).
-        #[arg(long)]
-        metrics: Option<String>,
-        /// decode, or calibrate: fit the alignment head on the protocol's trials, then decode
-        /// with it.
-        #[arg(long)]
-        mode: Option<String>,
-        /// Calibration protocol (calibration/*.toml); the simulator follows it.
-        #[arg(long)]
-        protocol: Option<PathBuf>,
-        /// Override any configuration key, SECTION.KEY=VALUE (repeatable), e.g. motion.enabled=false.
-        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-        set: Vec<String>,
+        #[command(flatten)]
+        opts: RunOptions,
     },
     /// Simulate a run with exact ground truth: write it to a folder or stream it to a daemon.
     Simulate {
@@ -293,32 +264,8 @@ enum Command {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run {
-            config,
-            ingest,
-            publish,
-            record,
-            stop_after,
-            no_lsl,
-            quiet,
-            metrics,
-            mode,
-            protocol,
-            set,
-        } => {
+        Command::Run { config, opts } => {
             let cfg = commands::load_config(config.as_deref())?;
-            let opts = RunOptions {
-                ingest,
-                publish,
-                record,
-                stop_after,
-                no_lsl,
-                quiet,
-                metrics,
-                mode,
-                protocol,
-                set,
-            };
             commands::run::run(cfg, &opts).map(|_| ())
         }
         Command::Simulate {

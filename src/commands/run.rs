@@ -9,28 +9,39 @@ use crate::config::Config;
 use crate::pipeline::metrics::MetricsSnapshot;
 use crate::pipeline::Pipeline;
 
-/// Command-line overrides of the configuration.
-#[derive(Clone, Debug, Default)]
+/// Command-line overrides of the configuration (`mirage run`'s flags).
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct RunOptions {
-    /// `--ingest URI`.
+    /// Source: pyneal://HOST:PORT, zmq://HOST:PORT, lsl://NAME, file://PATH?speed=…, sim://?…
+    #[arg(long)]
     pub ingest: Option<String>,
-    /// `--publish URI` (`none` disables the PUB socket).
+    /// ZMQ PUB address tcp://HOST:PORT, or `none`.
+    #[arg(long)]
     pub publish: Option<String>,
-    /// `--record DIR` (`none` disables recording).
+    /// Session folder, or `none`.
+    #[arg(long)]
     pub record: Option<String>,
-    /// `--stop-after N`.
+    /// Stop after this many volumes.
+    #[arg(long)]
     pub stop_after: Option<u64>,
-    /// `--no-lsl`: no feedback outlet.
+    /// Do not create the LSL feedback outlet.
+    #[arg(long)]
     pub no_lsl: bool,
-    /// `--quiet`: no live status line.
+    /// No live status line.
+    #[arg(long)]
     pub quiet: bool,
-    /// `--metrics IP:PORT`: the Prometheus endpoint.
+    /// Serve Prometheus metrics at IP:PORT (GET /metrics).
+    #[arg(long)]
     pub metrics: Option<String>,
-    /// `--mode decode|calibrate`.
+    /// decode, or calibrate: fit the alignment head on the protocol's trials, then decode
+    /// with it.
+    #[arg(long)]
     pub mode: Option<String>,
-    /// `--protocol FILE`: the calibration protocol (the simulator, as ingest, follows it).
+    /// Calibration protocol (calibration/*.toml); the simulator follows it.
+    #[arg(long)]
     pub protocol: Option<std::path::PathBuf>,
-    /// `--set SECTION.KEY=VALUE` overrides, applied last.
+    /// Override any configuration key, SECTION.KEY=VALUE (repeatable), e.g. motion.enabled=false.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub set: Vec<String>,
 }
 
