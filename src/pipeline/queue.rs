@@ -168,13 +168,24 @@ impl<T: ByteSize> EdgeTx<T> {
         if self.shared.consumer_closed.load(Ordering::Acquire) {
             return Err(PushError::Closed);
         }
+        // Counted before the message becomes visible, so the consumer's decrement for it always
+        // follows (the counters never wrap below zero).
         stats.bytes.fetch_add(size, Ordering::AcqRel);
-        if self.prod.try_push(msg).is_err() {
-            stats.bytes.fetch_sub(size, Ordering::AcqRel);
-            return Err(PushError::Closed);
-        }
         let depth = stats.depth.fetch_add(1, Ordering::AcqRel) + 1;
-        stats.max_depth.fetch_max(depth, Ordering::Relaxed);
+        // The producer's view of the ring can lag the consumer's: a push refused for a full
+        // ring waits for room like any blocked push, rather than failing.
+        let mut msg = msg;
+        while let Err(back) = self.prod.try_push(msg) {
+            if self.shared.consumer_closed.load(Ordering::Acquire) {
+                stats.bytes.fetch_sub(size, Ordering::AcqRel);
+                stats.depth.fetch_sub(1, Ordering::AcqRel);
+                return Err(PushError::Closed);
+            }
+            msg = back;
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+        // A message popped but not yet uncounted can make `depth` exceed what the ring holds.
+        stats.max_depth.fetch_max(depth.min(stats.capacity), Ordering::Relaxed);
         stats.pushed.fetch_add(1, Ordering::Relaxed);
         if let Some(t) = self.shared.consumer_thread.get() {
             t.unpark();
