@@ -6,7 +6,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{mirage, npy, published, run, run_with_timeout, simulated_session, train_model, Daemon};
+use common::{
+    as_strs, decode_daemon_args, mirage, npy, published, run, run_with_timeout, simulated_session,
+    train_model, Daemon,
+};
 use mirage_rt::decode::metrics::two_way;
 
 const HEADS: [&str; 5] = ["image", "text", "lowlevel", "retrieval", "pixels"];
@@ -188,41 +191,22 @@ fn calibration_mode_collects_the_protocol_fits_and_switches_without_a_restart() 
     let model = train_model(d, &train_run, &train_glm);
     let protocol = Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/default.toml");
     let session = d.join("s");
+    let gallery = train_run.join("truth/gallery");
     let daemon_args = |session: &Path, protocol: &Path| -> Vec<String> {
-        [
-            "--ingest",
-            "sim://?seed=5&run_seed=8&volumes=340&shape=32,32,20&condition=imagery&motion_mm=0&motion_deg=0&speed=10",
-            "--publish",
-            "none",
-            "--no-lsl",
-            "--quiet",
-            "--mode",
-            "calibrate",
-            "--protocol",
-            protocol.to_str().unwrap(),
-            "--record",
-            session.to_str().unwrap(),
-            "--set",
-            "glm.mask=sim",
-            "--set",
-            &format!("decode.model=\"{}\"", model.display()),
-            "--set",
-            &format!("decode.gallery=\"{}\"", train_run.join("truth/gallery").display()),
-            "--set",
-            "decode.device=cpu",
-            // A lighter fit (two folds, fewer steps) keeps the switch well inside the run
-            // on a loaded 2-core machine: the run paces at 10 volumes/s.
-            "--set",
-            "calibrate.holdout=0.5",
-            "--set",
-            "calibrate.steps=200",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let protocol = protocol.to_str().unwrap();
+        decode_daemon_args(
+            "seed=5&run_seed=8&volumes=340&shape=32,32,20&condition=imagery&motion_mm=0&motion_deg=0&speed=10",
+            session,
+            "sim",
+            &model,
+            Some(&gallery),
+            // A lighter fit (two folds, fewer steps) keeps the switch well inside the run on
+            // a loaded 2-core machine: the run paces at 10 volumes/s.
+            &["--mode", "calibrate", "--protocol", protocol, "--set", "calibrate.holdout=0.5", "--set", "calibrate.steps=200"],
+        )
     };
     let args = daemon_args(&session, &protocol);
-    let daemon = Daemon::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), d);
+    let daemon = Daemon::start(&as_strs(&args), d);
     let (status, log) = daemon.wait(Duration::from_secs(180));
     assert!(status.success(), "{log}");
 

@@ -7,7 +7,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{mirage, npy, published, python, run, run_with_timeout, simulated_session, train_model, Daemon};
+use common::{
+    as_strs, decode_daemon_args, mirage, npy, published, python, run, run_with_timeout, simulated_session,
+    train_model, Daemon,
+};
 
 fn close(a: &[f32], b: &[f32], rel: f32, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}");
@@ -275,27 +278,16 @@ fn the_daemon_decodes_trials_live_and_survives_a_model_that_does_not_fit() {
     let (train_run, train_glm) = simulated_session(d, 7, "train", "seen", 1, 600);
     let model = train_model(d, &train_run, &train_glm);
     let session = d.join("s");
-    let daemon = Daemon::start(
-        &[
-            "--ingest",
-            "sim://?seed=7&run_seed=9&volumes=80&shape=32,32,20&condition=seen&motion_mm=0&motion_deg=0&speed=max",
-            "--publish",
-            "none",
-            "--no-lsl",
-            "--quiet",
-            "--record",
-            session.to_str().unwrap(),
-            "--set",
-            "glm.mask=sim",
-            "--set",
-            &format!("decode.model=\"{}\"", model.display()),
-            "--set",
-            &format!("decode.gallery=\"{}\"", train_run.join("truth/gallery").display()),
-            "--set",
-            "decode.device=cpu",
-        ],
-        d,
+    let gallery = train_run.join("truth/gallery");
+    let args = decode_daemon_args(
+        "seed=7&run_seed=9&volumes=80&shape=32,32,20&condition=seen&motion_mm=0&motion_deg=0&speed=max",
+        &session,
+        "sim",
+        &model,
+        Some(&gallery),
+        &[],
     );
+    let daemon = Daemon::start(&as_strs(&args), d);
     let (status, log) = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{log}");
     let decoded = published(&session, "decode");
@@ -319,23 +311,15 @@ fn the_daemon_decodes_trials_live_and_survives_a_model_that_does_not_fit() {
     // The same daemon with a model for another mask: every trial is refused and counted, the
     // run goes on.
     let session = d.join("s2");
-    let daemon = Daemon::start(
-        &[
-            "--ingest",
-            "sim://?seed=7&run_seed=9&volumes=40&shape=32,32,20&speed=max",
-            "--publish",
-            "none",
-            "--no-lsl",
-            "--quiet",
-            "--record",
-            session.to_str().unwrap(),
-            "--set",
-            "glm.mask=auto",
-            "--set",
-            &format!("decode.model=\"{}\"", model.display()),
-        ],
-        d,
+    let args = decode_daemon_args(
+        "seed=7&run_seed=9&volumes=40&shape=32,32,20&speed=max",
+        &session,
+        "auto",
+        &model,
+        None,
+        &[],
     );
+    let daemon = Daemon::start(&as_strs(&args), d);
     let (status, log) = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{log}");
     assert!(log.contains("received 40 recorded 40 published 40"), "{log}");

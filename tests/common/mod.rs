@@ -236,3 +236,34 @@ pub fn train_model(dir: &Path, run_dir: &Path, glm: &Path) -> PathBuf {
         .arg(&model));
     model
 }
+
+/// `mirage run` flags for a quiet daemon on the simulator (`sim_query`: the `sim://?` query)
+/// that records to `session`, publishes nothing, fits the GLM on `mask` and decodes with
+/// `model` (and `gallery`) on the CPU; `extra` flags follow.
+pub fn decode_daemon_args(
+    sim_query: &str,
+    session: &Path,
+    mask: &str,
+    model: &Path,
+    gallery: Option<&Path>,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = ["--ingest", &format!("sim://?{sim_query}"), "--publish", "none", "--no-lsl"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--quiet".into(), "--record".into(), session.display().to_string()]);
+    args.extend(["--set".into(), format!("glm.mask={mask}")]);
+    args.extend(["--set".into(), format!("decode.model=\"{}\"", model.display())]);
+    if let Some(g) = gallery {
+        args.extend(["--set".into(), format!("decode.gallery=\"{}\"", g.display())]);
+    }
+    args.extend(["--set".into(), "decode.device=cpu".into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Borrows a list of owned arguments as `&str`s.
+pub fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
