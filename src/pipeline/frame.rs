@@ -94,9 +94,6 @@ pub struct Frame {
     /// A frame a stage emitted when its input ended: it carries results, not a new volume
     /// (`volume` is the run's last one).
     pub end_of_run: bool,
-    /// A copy of an already-published frame that carries only results a stage finished
-    /// after passing the frame on (decoded trials): volume feedback never waits for a decode.
-    pub late_results: bool,
     /// Errors stages reported for this frame (it still went on).
     pub stage_errors: Vec<String>,
     /// Boundary timestamps.
@@ -115,7 +112,6 @@ impl Frame {
             decoded: Vec::new(),
             calibration: Vec::new(),
             end_of_run: false,
-            late_results: false,
             stage_errors: Vec::new(),
             stamps,
         }

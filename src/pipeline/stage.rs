@@ -205,7 +205,6 @@ impl Stage for DecodeDispatch {
         let has_trials = frame.glm.as_ref().is_some_and(|g| !g.trials.is_empty());
         if has_trials || frame.end_of_run {
             let mut copy = frame.clone();
-            copy.late_results = true;
             copy.glm.iter_mut().for_each(|g| g.roi.clear());
             self.worker.send(copy).map_err(|_| StageError {
                 stage: "decode",
