@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 
 use super::CalibrateError;
-use crate::decode::model::{write_f32_safetensors, Decoder};
+use crate::decode::model::{read_f32_tensor, write_f32_safetensors, Decoder};
 use crate::sim::rng::Rng;
 
 /// Format tag in every alignment file's metadata.
@@ -142,16 +142,10 @@ impl AlignmentHead {
         }
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
         let read = |name: &str, shape: &[usize]| -> Result<Tensor, CalibrateError> {
-            let view = st.tensor(name).map_err(|e| err(format!("{name}: {e}")))?;
-            if view.dtype() != safetensors::Dtype::F32 || view.shape() != shape {
-                return Err(err(format!(
-                    "{name}: {:?} {:?}, expected F32 {shape:?}",
-                    view.dtype(),
-                    view.shape()
-                )));
+            let (got, values) = read_f32_tensor(&st, name).map_err(err)?;
+            if got != shape {
+                return Err(err(format!("{name}: shape {got:?}, expected {shape:?}")));
             }
-            let values: Vec<f32> =
-                view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             if values.iter().any(|x| !x.is_finite()) {
                 return Err(err(format!("{name} has non-finite values")));
             }

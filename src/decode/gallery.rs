@@ -61,12 +61,7 @@ pub struct Gallery {
 }
 
 fn tensor_f32(st: &safetensors::SafeTensors, name: &str) -> Result<(Vec<usize>, Vec<f32>), DecodeError> {
-    let view = st.tensor(name).map_err(|e| DecodeError::Gallery(format!("{name}: {e}")))?;
-    if view.dtype() != safetensors::Dtype::F32 {
-        return Err(DecodeError::Gallery(format!("{name}: dtype {:?}, expected F32", view.dtype())));
-    }
-    let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    Ok((view.shape().to_vec(), values))
+    super::model::read_f32_tensor(st, name).map_err(DecodeError::Gallery)
 }
 
 impl Gallery {

@@ -384,6 +384,17 @@ pub fn write_f32_safetensors(
     safetensors::serialize_to_file(views, metadata, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Reads float32 tensor `name` of a safetensors file as (shape, values), refusing other
+/// dtypes; the model's and gallery's readers share it.
+pub fn read_f32_tensor(st: &safetensors::SafeTensors, name: &str) -> Result<(Vec<usize>, Vec<f32>), String> {
+    let view = st.tensor(name).map_err(|e| format!("{name}: {e}"))?;
+    if view.dtype() != safetensors::Dtype::F32 {
+        return Err(format!("{name}: dtype {:?}, expected F32", view.dtype()));
+    }
+    let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    Ok((view.shape().to_vec(), values))
+}
+
 /// Picks the device: `auto` (CUDA 0 if built with CUDA and present, else CPU), `cpu`, or
 /// `cuda:N`.
 pub fn device(spec: &str) -> Result<Device, DecodeError> {
