@@ -165,16 +165,17 @@ pub fn value_at(coeffs: &[f32], dims: [usize; 3], u: f64, v: f64, w: f64) -> Opt
         let (nx, plane) = (dims[0], dims[0] * dims[1]);
         let base = i + nx * j + plane * k;
         let block = coeffs.get(base..base + 3 * plane + 3 * nx + 4)?;
-        let mut acc = 0f32;
+        // Four x lanes accumulated over the sixteen (z, y) runs (one vector register), then
+        // weighed along x once.
+        let mut lanes = [0f32; 4];
         for (c, &wz) in ww.iter().enumerate() {
-            let mut inner = 0f32;
             for (b, &wy) in wv.iter().enumerate() {
-                let x = &block[c * plane + b * nx..c * plane + b * nx + 4];
-                inner += wy * (wu[0] * x[0] + wu[1] * x[1] + wu[2] * x[2] + wu[3] * x[3]);
+                let x = block.get(c * plane + b * nx..c * plane + b * nx + 4)?;
+                let wzy = wz * wy;
+                lanes.iter_mut().zip(x).for_each(|(l, &x)| *l += wzy * x);
             }
-            acc += wz * inner;
         }
-        return Some(acc);
+        return Some(lanes.iter().zip(&wu).map(|(l, w)| l * w).sum());
     }
     let index = |t: &Result<usize, [usize; 4]>, m: usize| match t {
         Ok(first) => first + m,
