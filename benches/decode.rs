@@ -4,73 +4,21 @@
 //! `MIRAGE_BENCH_FULL=1` also full-size heads one at a time (random weights), which need
 //! up to 7 GB of memory each; the retrieval head (16.5 GB) is timed on 64 of its 257 tokens.
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
-use mirage_rt::decode::model::{Decoder, FusionConfig, HeadConfig, ModelConfig, FORMAT};
+use mirage_rt::decode::model::Decoder;
+use mirage_rt::decode::synthetic::{self, MIRAGE_HEADS};
 
 const VOXELS: usize = 15_724;
 /// nsdgeneral's size on a 3 mm grid (64×64×36).
 const SMALL_VOXELS: usize = 3_400;
 
-/// MIRAGE's heads: image embedding, text embedding (77 × 1280), low-level (VDVAE latents),
-/// retrieval (257 × 1024).
-fn mirage_heads() -> Vec<(&'static str, Vec<usize>)> {
-    vec![
-        ("image", vec![768]),
-        ("text", vec![77, 1280]),
-        ("lowlevel", vec![91_168]),
-        ("retrieval", vec![257, 1024]),
-    ]
-}
-
-/// A decoder with random weights for `heads`, each low-rank with `rank` or full.
-fn random_decoder(heads: &[(&str, Vec<usize>)], rank: Option<usize>, voxels: usize) -> (Decoder, usize) {
-    let dev = Device::Cpu;
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    let scale = 1.0 / (voxels as f64).sqrt();
-    let rand = |shape: &[usize]| Tensor::rand(-scale as f32, scale as f32, shape, &dev).unwrap();
-    t.insert("input.mean".into(), Tensor::zeros(voxels, DType::F32, &dev).unwrap());
-    t.insert("input.std".into(), Tensor::ones(voxels, DType::F32, &dev).unwrap());
-    let mut weights = 0;
-    let mut cfgs = Vec::new();
-    for (name, shape) in heads {
-        let out: usize = shape.iter().product();
-        let p = format!("heads.{name}");
-        match rank {
-            Some(r) => {
-                t.insert(format!("{p}.down"), rand(&[r, voxels]));
-                t.insert(format!("{p}.up"), rand(&[out, r]));
-                weights += r * (voxels + out);
-            }
-            None => {
-                t.insert(format!("{p}.weight"), rand(&[out, voxels]));
-                weights += out * voxels;
-            }
-        }
-        t.insert(format!("{p}.bias"), Tensor::zeros(out, DType::F32, &dev).unwrap());
-        for s in ["pred_mean", "target_mean"] {
-            t.insert(format!("{p}.{s}"), Tensor::zeros(out, DType::F32, &dev).unwrap());
-        }
-        for s in ["pred_std", "target_std"] {
-            t.insert(format!("{p}.{s}"), Tensor::ones(out, DType::F32, &dev).unwrap());
-        }
-        cfgs.push(HeadConfig { name: name.to_string(), shape: shape.clone(), rank, renorm: true });
-    }
-    let cfg = ModelConfig {
-        format: FORMAT.into(),
-        n_voxels: voxels,
-        zscore_input: true,
-        heads: cfgs,
-        fusion: FusionConfig::default(),
-        provenance: serde_json::Value::Null,
-    };
-    let vb = VarBuilder::from_tensors(t, DType::F32, &dev);
-    (Decoder::new(cfg, &vb, &dev).unwrap(), weights)
+/// A decoder on the CPU with random weights for `heads`, each low-rank with `rank` or full.
+fn random_decoder(heads: &[(&str, &[usize])], rank: Option<usize>, voxels: usize) -> (Decoder, usize) {
+    synthetic::random_decoder(heads, rank, voxels, &Device::Cpu).unwrap()
 }
 
 fn betas(voxels: usize) -> Vec<f32> {
@@ -97,7 +45,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("decode");
     g.measurement_time(Duration::from_secs(10)).warm_up_time(Duration::from_secs(2)).sample_size(20);
 
-    let (decoder, weights) = random_decoder(&mirage_heads(), Some(512), VOXELS);
+    let (decoder, weights) = random_decoder(&MIRAGE_HEADS, Some(512), VOXELS);
     eprintln!("low-rank r=512 MIRAGE heads: {weights} weights ({:.0} MB f32)", weights as f64 * 4e-6);
     let floor: Vec<f32> = vec![1.0; weights];
     g.bench_function("baseline_stream_lowrank_weight_bytes", |b| b.iter(|| black_box(stream(&floor))));
@@ -107,7 +55,7 @@ fn bench(c: &mut Criterion) {
     });
     drop(decoder);
     // The same heads from the 64×64×36 (3 mm) equivalent of nsdgeneral: 15,724 × (1.8/3)³.
-    let (decoder, _) = random_decoder(&mirage_heads(), Some(512), SMALL_VOXELS);
+    let (decoder, _) = random_decoder(&MIRAGE_HEADS, Some(512), SMALL_VOXELS);
     let xs = betas(SMALL_VOXELS);
     g.bench_function("lowrank_r512_mirage_shapes_per_trial_3400_voxels", |b| {
         b.iter(|| black_box(decoder.predict(&xs, 1).unwrap()))
@@ -115,20 +63,20 @@ fn bench(c: &mut Criterion) {
     drop(decoder);
 
     // What the low-rank path costs without the big up-projections: the image head alone.
-    let (small, _) = random_decoder(&mirage_heads()[..1], Some(512), VOXELS);
+    let (small, _) = random_decoder(&MIRAGE_HEADS[..1], Some(512), VOXELS);
     g.bench_function("lowrank_r512_image_head_per_trial", |b| {
         b.iter(|| black_box(small.predict(&x, 1).unwrap()))
     });
-    let (small, _) = random_decoder(&mirage_heads()[..1], None, VOXELS);
+    let (small, _) = random_decoder(&MIRAGE_HEADS[..1], None, VOXELS);
     g.bench_function("full_image_head_per_trial", |b| b.iter(|| black_box(small.predict(&x, 1).unwrap())));
     drop(small);
 
     if std::env::var("MIRAGE_BENCH_FULL").is_ok_and(|v| v == "1") {
         g.sample_size(10).measurement_time(Duration::from_secs(20));
-        let full: Vec<(&str, Vec<usize>)> =
-            vec![("text", vec![77, 1280]), ("lowlevel", vec![91_168]), ("retrieval", vec![64, 1024])];
+        let full: [(&str, &[usize]); 3] =
+            [("text", &[77, 1280]), ("lowlevel", &[91_168]), ("retrieval", &[64, 1024])];
         for (name, shape) in full {
-            let (d, weights) = random_decoder(&[(name, shape.clone())], None, VOXELS);
+            let (d, weights) = random_decoder(&[(name, shape)], None, VOXELS);
             eprintln!(
                 "full {name} {shape:?}: {:.2} GB f32 weights, process peak {:.0} MB",
                 weights as f64 * 4e-9,

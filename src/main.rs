@@ -231,6 +231,33 @@ enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Time per-trial decode of random MIRAGE-shaped heads on a device; compare with the CPU.
+    BenchDecode {
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Input voxels (15,724: NSD subj01 nsdgeneral).
+        #[arg(long, default_value_t = 15_724)]
+        voxels: usize,
+        /// Rank of the heads, or full.
+        #[arg(long, default_value = "512")]
+        rank: String,
+        /// Precision of the weight matrices: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Timed trials.
+        #[arg(long, default_value_t = 100)]
+        trials: usize,
+        /// Trials also decoded on the CPU and compared with the device's outputs (0: none).
+        #[arg(long, default_value_t = 0)]
+        compare_cpu: usize,
+        /// Exit with an error when an output differs from the CPU's by more than this.
+        #[arg(long)]
+        tolerance: Option<f64>,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Print a calibration protocol's cue schedule as events.tsv.
     Protocol {
         /// Protocol TOML (calibration/*.toml).
@@ -435,6 +462,24 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             let report = commands::bench::bench(&args, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
             print!("{}", report.table());
+            Ok(())
+        }
+        Command::BenchDecode { device, voxels, rank, dtype, trials, compare_cpu, tolerance, json } => {
+            let rank = match rank.as_str() {
+                "full" => None,
+                r => Some(r.parse().map_err(|_| anyhow::anyhow!("--rank {r:?}: use a number or full"))?),
+            };
+            let args = commands::bench_decode::DecodeBenchArgs {
+                device,
+                voxels,
+                rank,
+                weight_dtype: mirage_rt::decode::WeightDtype::parse(&dtype)?,
+                trials,
+                compare_cpu,
+                tolerance,
+                json,
+            };
+            print!("{}", commands::bench_decode::bench_decode(&args)?.table());
             Ok(())
         }
         Command::Protocol { file, out } => commands::calibrate::protocol(&file, out.as_deref()),

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{mirage, run};
+use std::time::Duration;
+
+use common::{mirage, run, run_with_timeout};
 
 fn check_summary(name: &str, s: &serde_json::Value, want_count: Option<u64>) {
     let get = |k: &str| s[k].as_f64().unwrap_or_else(|| panic!("{name}.{k} missing: {s}"));
@@ -137,4 +139,33 @@ fn live_metrics_serve_prometheus_and_the_status_topic_carries_rolling_percentile
     assert_eq!(r["count"], 80, "{last}");
     assert!(r["p50"].as_f64().unwrap() <= r["p99"].as_f64().unwrap());
     assert!(r["p99"].as_f64().unwrap() <= r["max"].as_f64().unwrap());
+}
+
+#[test]
+fn bench_decode_counts_the_weights_of_mirage_shapes_and_a_copied_decoder_gives_the_same_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("decode.json");
+    let (voxels, rank) = (300usize, 16usize);
+    run(mirage()
+        .args(["bench-decode", "--device", "cpu", "--voxels", "300", "--rank", "16", "--trials", "6"])
+        .args(["--compare-cpu", "2", "--tolerance", "0", "--json"])
+        .arg(&json));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let outputs = [768usize, 77 * 1280, 91_168, 257 * 1024];
+    let weights: usize = outputs.iter().map(|&o| rank.min(o) * (voxels + o)).sum();
+    assert_eq!(r["weights"].as_u64(), Some(weights as u64), "{r}");
+    check_summary("per_trial_ms", &r["per_trial_ms"], Some(6));
+    check_summary("cpu_per_trial_ms", &r["cpu_per_trial_ms"], Some(2));
+    let heads: Vec<&str> =
+        r["comparison"].as_array().unwrap().iter().map(|c| c["head"].as_str().unwrap()).collect();
+    assert_eq!(heads, ["image", "text", "lowlevel", "retrieval"]);
+    for c in r["comparison"].as_array().unwrap() {
+        assert!(c["max_abs_cpu"].as_f64().unwrap() > 0.0, "{c}");
+        assert_eq!(c["max_abs_diff"].as_f64(), Some(0.0), "{c}");
+    }
+    let (status, out) = run_with_timeout(
+        mirage().args(["bench-decode", "--device", "cuda:7", "--trials", "1"]),
+        Duration::from_secs(60),
+    );
+    assert!(!status.success() && out.contains("cuda:7"), "{out}");
 }

@@ -14,6 +14,7 @@ use crate::bench::{machine, plot, process_cpu_ms, thread_cpu_ms, BenchReport, Be
 use crate::clock;
 use crate::config::Config;
 use crate::decode::model::{FusionConfig, HeadConfig, ModelConfig, FORMAT};
+use crate::decode::synthetic::MIRAGE_HEADS;
 use crate::decode::train::{write_model, NamedTensor};
 use crate::ingest::Speed;
 use crate::pipeline::Pipeline;
@@ -83,10 +84,6 @@ pub struct BenchArgs {
 
 /// Seconds without a published volume, after the sender finished, before the bench stops.
 const IDLE_S: f64 = 10.0;
-
-/// MIRAGE's output shapes: image embedding, text tokens, low-level latents, retrieval tokens.
-const MIRAGE_HEADS: [(&str, &[usize]); 4] =
-    [("image", &[768]), ("text", &[77, 1280]), ("lowlevel", &[91168]), ("retrieval", &[257, 1024])];
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())

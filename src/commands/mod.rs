@@ -1,6 +1,7 @@
 //! The commands behind the `mirage` binary; `main.rs` only parses arguments into these.
 
 pub mod bench;
+pub mod bench_decode;
 pub mod calibrate;
 pub mod decode;
 pub mod glm;

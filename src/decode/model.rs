@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::DecodeError;
@@ -139,8 +139,17 @@ impl ModelConfig {
 
 /// The linear map of one head.
 enum Map {
-    Full(Linear),
-    LowRank { down: Linear, up: Linear },
+    Full { weight: Tensor, bias: Tensor },
+    LowRank { down: Tensor, up: Tensor, bias: Tensor },
+}
+
+/// `x · wᵀ (+ b)` in the weights' precision, returned as float32.
+fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let y = x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
 }
 
 /// Per-output renormalisation statistics.
@@ -169,10 +178,11 @@ impl Head {
         let err = |e: candle_core::Error| DecodeError::Model(format!("head {}: {e}", cfg.name));
         let bias = vb.get(out, "bias").map_err(err)?;
         let map = match cfg.rank {
-            None => Map::Full(Linear::new(vb.get((out, n_in), "weight").map_err(err)?, Some(bias))),
+            None => Map::Full { weight: vb.get((out, n_in), "weight").map_err(err)?, bias },
             Some(r) => Map::LowRank {
-                down: Linear::new(vb.get((r, n_in), "down").map_err(err)?, None),
-                up: Linear::new(vb.get((out, r), "up").map_err(err)?, Some(bias)),
+                down: vb.get((r, n_in), "down").map_err(err)?,
+                up: vb.get((out, r), "up").map_err(err)?,
+                bias,
             },
         };
         let renorm = if cfg.renorm {
@@ -198,9 +208,22 @@ impl Head {
         let _g = self.span.enter();
         let (_batch, _n_in) = xs.dims2()?;
         match &self.map {
-            Map::Full(l) => l.forward(xs),
-            Map::LowRank { down, up } => up.forward(&down.forward(xs)?),
+            Map::Full { weight, bias } => affine(xs, weight, Some(bias)),
+            Map::LowRank { down, up, bias } => affine(&affine(xs, down, None)?, up, Some(bias)),
         }
+    }
+
+    /// Stores its weight matrices in `dtype` (e.g. bf16, half the bytes a decode reads);
+    /// biases and statistics stay float32, and outputs are float32.
+    pub fn set_weight_dtype(&mut self, dtype: DType) -> candle_core::Result<()> {
+        match &mut self.map {
+            Map::Full { weight, .. } => *weight = weight.to_dtype(dtype)?,
+            Map::LowRank { down, up, .. } => {
+                *down = down.to_dtype(dtype)?;
+                *up = up.to_dtype(dtype)?;
+            }
+        }
+        Ok(())
     }
 
     /// Renormalises raw predictions with the stored statistics (or `pred` statistics given).
@@ -215,6 +238,35 @@ impl Head {
             .broadcast_div(std)?
             .broadcast_mul(&r.target_std)?
             .broadcast_add(&r.target_mean)
+    }
+
+    /// Its tensors under their model-file names (`heads.NAME.…`).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let p = format!("heads.{}", self.cfg.name);
+        let mut t = Vec::new();
+        match &self.map {
+            Map::Full { weight, bias } => {
+                t.push((format!("{p}.weight"), weight.clone()));
+                t.push((format!("{p}.bias"), bias.clone()));
+            }
+            Map::LowRank { down, up, bias } => {
+                t.push((format!("{p}.down"), down.clone()));
+                t.push((format!("{p}.up"), up.clone()));
+                t.push((format!("{p}.bias"), bias.clone()));
+            }
+        }
+        if let Some(r) = &self.renorm {
+            for (s, v) in [
+                ("pred_mean", &r.pred_mean),
+                ("pred_std", &r.pred_std),
+                ("target_mean", &r.target_mean),
+                ("target_std", &r.target_std),
+            ] {
+                t.push((format!("{p}.{s}"), v.clone()));
+            }
+            t.extend(r.pred_corr.as_ref().map(|c| (format!("{p}.pred_corr"), c.clone())));
+        }
+        t
     }
 
     /// Whether the head renormalises its outputs.
@@ -315,6 +367,34 @@ impl Decoder {
             }
         }
         format!("{:08x}", h.finalize())
+    }
+
+    /// Stores every head's weight matrices in `dtype` (see [`Head::set_weight_dtype`]).
+    pub fn set_weight_dtype(&mut self, dtype: DType) -> Result<(), DecodeError> {
+        for h in &mut self.heads {
+            h.set_weight_dtype(dtype)
+                .map_err(|e| DecodeError::Device(format!("head {}: {e}", h.cfg.name)))?;
+        }
+        Ok(())
+    }
+
+    /// Its tensors under their model-file names, so that it can be rebuilt elsewhere.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut t = vec![
+            ("input.mean".to_string(), self.input_mean.clone()),
+            ("input.std".to_string(), self.input_std.clone()),
+        ];
+        if let Some(v) = &self.voxels {
+            let v: Vec<f32> = v.iter().map(|&i| i as f32).collect();
+            t.extend(
+                Tensor::from_vec(v, self.cfg.n_voxels, &self.device).ok().map(|v| ("input.voxels".into(), v)),
+            );
+        }
+        t.extend(self.heads.iter().flat_map(Head::named_tensors));
+        let (u_img, u_txt) = &self.unconditional;
+        t.extend(u_img.as_ref().map(|u| ("fusion.u_img".to_string(), u.clone())));
+        t.extend(u_txt.as_ref().map(|u| ("fusion.u_txt".to_string(), u.clone())));
+        t
     }
 
     /// Z-scores betas `(batch, n_voxels)` with the training statistics.
