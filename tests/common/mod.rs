@@ -136,6 +136,12 @@ impl Daemon {
         }
     }
 
+    /// Kills the daemon with SIGKILL (no chance to flush or clean up) and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
