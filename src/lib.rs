@@ -13,6 +13,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod decode;
+pub mod fuzzing;
 pub mod glm;
 pub mod ingest;
 pub mod io;

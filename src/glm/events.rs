@@ -119,8 +119,14 @@ pub fn parse_marker(marker: &str, timestamp: f64) -> Result<Event, EventError> {
 /// `duration`; `trial_type` (condition), `stim_id` and `trial_id` are used when present.
 pub fn read_events_tsv(path: &Path) -> Result<Vec<Event>, EventError> {
     let p = path.display().to_string();
-    let err = |reason: String| EventError::File { path: p.clone(), reason };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EventError::File { path: p.clone(), reason: e.to_string() })?;
+    parse_events_tsv(&text, &p)
+}
+
+/// Parses the text of a BIDS events file (see [`read_events_tsv`]); `source` names it in errors.
+pub fn parse_events_tsv(text: &str, source: &str) -> Result<Vec<Event>, EventError> {
+    let err = |reason: String| EventError::File { path: source.to_string(), reason };
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header: Vec<&str> =
         lines.next().ok_or_else(|| err("empty file".into()))?.split('\t').map(str::trim).collect();

@@ -1,0 +1,78 @@
+//! Entry points of the fuzz targets (`fuzz/`) and of the test that replays their corpus: each
+//! feeds arbitrary bytes to one parser of outside input, which must answer with a value or an
+//! error and never panic or allocate past its limits.
+
+use crate::config::Config;
+use crate::glm::events::{parse_events_tsv, parse_marker};
+use crate::ingest::lsl::parse_geometry;
+use crate::ingest::uri::{parse_publish_uri, IngestUri};
+use crate::ingest::wire::{decode_volume, parse_header, peek_index};
+use crate::io::nifti::NiftiHeader;
+use crate::sim::SimConfig;
+
+/// Largest volume the fuzzed wire decoder accepts (the daemon's limit is configurable).
+pub const MAX_VOXELS: usize = 1 << 20;
+
+/// A pyneal or native ZMQ message: the header frame up to the first newline, the payload after.
+pub fn wire_message(data: &[u8]) {
+    let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+    let (header, payload) = (&data[..split], data.get(split + 1..).unwrap_or_default());
+    let _ = peek_index(header);
+    if let Ok(h) = parse_header(header, MAX_VOXELS) {
+        let _ = decode_volume(&h, payload, 0.0, "run");
+    }
+}
+
+/// An LSL stream's `<desc><volume>` fields, separated by ASCII unit separators (0x1f).
+pub fn lsl_geometry(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let f: Vec<&str> = text.split('\u{1f}').collect();
+    let at = |i: usize| f.get(i).copied();
+    let _ = parse_geometry(at(0).unwrap_or_default(), at(1).unwrap_or_default(), at(2), at(3), at(4));
+}
+
+/// An event marker string (LSL marker stream or ZMQ events).
+pub fn marker(data: &[u8]) {
+    let _ = parse_marker(&String::from_utf8_lossy(data), 12.5);
+}
+
+/// The text of a BIDS events file.
+pub fn events_tsv(data: &[u8]) {
+    let _ = parse_events_tsv(&String::from_utf8_lossy(data), "fuzz");
+}
+
+/// A configuration file, then its validation and its URIs.
+pub fn config(data: &[u8]) {
+    if let Ok(cfg) = Config::parse(&String::from_utf8_lossy(data)) {
+        let _ = cfg.validate();
+        let _ = cfg.ingest_uri();
+    }
+}
+
+/// An ingest or publish URI.
+pub fn uri(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let _ = IngestUri::parse(&text, &SimConfig::default());
+    let _ = parse_publish_uri(&text);
+}
+
+/// A NIfTI-1 header (and the sizes it declares).
+pub fn nifti_header(data: &[u8]) {
+    if let Ok(h) = NiftiHeader::parse(data) {
+        let _ = (h.volume_dims(), h.n_volumes(), h.voxels_per_volume(), h.tr_seconds(), h.affine());
+    }
+}
+
+/// One fuzz target: arbitrary bytes in, nothing out.
+pub type Target = fn(&[u8]);
+
+/// Every target by name, for the corpus replay.
+pub const TARGETS: [(&str, Target); 7] = [
+    ("wire_message", wire_message),
+    ("lsl_geometry", lsl_geometry),
+    ("marker", marker),
+    ("events_tsv", events_tsv),
+    ("config", config),
+    ("uri", uri),
+    ("nifti_header", nifti_header),
+];
