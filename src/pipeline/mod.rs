@@ -328,6 +328,9 @@ impl Pipeline {
             tracing::info!("metrics: http://{addr}/metrics");
         }
         let published_all_flag = published_all.clone();
+        // The last status waits for the recorder, so that its counts are the final ones.
+        let recorded_all = Arc::new(AtomicBool::new(session.is_none()));
+        let recorded_all_flag = recorded_all.clone();
         // Decoded trials reach publish off the volume path, from the decode worker.
         let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
         let waker = publish_rx.waker();
@@ -335,7 +338,7 @@ impl Pipeline {
             match Publisher::new(ep.as_ref(), hwm, feedback.as_deref(), n_rois, message_log) {
                 Ok(publisher) => {
                     let _ = ready.send(Ok(String::new()));
-                    publish_loop(publisher, publish_rx, Some(late_rx), &m, interval);
+                    publish_loop(publisher, publish_rx, Some(late_rx), &m, interval, &recorded_all_flag);
                 }
                 Err(e) => {
                     let _ = ready.send(Err(e.to_string()));
@@ -420,7 +423,12 @@ impl Pipeline {
 
         if let Some(writer) = session {
             let m = metrics.clone();
-            match spawn("record", move || record_loop(writer, record_rx, &m)) {
+            // Set when the recorder ends, panics or never starts.
+            let done = SetOnDrop(recorded_all);
+            match spawn("record", move || {
+                let _done = done;
+                record_loop(writer, record_rx, &m);
+            }) {
                 Ok(t) => handle.threads.push(t),
                 Err(e) => errors.push(e),
             }
@@ -605,6 +613,15 @@ fn decode_worker(
     }
 }
 
+/// Sets its flag when dropped.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metrics) {
     loop {
         match rx.recv_timeout(POLL) {
@@ -663,6 +680,7 @@ fn publish_loop(
     late: Option<crossbeam_channel::Receiver<Frame>>,
     m: &Metrics,
     status_interval_s: f64,
+    recorded_all: &AtomicBool,
 ) {
     let mut next_status = clock::now() + status_interval_s;
     let mut reported_errors = 0;
@@ -728,6 +746,13 @@ fn publish_loop(
             }
             reported_errors = publisher.send_errors();
         }
+        if clock::now() >= next_status {
+            publisher.send(status_message(&m.snapshot()));
+            next_status += status_interval_s;
+        }
+    }
+    while !recorded_all.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(10));
         if clock::now() >= next_status {
             publisher.send(status_message(&m.snapshot()));
             next_status += status_interval_s;
