@@ -87,7 +87,7 @@ pub enum SourceEvent {
 /// The runner's verdict on the last event, for protocols that answer their sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ack<'a> {
-    /// The volume was recorded and queued.
+    /// The volume was written to the session folder (or a TR passed) and queued.
     Accepted {
         /// Its index.
         index: u64,
@@ -105,6 +105,11 @@ pub trait Source {
     fn next(&mut self, timeout: Duration) -> SourceEvent;
     /// Called once after every `Volume` or `Rejected` event, once the volume is recorded.
     fn acknowledge(&mut self, _ack: Ack<'_>) {}
+    /// Whether the sender waits for [`Source::acknowledge`] (then the runner holds the answer
+    /// until the recorder has written the volume, for at most one TR).
+    fn answers_sender(&self) -> bool {
+        false
+    }
     /// A short description for logs (`pyneal tcp://127.0.0.1:5555`).
     fn describe(&self) -> String;
 }

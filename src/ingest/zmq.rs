@@ -2,7 +2,8 @@
 //!
 //! pyneal (`pyneal://`): we bind a PAIR socket; the sender's first message is a greeting string
 //! that we echo; then each volume is a header frame and a data frame (see [`super::wire`]),
-//! answered with `received volIdx N` once it is recorded (or `error volIdx N: …` when refused,
+//! answered with `received volIdx N` once it is written to the session folder, or a TR has
+//! passed (or `error volIdx N: …` when refused,
 //! so the sender never hangs). A single-frame string later in the run is a reconnecting sender's
 //! greeting and is echoed again.
 //!
@@ -152,6 +153,10 @@ impl Source for ZmqReceiver {
             },
             other => SourceEvent::Rejected(WireError::Frames(other.len()).into()),
         }
+    }
+
+    fn answers_sender(&self) -> bool {
+        self.protocol == Protocol::Pyneal
     }
 
     fn acknowledge(&mut self, ack: Ack<'_>) {

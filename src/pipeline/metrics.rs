@@ -157,6 +157,8 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     /// Volumes written to the session folder.
     pub recorded: AtomicU64,
+    /// Volumes the recorder has finished with, written or not (for holding acknowledgements).
+    pub record_attempts: AtomicU64,
     /// Volume messages published.
     pub published: AtomicU64,
     /// Volumes whose index repeated.
@@ -178,6 +180,7 @@ impl Metrics {
             received: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             recorded: AtomicU64::new(0),
+            record_attempts: AtomicU64::new(0),
             published: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             missing: AtomicU64::new(0),

@@ -519,17 +519,29 @@ fn ingest_loop(
                 m.received.fetch_add(1, Ordering::Relaxed);
                 let index = v.index;
                 let volume = Arc::new(v);
-                if let Some(r) = record.as_mut() {
-                    if r.push(RecordItem { seq, volume: volume.clone(), flags }).is_err() {
-                        m.count_error("record_closed");
+                let recording = match record.as_mut() {
+                    Some(r) => {
+                        let pushed = r.push(RecordItem { seq, volume: volume.clone(), flags }).is_ok();
+                        if !pushed {
+                            m.count_error("record_closed");
+                        }
+                        pushed
                     }
-                }
-                source.acknowledge(Ack::Accepted { index });
+                    None => false,
+                };
+                let tr = volume.tr;
                 let mut stamps = Stamps::default();
                 stamps.set(Boundary::Received, volume.recv_time);
                 stamps.set(Boundary::Ingested, clock::now());
                 let frame = Frame::new(seq, volume, flags, stamps);
-                if out.push(frame) == Err(PushError::Closed) {
+                let closed = out.push(frame) == Err(PushError::Closed);
+                // The volume path has the frame; a waiting sender hears back once the volume
+                // is on disk, or after one TR (counted) so that a slow disk never stalls it.
+                if recording && source.answers_sender() && !wait_recorded(m, seq + 1, tr.unwrap_or(1.0)) {
+                    m.count_error("ack_before_recorded");
+                }
+                source.acknowledge(Ack::Accepted { index });
+                if closed {
                     break;
                 }
                 seq += 1;
@@ -537,6 +549,18 @@ fn ingest_loop(
         }
     }
     tracing::info!("ingest: stopped after {seq} volumes");
+}
+
+/// Waits until the recorder has finished with `n` volumes, for at most `seconds`; whether it has.
+fn wait_recorded(m: &Metrics, n: u64, seconds: f64) -> bool {
+    let deadline = clock::now() + seconds.clamp(0.01, 10.0);
+    while m.record_attempts.load(Ordering::Acquire) < n {
+        if clock::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    true
 }
 
 fn stage_loop(
@@ -636,6 +660,7 @@ fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metric
                         tracing::error!("{e}");
                     }
                 }
+                m.record_attempts.fetch_add(1, Ordering::Release);
             }
             Recv::Timeout => {}
             Recv::Closed => break,
