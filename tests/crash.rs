@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{free_port, Daemon};
+use common::{as_strs, free_port, pyneal_daemon_args, pyneal_hello, pyneal_socket, Daemon};
 use mirage_rt::io::session::SessionReader;
 
 const DIMS: [usize; 3] = [64, 64, 36];
@@ -37,26 +37,10 @@ fn kill_9_mid_stream_keeps_every_volume_acknowledged_a_tr_before_intact() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let session = dir.path().join("session");
-    let mut daemon = Daemon::start(
-        &[
-            "--ingest",
-            &format!("pyneal://127.0.0.1:{port}"),
-            "--publish",
-            "none",
-            "--record",
-            session.to_str().unwrap(),
-            "--no-lsl",
-            "--quiet",
-        ],
-        dir.path(),
-    );
+    let mut daemon = Daemon::start(&as_strs(&pyneal_daemon_args(port, "none", &session, &[])), dir.path());
     let ctx = zmq::Context::new();
-    let s = ctx.socket(zmq::PAIR).unwrap();
-    s.set_rcvtimeo(10_000).unwrap();
-    s.set_linger(0).unwrap();
-    s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
-    s.send("hello", 0).unwrap();
-    assert_eq!(s.recv_string(0).unwrap().unwrap(), "hello", "{}", daemon.log());
+    let s = pyneal_socket(&ctx, port);
+    pyneal_hello(&s);
 
     // Stream at one volume per TR; after 40 acknowledged volumes, send one more and kill the
     // daemon while it is being received.

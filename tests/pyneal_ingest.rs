@@ -5,7 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{free_port, published, python, run_with_timeout, shared_data, Daemon, Subscriber};
+use common::{
+    as_strs, free_port, published, pyneal_daemon_args, pyneal_hello, pyneal_socket, python, run_with_timeout,
+    shared_data, Daemon, Subscriber,
+};
 use mirage_rt::io::nifti::read_nifti;
 use mirage_rt::io::session::SessionReader;
 
@@ -15,26 +18,10 @@ fn pyneal_sender_real_uint16_and_float64_volumes_arrive_exactly_in_order() {
     let (pp, sp) = (free_port(), free_port());
     let session = dir.path().join("session");
     let series = shared_data("pyneal-testseries/testSeries.nii.gz");
-    let daemon = Daemon::start(
-        &[
-            "--ingest",
-            &format!("pyneal://127.0.0.1:{pp}"),
-            "--publish",
-            &format!("tcp://127.0.0.1:{sp}"),
-            "--record",
-            session.to_str().unwrap(),
-            "--stop-after",
-            "8",
-            "--no-lsl",
-            "--quiet",
-            // Transport checks: volumes must come out exactly as sent.
-            "--set",
-            "motion.enabled=false",
-            "--set",
-            "glm.enabled=false",
-        ],
-        dir.path(),
-    );
+    // Transport checks: volumes must come out exactly as sent.
+    let extra = ["--stop-after", "8", "--set", "motion.enabled=false", "--set", "glm.enabled=false"];
+    let publish = format!("tcp://127.0.0.1:{sp}");
+    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(pp, &publish, &session, &extra)), dir.path());
     let (status, out) = run_with_timeout(
         python("pyneal_roundtrip.py").args([
             "--pyneal",
@@ -98,32 +85,13 @@ fn bad_pyneal_messages_are_answered_counted_and_the_run_goes_on() {
     let (pp, sp) = (free_port(), free_port());
     let session = dir.path().join("s");
     let sub = Subscriber::connect(sp, "volume");
-    let daemon = Daemon::start(
-        &[
-            "--ingest",
-            &format!("pyneal://127.0.0.1:{pp}"),
-            "--publish",
-            &format!("tcp://127.0.0.1:{sp}"),
-            "--record",
-            session.to_str().unwrap(),
-            "--stop-after",
-            "1",
-            "--no-lsl",
-            "--quiet",
-            // Transport checks: volumes must come out exactly as sent.
-            "--set",
-            "motion.enabled=false",
-            "--set",
-            "glm.enabled=false",
-        ],
-        dir.path(),
-    );
+    // Transport checks: volumes must come out exactly as sent.
+    let extra = ["--stop-after", "1", "--set", "motion.enabled=false", "--set", "glm.enabled=false"];
+    let publish = format!("tcp://127.0.0.1:{sp}");
+    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(pp, &publish, &session, &extra)), dir.path());
     let ctx = zmq::Context::new();
-    let s = ctx.socket(zmq::PAIR).unwrap();
-    s.set_rcvtimeo(10_000).unwrap();
-    s.connect(&format!("tcp://127.0.0.1:{pp}")).unwrap();
-    send(&s, &[b"hello"]);
-    assert_eq!(s.recv_string(0).unwrap().unwrap(), "hello");
+    let s = pyneal_socket(&ctx, pp);
+    pyneal_hello(&s);
     std::thread::sleep(Duration::from_millis(300));
     let good = header(0, "float32", [2, 3, 4]);
     let payload: Vec<u8> = (0..24).flat_map(|i| (i as f32).to_le_bytes()).collect();

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{free_port, published, Daemon};
+use common::{as_strs, free_port, published, pyneal_daemon_args, pyneal_hello, pyneal_socket, Daemon};
 use mirage_rt::io::session::SessionReader;
 
 const AFFINE: &str = "[[3,0,0,0],[0,3,0,0],[0,0,3,0],[0,0,0,1]]";
@@ -30,19 +30,6 @@ fn message_at(index: u64, dims: [usize; 3], special: &[f32], affine: &str) -> (S
     (header.to_string(), values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
-fn pair(ctx: &zmq::Context, port: u16) -> zmq::Socket {
-    let s = ctx.socket(zmq::PAIR).unwrap();
-    s.set_rcvtimeo(10_000).unwrap();
-    s.set_linger(0).unwrap();
-    s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
-    s
-}
-
-fn hello(s: &zmq::Socket) {
-    s.send("hello", 0).unwrap();
-    assert_eq!(s.recv_string(0).unwrap().unwrap(), "hello");
-}
-
 fn send(s: &zmq::Socket, index: u64, dims: [usize; 3], special: &[f32]) {
     send_message(s, index, message(index, dims, special));
 }
@@ -57,23 +44,9 @@ fn scanner_faults_are_flagged_counted_recorded_and_survived() {
     let dir = tempfile::tempdir().unwrap();
     let (port, pub_port) = (free_port(), free_port());
     let session = dir.path().join("session");
-    let daemon = Daemon::start(
-        &[
-            "--ingest",
-            &format!("pyneal://127.0.0.1:{port}"),
-            "--publish",
-            &format!("tcp://127.0.0.1:{pub_port}"),
-            "--record",
-            session.to_str().unwrap(),
-            "--no-lsl",
-            "--quiet",
-            "--set",
-            "motion.enabled=false",
-            "--set",
-            "glm.enabled=false",
-        ],
-        dir.path(),
-    );
+    let publish = format!("tcp://127.0.0.1:{pub_port}");
+    let extra = ["--set", "motion.enabled=false", "--set", "glm.enabled=false"];
+    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(port, &publish, &session, &extra)), dir.path());
     let ctx = zmq::Context::new();
     // A subscriber that connects and never reads.
     let deaf = ctx.socket(zmq::SUB).unwrap();
@@ -82,8 +55,8 @@ fn scanner_faults_are_flagged_counted_recorded_and_survived() {
     deaf.connect(&format!("tcp://127.0.0.1:{pub_port}")).unwrap();
 
     let (grid, other_grid) = ([8, 8, 6], [10, 8, 6]);
-    let a = pair(&ctx, port);
-    hello(&a);
+    let a = pyneal_socket(&ctx, port);
+    pyneal_hello(&a);
     for i in 0..5 {
         send(&a, i, grid, &[]);
     }
@@ -93,7 +66,7 @@ fn scanner_faults_are_flagged_counted_recorded_and_survived() {
     send(&a, 8, grid, &[f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
 
     // A second sender on the PAIR socket is not heard while the first is connected.
-    let intruder = pair(&ctx, port);
+    let intruder = pyneal_socket(&ctx, port);
     let (h, p) = message(100, grid, &[]);
     let _ = intruder.send_multipart([h.as_bytes(), &p[..]], zmq::DONTWAIT);
     std::thread::sleep(Duration::from_millis(500));
@@ -105,8 +78,8 @@ fn scanner_faults_are_flagged_counted_recorded_and_survived() {
     a.send(h.as_bytes(), zmq::SNDMORE).unwrap();
     drop(a);
     std::thread::sleep(Duration::from_millis(300));
-    let b = pair(&ctx, port);
-    hello(&b);
+    let b = pyneal_socket(&ctx, port);
+    pyneal_hello(&b);
     send(&b, 9, grid, &[]);
     send_message(&b, 10, message_at(10, grid, &[], SHIFTED)); // moved grid: same run
     send(&b, 11, other_grid, &[]); // new grid: a new run
@@ -174,24 +147,11 @@ fn a_sender_faster_than_the_pipeline_is_held_back_counted_and_loses_nothing() {
     let port = free_port();
     let session = dir.path().join("session");
     // One-slot queues and full-size volumes: motion correction is slower than ingest.
-    let daemon = Daemon::start(
-        &[
-            "--ingest",
-            &format!("pyneal://127.0.0.1:{port}"),
-            "--publish",
-            "none",
-            "--record",
-            session.to_str().unwrap(),
-            "--no-lsl",
-            "--quiet",
-            "--set",
-            "pipeline.queue_capacity=1",
-        ],
-        dir.path(),
-    );
+    let extra = ["--set", "pipeline.queue_capacity=1"];
+    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(port, "none", &session, &extra)), dir.path());
     let ctx = zmq::Context::new();
-    let s = pair(&ctx, port);
-    hello(&s);
+    let s = pyneal_socket(&ctx, port);
+    pyneal_hello(&s);
     let dims = [96, 96, 60];
     let payload = blob(dims);
     const N: u64 = 120;

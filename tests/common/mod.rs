@@ -273,3 +273,28 @@ pub fn decode_daemon_args(
 pub fn as_strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
+
+/// `mirage run` flags for a quiet daemon taking pyneal on `port`, publishing to `publish`
+/// (`none` or an address) and recording to `session`, without LSL; `extra` flags follow.
+pub fn pyneal_daemon_args(port: u16, publish: &str, session: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> =
+        vec!["--ingest".into(), format!("pyneal://127.0.0.1:{port}"), "--publish".into()];
+    args.extend([publish.to_string(), "--record".into(), session.display().to_string()]);
+    args.extend(["--no-lsl", "--quiet"].iter().chain(extra).map(|s| s.to_string()));
+    args
+}
+
+/// A PAIR socket connected to a pyneal receiver on `port` (10 s receive timeout, no linger).
+pub fn pyneal_socket(ctx: &zmq::Context, port: u16) -> zmq::Socket {
+    let s = ctx.socket(zmq::PAIR).unwrap();
+    s.set_rcvtimeo(10_000).unwrap();
+    s.set_linger(0).unwrap();
+    s.connect(&format!("tcp://127.0.0.1:{port}")).unwrap();
+    s
+}
+
+/// Exchanges pyneal-scanner's greeting on `s`.
+pub fn pyneal_hello(s: &zmq::Socket) {
+    s.send("hello", 0).unwrap();
+    assert_eq!(s.recv_string(0).unwrap().unwrap(), "hello");
+}
