@@ -78,28 +78,30 @@ fn simulator_run_records_everything_and_prints_the_summary() {
 }
 
 #[test]
-fn sigterm_drains_and_prints_the_summary() {
-    let dir = tempfile::tempdir().unwrap();
-    let session = dir.path().join("s");
-    let daemon = common::Daemon::start(
-        &[
-            "--ingest",
-            "sim://?volumes=1000&shape=24,24,16&tr=0.05",
-            "--publish",
-            "none",
-            "--no-lsl",
-            "--record",
-            session.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    daemon.terminate();
-    let (status, log) = daemon.wait(Duration::from_secs(30));
-    assert!(status.success(), "{log}");
-    assert!(log.contains("stopped by signal"), "{log}");
-    let rec = SessionReader::open(&session).unwrap();
-    assert!(!rec.entries.is_empty() && rec.entries.len() < 1000);
-    let published = log.lines().find(|l| l.starts_with("volumes:")).unwrap();
-    assert!(published.contains(&format!("recorded {}", rec.entries.len())), "{published}");
+fn sigterm_and_sigint_drain_and_print_the_summary() {
+    for signal in ["TERM", "INT"] {
+        let dir = tempfile::tempdir().unwrap();
+        let session = dir.path().join("s");
+        let daemon = common::Daemon::start(
+            &[
+                "--ingest",
+                "sim://?volumes=1000&shape=24,24,16&tr=0.05",
+                "--publish",
+                "none",
+                "--no-lsl",
+                "--record",
+                session.to_str().unwrap(),
+            ],
+            dir.path(),
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        daemon.signal(signal);
+        let (status, log) = daemon.wait(Duration::from_secs(30));
+        assert!(status.success(), "SIG{signal}: {log}");
+        assert!(log.contains("stopped by signal"), "SIG{signal}: {log}");
+        let rec = SessionReader::open(&session).unwrap();
+        assert!(!rec.entries.is_empty() && rec.entries.len() < 1000);
+        let published = log.lines().find(|l| l.starts_with("volumes:")).unwrap();
+        assert!(published.contains(&format!("recorded {}", rec.entries.len())), "SIG{signal}: {published}");
+    }
 }
