@@ -147,6 +147,33 @@ def gpu_md():
     return out + [""]
 
 
+def soak_md():
+    """The last `benches/soak.py --json docs/benchmarks/soak.json` run (30 minutes; not rerun here)."""
+    f = os.path.join(PLOTS, "soak.json")
+    if not os.path.exists(f):
+        return []
+    r = json.load(open(f))
+    e = r["end_to_end_ms"]
+    out = ["## Soak", "",
+           f"`benches/soak.py --minutes {r['minutes']:g} --tr {r['tr_s']:g} --shape {r['shape']}` on {r['date']}: a pyneal "
+           "stream from `mirage simulate --stream` through motion, GLM, publish and recording, a pyzmq subscriber, the "
+           "daemon's memory sampled and its `status` topic's rolling ingest → publish percentiles (last 256 volumes) "
+           "read every interval.", "",
+           f"Sent {r['sent']}, received {r['received']}, recorded {r['recorded']}, published {r['published']}, at the "
+           f"subscriber {r['at_subscriber']}: **lost {r['lost']}**; rejected {r['rejected']}, errors "
+           f"{r['errors'] or 'none'}. Ingest → publish over the whole run: p50 {e['p50']:.2f}, p90 {e['p90']:.2f}, "
+           f"p99 {e['p99']:.2f}, p99.9 {e['p999']:.2f}, max {e['max']:.2f} ms. Session folder {r['session_gb']:.1f} GB.", "",
+           "| minute | daemon RSS (MB) | rolling p50 (ms) | rolling p99 (ms) | worst rolling p99 in the interval (ms) |",
+           "|---|---|---|---|---|"]
+    rows = r["rows"]
+    step = max(1, len(rows) // 10)
+    for row in rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else []):
+        fmt = lambda v: "–" if v is None else f"{v:.2f}"
+        out.append(f"| {row['minute']:.0f} | {row['rss_mb']:.1f} | {fmt(row['rolling_p50_ms'])} | "
+                   f"{fmt(row['rolling_p99_ms'])} | {fmt(row['worst_rolling_p99_in_interval_ms'])} |")
+    return out + [""]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--criterion", action="store_true", help="run `cargo bench` first")
@@ -193,7 +220,7 @@ def main():
         "latencies include queue waits; at `--rate max` they are mostly queue.",
         "",
     ]
-    text = "\n".join(head + ["## End to end", ""] + body + gpu_md() + criterion_md())
+    text = "\n".join(head + ["## End to end", ""] + body + soak_md() + gpu_md() + criterion_md())
     open(os.path.join(ROOT, "BENCHMARKS.md"), "w").write(text)
     print(f"wrote BENCHMARKS.md", file=sys.stderr)
 
