@@ -327,7 +327,8 @@ impl Pipeline {
             }
             tracing::info!("metrics: http://{addr}/metrics");
         }
-        let published_all_flag = published_all.clone();
+        // Set when publish ends, panics or never starts.
+        let published_all_flag = SetOnDrop(published_all.clone());
         // The last status waits for the recorder, so that its counts are the final ones.
         let recorded_all = Arc::new(AtomicBool::new(session.is_none()));
         let recorded_all_flag = recorded_all.clone();
@@ -335,6 +336,7 @@ impl Pipeline {
         let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
         let waker = publish_rx.waker();
         match spawn("publish", move || {
+            let _done = published_all_flag;
             match Publisher::new(ep.as_ref(), hwm, feedback.as_deref(), n_rois, message_log) {
                 Ok(publisher) => {
                     let _ = ready.send(Ok(String::new()));
@@ -344,7 +346,6 @@ impl Pipeline {
                     let _ = ready.send(Err(e.to_string()));
                 }
             }
-            published_all_flag.store(true, Ordering::Relaxed);
         }) {
             Ok(t) => handle.threads.push(t),
             Err(e) => errors.push(e),
