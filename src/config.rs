@@ -38,6 +38,8 @@ pub struct Config {
     pub publish: PublishConfig,
     /// The session folder.
     pub record: RecordConfig,
+    /// The operator's web console and the end-of-run report.
+    pub console: crate::console::ConsoleConfig,
 }
 
 /// `[ingest]`
@@ -215,6 +217,17 @@ impl Config {
         errors.extend(self.glm.validate());
         errors.extend(self.decode.validate());
         errors.extend(self.calibrate.validate());
+        errors.extend(self.console.validate());
+        let sim_ingest = matches!(self.ingest_uri(), Ok(IngestUri::Sim { .. }));
+        let sim = |p: &Option<std::path::PathBuf>| p.as_deref() == Some(std::path::Path::new("sim"));
+        if (sim(&self.decode.model) || sim(&self.decode.gallery)) && !sim_ingest {
+            errors.push(
+                "decode.model/decode.gallery = \"sim\" needs sim:// ingest; give a model folder".into(),
+            );
+        }
+        if self.glm.rois.iter().any(|r| r.path == std::path::Path::new("sim")) && !sim_ingest {
+            errors.push("glm.rois: path = \"sim\" needs sim:// ingest; give a mask file".into());
+        }
         if self.decode.mode == crate::decode::Mode::Calibrate {
             if self.decode.model.is_none() || self.decode.gallery.is_none() {
                 errors.push(

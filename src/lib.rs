@@ -12,6 +12,7 @@ pub mod calibrate;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod console;
 pub mod decode;
 pub mod fuzzing;
 pub mod glm;

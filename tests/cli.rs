@@ -44,7 +44,7 @@ fn simulator_run_records_everything_and_prints_the_summary() {
     let dir = tempfile::tempdir().unwrap();
     let session = dir.path().join("session");
     let (status, out) = run_with_timeout(
-        mirage().args([
+        mirage().env("MIRAGE_CACHE_DIR", dir.path().join("cache")).args([
             "run",
             "--config",
             concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.toml"),
@@ -53,10 +53,12 @@ fn simulator_run_records_everything_and_prints_the_summary() {
             "--publish",
             "none",
             "--no-lsl",
+            "--console",
+            "none",
             "--record",
             session.to_str().unwrap(),
         ]),
-        Duration::from_secs(120),
+        Duration::from_secs(180),
     );
     assert!(status.success(), "{out}");
     for stage in ["ingest", "motion", "glm", "decode", "publish", "end to end"] {

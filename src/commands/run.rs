@@ -33,6 +33,9 @@ pub struct RunOptions {
     /// Serve Prometheus metrics at IP:PORT (GET /metrics).
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Serve the operator's console (a web page) at IP:PORT, or `none`.
+    #[arg(long)]
+    pub console: Option<String>,
     /// decode, or calibrate: fit the alignment head on the protocol's trials, then decode
     /// with it.
     #[arg(long)]
@@ -66,6 +69,9 @@ impl RunOptions {
         if let Some(m) = &self.metrics {
             cfg.publish.metrics = (m != "none").then(|| m.clone());
         }
+        if let Some(c) = &self.console {
+            cfg.console.listen = (c != "none").then(|| c.clone());
+        }
         match self.mode.as_deref() {
             None => {}
             Some("decode") => cfg.decode.mode = crate::decode::Mode::Decode,
@@ -89,6 +95,7 @@ impl RunOptions {
 /// prints a live status line and, at exit, the latency summary.
 pub fn run(mut cfg: Config, opts: &RunOptions) -> anyhow::Result<MetricsSnapshot> {
     opts.apply(&mut cfg)?;
+    super::sim_model::resolve(&mut cfg, std::io::stderr().is_terminal() && !opts.quiet)?;
     let handle = Pipeline::build(&cfg).map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
     let signalled = watch_signals(handle.stop_flag())?;
     eprintln!("mirage: ingest {} ", handle.source());
@@ -98,6 +105,10 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> anyhow::Result<MetricsSnapshot
     if let Some(d) = handle.session_dir() {
         eprintln!("mirage: recording to {}", d.display());
     }
+    if let Some(addr) = &cfg.console.listen {
+        eprintln!("mirage: console at http://{addr}/ (open it in a browser)");
+    }
+    let report = handle.session_dir().filter(|_| cfg.console.report).map(|d| d.join("report.html"));
     let tty = std::io::stderr().is_terminal();
     let mut ticks = 0u64;
     while !handle.is_finished() {
@@ -122,6 +133,9 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> anyhow::Result<MetricsSnapshot
         eprintln!("mirage: stopped by signal");
     }
     eprint!("{}", summary.summary());
+    if let Some(report) = report.filter(|r| r.exists()) {
+        eprintln!("mirage: report {}", report.display());
+    }
     Ok(summary)
 }
 

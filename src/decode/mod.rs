@@ -153,12 +153,14 @@ impl DecodeConfig {
     /// Every problem with the settings.
     pub fn validate(&self) -> Vec<String> {
         let mut e = Vec::new();
-        if let Some(m) = &self.model {
+        // "sim": the simulator's own model and gallery, made at start (`commands::sim_model`).
+        let sim = |p: &Path| p == Path::new("sim");
+        if let Some(m) = self.model.as_deref().filter(|m| !sim(m)) {
             if !m.join(model::CONFIG_FILE).exists() {
                 e.push(format!("decode.model: {} has no {}", m.display(), model::CONFIG_FILE));
             }
         }
-        if let Some(g) = &self.gallery {
+        if let Some(g) = self.gallery.as_deref().filter(|g| !sim(g)) {
             if !g.join("gallery.json").exists() {
                 e.push(format!("decode.gallery: {} has no gallery.json", g.display()));
             }

@@ -86,6 +86,9 @@ pub struct RoiSpec {
     pub path: PathBuf,
 }
 
+/// An ROI `path` that names the simulator's visual ROI (with `sim://` ingest).
+pub const SIM_ROI: &str = "sim";
+
 /// `[glm]` settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -196,7 +199,7 @@ impl GlmConfig {
             e.push(format!("glm.mask: {} is not \"auto\", \"sim\" or an existing file", self.mask));
         }
         for r in &self.rois {
-            if !r.path.exists() {
+            if r.path != std::path::Path::new(SIM_ROI) && !r.path.exists() {
                 e.push(format!("glm.rois: {} ({}) does not exist", r.path.display(), r.name));
             }
         }
@@ -361,10 +364,14 @@ impl GlmEstimator {
                 Some((dims, v.into_iter().map(|(i, _)| i).collect()))
             }
         };
+        // The simulator's ROI is filled in by `with_roi` once the simulator is known.
         let roi_masks = cfg
             .rois
             .iter()
-            .map(|r| read_mask(&r.path).map(|m| (r.name.clone(), m)))
+            .map(|r| match r.path == std::path::Path::new(SIM_ROI) {
+                true => Ok((r.name.clone(), ([0; 3], Vec::new()))),
+                false => read_mask(&r.path).map(|m| (r.name.clone(), m)),
+            })
             .collect::<Result<_, _>>()?;
         Ok(GlmEstimator {
             cfg: cfg.clone(),
@@ -380,6 +387,16 @@ impl GlmEstimator {
     /// A mask given as voxel indices on a grid (e.g. the simulator's visual ROI).
     pub fn with_mask(mut self, dims: [usize; 3], voxels: Vec<usize>) -> GlmEstimator {
         self.fixed_mask = Some((dims, voxels));
+        self
+    }
+
+    /// Sets ROI `name`'s voxels (weight 1) on a grid, e.g. the simulator's visual ROI.
+    pub fn with_roi(mut self, name: &str, dims: [usize; 3], voxels: &[usize]) -> GlmEstimator {
+        for (n, mask) in &mut self.roi_masks {
+            if n == name {
+                *mask = (dims, voxels.iter().map(|&v| (v, 1.0)).collect());
+            }
+        }
         self
     }
 

@@ -131,6 +131,10 @@ pub struct MetricsSnapshot {
     pub missing: u64,
     /// Volumes that arrived after a higher index.
     pub out_of_order: u64,
+    /// Trials decoded and published.
+    pub decoded: u64,
+    /// Calibration mode's progress (`collecting 5/12`, `fitting 40/200`, `done`, …).
+    pub calibration: Option<String>,
     /// Errors by counter name.
     pub errors: BTreeMap<String, u64>,
     /// Queue states, in path order.
@@ -167,6 +171,10 @@ pub struct Metrics {
     pub missing: AtomicU64,
     /// Volumes that arrived after a higher index.
     pub out_of_order: AtomicU64,
+    /// Trials decoded and published.
+    pub decoded: AtomicU64,
+    /// Calibration mode's progress, for the status line.
+    pub calibration: Mutex<Option<String>>,
     errors: Mutex<BTreeMap<String, u64>>,
     latency: Mutex<LatencyBook>,
     edges: Mutex<Vec<Arc<EdgeStats>>>,
@@ -185,6 +193,8 @@ impl Metrics {
             duplicates: AtomicU64::new(0),
             missing: AtomicU64::new(0),
             out_of_order: AtomicU64::new(0),
+            decoded: AtomicU64::new(0),
+            calibration: Mutex::new(None),
             errors: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(LatencyBook {
                 stages: STAGES.iter().map(|_| histogram()).collect(),
@@ -295,6 +305,8 @@ impl Metrics {
             duplicates: get(&self.duplicates),
             missing: get(&self.missing),
             out_of_order: get(&self.out_of_order),
+            decoded: get(&self.decoded),
+            calibration: self.calibration.lock().ok().and_then(|c| c.clone()),
             errors,
             queues,
             stage_latency_ms,
@@ -387,8 +399,15 @@ impl MetricsSnapshot {
             .map(|q| format!(" queue {}={}/{}", q.name, q.depth, q.capacity))
             .unwrap_or_default();
         let recent = self.rolling_ms.get("end_to_end").copied().unwrap_or_default();
+        let mut decoding = String::new();
+        if let Some(c) = &self.calibration {
+            decoding.push_str(&format!(" | calibration {c}"));
+        }
+        if self.decoded > 0 {
+            decoding.push_str(&format!(" | decoded {}", self.decoded));
+        }
         format!(
-            "[{:>6.1}s] in {} rec {} out {} | e2e (last {}) p50 {:.2} ms p99 {:.2} ms | rejected {} errors {} dup {} missing {}{}",
+            "[{:>6.1}s] in {} rec {} out {}{decoding} | e2e (last {}) p50 {:.2} ms p99 {:.2} ms | rejected {} errors {} dup {} missing {}{}",
             self.uptime_s,
             self.received,
             self.recorded,
@@ -430,6 +449,11 @@ impl MetricsSnapshot {
             "volumes: received {} recorded {} published {} | rejected {} duplicates {} missing {} out-of-order {}",
             self.received, self.recorded, self.published, self.rejected, self.duplicates, self.missing, self.out_of_order
         );
+        if self.decoded > 0 || self.calibration.is_some() {
+            let calibration =
+                self.calibration.as_deref().map(|c| format!(" | calibration {c}")).unwrap_or_default();
+            let _ = writeln!(s, "trials decoded: {}{calibration}", self.decoded);
+        }
         if !self.errors.is_empty() {
             let list: Vec<String> = self.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let _ = writeln!(s, "errors: {}", list.join(" "));

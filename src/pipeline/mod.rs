@@ -18,7 +18,7 @@ pub mod queue;
 pub mod stage;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -32,9 +32,11 @@ use self::stage::{DecodeDispatch, DecodeStageAdapter, GlmStage, Identity, Motion
 use crate::calibrate::protocol::Protocol;
 use crate::clock;
 use crate::config::Config;
+use crate::console::ConsoleSetup;
+use crate::decode::gallery::Gallery;
 use crate::decode::DecodeStage;
 use crate::glm::events::Event;
-use crate::glm::GlmEstimator;
+use crate::glm::{GlmEstimator, SIM_ROI};
 use crate::ingest::uri::parse_publish_uri;
 use crate::ingest::{open_source, Ack, IngestUri, SourceEvent, SourceLimits};
 use crate::io::session::{MessageLog, SessionWriter};
@@ -93,17 +95,51 @@ fn live_calibration(
 
 /// Builds the GLM estimator, resolving `glm.mask = "sim"` to the simulator's visual ROI.
 fn glm_estimator(cfg: &Config, uri: &IngestUri) -> Result<GlmEstimator, String> {
-    let est = GlmEstimator::new(&cfg.glm).map_err(|e| e.to_string())?;
-    if cfg.glm.mask != "sim" {
+    let mut est = GlmEstimator::new(&cfg.glm).map_err(|e| e.to_string())?;
+    let sim_rois: Vec<&str> =
+        cfg.glm.rois.iter().filter(|r| r.path == Path::new(SIM_ROI)).map(|r| r.name.as_str()).collect();
+    if cfg.glm.mask != "sim" && sim_rois.is_empty() {
         return Ok(est);
     }
-    match uri {
-        IngestUri::Sim { sim, .. } => {
-            let s = crate::sim::Simulator::new(sim).map_err(|e| e.to_string())?;
-            Ok(est.with_mask(s.dims(), s.anatomy().roi.clone()))
-        }
-        _ => Err("glm.mask = \"sim\" needs sim:// ingest; give a mask file".into()),
+    let IngestUri::Sim { sim, .. } = uri else {
+        return Err("glm.mask or glm.rois = \"sim\" needs sim:// ingest; give a mask file".into());
+    };
+    let s = crate::sim::Simulator::new(sim).map_err(|e| e.to_string())?;
+    for name in sim_rois {
+        est = est.with_roi(name, s.dims(), &s.anatomy().roi);
     }
+    if cfg.glm.mask == "sim" {
+        est = est.with_mask(s.dims(), s.anatomy().roi.clone());
+    }
+    Ok(est)
+}
+
+/// The console's setup: a page when `console.listen` is set, a report when recording with
+/// `console.report`; `None` when neither.
+fn console_setup(cfg: &Config, session_dir: Option<&Path>) -> Result<Option<ConsoleSetup>, String> {
+    let report = session_dir.filter(|_| cfg.console.report).map(|d| d.join("report.html"));
+    if cfg.console.listen.is_none() && report.is_none() {
+        return Ok(None);
+    }
+    let gallery = match &cfg.decode.gallery {
+        Some(dir) if cfg.decode.model.is_some() => Some(Gallery::load(dir).map_err(|e| e.to_string())?),
+        _ => None,
+    };
+    let mode = match cfg.decode.mode {
+        crate::decode::Mode::Calibrate => "calibrate",
+        crate::decode::Mode::Decode => "decode",
+    };
+    let mut hello = serde_json::Map::new();
+    hello.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    hello.insert("source".into(), cfg.ingest.uri.clone().into());
+    hello.insert("mode".into(), mode.into());
+    hello.insert("decoding".into(), cfg.decode.model.is_some().into());
+    hello.insert("fd_threshold_mm".into(), cfg.motion.fd_threshold_mm.into());
+    hello.insert("latency_budget_ms".into(), cfg.decode.latency_budget_ms.into());
+    let rois: Vec<serde_json::Value> = cfg.glm.rois.iter().map(|r| r.name.clone().into()).collect();
+    hello.insert("rois".into(), rois.into());
+    hello.insert("report".into(), false.into());
+    Ok(Some(ConsoleSetup { listen: cfg.console.listen.clone(), hello, gallery, report }))
 }
 
 /// A stage with its input edge, output edge and the boundary stamped after it.
@@ -291,6 +327,18 @@ impl Pipeline {
             None => None,
         };
 
+        let console = match console_setup(cfg, handle.session_dir.as_deref()) {
+            Ok(Some(setup)) => match crate::console::start(setup, metrics.clone()) {
+                Ok((feed, thread)) => {
+                    handle.threads.push(thread);
+                    Some(feed)
+                }
+                Err(e) => return Err(vec![e]),
+            },
+            Ok(None) => None,
+            Err(e) => return Err(vec![e]),
+        };
+
         let p = &cfg.pipeline;
         let frame_edge = |name: &'static str, policy: WhenFull| {
             let (tx, rx) = edge::<Frame>(name, p.queue_capacity, p.queue_bytes, policy);
@@ -339,6 +387,10 @@ impl Pipeline {
             let _done = published_all_flag;
             match Publisher::new(ep.as_ref(), hwm, feedback.as_deref(), n_rois, message_log) {
                 Ok(publisher) => {
+                    let publisher = match console {
+                        Some(feed) => publisher.with_console(feed),
+                        None => publisher,
+                    };
                     let _ = ready.send(Ok(String::new()));
                     publish_loop(publisher, publish_rx, Some(late_rx), &m, interval, &recorded_all_flag);
                 }
@@ -677,6 +729,14 @@ fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metric
 fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
     for ev in &frame.calibration {
         publisher.send(calibration_message(ev));
+        let progress = match (ev.phase, ev.step) {
+            ("collecting", _) => format!("collecting {}/{}", ev.collected, ev.needed),
+            ("fitting", Some((step, steps))) => format!("fitting {step}/{steps}"),
+            (phase, _) => phase.to_string(),
+        };
+        if let Ok(mut c) = m.calibration.lock() {
+            *c = Some(progress);
+        }
         if matches!(ev.phase, "failed" | "incomplete") {
             m.count_error("calibration_failed");
             tracing::error!("calibration: {}", ev.error.as_deref().unwrap_or(ev.phase));
@@ -684,6 +744,7 @@ fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
     }
     for d in &frame.decoded {
         publisher.send(decode_message(d));
+        m.decoded.fetch_add(1, Ordering::Relaxed);
         if d.over_budget {
             m.count_error("decode_over_budget");
         }

@@ -19,6 +19,7 @@ use serde_json::{json, Map, Value};
 
 use self::message::{Message, Payload};
 use crate::clock;
+use crate::console::{ConsoleFeed, ConsoleInput};
 use crate::decode::Decoded;
 use crate::glm::{RoiValue, TrialBetas};
 use crate::ingest::Endpoint;
@@ -131,6 +132,7 @@ fn trial_header(t: &TrialBetas) -> Map<String, Value> {
 pub fn betas_message(frame: &Frame, t: &TrialBetas) -> Message {
     let mut header = trial_header(t);
     header.insert("index".into(), json!(frame.volume.index));
+    header.insert("tr".into(), json!(frame.volume.tr));
     header.insert("shape".into(), json!(frame.volume.dims));
     let payloads =
         vec![Payload::f32("betas", vec![t.betas.len()], "C", &t.betas), Payload::u32("voxels", &t.voxels)];
@@ -193,6 +195,7 @@ pub struct Publisher {
     socket: Option<(zmq::Socket, zmq::Context)>,
     outlet: Option<lsl::StreamOutlet>,
     log: Option<MessageLog>,
+    console: Option<ConsoleFeed>,
     send_errors: u64,
 }
 
@@ -235,13 +238,28 @@ impl Publisher {
             }
             None => None,
         };
-        Ok(Publisher { socket, outlet, log, send_errors: 0 })
+        Ok(Publisher { socket, outlet, log, console: None, send_errors: 0 })
     }
 
-    /// Sends a message on the PUB socket and logs its header; returns the header sent.
+    /// Also hands every message but volumes to the operator's console.
+    pub fn with_console(mut self, feed: ConsoleFeed) -> Publisher {
+        self.console = Some(feed);
+        self
+    }
+
+    /// Sends a message on the PUB socket, logs its header and hands it to the console;
+    /// returns the header sent.
     pub fn send(&mut self, msg: Message) -> Value {
         let topic = msg.topic;
+        // The console scores decodes against the truth, so it takes their payloads too.
+        let for_console = self.console.as_ref().filter(|_| topic != "volume").map(|feed| {
+            let payloads = if topic == "decode" { msg.payloads.clone() } else { Vec::new() };
+            (feed, payloads)
+        });
         let (header, frames) = msg.into_frames();
+        if let Some((feed, payloads)) = for_console {
+            feed.push(ConsoleInput { topic, header: header.clone(), payloads });
+        }
         if let Some((s, _)) = &self.socket {
             if let Err(e) = s.send_multipart(frames, zmq::DONTWAIT) {
                 self.send_errors += 1;

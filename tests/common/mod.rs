@@ -111,9 +111,15 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `mirage run ARGS`.
     pub fn start(args: &[&str], log_dir: &Path) -> Daemon {
+        Daemon::start_with_env(args, log_dir, &[])
+    }
+
+    /// Starts `mirage run ARGS` with extra environment variables.
+    pub fn start_with_env(args: &[&str], log_dir: &Path, env: &[(&str, &Path)]) -> Daemon {
         let log = log_dir.join(format!("daemon-{}.log", free_port()));
         let file = std::fs::File::create(&log).expect("log file");
         let child = mirage()
+            .envs(env.iter().copied())
             .arg("run")
             .args(args)
             .stdout(Stdio::null())
@@ -126,6 +132,19 @@ impl Daemon {
     /// The log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `text`; panics with the log on timeout or if the daemon
+    /// exits first.
+    pub fn wait_for_log(&mut self, text: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.log().contains(text) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("daemon exited ({status}) before logging {text:?}:\n{}", self.log());
+            }
+            assert!(std::time::Instant::now() < deadline, "no {text:?} within {timeout:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits for the daemon to exit on its own; panics with its log on timeout.
