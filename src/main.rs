@@ -7,9 +7,12 @@ use clap::{Parser, Subcommand};
 use mirage_rt::commands::decode::{Renorm, TrainArgs};
 use mirage_rt::commands::glm::{DesignSource, GlmOptions};
 use mirage_rt::commands::realign::{RealignOutputs, ReferenceChoice};
+use mirage_rt::commands::scanner::ScannerArgs;
 use mirage_rt::commands::{self, run::RunOptions, simulate::SimTarget};
 use mirage_rt::decode::train::TrainOptions;
 use mirage_rt::ingest::Speed;
+use mirage_rt::scanner::watch::WatchConfig;
+use mirage_rt::scanner::Vendor;
 
 #[derive(Parser)]
 #[command(name = "mirage", version, about = "Real-time fMRI decoding daemon")]
@@ -66,6 +69,56 @@ enum Command {
         /// Seconds to wait for the daemon.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
+    },
+    /// Watch a scanner's export folder and send each volume, once its files are whole, to a daemon.
+    Scanner {
+        /// The export folder.
+        #[arg(long)]
+        watch: PathBuf,
+        /// siemens (mosaic or XA enhanced DICOM), ge (single-slice DICOM), philips (PAR/REC) or auto.
+        #[arg(long, default_value = "auto")]
+        vendor: String,
+        /// The daemon: pyneal://HOST:PORT, zmq://HOST:PORT or lsl://NAME.
+        #[arg(long)]
+        to: String,
+        /// TR in seconds, sent when the files carry none.
+        #[arg(long)]
+        tr: Option<f64>,
+        /// Seconds between looks at the folder (change events wake it sooner where they work).
+        #[arg(long, default_value_t = 0.1)]
+        poll: f64,
+        /// Seconds a file's size must hold still before it is read, when no close event came.
+        #[arg(long, default_value_t = 0.2)]
+        settle: f64,
+        /// Seconds a volume waits for a missing earlier one before it is sent anyway.
+        #[arg(long, default_value_t = 2.0)]
+        reorder: f64,
+        /// Seconds a file may stay unreadable after its size held still before it is skipped.
+        #[arg(long, default_value_t = 10.0)]
+        give_up: f64,
+        /// Seconds to wait for the daemon.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        /// Stop after this many volumes.
+        #[arg(long)]
+        stop_after: Option<u64>,
+        /// Stop when no volume has come for this many seconds (after the first).
+        #[arg(long)]
+        idle_exit: Option<f64>,
+        /// Only poll the folder (a network share whose change events never come).
+        #[arg(long)]
+        no_events: bool,
+    },
+    /// Read a folder of scanner files (DICOM or PAR/REC) into one 4-D NIfTI.
+    Convert {
+        /// The folder.
+        dir: PathBuf,
+        /// siemens, ge, philips or auto.
+        #[arg(long, default_value = "auto")]
+        vendor: String,
+        /// Output .nii or .nii.gz.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Realign a 4-D NIfTI offline with the online motion stage's code.
     Realign {
@@ -340,6 +393,39 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --out DIR or --stream URI"),
             };
             commands::simulate::simulate(&sim, &target)
+        }
+        Command::Scanner {
+            watch,
+            vendor,
+            to,
+            tr,
+            poll,
+            settle,
+            reorder,
+            give_up,
+            timeout,
+            stop_after,
+            idle_exit,
+            no_events,
+        } => {
+            let vendor = Vendor::parse(&vendor).map_err(|e| anyhow::anyhow!("--vendor: {e}"))?;
+            let watch_cfg = WatchConfig { vendor, settle_s: settle, reorder_s: reorder, give_up_s: give_up };
+            let args = ScannerArgs {
+                watch,
+                to,
+                watch_cfg,
+                tr,
+                poll_s: poll,
+                timeout_s: timeout,
+                stop_after,
+                idle_exit_s: idle_exit,
+                no_events,
+            };
+            commands::scanner::scanner(&args, &commands::scanner::stop_on_signal()).map(|_| ())
+        }
+        Command::Convert { dir, vendor, out } => {
+            let vendor = Vendor::parse(&vendor).map_err(|e| anyhow::anyhow!("--vendor: {e}"))?;
+            commands::scanner::convert(&dir, vendor, &out).map(|_| ())
         }
         Command::Realign { input, out, params, matrices, reference, config } => {
             let cfg = commands::load_config(config.as_deref())?;

@@ -7,6 +7,7 @@ pub mod decode;
 pub mod glm;
 pub mod realign;
 pub mod run;
+pub mod scanner;
 pub mod sim_model;
 pub mod simulate;
 

@@ -141,7 +141,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> anyhow::Result<MetricsSnapshot
 
 /// SIGINT/SIGTERM set `stop` (a clean, draining shutdown); a second signal exits at once.
 /// Returns a flag that tells whether a signal arrived.
-fn watch_signals(stop: Arc<AtomicBool>) -> anyhow::Result<Arc<AtomicBool>> {
+pub(crate) fn watch_signals(stop: Arc<AtomicBool>) -> anyhow::Result<Arc<AtomicBool>> {
     let signalled = Arc::new(AtomicBool::new(false));
     let seen = signalled.clone();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
