@@ -147,6 +147,24 @@ def gpu_md():
     return out + [""]
 
 
+def scanner_md():
+    """The last `benches/scanner_latency.py --json docs/benchmarks/scanner_latency.json` run."""
+    f = os.path.join(PLOTS, "scanner_latency.json")
+    if not os.path.exists(f):
+        return []
+    r = json.load(open(f))
+    out = ["## Scanner side", "",
+           f"`benches/scanner_latency.py --volumes {r['volumes']} --tr {r['tr_s']:g}` on {r['date']}: Siemens mosaic "
+           "DICOM files (the real export, renumbered with pydicom) written one by one at TR pace into a folder that "
+           "`mirage scanner` watches, sent over pyneal to a `mirage run` daemon on loopback. Latency is the file's "
+           "last byte written (the writer's close) to the daemon's receipt of the volume, on one monotonic clock.", "",
+           "| watcher | volumes | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) |", "|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        out.append(f"| {run['mode']} | {run['received']} | {run['p50_ms']:.2f} | {run['p90_ms']:.2f} | "
+                   f"{run['p99_ms']:.2f} | {run['max_ms']:.2f} |")
+    return out + [""]
+
+
 def soak_md():
     """The last `benches/soak.py --json docs/benchmarks/soak.json` run (30 minutes; not rerun here)."""
     f = os.path.join(PLOTS, "soak.json")
@@ -220,7 +238,7 @@ def main():
         "latencies include queue waits; at `--rate max` they are mostly queue.",
         "",
     ]
-    text = "\n".join(head + ["## End to end", ""] + body + soak_md() + gpu_md() + criterion_md())
+    text = "\n".join(head + ["## End to end", ""] + body + soak_md() + scanner_md() + gpu_md() + criterion_md())
     open(os.path.join(ROOT, "BENCHMARKS.md"), "w").write(text)
     print(f"wrote BENCHMARKS.md", file=sys.stderr)
 

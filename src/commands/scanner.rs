@@ -118,11 +118,7 @@ pub fn scanner(args: &ScannerArgs, stop: &AtomicBool) -> anyhow::Result<u64> {
             tracing::warn!("{} volume(s) sent after a gap: an earlier one never came", step.gaps);
         }
         for mut v in step.volumes {
-            let seen = clock::now();
-            v.volume.acq_time = Some(match v.scanner_time {
-                Some(t) => t + *clock_offset.get_or_insert(seen - t),
-                None => seen,
-            });
+            v.volume.acq_time = Some(acquisition_time(v.scanner_time, clock::now(), &mut clock_offset));
             v.volume.run = crate::volume::sanitize_run_id(&format!("series-{}", v.series));
             if v.volume.tr.is_none() {
                 v.volume.tr = args.tr;
@@ -144,6 +140,16 @@ pub fn scanner(args: &ScannerArgs, stop: &AtomicBool) -> anyhow::Result<u64> {
     sender.finish();
     eprintln!("mirage: sent {sent} volumes, skipped {skipped} files");
     Ok(sent)
+}
+
+/// A volume's acquisition time on our clock: the scanner's time shifted by the offset fixed at
+/// the first volume that had one (seen then), so volumes keep the scanner's spacing; `seen` for
+/// files without a time.
+pub fn acquisition_time(scanner_time: Option<f64>, seen: f64, offset: &mut Option<f64>) -> f64 {
+    match scanner_time {
+        Some(t) => t + *offset.get_or_insert(seen - t),
+        None => seen,
+    }
 }
 
 /// Linux change events for one folder: which files were closed after writing (or moved in).
@@ -216,4 +222,18 @@ impl Drop for Inotify {
 pub fn stop_on_signal() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     super::run::watch_signals(stop.clone()).map(|_| stop.clone()).unwrap_or(stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_keep_the_scanners_spacing_on_our_clock() {
+        let mut offset = None;
+        // Seen 0.3 s and then 0.1 s after acquisition: export jitter does not move them.
+        assert!((acquisition_time(Some(36_000.0), 500.3, &mut offset) - 500.3).abs() < 1e-9);
+        assert!((acquisition_time(Some(36_001.0), 501.1, &mut offset) - 501.3).abs() < 1e-9);
+        assert_eq!(acquisition_time(None, 502.0, &mut offset), 502.0);
+    }
 }
