@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use super::dicom::Slice;
 use super::geometry::stack;
 use super::ScannedVolume;
-use crate::volume::Volume;
 
 /// Volumes being filled, by series and volume index.
 #[derive(Default)]
@@ -35,9 +34,7 @@ impl Assembler {
         let (series, index, tr, thickness) = (first.series.clone(), first.volume, first.tr, first.thickness);
         let scanner_time = slices.iter().filter_map(|s| s.scanner_time).min_by(f64::total_cmp);
         let (dims, affine, data) = stack(slices.into_iter().map(|s| s.image).collect(), None, thickness)?;
-        let volume =
-            Volume { data, dims, affine, index, run: "run".into(), tr, acq_time: None, recv_time: 0.0 };
-        Ok(Some(ScannedVolume { volume, scanner_time, series }))
+        Ok(Some(ScannedVolume::new(dims, affine, data, index, tr, scanner_time, series)))
     }
 
     /// Volumes still missing slices.

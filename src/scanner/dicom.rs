@@ -11,7 +11,6 @@ use dicom_object::InMemDicomObject;
 use super::csa;
 use super::geometry::{stack, SliceImage};
 use super::{ScannedVolume, ScannerError};
-use crate::volume::Volume;
 
 const ACQUISITION_DATE_TIME: Tag = Tag(0x0008, 0x002A);
 const ACQUISITION_TIME: Tag = Tag(0x0008, 0x0032);
@@ -209,10 +208,17 @@ pub fn read_dicom(path: &Path) -> Result<DicomContent, ScannerError> {
         return Ok(DicomContent::Volumes(
             frames
                 .into_iter()
-                .map(|(t, dims, affine, data, frame_time)| ScannedVolume {
-                    volume: volume(dims, affine, data, index + t, tr.or(enhanced_tr(obj))),
-                    scanner_time: frame_time.or(scanner_time),
-                    series: series.clone(),
+                .map(|(t, dims, affine, data, frame_time)| {
+                    let tr = tr.or(enhanced_tr(obj));
+                    ScannedVolume::new(
+                        dims,
+                        affine,
+                        data,
+                        index + t,
+                        tr,
+                        frame_time.or(scanner_time),
+                        series.clone(),
+                    )
                 })
                 .collect(),
         ));
@@ -259,11 +265,15 @@ pub fn read_dicom(path: &Path) -> Result<DicomContent, ScannerError> {
         let normal = csa.as_ref().and_then(|h| csa::numbers(h, "SliceNormalVector")).filter(|v| v.len() == 3);
         let normal = normal.map(|v| [v[0], v[1], v[2]]);
         let (dims, affine, data) = unmosaic(image, n, normal, thickness).map_err(|e| invalid(path, e))?;
-        return Ok(DicomContent::Volumes(vec![ScannedVolume {
-            volume: volume(dims, affine, data, index, tr),
+        return Ok(DicomContent::Volumes(vec![ScannedVolume::new(
+            dims,
+            affine,
+            data,
+            index,
+            tr,
             scanner_time,
             series,
-        }]));
+        )]));
     }
     let per_volume = int(obj, GE_LOCATIONS_IN_ACQUISITION)
         .or_else(|| int(obj, IMAGES_IN_ACQUISITION))
@@ -287,16 +297,6 @@ pub fn read_dicom(path: &Path) -> Result<DicomContent, ScannerError> {
 fn enhanced_tr(obj: &InMemDicomObject) -> Option<f64> {
     let shared = items(obj, SHARED_GROUPS).first();
     grouped(None, shared, MR_TIMING_SEQUENCE, |g| float(g, REPETITION_TIME)).map(|ms| ms / 1000.0)
-}
-
-fn volume(
-    dims: [usize; 3],
-    affine: crate::volume::Affine,
-    data: Vec<f32>,
-    index: u64,
-    tr: Option<f64>,
-) -> Volume {
-    Volume { data, dims, affine, index, run: "run".into(), tr, acq_time: None, recv_time: 0.0 }
 }
 
 /// A mosaic image's slices: `n` tiles of `rows/m × cols/m` (`m = ceil(sqrt(n))`), row by row.

@@ -52,6 +52,24 @@ pub struct ScannedVolume {
     pub series: String,
 }
 
+impl ScannedVolume {
+    /// A volume read from files: grid, RAS+ affine, data x fastest, 0-based index and TR; its
+    /// run and clock stamps are the sender's to set.
+    pub fn new(
+        dims: [usize; 3],
+        affine: crate::volume::Affine,
+        data: Vec<f32>,
+        index: u64,
+        tr: Option<f64>,
+        scanner_time: Option<f64>,
+        series: String,
+    ) -> ScannedVolume {
+        let volume =
+            Volume { data, dims, affine, index, run: "run".into(), tr, acq_time: None, recv_time: 0.0 };
+        ScannedVolume { volume, scanner_time, series }
+    }
+}
+
 /// Why a file could not be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

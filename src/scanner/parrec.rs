@@ -16,7 +16,7 @@ use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::{ScannedVolume, ScannerError};
-use crate::volume::{Affine, Volume};
+use crate::volume::Affine;
 
 /// Most voxels one volume may have (guards the allocation against corrupt headers).
 const MAX_VOXELS: usize = 1 << 26;
@@ -65,19 +65,9 @@ fn read(par: &Path) -> Res<Vec<ScannedVolume>> {
         .into_iter()
         .zip(&plan.dynamics)
         .zip(&plan.scan_times)
-        .map(|((data, &dynamic), &time)| ScannedVolume {
-            volume: Volume {
-                data,
-                dims: plan.dims,
-                affine,
-                index: file_index.unwrap_or(dynamic.unsigned_abs() - 1),
-                run: "run".to_string(),
-                tr,
-                acq_time: None,
-                recv_time: 0.0,
-            },
-            scanner_time: Some(time),
-            series: series.clone(),
+        .map(|((data, &dynamic), &time)| {
+            let index = file_index.unwrap_or(dynamic.unsigned_abs() - 1);
+            ScannedVolume::new(plan.dims, affine, data, index, tr, Some(time), series.clone())
         })
         .collect();
     Ok(volumes)
