@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing mirage-rt needs on a fresh Debian machine that has Rust
-# and Python: cmake (liblsl is built from source by the lsl crate) and the Python peers the
+# and Python: cmake (liblsl is built from source by the lsl crate) and, with --tests, the peers the
 # tests talk to (pyzmq, pylsl, nibabel, numpy, scipy, nilearn, scikit-learn, scikit-image,
 # selenium with Debian's chromium for the console's browser test, pydicom and Debian's dcm2niix
 # for the scanner readers). Idempotent and quiet when all is present.
@@ -13,6 +13,8 @@ if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ >/dev/null
 fi
+# Running the daemon needs no more; the tests (--tests) need their outside peers too.
+[ "${1:-}" = "--tests" ] || exit 0
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
     || ! command -v dcm2niix >/dev/null 2>&1; then
     SUDO=""

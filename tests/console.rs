@@ -26,7 +26,7 @@ fn console_check(url: &str, extra: &[&str]) -> Value {
         run_with_timeout(python("console_check.py").arg(url).args(extra), Duration::from_secs(200));
     assert!(
         status.success(),
-        "console check failed (needs chromium and chromium-driver: scripts/setup.sh):\n{out}"
+        "console check failed (needs chromium and chromium-driver: scripts/setup.sh --tests):\n{out}"
     );
     let line = out
         .lines()
