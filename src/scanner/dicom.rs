@@ -166,6 +166,27 @@ fn pixels(
     Ok(raw.map(|v| (v * slope + intercept) as f32).collect())
 }
 
+/// An image placed by DICOM's ImagePositionPatient (3 numbers), ImageOrientationPatient (6) and
+/// PixelSpacing (2), whose lengths the caller has checked.
+fn placed(
+    position: &[f64],
+    orientation: &[f64],
+    spacing: &[f64],
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+) -> SliceImage {
+    SliceImage {
+        position: [position[0], position[1], position[2]],
+        row_cos: [orientation[0], orientation[1], orientation[2]],
+        col_cos: [orientation[3], orientation[4], orientation[5]],
+        spacing: [spacing[0], spacing[1]],
+        rows,
+        cols,
+        data,
+    }
+}
+
 /// Reads one DICOM file.
 pub fn read_dicom(path: &Path) -> Result<DicomContent, ScannerError> {
     let head = std::fs::read(path).map_err(|e| incomplete(path, e.to_string()))?;
@@ -237,15 +258,7 @@ pub fn read_dicom(path: &Path) -> Result<DicomContent, ScannerError> {
         .filter(|v| v.len() == 2)
         .ok_or_else(|| invalid(path, "no PixelSpacing"))?;
     let thickness = float(obj, SLICE_SPACING).or_else(|| float(obj, SLICE_THICKNESS)).unwrap_or(1.0);
-    let image = SliceImage {
-        position: [position[0], position[1], position[2]],
-        row_cos: [orientation[0], orientation[1], orientation[2]],
-        col_cos: [orientation[3], orientation[4], orientation[5]],
-        spacing: [spacing[0], spacing[1]],
-        rows,
-        cols,
-        data,
-    };
+    let image = placed(&position, &orientation, &spacing, rows, cols, data);
     let is_siemens = text(obj, MANUFACTURER).is_some_and(|m| m.to_ascii_uppercase().contains("SIEMENS"));
     let csa = obj
         .element_opt(CSA_IMAGE_HEADER)
@@ -401,15 +414,7 @@ fn read_enhanced(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        entry.0.push(SliceImage {
-            position: [position[0], position[1], position[2]],
-            row_cos: [orientation[0], orientation[1], orientation[2]],
-            col_cos: [orientation[3], orientation[4], orientation[5]],
-            spacing: [spacing[0], spacing[1]],
-            rows,
-            cols,
-            data,
-        });
+        entry.0.push(placed(&position, &orientation, &spacing, rows, cols, data));
     }
     let first = volumes.keys().next().copied().unwrap_or(1);
     volumes
