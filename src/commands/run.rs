@@ -108,7 +108,7 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> anyhow::Result<MetricsSnapshot
     if let Some(addr) = &cfg.console.listen {
         eprintln!("mirage: console at http://{addr}/ (open it in a browser)");
     }
-    let report = handle.session_dir().filter(|_| cfg.console.report).map(|d| d.join("report.html"));
+    let report = cfg.console.report_path(handle.session_dir().map(|d| d.as_path()));
     let tty = std::io::stderr().is_terminal();
     let mut ticks = 0u64;
     while !handle.is_finished() {

@@ -45,6 +45,11 @@ impl Default for ConsoleConfig {
 }
 
 impl ConsoleConfig {
+    /// Where the report of a run recorded into `session_dir` goes, when reports are on.
+    pub fn report_path(&self, session_dir: Option<&std::path::Path>) -> Option<PathBuf> {
+        session_dir.filter(|_| self.report).map(|d| d.join("report.html"))
+    }
+
     /// Every problem with the settings.
     pub fn validate(&self) -> Vec<String> {
         match &self.listen {

@@ -117,7 +117,7 @@ fn glm_estimator(cfg: &Config, uri: &IngestUri) -> Result<GlmEstimator, String> 
 /// The console's setup: a page when `console.listen` is set, a report when recording with
 /// `console.report`; `None` when neither.
 fn console_setup(cfg: &Config, session_dir: Option<&Path>) -> Result<Option<ConsoleSetup>, String> {
-    let report = session_dir.filter(|_| cfg.console.report).map(|d| d.join("report.html"));
+    let report = cfg.console.report_path(session_dir);
     if cfg.console.listen.is_none() && report.is_none() {
         return Ok(None);
     }
