@@ -2,8 +2,9 @@
 """Regenerates BENCHMARKS.md: runs `mirage bench` scenarios (and, with --criterion, the
 criterion benches) on this machine and writes their figures, the commands and the date.
 
-usage: benches/benchmarks.py [--criterion] [--quick]
-Numbers are never edited by hand: rerun this script.
+usage: benches/benchmarks.py [--criterion] [--quick] [--render]
+Numbers are never edited by hand: rerun this script (--render only re-renders the last run's
+reports, keeping its date and commit line).
 """
 import argparse
 import datetime
@@ -25,6 +26,10 @@ SCENARIOS = [
     ("64x64x36, pyneal, 10 Hz, decode 15,724 voxels",
      ["--shape", "64,64,36", "--volumes", "400", "--ingest", "pyneal", "--rate", "10", "--voxels-decoded", "15724"],
      "p99 ingest→publish ≤ 10 ms", 3),
+    ("64x64x36 latents q8_0, pyneal, 10 Hz, decode 15,724 voxels to latents with 8-bit input weights",
+     ["--shape", "64,64,36", "--volumes", "400", "--ingest", "pyneal", "--rate", "10", "--voxels-decoded", "15724",
+      "--set", "decode.weight_dtype=\"q8_0\"", "--set", 'decode.latent_heads=["image","text","lowlevel","retrieval"]'],
+     None, 1),
     ("81x104x83, pyneal, 5 Hz, decode 15,724 voxels",
      ["--shape", "81,104,83", "--volumes", "200", "--ingest", "pyneal", "--rate", "5", "--voxels-decoded", "15724"],
      "p99 ingest→publish ≤ 60 ms", 1),
@@ -103,6 +108,56 @@ def criterion_md():
             "| group | bench | median | 95% CI | measured |", "|---|---|---|---|---|", *rows, ""]
 
 
+DECODE_HEAD = ["| heads | weights | device | decoded to | gallery | n | p50 | p90 | p99 | max | max \\|Δ output\\| "
+               "vs CPU f32 | top-1 as CPU f32 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def decode_row(r, note=""):
+    """One `mirage bench-decode` report as a row of DECODE_HEAD."""
+    p = r["per_trial_ms"]
+    heads = f"r = {r['rank']}" if r["rank"] else "full"
+    diff = f"{max(c['max_abs_diff'] for c in r['comparison']):.1e}" if r["comparison"] else "–"
+    gb = r["weights"] * (2 if r["weight_dtype"] == "bf16" else 4) / 1e9
+    weights = f"{r['weight_dtype']}, {gb:.1f} GB" + (" + 8-bit copy of the input side" if r["weight_dtype"] == "q8_0" else "")
+    to = "latents" if r.get("latent_heads") else "outputs"
+    gallery = f"{r['gallery']} items" if r.get("gallery") else "–"
+    agree = f"{100 * r['top1_agreement']:.0f} % (\\|Δ score\\| ≤ {r['max_score_diff']:.0e})" if r.get("top1_agreement") is not None else "–"
+    return (f"| {heads} | {weights} | {r['device']}{note} | {to} | {gallery} | {p['count']} | {p['p50']:.2f} | {p['p90']:.2f} | "
+            f"{p['p99']:.2f} | {p['max']:.2f} | {diff} | {agree} |")
+
+
+LATENT = os.path.join(PLOTS, "decode_cpu")
+# (report, bench-decode arguments, environment): the live decode stage on this machine's CPU.
+LATENT_RUNS = [
+    ("outputs_f32", [], {}),
+    ("latent_f32", ["--latent-heads", "all"], {}),
+    ("latent_q8_0", ["--latent-heads", "all", "--dtype", "q8_0"], {}),
+    ("latent_q8_0_1thread", ["--latent-heads", "all", "--dtype", "q8_0"], {"CANDLE_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}),
+]
+
+
+def latent_md(quick, render):
+    """`mirage bench-decode` on this CPU: every output against latents, float32 against 8-bit."""
+    os.makedirs(LATENT, exist_ok=True)
+    out = ["## Decode on this CPU: outputs or latents", "",
+           "`mirage bench-decode --device cpu --gallery 1000 --compare-cpu 20 --trials 200 …`: the live decode stage "
+           "(z-scoring, the four MIRAGE heads as random low-rank r = 512 heads over 15,724 voxels, ranking 1,000 gallery "
+           "items made from the heads' outputs) one trial at a time; compared with float32 outputs ranked by plain "
+           "cosine over the full outputs on the same weights. A latent head's output is compared through its float32 "
+           "up-projection. The last row uses one core, as the daemon does by default (`decode.threads = 1`).", "",
+           *DECODE_HEAD]
+    for name, args, env in LATENT_RUNS:
+        js = os.path.join(LATENT, f"{name}.json")
+        trials = "40" if quick else "200"
+        print(f"== bench-decode {name}", file=sys.stderr)
+        if not render:
+            sh([MIRAGE, "bench-decode", "--device", "cpu", "--gallery", "1000", "--compare-cpu", "20", "--trials", trials,
+                *args, "--json", js], env={**os.environ, **env})
+        r = json.load(open(js))
+        out.append(decode_row(r, ", one core" if env else ""))
+    return out + [""]
+
+
 def gpu_md():
     """The decoder on a GPU: the reports `scripts/gpu_check.sh` wrote on a GPU machine, kept in
     docs/benchmarks/gpu (this machine has no GPU, so they are rendered, not rerun)."""
@@ -111,23 +166,24 @@ def gpu_md():
         return []
     lines = open(log).read().splitlines()
     when, gpu, cores = lines[0], lines[1], lines[2]
+    later = os.path.join(GPU, "latent_log.txt")
+    gallery_runs = ""
+    if os.path.exists(later):
+        gallery_runs = (f" The rows with a gallery: `ONLY='latent|lowrank_gallery' scripts/gpu_check.sh` on "
+                        f"{open(later).readline().strip()}, the same kind of machine (`latent_log.txt`); there the "
+                        "timed decode is the live stage's (z-scoring, heads, ranking from the latents), and the "
+                        "comparison is with float32 outputs on the CPU ranked by plain cosine.")
     out = ["## Decode on a GPU", "",
            f"Measured by `scripts/gpu_check.sh` on {when}: {gpu}, {cores} CPU cores (a lent machine, not this one); "
            "its log and reports are in `docs/benchmarks/gpu/`. `mirage bench-decode` times one trial at a time: "
-           "betas up, every head, renormalisation, outputs back on the host. Random weights; 15,724 voxels.", "",
-           "| heads | weights | device | n | p50 | p90 | p99 | max | max \\|device − CPU f32\\| |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for name in ["lowrank_f32", "lowrank_bf16", "lowrank_cpu", "full_f32", "full_bf16"]:
+           "betas up, every head, renormalisation, outputs back on the host. Random weights; 15,724 voxels."
+           + gallery_runs, "",
+           *DECODE_HEAD]
+    for name in ["lowrank_f32", "lowrank_bf16", "lowrank_cpu", "full_f32", "full_bf16", "lowrank_gallery_f32",
+                 "latent_gallery_f32", "latent_gallery_q8_cpu"]:
         f = os.path.join(GPU, f"{name}.json")
-        if not os.path.exists(f):
-            continue
-        r = json.load(open(f))
-        p = r["per_trial_ms"]
-        heads = f"r = {r['rank']}" if r["rank"] else "full"
-        diff = f"{max(c['max_abs_diff'] for c in r['comparison']):.1e}" if r["comparison"] else "–"
-        gb = r["weights"] * (2 if r["weight_dtype"] == "bf16" else 4) / 1e9
-        out.append(f"| {heads} | {r['weight_dtype']}, {gb:.1f} GB | {r['device']} | {p['count']} | {p['p50']:.2f} | "
-                   f"{p['p90']:.2f} | {p['p99']:.2f} | {p['max']:.2f} | {diff} |")
+        if os.path.exists(f):
+            out.append(decode_row(json.load(open(f))))
     out += ["", "The same pipeline bench (64×64×36, pyneal, 10 Hz, 300 volumes, decode of 15,724 voxels) on that "
             "machine, decode on the GPU and on its CPU:", "",
             "| decode on | ingest → publish p50 | p99 | trial close → decode p50 | p99 | decode compute p50 | p99 |",
@@ -196,6 +252,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--criterion", action="store_true", help="run `cargo bench` first")
     ap.add_argument("--quick", action="store_true", help="fewer volumes (for trying the script)")
+    ap.add_argument("--render", action="store_true", help="re-render the last run's reports, run nothing")
     a = ap.parse_args()
     sh(["cargo", "build", "--release", "-q"])
     if a.criterion:
@@ -212,12 +269,14 @@ def main():
         slug = slug.replace(" ", "").replace("/", "")
         js = os.path.join("/tmp", f"mirage-bench-{slug}.json")
         print(f"== {title}", file=sys.stderr)
-        sh([MIRAGE, "bench", *args, "--json", js, "--plot", os.path.join(PLOTS, f"{slug}.svg")])
+        if not a.render:
+            sh([MIRAGE, "bench", *args, "--json", js, "--plot", os.path.join(PLOTS, f"{slug}.svg")])
         r = json.load(open(js))
         again = []
         for k in range(1, repeats):
             jk = js.replace(".json", f"-{k}.json")
-            sh([MIRAGE, "bench", *args, "--json", jk])
+            if not a.render:
+                sh([MIRAGE, "bench", *args, "--json", jk])
             again.append(json.load(open(jk)))
         machine = r["setup"]["machine"]
         body += scenario_md(title, args, target, r, slug, again)
@@ -238,7 +297,11 @@ def main():
         "latencies include queue waits; at `--rate max` they are mostly queue.",
         "",
     ]
-    text = "\n".join(head + ["## End to end", ""] + body + soak_md() + scanner_md() + gpu_md() + criterion_md())
+    latent = latent_md(a.quick, a.render)
+    if a.render:
+        old = open(os.path.join(ROOT, "BENCHMARKS.md")).read().splitlines()
+        head[2] = next(l for l in old if l.startswith("Generated by"))
+    text = "\n".join(head + ["## End to end", ""] + body + soak_md() + scanner_md() + latent + gpu_md() + criterion_md())
     open(os.path.join(ROOT, "BENCHMARKS.md"), "w").write(text)
     print(f"wrote BENCHMARKS.md", file=sys.stderr)
 

@@ -11,6 +11,8 @@ use candle_core::Device;
 use criterion::{criterion_group, criterion_main, Criterion};
 use mirage_rt::decode::model::Decoder;
 use mirage_rt::decode::synthetic::{self, MIRAGE_HEADS};
+use mirage_rt::decode::{DecodeConfig, DecodeStage, WeightDtype};
+use mirage_rt::sim::rng::Rng;
 
 const VOXELS: usize = 15_724;
 /// nsdgeneral's size on a 3 mm grid (64×64×36).
@@ -54,6 +56,25 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(decoder.predict(&x, 1).unwrap()))
     });
     drop(decoder);
+    // The live stage with every head stopped at its latent and 100 gallery items ranked from
+    // the latents (exact), with float32 and with 8-bit (Q8_0) input-side weights.
+    for (dtype, name) in [(WeightDtype::F32, "f32"), (WeightDtype::Q8_0, "q8_0")] {
+        let (d, _) = random_decoder(&MIRAGE_HEADS, Some(512), VOXELS);
+        let mut rng = Rng::new(3, 1);
+        let items: Vec<f32> = (0..100 * VOXELS).map(|_| rng.normal() as f32).collect();
+        let gallery = synthetic::gallery_of_outputs(&d, &items, 100).unwrap();
+        let cfg = DecodeConfig {
+            device: "cpu".into(),
+            weight_dtype: dtype,
+            latent_heads: MIRAGE_HEADS.iter().map(|(n, _)| n.to_string()).collect(),
+            ..DecodeConfig::default()
+        };
+        let mut stage = DecodeStage::with_model(d, Some(gallery), &cfg).unwrap();
+        let t = synthetic::trial(0, &x);
+        g.bench_function(format!("lowrank_r512_mirage_shapes_latent_{name}_gallery100_per_trial"), |b| {
+            b.iter(|| black_box(stage.decode(&t).unwrap()))
+        });
+    }
     // The same heads from the 64×64×36 (3 mm) equivalent of nsdgeneral: 15,724 × (1.8/3)³.
     let (decoder, _) = random_decoder(&MIRAGE_HEADS, Some(512), SMALL_VOXELS);
     let xs = betas(SMALL_VOXELS);

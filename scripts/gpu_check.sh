@@ -5,7 +5,8 @@
 # CPU, and, given DATA from scripts/gpu_check_data.sh, a trained model's decode and a
 # calibration fit on both devices.
 # Usage: scripts/gpu_check.sh MIRAGE_BINARY OUT_DIR [DATA]   (a binary built with --features cuda)
-# Writes OUT_DIR/log.txt and one JSON report per timed step.
+# Writes OUT_DIR/log.txt and one JSON report per timed step. ONLY=REGEX runs only the steps
+# whose names match (e.g. ONLY=latent).
 set -u
 BIN=$1
 OUT=$2
@@ -22,6 +23,7 @@ export LD_LIBRARY_PATH=$LIBS:${LD_LIBRARY_PATH:-}
 step() {
   local name=$1 limit=$2
   shift 2
+  [[ -n "${ONLY:-}" && ! "$name" =~ $ONLY ]] && return 0
   echo "== $name: $*" | tee -a "$LOG"
   timeout "$limit" "$@" 2>&1 | grep -v -e '^\s*$' -e ' INFO ' | tee -a "$LOG"
   echo "== $name exit ${PIPESTATUS[0]}" | tee -a "$LOG"
@@ -33,6 +35,14 @@ step full_f32 150 $B --rank full --trials 100 --compare-cpu 1 --tolerance 1e-4 -
 step full_bf16 90 $B --rank full --dtype bf16 --trials 100 --json "$OUT/full_bf16.json"
 step lowrank_bf16 45 $B --dtype bf16 --trials 300 --compare-cpu 3 --json "$OUT/lowrank_bf16.json"
 step lowrank_cpu 45 "$BIN" bench-decode --device cpu --trials 50 --json "$OUT/lowrank_cpu.json"
+# Heads stopped at their latents, 1,000 gallery items ranked from them; 8-bit weights are refused
+# on a GPU and timed on that machine's CPU.
+G="--gallery 1000 --compare-cpu 5"
+step latent_gallery_f32 120 $B --latent-heads all $G --trials 300 --tolerance 1e-4 --json "$OUT/latent_gallery_f32.json"
+step lowrank_gallery_f32 120 $B $G --trials 300 --tolerance 1e-4 --json "$OUT/lowrank_gallery_f32.json"
+step latent_q8_refused 30 $B --dtype q8_0 --trials 1
+step latent_gallery_q8_cpu 150 "$BIN" bench-decode --device cpu --dtype q8_0 --latent-heads all $G --trials 100 \
+  --json "$OUT/latent_gallery_q8_cpu.json"
 if [ -n "$DATA" ]; then
   M=$DATA/model
   BETAS=$DATA/imagery-glm/trial_betas.npy

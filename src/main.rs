@@ -295,9 +295,15 @@ enum Command {
         /// Rank of the heads, or full.
         #[arg(long, default_value = "512")]
         rank: String,
-        /// Precision of the weight matrices: f32 or bf16.
+        /// Precision of the weight matrices: f32, bf16 or q8_0 (CPU).
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Heads decoded only to their latents (comma-separated, or all).
+        #[arg(long, value_delimiter = ',')]
+        latent_heads: Vec<String>,
+        /// Gallery items ranked per trial (made from the heads' outputs; 0: none).
+        #[arg(long, default_value_t = 0)]
+        gallery: usize,
         /// Timed trials.
         #[arg(long, default_value_t = 100)]
         trials: usize,
@@ -550,7 +556,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             print!("{}", report.table());
             Ok(())
         }
-        Command::BenchDecode { device, voxels, rank, dtype, trials, compare_cpu, tolerance, json } => {
+        Command::BenchDecode {
+            device,
+            voxels,
+            rank,
+            dtype,
+            latent_heads,
+            gallery,
+            trials,
+            compare_cpu,
+            tolerance,
+            json,
+        } => {
             let rank = match rank.as_str() {
                 "full" => None,
                 r => Some(r.parse().map_err(|_| anyhow::anyhow!("--rank {r:?}: use a number or full"))?),
@@ -560,6 +577,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 voxels,
                 rank,
                 weight_dtype: mirage_rt::decode::WeightDtype::parse(&dtype)?,
+                latent_heads: match latent_heads.as_slice() {
+                    [all] if all == "all" => mirage_rt::decode::synthetic::MIRAGE_HEADS
+                        .iter()
+                        .map(|(n, _)| n.to_string())
+                        .collect(),
+                    _ => latent_heads,
+                },
+                gallery,
                 trials,
                 compare_cpu,
                 tolerance,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{
     as_strs, decode_daemon_args, mirage, npy, published, python, run, run_with_timeout, simulated_session,
-    train_model, Daemon,
+    train_model, train_model_with, Daemon,
 };
 
 fn close(a: &[f32], b: &[f32], rel: f32, what: &str) {
@@ -324,4 +324,52 @@ fn the_daemon_decodes_trials_live_and_survives_a_model_that_does_not_fit() {
     assert!(status.success(), "{log}");
     assert!(log.contains("received 40 recorded 40 published 40"), "{log}");
     assert!(log.contains("decode_input="), "{log}");
+}
+
+#[test]
+fn the_daemon_decodes_heads_to_latents_with_8_bit_weights_and_ranks_as_float32_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (train_run, train_glm) = simulated_session(d, 7, "train", "seen", 1, 600);
+    let model = train_model_with(d, &train_run, &train_glm, "model-r8", &["--rank", "8"]);
+    let gallery = train_run.join("truth/gallery");
+    let query =
+        "seed=7&run_seed=9&volumes=80&shape=32,32,20&condition=seen&motion_mm=0&motion_deg=0&speed=max";
+    let latent = ["image", "text", "lowlevel", "retrieval"];
+    let latent_set = format!("decode.latent_heads={latent:?}");
+    let runs = [("f32", vec![]), ("q8", vec!["--set", "decode.weight_dtype=\"q8_0\"", "--set", &latent_set])];
+    let mut decoded = Vec::new();
+    for (name, extra) in &runs {
+        let session = d.join(name);
+        let args = decode_daemon_args(query, &session, "sim", &model, Some(&gallery), extra);
+        let (status, log) = Daemon::start(&as_strs(&args), d).wait(Duration::from_secs(120));
+        assert!(status.success(), "{log}");
+        let live: Vec<serde_json::Value> =
+            published(&session, "decode").into_iter().filter(|h| h["at_run_end"] == false).collect();
+        decoded.push(live);
+    }
+    let (full, part) = (&decoded[0], &decoded[1]);
+    assert!(full.len() >= 5 && full.len() == part.len(), "{} and {} decodes", full.len(), part.len());
+    let top1 = |h: &serde_json::Value| h["top"][0]["id"].as_str().unwrap().to_string();
+    let hits = part.iter().filter(|h| top1(h) == h["stim"].as_u64().unwrap().to_string()).count();
+    eprintln!("latent + q8_0 top-1 gallery hits: {hits}/{}", part.len());
+    assert!(hits * 3 > part.len(), "top-1 hits {hits} of {}", part.len());
+    let score = |h: &serde_json::Value| h["top"][0]["score"].as_f64().unwrap();
+    assert!(full.iter().zip(part).any(|(a, b)| score(a) != score(b)), "the 8-bit path changed nothing");
+    for (a, b) in full.iter().zip(part) {
+        assert_eq!(a["trial"], b["trial"]);
+        assert_eq!(top1(a), top1(b), "trial {}: top-1 differs", a["trial"]);
+        let (sa, sb) = (score(a), score(b));
+        assert!((sa - sb).abs() < 0.01, "trial {}: score {sa} vs {sb}", a["trial"]);
+        let mut published_latents: Vec<&str> =
+            b["latents"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        published_latents.sort();
+        assert_eq!(published_latents, ["image", "lowlevel", "retrieval", "text"]);
+        let names: Vec<&str> =
+            b["payloads"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        for h in latent {
+            assert!(names.contains(&format!("{h}.latent").as_str()) && !names.contains(&h), "{names:?}");
+        }
+        assert!(names.contains(&"pixels_png") && !names.contains(&"c_img"), "{names:?}");
+    }
 }

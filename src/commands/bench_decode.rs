@@ -1,6 +1,8 @@
-//! `mirage bench-decode`: per-trial decode time of random heads at MIRAGE's output shapes on
-//! one device, and (optionally) that device's outputs against the CPU's for the same weights.
+//! `mirage bench-decode`: per-trial time of the live decode stage with random heads at
+//! MIRAGE's output shapes on one device (optionally ranking a gallery, or stopping heads at
+//! their latents), and that device's results against float32 outputs on the CPU.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -8,9 +10,10 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::bench::summarise;
+use crate::decode::gallery::Gallery;
 use crate::decode::model::{device, Decoder};
-use crate::decode::synthetic::{random_decoder, to_device, MIRAGE_HEADS};
-use crate::decode::WeightDtype;
+use crate::decode::synthetic::{gallery_of_outputs, random_decoder, to_device, trial, MIRAGE_HEADS};
+use crate::decode::{DecodeConfig, DecodeStage, WeightDtype};
 use crate::pipeline::metrics::LatencySummary;
 use crate::sim::rng::Rng;
 
@@ -25,6 +28,10 @@ pub struct DecodeBenchArgs {
     pub rank: Option<usize>,
     /// Precision of the weight matrices on the device.
     pub weight_dtype: WeightDtype,
+    /// Heads decoded only to their latents (`decode.latent_heads`).
+    pub latent_heads: Vec<String>,
+    /// Gallery items ranked per trial (0: no gallery).
+    pub gallery: usize,
     /// Timed trials (after a few untimed ones).
     pub trials: usize,
     /// Trials also decoded on the CPU and compared (0: none).
@@ -57,6 +64,12 @@ pub struct DecodeBenchReport {
     pub rank: Option<usize>,
     /// Precision of the weight matrices on the device.
     pub weight_dtype: WeightDtype,
+    /// Heads decoded only to their latents.
+    #[serde(default)]
+    pub latent_heads: Vec<String>,
+    /// Gallery items ranked per trial.
+    #[serde(default)]
+    pub gallery: usize,
     /// Weights over all heads.
     pub weights: usize,
     /// Seconds to build the random heads on the device.
@@ -67,8 +80,19 @@ pub struct DecodeBenchReport {
     pub mean_ms: f64,
     /// Per-trial decode of the same heads on the CPU, ms (when compared).
     pub cpu_per_trial_ms: Option<LatencySummary>,
-    /// Outputs against the CPU's, per head (when compared).
+    /// Outputs against the CPU's, per head (when compared); a latent head's output is its
+    /// latent through the CPU's float32 up-projection.
     pub comparison: Vec<HeadComparison>,
+    /// Compared trials whose best gallery match is the CPU's (float32 outputs, cosine over
+    /// the full outputs), as a fraction.
+    #[serde(default)]
+    pub top1_agreement: Option<f64>,
+    /// Largest |score − CPU score| of the CPU's top match.
+    #[serde(default)]
+    pub max_score_diff: Option<f64>,
+    /// Timed trials whose best match is the gallery item they were made from, as a fraction.
+    #[serde(default)]
+    pub top1_correct: Option<f64>,
     /// Peak resident memory of this process, MB.
     pub peak_host_mb: f64,
 }
@@ -97,6 +121,18 @@ impl DecodeBenchReport {
         if let Some(c) = &self.cpu_per_trial_ms {
             s += &format!("cpu per trial ({} trials): p50 {:.3} ms  max {:.3}\n", c.count, c.p50, c.max);
         }
+        if !self.latent_heads.is_empty() || self.gallery > 0 {
+            s += &format!("latent heads {:?}, gallery of {} items\n", self.latent_heads, self.gallery);
+        }
+        if let (Some(a), Some(d)) = (self.top1_agreement, self.max_score_diff) {
+            s += &format!(
+                "top-1 equal to the CPU's float32 ranking in {:.1} % of trials, max |score diff| {d:.2e}\n",
+                a * 100.0
+            );
+        }
+        if let Some(c) = self.top1_correct {
+            s += &format!("top-1 is the trial's own item in {:.1} % of trials\n", c * 100.0);
+        }
         for c in &self.comparison {
             s += &format!(
                 "  {:<10} max |device − cpu| {:.3e}  (max |cpu| {:.3})\n",
@@ -113,25 +149,9 @@ impl DecodeBenchReport {
 }
 
 /// Random betas of unit scale for `trials` trials.
-fn random_betas(trials: usize, voxels: usize) -> Vec<f32> {
-    let mut rng = Rng::new(11, 5);
+fn random_betas(trials: usize, voxels: usize, stream: u64) -> Vec<f32> {
+    let mut rng = Rng::new(11, stream);
     (0..trials * voxels).map(|_| rng.normal() as f32).collect()
-}
-
-/// One trial's outputs, one array per head.
-type TrialOutputs = Vec<Vec<f32>>;
-
-/// Decodes every trial of `betas` one at a time, returning each one's time (ms) and outputs.
-fn decode_each(decoder: &Decoder, betas: &[f32]) -> anyhow::Result<(Vec<f64>, Vec<TrialOutputs>)> {
-    let n = decoder.cfg.n_voxels;
-    let (mut ms, mut outputs) = (Vec::new(), Vec::new());
-    for trial in betas.chunks_exact(n) {
-        let t = Instant::now();
-        let out = decoder.predict(trial, 1)?;
-        ms.push(t.elapsed().as_secs_f64() * 1e3);
-        outputs.push(out);
-    }
-    Ok((ms, outputs))
 }
 
 /// Runs the decode bench.
@@ -139,52 +159,77 @@ pub fn bench_decode(args: &DecodeBenchArgs) -> anyhow::Result<DecodeBenchReport>
     anyhow::ensure!(args.voxels > 0 && args.trials > 0, "--voxels and --trials must be positive");
     let dev = device(&args.device)?;
     let started = Instant::now();
-    let (mut decoder, weights) = random_decoder(&MIRAGE_HEADS, args.rank, args.voxels, &dev)?;
-    // The CPU reference keeps float32 weights, so that a bf16 device shows its own error.
+    let (decoder, weights) = random_decoder(&MIRAGE_HEADS, args.rank, args.voxels, &dev)?;
+    // The CPU reference keeps float32 weights and full outputs, so that a bf16 or q8_0 decode
+    // and a latent ranking show their own error.
     let cpu = match args.compare_cpu {
         0 => None,
         _ => Some(to_device(&decoder, &candle_core::Device::Cpu).context("copying the heads to the CPU")?),
     };
-    decoder.set_weight_dtype(args.weight_dtype.dtype())?;
+    let (gallery, item_betas) = match args.gallery {
+        0 => (None, Vec::new()),
+        n => {
+            let b = random_betas(n, args.voxels, 7);
+            (Some(gallery_of_outputs(cpu.as_ref().unwrap_or(&decoder), &b, n)?), b)
+        }
+    };
+    let cfg = DecodeConfig {
+        device: args.device.clone(),
+        weight_dtype: args.weight_dtype,
+        latent_heads: args.latent_heads.clone(),
+        top_k: 5,
+        ..DecodeConfig::default()
+    };
+    let mut stage = DecodeStage::with_model(decoder, gallery.clone(), &cfg)?;
     let build_s = started.elapsed().as_secs_f64();
     const WARM_UP: usize = 3;
-    let betas = random_betas(WARM_UP + args.trials, args.voxels);
-    let (ms, outputs) = decode_each(&decoder, &betas)?;
-    let timed = &ms[WARM_UP..];
-    let (mut cpu_per_trial_ms, mut comparison) = (None, Vec::new());
-    if let Some(cpu) = cpu {
-        let k = args.compare_cpu.min(args.trials);
-        let compared = &betas[WARM_UP * args.voxels..(WARM_UP + k) * args.voxels];
-        let (cpu_ms, cpu_out) = decode_each(&cpu, compared)?;
-        cpu_per_trial_ms = Some(summarise(&cpu_ms));
-        for (h, head) in decoder.heads.iter().enumerate() {
-            let (mut diff, mut scale) = (0f64, 0f64);
-            for (dev_trial, cpu_trial) in outputs[WARM_UP..].iter().zip(&cpu_out) {
-                for (a, b) in dev_trial[h].iter().zip(&cpu_trial[h]) {
-                    diff = diff.max((a - b).abs() as f64);
-                    scale = scale.max(b.abs() as f64);
-                }
-            }
-            comparison.push(HeadComparison {
-                head: head.cfg.name.clone(),
-                max_abs_diff: diff,
-                max_abs_cpu: scale,
-            });
+    let total = WARM_UP + args.trials;
+    // Each trial is a gallery item's betas plus as much noise (or, with no gallery, noise).
+    let mut betas = random_betas(total, args.voxels, 5);
+    if args.gallery > 0 {
+        for (i, b) in betas.chunks_exact_mut(args.voxels).enumerate() {
+            let item = &item_betas[(i % args.gallery) * args.voxels..][..args.voxels];
+            b.iter_mut().zip(item).for_each(|(b, x)| *b += x);
         }
     }
-    let report = DecodeBenchReport {
+    let (mut ms, mut decoded) = (Vec::new(), Vec::new());
+    for (i, b) in betas.chunks_exact(args.voxels).enumerate() {
+        let t = trial(i as u64, b);
+        let start = Instant::now();
+        let d = stage.decode(&t)?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+        decoded.push(d);
+    }
+    let timed = &ms[WARM_UP..];
+    let top1_correct = (args.gallery > 0).then(|| {
+        let right = decoded[WARM_UP..]
+            .iter()
+            .filter(|d| d.top.first().map(|m| m.index) == Some(d.trial.trial as usize % args.gallery))
+            .count();
+        right as f64 / args.trials as f64
+    });
+    let mut report = DecodeBenchReport {
         device: if dev.is_cuda() { args.device.clone() } else { "cpu".into() },
         voxels: args.voxels,
         rank: args.rank,
         weight_dtype: args.weight_dtype,
+        latent_heads: args.latent_heads.clone(),
+        gallery: args.gallery,
         weights,
         build_s,
         per_trial_ms: summarise(timed),
         mean_ms: timed.iter().sum::<f64>() / timed.len() as f64,
-        cpu_per_trial_ms,
-        comparison,
-        peak_host_mb: crate::commands::decode::peak_memory_mb().unwrap_or(f64::NAN),
+        cpu_per_trial_ms: None,
+        comparison: Vec::new(),
+        top1_agreement: None,
+        max_score_diff: None,
+        top1_correct,
+        peak_host_mb: 0.0,
     };
+    if let Some(cpu) = cpu {
+        compare_with_cpu(&mut report, &cpu, gallery.as_ref(), &betas, &decoded, args, WARM_UP)?;
+    }
+    report.peak_host_mb = crate::commands::decode::peak_memory_mb().unwrap_or(f64::NAN);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -198,4 +243,69 @@ pub fn bench_decode(args: &DecodeBenchArgs) -> anyhow::Result<DecodeBenchReport>
         );
     }
     Ok(report)
+}
+
+/// Decodes the first `args.compare_cpu` timed trials with the CPU's float32 heads (full outputs,
+/// cosine over them) and fills the comparison of `report`.
+fn compare_with_cpu(
+    report: &mut DecodeBenchReport,
+    cpu: &Decoder,
+    gallery: Option<&Gallery>,
+    betas: &[f32],
+    decoded: &[crate::decode::Decoded],
+    args: &DecodeBenchArgs,
+    skip: usize,
+) -> anyhow::Result<()> {
+    let n = args.voxels;
+    let k = args.compare_cpu.min(args.trials);
+    let mut cpu_ms = Vec::new();
+    let mut diffs: Vec<HeadComparison> = cpu
+        .heads
+        .iter()
+        .map(|h| HeadComparison { head: h.cfg.name.clone(), max_abs_diff: 0.0, max_abs_cpu: 0.0 })
+        .collect();
+    let (mut agree, mut score_diff) = (0usize, 0f64);
+    for (b, d) in betas.chunks_exact(n).zip(decoded).skip(skip).take(k) {
+        let start = Instant::now();
+        let reference = cpu.predict(b, 1)?;
+        cpu_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        let mut by_name = BTreeMap::new();
+        for ((head, r), e) in cpu.heads.iter().zip(reference).zip(&mut diffs) {
+            let name = &head.cfg.name;
+            let got =
+                match (d.heads.iter().find(|(h, _, _)| h == name), d.latents.iter().find(|(h, _)| h == name))
+                {
+                    (Some((_, _, o)), _) => o.clone(),
+                    (None, Some((_, l))) => expand(head, l)?,
+                    (None, None) => anyhow::bail!("head {name}: neither output nor latent"),
+                };
+            for (a, b) in got.iter().zip(&r) {
+                e.max_abs_diff = e.max_abs_diff.max((a - b).abs() as f64);
+                e.max_abs_cpu = e.max_abs_cpu.max(b.abs() as f64);
+            }
+            by_name.insert(name.clone(), r);
+        }
+        if let Some(g) = gallery {
+            let best = g.rank(&by_name, &BTreeMap::new(), 1);
+            if let (Some(want), Some(got)) = (best.first(), d.top.first()) {
+                agree += usize::from(want.index == got.index);
+                let same = d.top.iter().find(|m| m.index == want.index);
+                score_diff = score_diff.max(same.map_or(f64::INFINITY, |m| (m.score - want.score).abs()));
+            }
+        }
+    }
+    report.cpu_per_trial_ms = Some(summarise(&cpu_ms));
+    report.comparison = diffs;
+    if gallery.is_some() {
+        report.top1_agreement = Some(agree as f64 / k as f64);
+        report.max_score_diff = Some(score_diff);
+    }
+    Ok(())
+}
+
+/// A low-rank head's renormalised output for latent `l`, with its float32 weights.
+fn expand(head: &crate::decode::model::Head, l: &[f32]) -> anyhow::Result<Vec<f32>> {
+    let (a, c) = head.output_map()?.context("a latent from a full head")?;
+    let l = candle_core::Tensor::from_slice(l, (l.len(), 1), a.device())?;
+    Ok((a.matmul(&l)?.squeeze(1)? + c)?.to_vec1::<f32>()?)
 }

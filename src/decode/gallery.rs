@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::cosine;
@@ -119,6 +120,49 @@ impl Gallery {
         .map_err(|e| err(e.to_string()))
     }
 
+    /// How much each of its heads counts in retrieval: `weights` (empty: equal), only heads
+    /// `available` says a trial has, none at zero.
+    pub fn head_weights(
+        &self,
+        weights: &BTreeMap<String, f64>,
+        available: impl Fn(&str) -> bool,
+    ) -> Vec<(String, f64)> {
+        self.embeddings
+            .keys()
+            .filter(|h| available(h))
+            .map(|h| {
+                (h.clone(), if weights.is_empty() { 1.0 } else { weights.get(h).copied().unwrap_or(0.0) })
+            })
+            .filter(|(_, w)| *w > 0.0)
+            .collect()
+    }
+
+    /// Cosine similarity of a head's prediction with every candidate's embedding (`None`
+    /// when the gallery lacks the head or the sizes differ).
+    pub fn cosines(&self, head: &str, pred: &[f32]) -> Option<Vec<f64>> {
+        let (d, emb) = self.embeddings.get(head)?;
+        (pred.len() == *d && *d > 0).then(|| emb.chunks_exact(*d).map(|g| cosine(pred, g)).collect())
+    }
+
+    /// The best `top_k` candidates by the weighted mean of per-head cosine similarities
+    /// (`(weight, one similarity per candidate)` per head).
+    pub fn rank_by(&self, per_head: &[(f64, Vec<f64>)], top_k: usize) -> Vec<Match> {
+        let total: f64 = per_head.iter().map(|(w, _)| w).sum();
+        if total <= 0.0 {
+            return Vec::new();
+        }
+        let mut scored: Vec<Match> = (0..self.items.len())
+            .map(|i| {
+                let score =
+                    per_head.iter().map(|(w, c)| w * c.get(i).copied().unwrap_or(0.0)).sum::<f64>() / total;
+                Match { index: i, id: self.items[i].id.clone(), label: self.items[i].label.clone(), score }
+            })
+            .collect();
+        scored.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
+        scored.truncate(top_k);
+        scored
+    }
+
     /// Ranks every candidate for per-head predictions; `weights` (empty: equal) says how much
     /// each head's cosine similarity counts. Returns the best `top_k`.
     pub fn rank(
@@ -127,39 +171,92 @@ impl Gallery {
         weights: &BTreeMap<String, f64>,
         top_k: usize,
     ) -> Vec<Match> {
-        let used: Vec<(&String, f64)> = self
-            .embeddings
-            .keys()
-            .filter(|h| outputs.contains_key(*h))
-            .map(|h| (h, if weights.is_empty() { 1.0 } else { weights.get(h).copied().unwrap_or(0.0) }))
-            .filter(|(_, w)| *w > 0.0)
+        let per_head: Vec<(f64, Vec<f64>)> = self
+            .head_weights(weights, |h| outputs.contains_key(h))
+            .into_iter()
+            .map(|(h, w)| (w, self.cosines(&h, &outputs[&h]).unwrap_or_default()))
             .collect();
-        let total: f64 = used.iter().map(|(_, w)| w).sum();
-        if total <= 0.0 {
-            return Vec::new();
+        self.rank_by(&per_head, top_k)
+    }
+}
+
+/// One head's gallery embeddings `G` seen through a low-rank head's output map `y = A·l + c`:
+/// cosine similarities come from the rank-r latent `l` in `O(N·r + r²)` instead of `O(N·out)`,
+/// with no output formed — `g·y = (G·A)·l + G·c`, `|y|² = lᵀ(AᵀA)l + 2(Aᵀc)·l + |c|²`.
+#[derive(Clone, Debug)]
+pub struct LatentIndex {
+    rank: usize,
+    projected: Vec<f32>,
+    offset: Vec<f64>,
+    norms: Vec<f64>,
+    gram: Vec<f32>,
+    cross: Vec<f64>,
+    bias_sq: f64,
+}
+
+impl LatentIndex {
+    /// Precomputes the index of embeddings `[N × out]` for the map `a` `[out, r]`, `c` `[out]`
+    /// (on `a`'s device).
+    pub fn new(embeddings: &[f32], a: &Tensor, c: &Tensor) -> candle_core::Result<LatentIndex> {
+        let (out, rank) = a.dims2()?;
+        let n = embeddings.len() / out.max(1);
+        let g = Tensor::from_slice(embeddings, (n, out), a.device())?;
+        let projected = g.matmul(a)?.flatten_all()?.to_vec1::<f32>()?;
+        let c_col = c.unsqueeze(1)?;
+        let offset = g.matmul(&c_col)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+        let gram = a.t()?.matmul(a)?.flatten_all()?.to_vec1::<f32>()?;
+        let cross =
+            a.t()?.matmul(&c_col)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
+        let c = c.to_vec1::<f32>()?;
+        let bias_sq = c.iter().map(|v| f64::from(*v).powi(2)).sum();
+        let norms = embeddings
+            .chunks_exact(out)
+            .map(|g| g.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt())
+            .collect();
+        Ok(LatentIndex { rank, projected, offset, norms, gram, cross, bias_sq })
+    }
+
+    /// Cosine similarity of the output of latent `l` with every candidate (`None` when `l`
+    /// is not of the head's rank).
+    pub fn cosines(&self, l: &[f32]) -> Option<Vec<f64>> {
+        let r = self.rank;
+        if l.len() != r {
+            return None;
         }
-        let mut scored: Vec<Match> = (0..self.items.len())
-            .map(|i| {
-                let score = used
-                    .iter()
-                    .map(|(h, w)| {
-                        let (d, emb) = &self.embeddings[*h];
-                        let pred = &outputs[*h];
-                        if pred.len() == *d {
-                            w * cosine(pred, &emb[i * d..(i + 1) * d])
+        let quad: f64 = self.gram.chunks_exact(r).zip(l).map(|(row, li)| dot(row, l) * f64::from(*li)).sum();
+        let cross: f64 = self.cross.iter().zip(l).map(|(c, li)| c * f64::from(*li)).sum();
+        let norm = (quad + 2.0 * cross + self.bias_sq).max(0.0).sqrt();
+        Some(
+            self.projected
+                .chunks_exact(r)
+                .zip(&self.offset)
+                .zip(&self.norms)
+                .map(
+                    |((p, off), gn)| {
+                        if norm > 0.0 && *gn > 0.0 {
+                            (dot(p, l) + off) / (norm * gn)
                         } else {
                             0.0
                         }
-                    })
-                    .sum::<f64>()
-                    / total;
-                Match { index: i, id: self.items[i].id.clone(), label: self.items[i].label.clone(), score }
-            })
-            .collect();
-        scored.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.index.cmp(&b.index)));
-        scored.truncate(top_k);
-        scored
+                    },
+                )
+                .collect(),
+        )
     }
+}
+
+/// `a · b` with sixteen float32 lanes (so that it vectorises), summed in float64.
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f64 =
+        ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().map(|v| f64::from(*v)).sum::<f64>() + tail
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use self::gallery::{Gallery, Match};
+use self::gallery::{Gallery, LatentIndex, Match};
 use self::model::Decoder;
 use crate::calibrate::head::{Adapter, RunStats};
 use crate::glm::TrialBetas;
@@ -86,9 +86,13 @@ pub struct DecodeConfig {
     /// CPU threads a decode may use (0: every core). One leaves the other cores to the volume
     /// path: a decode is bound by memory bandwidth, so more threads barely speed it up.
     pub threads: usize,
-    /// Precision the heads' weight matrices are kept in: `f32`, or `bf16` (half the bytes a
-    /// decode reads; outputs differ from float32 by about 1 %).
+    /// Precision the heads' weight matrices are kept in: `f32`; `bf16` (half the bytes a
+    /// decode reads; outputs differ from float32 by about 1 %); or `q8_0` (CPU: 8-bit copies
+    /// of the matrices that read the betas for live trials, a quarter of those bytes).
     pub weight_dtype: WeightDtype,
+    /// Low-rank heads decoded live only to their rank-r latent (published as `NAME.latent`),
+    /// which skips reading their up-projection; they still rank gallery items, exactly.
+    pub latent_heads: Vec<String>,
 }
 
 /// Precision of the heads' weight matrices in memory.
@@ -100,23 +104,19 @@ pub enum WeightDtype {
     F32,
     /// bfloat16 (products accumulate in float32).
     Bf16,
+    /// float32, plus 8-bit (Q8_0) copies of the input-side matrices for live CPU decodes.
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 impl WeightDtype {
-    /// Reads `f32` or `bf16`.
+    /// Reads `f32`, `bf16` or `q8_0`.
     pub fn parse(s: &str) -> Result<WeightDtype, DecodeError> {
         match s {
             "f32" => Ok(WeightDtype::F32),
             "bf16" => Ok(WeightDtype::Bf16),
-            _ => Err(DecodeError::Model(format!("weight dtype {s:?}: use f32 or bf16"))),
-        }
-    }
-
-    /// candle's dtype.
-    pub fn dtype(self) -> candle_core::DType {
-        match self {
-            WeightDtype::F32 => candle_core::DType::F32,
-            WeightDtype::Bf16 => candle_core::DType::BF16,
+            "q8_0" => Ok(WeightDtype::Q8_0),
+            _ => Err(DecodeError::Model(format!("weight dtype {s:?}: use f32, bf16 or q8_0"))),
         }
     }
 }
@@ -145,6 +145,7 @@ impl Default for DecodeConfig {
             mode: Mode::Decode,
             threads: 1,
             weight_dtype: WeightDtype::F32,
+            latent_heads: Vec::new(),
         }
     }
 }
@@ -188,6 +189,9 @@ pub struct Decoded {
     pub trial: TrialBetas,
     /// Each head's renormalised output: name, shape, values.
     pub heads: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// The rank-r latents of the heads decoded only that far (`decode.latent_heads`): name,
+    /// values. The head's output is `up · latent + bias`, renormalised, with the model's tensors.
+    pub latents: Vec<(String, Vec<f32>)>,
     /// MIRAGE's conditioning mix `(c_img, c_txt)`, when the model names both heads.
     pub fused: Option<(Vec<f32>, Vec<f32>)>,
     /// Best gallery matches.
@@ -204,6 +208,35 @@ pub struct Decoded {
     pub closed_time: Option<f64>,
     /// Whether the decode took longer than the budget (set by the runner).
     pub over_budget: bool,
+}
+
+/// Sizes candle's CPU pool for 8-bit products to `threads` (0: every core) through
+/// `CANDLE_NUM_THREADS`, unless the environment sets it: candle reads it once, at first use.
+/// Call before other threads start.
+pub fn limit_candle_threads(threads: usize) {
+    if threads > 0 && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+    }
+}
+
+/// The latent indices of every gallery head that a low-rank head of the decoder (of a rank
+/// below its output size) predicts.
+fn latent_indices(
+    decoder: &Decoder,
+    gallery: &Gallery,
+) -> Result<BTreeMap<String, LatentIndex>, DecodeError> {
+    let mut out = BTreeMap::new();
+    for h in &decoder.heads {
+        let (Some(r), Some((d, emb))) = (h.rank(), gallery.embeddings.get(&h.cfg.name)) else { continue };
+        if *d != h.cfg.n_outputs() || r >= *d {
+            continue;
+        }
+        let err = |e: candle_core::Error| DecodeError::Compute(format!("gallery head {}: {e}", h.cfg.name));
+        if let Some((a, c)) = h.output_map().map_err(err)? {
+            out.insert(h.cfg.name.clone(), LatentIndex::new(emb, &a, &c).map_err(err)?);
+        }
+    }
+    Ok(out)
 }
 
 /// MIRAGE's conditioning mix: `c_img = img·(1−t) + u_img·t⁵`, `c_txt = txt·t + u_txt·(1−t)⁵`.
@@ -227,6 +260,10 @@ pub struct DecodeStage {
     adapter: Adapter,
     run_stats: RunStats,
     gallery: Option<Gallery>,
+    /// Per gallery head ranked from a low-rank head's latent.
+    latent_index: BTreeMap<String, LatentIndex>,
+    /// Per head: decoded live only to its latent.
+    latent_only: Vec<bool>,
     top_k: usize,
     unconditional: (Option<Vec<f32>>, Option<Vec<f32>>),
     device: String,
@@ -237,21 +274,48 @@ impl DecodeStage {
     pub fn new(cfg: &DecodeConfig) -> Result<DecodeStage, DecodeError> {
         let path = cfg.model.as_ref().ok_or_else(|| DecodeError::Model("no model configured".into()))?;
         let device = model::device(&cfg.device)?;
-        let mut decoder = Decoder::load(path, &device)?;
-        if cfg.weight_dtype != WeightDtype::F32 {
-            decoder.set_weight_dtype(cfg.weight_dtype.dtype())?;
-        }
+        let decoder = Decoder::load(path, &device)?;
         let gallery = cfg.gallery.as_ref().map(|g| Gallery::load(g)).transpose()?;
+        DecodeStage::with_model(decoder, gallery, cfg)
+    }
+
+    /// The stage for a decoder and gallery already loaded (`cfg` gives the rest).
+    pub fn with_model(
+        mut decoder: Decoder,
+        gallery: Option<Gallery>,
+        cfg: &DecodeConfig,
+    ) -> Result<DecodeStage, DecodeError> {
+        decoder.set_weight_dtype(cfg.weight_dtype)?;
+        let latent_only =
+            decoder.heads.iter().map(|h| cfg.latent_heads.contains(&h.cfg.name)).collect::<Vec<bool>>();
+        for name in &cfg.latent_heads {
+            let Some(h) = decoder.heads.iter().find(|h| &h.cfg.name == name) else {
+                return Err(DecodeError::Model(format!(
+                    "decode.latent_heads: the model has no head {name:?}"
+                )));
+            };
+            if h.rank().is_none() {
+                return Err(DecodeError::Model(format!(
+                    "decode.latent_heads: head {name:?} is not low-rank"
+                )));
+            }
+            if decoder.cfg.fusion.pixel_head.as_ref() == Some(name) {
+                return Err(DecodeError::Model(format!(
+                    "decode.latent_heads: {name:?} is the pixel head, whose picture is published"
+                )));
+            }
+        }
+        let latent_index = match &gallery {
+            Some(g) => latent_indices(&decoder, g)?,
+            None => BTreeMap::new(),
+        };
         let to_vec = |t: &Option<candle_core::Tensor>| -> Result<Option<Vec<f32>>, DecodeError> {
             t.as_ref()
                 .map(|t| t.to_vec1::<f32>().map_err(|e| DecodeError::Compute(e.to_string())))
                 .transpose()
         };
         let unconditional = (to_vec(&decoder.unconditional.0)?, to_vec(&decoder.unconditional.1)?);
-        let device = if device.is_cuda() { cfg.device.clone() } else { "cpu".into() };
-        // One decode at load time pages the weights in and warms the kernels, so the first
-        // live trial is not the slow one.
-        decoder.predict(&vec![0.0; decoder.cfg.n_voxels], 1)?;
+        let device = if decoder.device.is_cuda() { cfg.device.clone() } else { "cpu".into() };
         let adapter =
             Adapter::parse(&cfg.alignment, &decoder).map_err(|e| DecodeError::Model(e.to_string()))?;
         Ok(DecodeStage {
@@ -259,10 +323,20 @@ impl DecodeStage {
             adapter,
             run_stats: RunStats::default(),
             gallery,
+            latent_index,
+            latent_only,
             top_k: cfg.top_k,
             unconditional,
             device,
         })
+    }
+
+    /// One decode of zero betas: pages the weights in and warms the kernels (and makes candle's
+    /// thread pool, which takes the calling thread's priority), so that the first live trial is
+    /// not the slow one.
+    pub fn warm_up(&self) -> Result<(), DecodeError> {
+        let z = self.decoder.input(&vec![0.0; self.decoder.cfg.n_voxels], 1)?;
+        self.decoder.live(&z, &self.latent_only).map(|_| ())
     }
 
     /// The model (shared, so that a calibration fit can run beside live decoding).
@@ -321,22 +395,14 @@ impl DecodeStage {
             .adapter
             .normalise(&self.decoder, &xs, stats.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice())))
             .map_err(|e| DecodeError::Compute(e.to_string()))?;
-        let outputs = self.decoder.predict_normalised(&z)?;
-        let heads: Vec<(String, Vec<usize>, Vec<f32>)> = self
-            .decoder
-            .cfg
-            .heads
-            .iter()
-            .zip(outputs)
-            .map(|(h, o)| (h.name.clone(), h.shape.clone(), o))
-            .collect();
-        let by_name: BTreeMap<String, Vec<f32>> =
-            heads.iter().map(|(n, _, v)| (n.clone(), v.clone())).collect();
+        let live = self.decoder.live(&z, &self.latent_only)?;
+        let by_name: BTreeMap<&str, &crate::decode::model::HeadOutput> =
+            self.decoder.cfg.heads.iter().map(|h| h.name.as_str()).zip(&live).collect();
         let fusion = &self.decoder.cfg.fusion;
-        let fused = match (
-            fusion.image_head.as_ref().and_then(|h| by_name.get(h)),
-            fusion.text_head.as_ref().and_then(|h| by_name.get(h)),
-        ) {
+        let output = |name: &Option<String>| {
+            name.as_deref().and_then(|n| by_name.get(n)).and_then(|o| o.output.as_deref())
+        };
+        let fused = match (output(&fusion.image_head), output(&fusion.text_head)) {
             (Some(img), Some(txt)) => Some(mix(
                 img,
                 txt,
@@ -346,21 +412,51 @@ impl DecodeStage {
             )),
             _ => None,
         };
-        let top = self
-            .gallery
+        let top = match &self.gallery {
+            Some(g) => {
+                let per_head: Vec<(f64, Vec<f64>)> = g
+                    .head_weights(&fusion.retrieval_weights, |h| by_name.contains_key(h))
+                    .into_iter()
+                    .filter_map(|(h, w)| {
+                        let out = by_name[h.as_str()];
+                        let via_latent = self.latent_index.get(&h).zip(out.latent.as_deref());
+                        let cos = match via_latent {
+                            Some((index, l)) => index.cosines(l),
+                            None => out.output.as_deref().and_then(|o| g.cosines(&h, o)),
+                        };
+                        cos.map(|c| (w, c))
+                    })
+                    .collect();
+                g.rank_by(&per_head, self.top_k)
+            }
+            None => Vec::new(),
+        };
+        let png = match fusion
+            .pixel_head
             .as_ref()
-            .map(|g| g.rank(&by_name, &fusion.retrieval_weights, self.top_k))
-            .unwrap_or_default();
-        let png = match fusion.pixel_head.as_ref().and_then(|p| heads.iter().find(|(n, _, _)| n == p)) {
-            Some((_, shape, values)) => Some(image::png(values, shape)?),
+            .and_then(|p| self.decoder.cfg.heads.iter().find(|h| &h.name == p))
+        {
+            Some(h) => match output(&Some(h.name.clone())) {
+                Some(values) => Some(image::png(values, &h.shape)?),
+                None => None,
+            },
             None => None,
         };
+        let (mut heads, mut latents) = (Vec::new(), Vec::new());
+        for (h, out) in self.decoder.cfg.heads.iter().zip(live) {
+            match (out.output, out.latent) {
+                (Some(o), _) => heads.push((h.name.clone(), h.shape.clone(), o)),
+                (None, Some(l)) => latents.push((h.name.clone(), l)),
+                (None, None) => {}
+            }
+        }
         let mut trial = t.clone();
         trial.betas = Vec::new();
         trial.voxels = Vec::new();
         Ok(Decoded {
             trial,
             heads,
+            latents,
             fused,
             top,
             png,
@@ -376,6 +472,159 @@ impl DecodeStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use crate::decode::model::{FusionConfig, HeadConfig, ModelConfig, FORMAT};
+    use crate::sim::rng::Rng;
+
+    const VOXELS: usize = 300;
+
+    /// A model with random weights and renormalisation statistics: low-rank `image` (rank 6
+    /// of 40) and `text` (rank 5 of 3 × 10), full `pixels` (1 × 4 × 4).
+    fn model(rng: &mut Rng) -> Decoder {
+        let dev = Device::Cpu;
+        let mut t = std::collections::HashMap::new();
+        let mut rand = |shape: &[usize], lo: f64, hi: f64| {
+            let n = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| (lo + (hi - lo) * rng.uniform()) as f32).collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        t.insert("input.mean".to_string(), rand(&[VOXELS], -1.0, 1.0));
+        t.insert("input.std".to_string(), rand(&[VOXELS], 0.5, 2.0));
+        let heads =
+            [("image", vec![40], Some(6)), ("text", vec![3, 10], Some(5)), ("pixels", vec![1, 4, 4], None)];
+        for (name, shape, rank) in &heads {
+            let out: usize = shape.iter().product();
+            let p = format!("heads.{name}");
+            match rank {
+                Some(r) => {
+                    t.insert(format!("{p}.down"), rand(&[*r, VOXELS], -0.1, 0.1));
+                    t.insert(format!("{p}.up"), rand(&[out, *r], -1.0, 1.0));
+                }
+                None => {
+                    t.insert(format!("{p}.weight"), rand(&[out, VOXELS], -0.1, 0.1));
+                }
+            }
+            for s in ["bias", "pred_mean", "target_mean"] {
+                t.insert(format!("{p}.{s}"), rand(&[out], -0.5, 0.5));
+            }
+            for s in ["pred_std", "target_std"] {
+                t.insert(format!("{p}.{s}"), rand(&[out], 0.3, 3.0));
+            }
+        }
+        let cfg = ModelConfig {
+            format: FORMAT.into(),
+            n_voxels: VOXELS,
+            zscore_input: true,
+            heads: heads
+                .iter()
+                .map(|(n, s, r)| HeadConfig { name: n.to_string(), shape: s.clone(), rank: *r, renorm: true })
+                .collect(),
+            fusion: FusionConfig { pixel_head: Some("pixels".into()), ..FusionConfig::default() },
+            provenance: serde_json::Value::Null,
+        };
+        Decoder::new(cfg, &VarBuilder::from_tensors(t, DType::F32, &dev), &dev).unwrap()
+    }
+
+    fn betas(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n * VOXELS).map(|_| rng.normal() as f32).collect()
+    }
+
+    /// A gallery of the model's outputs for 20 random items, and those items' betas.
+    fn gallery(decoder: &Decoder, rng: &mut Rng) -> (Gallery, Vec<f32>) {
+        let b = betas(rng, 20);
+        (synthetic::gallery_of_outputs(decoder, &b, 20).unwrap(), b)
+    }
+
+    fn stage(cfg: DecodeConfig, seed: u64) -> (DecodeStage, Gallery, Vec<f32>) {
+        let mut rng = Rng::new(seed, 1);
+        let decoder = model(&mut rng);
+        let (g, b) = gallery(&decoder, &mut rng);
+        (DecodeStage::with_model(decoder, Some(g.clone()), &cfg).unwrap(), g, b)
+    }
+
+    #[test]
+    fn latent_heads_publish_latents_that_give_the_outputs_and_rank_like_the_outputs() {
+        let cfg = DecodeConfig { device: "cpu".into(), top_k: 20, ..DecodeConfig::default() };
+        let latent = DecodeConfig { latent_heads: vec!["image".into(), "text".into()], ..cfg.clone() };
+        let (mut full, g, item_betas) = stage(cfg, 3);
+        let (mut part, _, _) = stage(latent, 3);
+        let mut rng = Rng::new(5, 2);
+        for (i, noise) in betas(&mut rng, 6).chunks_exact(VOXELS).enumerate() {
+            let item = &item_betas[i * VOXELS..][..VOXELS];
+            let b: Vec<f32> = item.iter().zip(noise).map(|(x, e)| x + 0.5 * e).collect();
+            let (a, p) = (
+                full.decode(&synthetic::trial(i as u64, &b)).unwrap(),
+                part.decode(&synthetic::trial(i as u64, &b)).unwrap(),
+            );
+            let names = |d: &Decoded| d.heads.iter().map(|(n, _, _)| n.clone()).collect::<Vec<_>>();
+            assert_eq!(names(&a), ["image", "text", "pixels"]);
+            assert_eq!(names(&p), ["pixels"]);
+            assert_eq!(p.latents.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["image", "text"]);
+            assert_eq!(a.png, p.png);
+            // Each latent through the head's (renormalisation-folded) output map is the output.
+            for (name, l) in &p.latents {
+                let head = part.decoder().heads.iter().find(|h| &h.cfg.name == name).unwrap();
+                let (m, c) = head.output_map().unwrap().unwrap();
+                let l = Tensor::from_slice(l, (l.len(), 1), &Device::Cpu).unwrap();
+                let y = (m.matmul(&l).unwrap().squeeze(1).unwrap() + c).unwrap().to_vec1::<f32>().unwrap();
+                let want = &a.heads.iter().find(|(n, _, _)| n == name).unwrap().2;
+                for (x, w) in y.iter().zip(want) {
+                    assert!((x - w).abs() <= 1e-4 * (1.0 + w.abs()), "{name}: {x} vs {w}");
+                }
+            }
+            // Ranked from latents, the gallery comes out as from the outputs by plain cosines.
+            let by_name = a.heads.iter().map(|(n, _, v)| (n.clone(), v.clone())).collect();
+            let direct = g.rank(&by_name, &BTreeMap::new(), 20);
+            assert_eq!(direct[0].index, i, "the trial's own item first");
+            for (x, y) in direct.iter().zip(&p.top) {
+                assert_eq!(x.index, y.index);
+                assert!((x.score - y.score).abs() < 1e-5, "{} vs {}", x.score, y.score);
+            }
+            for (x, y) in direct.iter().zip(&a.top) {
+                assert!((x.score - y.score).abs() < 1e-5, "{} vs {}", x.score, y.score);
+            }
+        }
+    }
+
+    #[test]
+    fn eight_bit_input_weights_stay_within_a_few_percent_of_float32() {
+        let cfg = DecodeConfig { device: "cpu".into(), top_k: 20, ..DecodeConfig::default() };
+        let q8 = DecodeConfig { weight_dtype: WeightDtype::Q8_0, ..cfg.clone() };
+        let (mut f32_stage, _, item_betas) = stage(cfg, 4);
+        let (mut q8_stage, _, _) = stage(q8, 4);
+        for i in 0..5 {
+            let b = &item_betas[i * VOXELS..][..VOXELS];
+            let (a, q) = (
+                f32_stage.decode(&synthetic::trial(0, b)).unwrap(),
+                q8_stage.decode(&synthetic::trial(0, b)).unwrap(),
+            );
+            assert_eq!(a.top[0].index, i);
+            assert_eq!(q.top[0].index, i);
+            for ((name, _, x), (_, _, y)) in a.heads.iter().zip(&q.heads) {
+                let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt();
+                let diff = x.iter().zip(y).map(|(u, v)| (u - v) * (u - v)).sum::<f32>().sqrt();
+                assert!(diff / norm < 0.03, "{name}: relative difference {}", diff / norm);
+                assert!(diff > 0.0, "{name}: the 8-bit path was not taken");
+            }
+        }
+    }
+
+    #[test]
+    fn latent_heads_must_be_low_rank_heads_of_the_model_and_not_the_picture() {
+        for (heads, want) in [(vec!["nope"], "no head \"nope\""), (vec!["pixels"], "not low-rank")] {
+            let cfg = DecodeConfig {
+                device: "cpu".into(),
+                latent_heads: heads.iter().map(|h| h.to_string()).collect(),
+                ..DecodeConfig::default()
+            };
+            let mut rng = Rng::new(1, 1);
+            let err = DecodeStage::with_model(model(&mut rng), None, &cfg).err().unwrap().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
 
     #[test]
     fn mix_follows_mirage() {

@@ -21,7 +21,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -161,12 +162,33 @@ struct Renorm {
     pred_corr: Option<Tensor>,
 }
 
+/// An 8-bit (Q8_0: blocks of 32 weights with one scale) copy of the matrix that reads the
+/// betas, for live decodes on a CPU; `pad` zero columns make the input a whole number of blocks.
+struct FastInput {
+    matmul: QMatMul,
+    pad: usize,
+}
+
+/// The betas are padded to a multiple of this for the 8-bit product: Q8_0 blocks are 32
+/// long, and candle's CPU kernel runs about twice as fast on whole 256-blocks (measured).
+const Q8_PAD: usize = 256;
+
+/// One head's part of a live decode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadOutput {
+    /// The rank-r latent `down · z` of a low-rank head.
+    pub latent: Option<Vec<f32>>,
+    /// The renormalised output (absent when only the latent was asked for).
+    pub output: Option<Vec<f32>>,
+}
+
 /// One loaded head.
 pub struct Head {
     /// Its description.
     pub cfg: HeadConfig,
     map: Map,
     renorm: Option<Renorm>,
+    fast_input: Option<FastInput>,
     span: tracing::Span,
 }
 
@@ -200,7 +222,79 @@ impl Head {
         } else {
             None
         };
-        Ok(Head { cfg: cfg.clone(), map, renorm, span: tracing::trace_span!("head", name = %cfg.name) })
+        Ok(Head {
+            cfg: cfg.clone(),
+            map,
+            renorm,
+            fast_input: None,
+            span: tracing::trace_span!("head", name = %cfg.name),
+        })
+    }
+
+    /// Its rank (`None`: a full head).
+    pub fn rank(&self) -> Option<usize> {
+        match &self.map {
+            Map::Full { .. } => None,
+            Map::LowRank { down, .. } => down.dim(0).ok(),
+        }
+    }
+
+    /// Keeps an 8-bit copy of the matrix that reads the betas (`down`, or a full head's
+    /// `weight`) for [`Head::live`]; the float32 weights stay for training-side callers.
+    pub fn quantise_input(&mut self) -> candle_core::Result<()> {
+        let w = match &self.map {
+            Map::Full { weight, .. } => weight,
+            Map::LowRank { down, .. } => down,
+        };
+        let n_in = w.dim(1)?;
+        let pad = n_in.next_multiple_of(Q8_PAD) - n_in;
+        let w = w.to_dtype(DType::F32)?.pad_with_zeros(1, 0, pad)?;
+        let matmul = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+        self.fast_input = Some(FastInput { matmul, pad });
+        Ok(())
+    }
+
+    /// The live path for normalised betas `z` `(1, n_voxels)`: the latent of a low-rank head
+    /// and, unless `latent_only`, the renormalised output. Uses the 8-bit input copy if kept.
+    pub fn live(&self, z: &Tensor, latent_only: bool) -> candle_core::Result<HeadOutput> {
+        let _g = self.span.enter();
+        let first = match &self.fast_input {
+            Some(f) => f.matmul.forward(&z.pad_with_zeros(1, 0, f.pad)?)?,
+            None => match &self.map {
+                Map::Full { weight, .. } => affine(z, weight, None)?,
+                Map::LowRank { down, .. } => affine(z, down, None)?,
+            },
+        };
+        let (latent, raw) = match &self.map {
+            Map::Full { bias, .. } => (None, Some(first.broadcast_add(bias)?)),
+            Map::LowRank { .. } if latent_only => (Some(first), None),
+            Map::LowRank { up, bias, .. } => {
+                let raw = affine(&first, up, Some(bias))?;
+                (Some(first), Some(raw))
+            }
+        };
+        let output = match raw {
+            Some(raw) => Some(self.renormalise(&raw, None)?.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(HeadOutput { latent: latent.map(|l| l.flatten_all()?.to_vec1::<f32>()).transpose()?, output })
+    }
+
+    /// A low-rank head's renormalised output as an affine map of its latent, `y = A·l + c`
+    /// (`A` `[out, r]`, `c` `[out]`), in float32 on its device: the renormalisation folded into
+    /// `up` and `bias`.
+    pub fn output_map(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let Map::LowRank { up, bias, .. } = &self.map else { return Ok(None) };
+        let up = up.to_dtype(DType::F32)?;
+        Ok(Some(match &self.renorm {
+            None => (up, bias.clone()),
+            Some(r) => {
+                let scale = r.target_std.broadcast_div(&r.pred_std)?;
+                let a = up.broadcast_mul(&scale.unsqueeze(1)?)?;
+                let c = (bias - &r.pred_mean)?.broadcast_mul(&scale)?.broadcast_add(&r.target_mean)?;
+                (a, c)
+            }
+        }))
     }
 
     /// `xs`: z-scored betas `(batch, n_voxels)` → raw predictions `(batch, n_outputs)`.
@@ -369,11 +463,23 @@ impl Decoder {
         format!("{:08x}", h.finalize())
     }
 
-    /// Stores every head's weight matrices in `dtype` (see [`Head::set_weight_dtype`]).
-    pub fn set_weight_dtype(&mut self, dtype: DType) -> Result<(), DecodeError> {
+    /// Keeps the heads' weights in `dtype`: bf16 replaces them (see
+    /// [`Head::set_weight_dtype`]); q8_0 adds 8-bit input copies for live decodes on a CPU
+    /// (see [`Head::quantise_input`]).
+    pub fn set_weight_dtype(&mut self, dtype: super::WeightDtype) -> Result<(), DecodeError> {
+        use super::WeightDtype;
+        if dtype == WeightDtype::Q8_0 && !self.device.is_cpu() {
+            return Err(DecodeError::Device(
+                "weight dtype q8_0 is for CPU decoding; use bf16 on a GPU".into(),
+            ));
+        }
         for h in &mut self.heads {
-            h.set_weight_dtype(dtype)
-                .map_err(|e| DecodeError::Device(format!("head {}: {e}", h.cfg.name)))?;
+            let done = match dtype {
+                WeightDtype::F32 => Ok(()),
+                WeightDtype::Bf16 => h.set_weight_dtype(DType::BF16),
+                WeightDtype::Q8_0 => h.quantise_input(),
+            };
+            done.map_err(|e| DecodeError::Device(format!("head {}: {e}", h.cfg.name)))?;
         }
         Ok(())
     }
@@ -418,6 +524,19 @@ impl Decoder {
                 .collect()
         };
         run().map_err(|e| DecodeError::Compute(e.to_string()))
+    }
+
+    /// The live path of every head for one trial's normalised (and aligned) betas `z`
+    /// `(1, n_voxels)`; `latent_only[h]` leaves low-rank head `h` at its latent.
+    pub fn live(&self, z: &Tensor, latent_only: &[bool]) -> Result<Vec<HeadOutput>, DecodeError> {
+        self.heads
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                h.live(z, latent_only.get(i).copied().unwrap_or(false))
+                    .map_err(|e| DecodeError::Compute(format!("head {}: {e}", h.cfg.name)))
+            })
+            .collect()
     }
 
     /// Checks betas `(batch, n_voxels)` (size, finiteness) and puts them on the device.

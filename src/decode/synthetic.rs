@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::gallery::{Gallery, Item};
 use super::model::{Decoder, FusionConfig, HeadConfig, ModelConfig, FORMAT};
 use super::DecodeError;
+use crate::glm::TrialBetas;
 
 /// MIRAGE's heads: image embedding, text embedding (77 × 1280), low-level (VDVAE latents),
 /// retrieval (257 × 1024).
@@ -77,4 +79,31 @@ pub fn to_device(decoder: &Decoder, device: &Device) -> Result<Decoder, DecodeEr
     let tensors = tensors.collect::<Result<HashMap<_, _>, DecodeError>>()?;
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     Decoder::new(decoder.cfg.clone(), &vb, device)
+}
+
+/// A gallery whose items are `decoder`'s outputs for `betas` (`n` trials), so that a trial made
+/// from an item's betas plus noise has a right answer.
+pub fn gallery_of_outputs(decoder: &Decoder, betas: &[f32], n: usize) -> Result<Gallery, DecodeError> {
+    let outputs = decoder.predict(betas, n)?;
+    let embeddings =
+        decoder.cfg.heads.iter().zip(outputs).map(|(h, o)| (h.name.clone(), (h.n_outputs(), o))).collect();
+    let items = (0..n).map(|i| Item { id: i.to_string(), label: format!("item {i}") }).collect();
+    Ok(Gallery { items, embeddings, thumbnails: None })
+}
+
+/// A trial that carries only betas, as the GLM would hand it to the decode stage.
+pub fn trial(index: u64, betas: &[f32]) -> TrialBetas {
+    TrialBetas {
+        run: "synthetic".into(),
+        trial: index,
+        stim: None,
+        condition: "seen".into(),
+        onset: 0.0,
+        duration: 0.0,
+        n_volumes: 0,
+        estimable: true,
+        at_run_end: false,
+        betas: betas.to_vec(),
+        voxels: Vec::new(),
+    }
 }

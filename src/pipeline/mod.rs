@@ -214,7 +214,10 @@ impl Drop for PipelineHandle {
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, String> {
     std::thread::Builder::new()
         .name(format!("mirage/{name}"))
-        .spawn(f)
+        .spawn(|| {
+            f();
+            crate::bench::note_thread_end();
+        })
         .map_err(|e| format!("cannot start thread {name}: {e}"))
 }
 
@@ -269,6 +272,8 @@ impl Pipeline {
         if !errors.is_empty() {
             return Err(errors);
         }
+        // Before any thread of ours starts: candle sizes its pool from the environment once.
+        crate::decode::limit_candle_threads(cfg.decode.threads);
         let uri = cfg.ingest_uri().map_err(|e| vec![e])?;
         let publish_ep = match cfg.publish.uri.as_deref().map(parse_publish_uri).transpose() {
             Ok(ep) => ep,
@@ -665,6 +670,11 @@ fn decode_worker(
             waker.wake();
         }
     };
+    // The first decode (paging weights in, making candle's pool) happens here, on a decode
+    // thread at its lower priority, before any trial waits for it.
+    if let Err(e) = adapter.stage.warm_up() {
+        tracing::warn!("decode warm-up: {e}");
+    }
     let mut last: Option<Frame> = None;
     loop {
         match rx.recv_timeout(POLL) {

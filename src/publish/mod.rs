@@ -140,8 +140,8 @@ pub fn betas_message(frame: &Frame, t: &TrialBetas) -> Message {
 }
 
 /// Builds the `decode` message of a decoded trial: top gallery matches and timing in the
-/// header; each head's output, the fusion mix and the pixel picture (float32 and PNG) as
-/// payloads.
+/// header; each head's output (or `NAME.latent` for a head decoded to its latent), the fusion
+/// mix and the pixel picture (float32 and PNG) as payloads.
 pub fn decode_message(d: &Decoded) -> Message {
     let mut header = trial_header(&d.trial);
     header.insert("top".into(), json!(d.top));
@@ -149,6 +149,9 @@ pub fn decode_message(d: &Decoded) -> Message {
         "heads".into(),
         json!(d.heads.iter().map(|(n, s, _)| json!({"name": n, "shape": s})).collect::<Vec<_>>()),
     );
+    if !d.latents.is_empty() {
+        header.insert("latents".into(), json!(d.latents.iter().map(|(n, _)| n).collect::<Vec<_>>()));
+    }
     header.insert("device".into(), json!(d.device));
     header.insert("alignment".into(), json!(d.alignment));
     header.insert("latency_ms".into(), json!(d.latency_ms));
@@ -156,6 +159,8 @@ pub fn decode_message(d: &Decoded) -> Message {
     header.insert("closed_time".into(), json!(d.closed_time));
     let mut payloads: Vec<Payload> =
         d.heads.iter().map(|(n, s, v)| Payload::f32(n, s.clone(), "C", v)).collect();
+    payloads
+        .extend(d.latents.iter().map(|(n, l)| Payload::f32(&format!("{n}.latent"), vec![l.len()], "C", l)));
     if let Some((c_img, c_txt)) = &d.fused {
         payloads.push(Payload::f32("c_img", vec![c_img.len()], "C", c_img));
         payloads.push(Payload::f32("c_txt", vec![c_txt.len()], "C", c_txt));

@@ -254,7 +254,12 @@ pub fn simulated_session(
 
 /// Trains a model (alpha 1000) on a simulated session into `dir/model`.
 pub fn train_model(dir: &Path, run_dir: &Path, glm: &Path) -> PathBuf {
-    let model = dir.join("model");
+    train_model_with(dir, run_dir, glm, "model", &[])
+}
+
+/// Trains a model (alpha 1000, then `extra` flags) on a simulated session into `dir/name`.
+pub fn train_model_with(dir: &Path, run_dir: &Path, glm: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let model = dir.join(name);
     run(mirage()
         .args(["train", "--alpha", "1000", "--betas"])
         .arg(glm.join("trial_betas.npy"))
@@ -262,6 +267,7 @@ pub fn train_model(dir: &Path, run_dir: &Path, glm: &Path) -> PathBuf {
         .arg(run_dir.join("truth/targets/trials"))
         .arg("--mask")
         .arg(run_dir.join("truth/roi_mask.nii.gz"))
+        .args(extra)
         .arg("--out")
         .arg(&model));
     model
