@@ -2,7 +2,8 @@
 //! retrieval.
 //!
 //! In: [`crate::glm::TrialBetas`] (betas over the GLM mask). Out: [`Decoded`] — every head's
-//! output, MIRAGE's conditioning mix, the top gallery matches and the pixel head's picture.
+//! output (or, for `latent_heads`, its rank-r latent), MIRAGE's conditioning mix, the top
+//! gallery matches (ranked from the latents of low-rank heads) and the pixel head's picture.
 //! Shapes: betas `(1, n_voxels)` → head `h` `(1, prod(shape_h))`. Budget: `latency_budget_ms`
 //! per trial (checked by the runner, which owns the clock).
 
