@@ -69,7 +69,7 @@ fn bench(c: &mut Criterion) {
             latent_heads: MIRAGE_HEADS.iter().map(|(n, _)| n.to_string()).collect(),
             ..DecodeConfig::default()
         };
-        let mut stage = DecodeStage::with_model(d, Some(gallery), &cfg).unwrap();
+        let mut stage = DecodeStage::with_model(d, Some(std::sync::Arc::new(gallery)), &cfg).unwrap();
         let t = synthetic::trial(0, &x);
         g.bench_function(format!("lowrank_r512_mirage_shapes_latent_{name}_gallery100_per_trial"), |b| {
             b.iter(|| black_box(stage.decode(&t).unwrap()))

@@ -170,7 +170,7 @@ pub fn bench_decode(args: &DecodeBenchArgs) -> anyhow::Result<DecodeBenchReport>
         0 => (None, Vec::new()),
         n => {
             let b = random_betas(n, args.voxels, 7);
-            (Some(gallery_of_outputs(cpu.as_ref().unwrap_or(&decoder), &b, n)?), b)
+            (Some(std::sync::Arc::new(gallery_of_outputs(cpu.as_ref().unwrap_or(&decoder), &b, n)?)), b)
         }
     };
     let cfg = DecodeConfig {
@@ -227,7 +227,7 @@ pub fn bench_decode(args: &DecodeBenchArgs) -> anyhow::Result<DecodeBenchReport>
         peak_host_mb: 0.0,
     };
     if let Some(cpu) = cpu {
-        compare_with_cpu(&mut report, &cpu, gallery.as_ref(), &betas, &decoded, args, WARM_UP)?;
+        compare_with_cpu(&mut report, &cpu, gallery.as_deref(), &betas, &decoded, args, WARM_UP)?;
     }
     report.peak_host_mb = crate::commands::decode::peak_memory_mb().unwrap_or(f64::NAN);
     if let Some(path) = &args.json {

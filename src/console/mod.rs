@@ -82,8 +82,8 @@ pub struct ConsoleSetup {
     pub listen: Option<String>,
     /// Fields of the page's `hello` event: source, mode, thresholds.
     pub hello: Map<String, Value>,
-    /// The known truth decodes are scored against.
-    pub gallery: Option<Gallery>,
+    /// The known truth decodes are scored against (the decode stage's gallery, shared).
+    pub gallery: Option<std::sync::Arc<Gallery>>,
     /// Where to write the report at the end.
     pub report: Option<PathBuf>,
 }

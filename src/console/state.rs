@@ -32,7 +32,7 @@ pub struct ConsoleInput {
 
 /// The known truth a decode is scored against: the gallery's embeddings and thumbnails.
 struct Truth {
-    gallery: Gallery,
+    gallery: Arc<Gallery>,
     /// PNG data URL of each item's thumbnail.
     thumbs: Vec<Option<String>>,
 }
@@ -114,7 +114,7 @@ fn payload_f32(payloads: &[Payload], name: &str) -> Option<(Vec<usize>, Vec<f32>
 impl ConsoleState {
     /// A console for a run described by `hello` (source, mode, thresholds), scoring decodes
     /// against `gallery` when the truth is known.
-    pub fn new(hello: Map<String, Value>, gallery: Option<Gallery>) -> ConsoleState {
+    pub fn new(hello: Map<String, Value>, gallery: Option<Arc<Gallery>>) -> ConsoleState {
         let truth = gallery.map(|gallery| {
             let thumbs = match &gallery.thumbnails {
                 Some((shape, values)) => {
@@ -431,7 +431,7 @@ mod tests {
     #[test]
     fn a_perfect_decode_scores_one_and_a_wrong_match_zero_top1() {
         let g = gallery();
-        let mut c = ConsoleState::new(Map::new(), Some(g.clone()));
+        let mut c = ConsoleState::new(Map::new(), Some(Arc::new(g.clone())));
         let out = c.process(&decode_input(&g, 2, 2, "seen"));
         let ev: Value = serde_json::from_str(&out[0]).unwrap();
         assert_eq!(ev["topic"], "decode");

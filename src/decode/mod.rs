@@ -260,7 +260,7 @@ pub struct DecodeStage {
     decoder: std::sync::Arc<Decoder>,
     adapter: Adapter,
     run_stats: RunStats,
-    gallery: Option<Gallery>,
+    gallery: Option<std::sync::Arc<Gallery>>,
     /// Per gallery head ranked from a low-rank head's latent.
     latent_index: BTreeMap<String, LatentIndex>,
     /// Per head: decoded live only to its latent.
@@ -271,19 +271,22 @@ pub struct DecodeStage {
 }
 
 impl DecodeStage {
-    /// Loads the model (and gallery) the configuration names.
-    pub fn new(cfg: &DecodeConfig) -> Result<DecodeStage, DecodeError> {
+    /// Loads the model the configuration names, to rank against `gallery` (the one
+    /// `decode.gallery` names, loaded by the caller, which may share it).
+    pub fn new(
+        cfg: &DecodeConfig,
+        gallery: Option<std::sync::Arc<Gallery>>,
+    ) -> Result<DecodeStage, DecodeError> {
         let path = cfg.model.as_ref().ok_or_else(|| DecodeError::Model("no model configured".into()))?;
         let device = model::device(&cfg.device)?;
         let decoder = Decoder::load(path, &device)?;
-        let gallery = cfg.gallery.as_ref().map(|g| Gallery::load(g)).transpose()?;
         DecodeStage::with_model(decoder, gallery, cfg)
     }
 
     /// The stage for a decoder and gallery already loaded (`cfg` gives the rest).
     pub fn with_model(
         mut decoder: Decoder,
-        gallery: Option<Gallery>,
+        gallery: Option<std::sync::Arc<Gallery>>,
         cfg: &DecodeConfig,
     ) -> Result<DecodeStage, DecodeError> {
         decoder.set_weight_dtype(cfg.weight_dtype)?;
@@ -347,7 +350,7 @@ impl DecodeStage {
 
     /// The gallery, when one is loaded.
     pub fn gallery(&self) -> Option<&Gallery> {
-        self.gallery.as_ref()
+        self.gallery.as_deref()
     }
 
     /// What stands between z-scoring and the heads now.
@@ -543,7 +546,7 @@ mod tests {
         let mut rng = Rng::new(seed, 1);
         let decoder = model(&mut rng);
         let (g, b) = gallery(&decoder, &mut rng);
-        (DecodeStage::with_model(decoder, Some(g.clone()), &cfg).unwrap(), g, b)
+        (DecodeStage::with_model(decoder, Some(std::sync::Arc::new(g.clone())), &cfg).unwrap(), g, b)
     }
 
     #[test]

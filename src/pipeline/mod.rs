@@ -116,15 +116,15 @@ fn glm_estimator(cfg: &Config, uri: &IngestUri) -> Result<GlmEstimator, String> 
 
 /// The console's setup: a page when `console.listen` is set, a report when recording with
 /// `console.report`; `None` when neither.
-fn console_setup(cfg: &Config, session_dir: Option<&Path>) -> Result<Option<ConsoleSetup>, String> {
+fn console_setup(
+    cfg: &Config,
+    session_dir: Option<&Path>,
+    gallery: Option<Arc<Gallery>>,
+) -> Result<Option<ConsoleSetup>, String> {
     let report = cfg.console.report_path(session_dir);
     if cfg.console.listen.is_none() && report.is_none() {
         return Ok(None);
     }
-    let gallery = match &cfg.decode.gallery {
-        Some(dir) if cfg.decode.model.is_some() => Some(Gallery::load(dir).map_err(|e| e.to_string())?),
-        _ => None,
-    };
     let mode = match cfg.decode.mode {
         crate::decode::Mode::Calibrate => "calibrate",
         crate::decode::Mode::Decode => "decode",
@@ -332,7 +332,15 @@ impl Pipeline {
             None => None,
         };
 
-        let console = match console_setup(cfg, handle.session_dir.as_deref()) {
+        // Loaded once: the decode stage ranks against it, the console scores against it.
+        let gallery = match &cfg.decode.gallery {
+            Some(dir) if cfg.decode.model.is_some() => match Gallery::load(dir) {
+                Ok(g) => Some(Arc::new(g)),
+                Err(e) => return Err(vec![e.to_string()]),
+            },
+            _ => None,
+        };
+        let console = match console_setup(cfg, handle.session_dir.as_deref(), gallery.clone()) {
             Ok(Some(setup)) => match crate::console::start(setup, metrics.clone()) {
                 Ok((feed, thread)) => {
                     handle.threads.push(thread);
@@ -431,7 +439,7 @@ impl Pipeline {
             Box::new(Identity("glm"))
         };
         let decode: Box<dyn Stage> = match &cfg.decode.model {
-            Some(_) => match DecodeStage::new(&cfg.decode) {
+            Some(_) => match DecodeStage::new(&cfg.decode, gallery) {
                 Ok(stage) => {
                     let calibration = match live_calibration(cfg, &stage, handle.session_dir.as_deref()) {
                         Ok(c) => c,
