@@ -30,10 +30,31 @@ pub mod volume;
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(move || LogWriter { clear_line: tty })
+        .with_ansi(tty)
         .with_target(false)
         .try_init();
+}
+
+/// stderr for one log event; on a terminal it first clears the line, so that a log line does
+/// not run into the status line `mirage run` redraws in place (which comes back at its next tick).
+struct LogWriter {
+    clear_line: bool,
+}
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        if std::mem::take(&mut self.clear_line) {
+            err.write_all(b"\r\x1b[2K")?;
+        }
+        err.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
