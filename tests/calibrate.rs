@@ -238,6 +238,13 @@ fn calibration_mode_collects_the_protocol_fits_and_switches_without_a_restart() 
     assert!(fit_s > 0.0);
     assert_eq!(done["report"]["folds"], 2);
     assert!(phases.contains(&"fitting"), "{phases:?}");
+    // Fit progress says which cross-validation fold (whose steps count from 1 again) or the
+    // final refit, in that order.
+    let stages: Vec<&str> = events.iter().filter_map(|e| e["fit_stage"].as_str()).collect();
+    assert!(!stages.is_empty(), "{phases:?}");
+    let order = |s: &str| ["fold 1/2", "fold 2/2", "refit"].iter().position(|x| *x == s);
+    let ranks: Vec<usize> = stages.iter().map(|s| order(s).unwrap_or_else(|| panic!("{stages:?}"))).collect();
+    assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{stages:?}");
 
     // Trials closed after the switch are decoded with the head; those before it without.
     let decoded = published(&session, "decode");

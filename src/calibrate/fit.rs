@@ -56,6 +56,9 @@ pub struct Progress {
     pub loss: f64,
     /// Held-out loss (`select` only).
     pub heldout_loss: Option<f64>,
+    /// Cross-validation fold (1-based) and number of folds (`select` only): each fold counts
+    /// its steps from 1 again.
+    pub fold: Option<(usize, usize)>,
 }
 
 /// What a fit produced and how it went.
@@ -341,7 +344,15 @@ pub fn fit(
         let mut best = (0, curve[0]);
         let mut on_step = |p: &Params, step: usize, loss: f64| -> Result<bool, CalibrateError> {
             let h = held_loss(p)?;
-            progress(&Progress { phase: "select", step, steps: cfg.steps, loss, heldout_loss: Some(h) });
+            let fold = Some((k + 1, n_folds));
+            progress(&Progress {
+                phase: "select",
+                step,
+                steps: cfg.steps,
+                loss,
+                heldout_loss: Some(h),
+                fold,
+            });
             curve.push(h);
             preds.push(obj.predictions(p, &he, scored).map_err(c)?);
             if h.is_finite() && h < best.1 {
@@ -388,7 +399,7 @@ pub fn fit(
     let loss_of = |p: &Params| obj.target_loss(p, &all).and_then(|l| l.to_scalar::<f32>()).map_err(c);
     let loss_identity = f64::from(loss_of(&p)?);
     let mut on_step = |_: &Params, step: usize, loss: f64| -> Result<bool, CalibrateError> {
-        progress(&Progress { phase: "refit", step, steps, loss, heldout_loss: None });
+        progress(&Progress { phase: "refit", step, steps, loss, heldout_loss: None, fold: None });
         Ok(true)
     };
     rollbacks += descend(&obj, &p, &all, steps, cfg.lr, &mut on_step)?;

@@ -32,6 +32,9 @@ pub struct CalibrationEvent {
     pub stim: Option<String>,
     /// Fit progress: step and most steps of the current phase.
     pub step: Option<(usize, usize)>,
+    /// What the fit is doing: `fold k/n` (choosing the step count on held-out stimuli; each
+    /// fold counts its steps from 1) or `refit` (all trials).
+    pub fit_stage: Option<String>,
     /// Current training loss.
     pub loss: Option<f64>,
     /// Current held-out loss.
@@ -173,6 +176,10 @@ impl LiveCalibration {
                 last.map(|p| {
                     let mut ev = self.event("fitting");
                     ev.step = Some((p.step, p.steps));
+                    ev.fit_stage = Some(match p.fold {
+                        Some((k, n)) => format!("fold {k}/{n}"),
+                        None => p.phase.to_string(),
+                    });
                     ev.loss = Some(p.loss);
                     ev.heldout_loss = p.heldout_loss;
                     ev

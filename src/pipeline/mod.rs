@@ -749,7 +749,10 @@ fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
         publisher.send(calibration_message(ev));
         let progress = match (ev.phase, ev.step) {
             ("collecting", _) => format!("collecting {}/{}", ev.collected, ev.needed),
-            ("fitting", Some((step, steps))) => format!("fitting {step}/{steps}"),
+            ("fitting", Some((step, steps))) => match &ev.fit_stage {
+                Some(stage) => format!("fitting {stage} {step}/{steps}"),
+                None => format!("fitting {step}/{steps}"),
+            },
             (phase, _) => phase.to_string(),
         };
         if let Ok(mut c) = m.calibration.lock() {
