@@ -373,3 +373,25 @@ fn the_daemon_decodes_heads_to_latents_with_8_bit_weights_and_ranks_as_float32_d
         assert!(names.contains(&"pixels_png") && !names.contains(&"c_img"), "{names:?}");
     }
 }
+
+#[test]
+fn a_decode_setup_error_exits_at_once_and_leaves_no_session_folder() {
+    // The decode stage is made before any thread starts or the session folder exists: a model
+    // without the head named in decode.latent_heads ends the daemon with the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let session = dir.path().join("s");
+    let (status, out) = run_with_timeout(
+        mirage()
+            .arg("run")
+            .args(["--ingest", "sim://?seed=1&volumes=20&shape=32,32,20&speed=max", "--publish", "none"])
+            .args(["--no-lsl", "--quiet", "--record"])
+            .arg(&session)
+            .args(["--set", "decode.model=sim", "--set", "decode.gallery=sim", "--set", "glm.mask=sim"])
+            .args(["--set", "decode.latent_heads=[\"nope\"]"])
+            .env("MIRAGE_CACHE_DIR", dir.path().join("cache")),
+        Duration::from_secs(120),
+    );
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("the model has no head \"nope\""), "{out}");
+    assert!(!session.exists(), "a failed start left {}", session.display());
+}

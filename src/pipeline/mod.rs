@@ -304,9 +304,64 @@ impl Pipeline {
             source: String::new(),
         };
 
-        let session = match &cfg.record.dir {
+        // Every stage is made before the session folder, so that a setup error leaves none.
+        let session_dir = cfg
+            .record
+            .dir
+            .as_ref()
+            .map(|d| PathBuf::from(d.replace("{time}", &clock::utc_label(clock::unix_now()))));
+        // Loaded once: the decode stage ranks against it, the console scores against it.
+        let gallery = match &cfg.decode.gallery {
+            Some(dir) if cfg.decode.model.is_some() => match Gallery::load(dir) {
+                Ok(g) => Some(Arc::new(g)),
+                Err(e) => return Err(vec![e.to_string()]),
+            },
+            _ => None,
+        };
+        let motion: Box<dyn Stage> = if cfg.motion.enabled {
+            match MotionCorrector::new(&cfg.motion) {
+                Ok(m) => Box::new(MotionStage(m)),
+                Err(e) => return Err(vec![e.to_string()]),
+            }
+        } else {
+            Box::new(Identity("motion"))
+        };
+        let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(EVENT_QUEUE);
+        let glm: Box<dyn Stage> = if cfg.glm.enabled {
+            match glm_estimator(cfg, &uri) {
+                Ok(glm) => Box::new(GlmStage { glm, events: events_rx }),
+                Err(e) => return Err(vec![e]),
+            }
+        } else {
+            Box::new(Identity("glm"))
+        };
+        // The decode stage, its calibration and its thread pool; the worker starts with the
+        // other threads below.
+        let decoding = match &cfg.decode.model {
+            Some(_) => {
+                let stage =
+                    DecodeStage::new(&cfg.decode, gallery.clone()).map_err(|e| vec![e.to_string()])?;
+                let calibration =
+                    live_calibration(cfg, &stage, session_dir.as_deref()).map_err(|e| vec![e.to_string()])?;
+                let adapter = DecodeStageAdapter {
+                    stage,
+                    budget_ms: cfg.decode.latency_budget_ms,
+                    run_end: cfg.decode.decode_run_end,
+                    calibration,
+                };
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(cfg.decode.threads)
+                    .thread_name(|i| format!("mirage/decode{i}"))
+                    .start_handler(|_| lower_priority(DECODE_NICE))
+                    .build()
+                    .map_err(|e| vec![format!("decode threads: {e}")])?;
+                Some((adapter, pool))
+            }
+            None => None,
+        };
+
+        let session = match session_dir {
             Some(dir) => {
-                let dir = PathBuf::from(dir.replace("{time}", &clock::utc_label(clock::unix_now())));
                 let meta = serde_json::json!({
                     "mirage_version": env!("CARGO_PKG_VERSION"),
                     "started_unix": clock::unix_now(),
@@ -332,15 +387,7 @@ impl Pipeline {
             None => None,
         };
 
-        // Loaded once: the decode stage ranks against it, the console scores against it.
-        let gallery = match &cfg.decode.gallery {
-            Some(dir) if cfg.decode.model.is_some() => match Gallery::load(dir) {
-                Ok(g) => Some(Arc::new(g)),
-                Err(e) => return Err(vec![e.to_string()]),
-            },
-            _ => None,
-        };
-        let console = match console_setup(cfg, handle.session_dir.as_deref(), gallery.clone()) {
+        let console = match console_setup(cfg, handle.session_dir.as_deref(), gallery) {
             Ok(Some(setup)) => match crate::console::start(setup, metrics.clone()) {
                 Ok((feed, thread)) => {
                     handle.threads.push(thread);
@@ -393,6 +440,8 @@ impl Pipeline {
         // The last status waits for the recorder, so that its counts are the final ones.
         let recorded_all = Arc::new(AtomicBool::new(session.is_none()));
         let recorded_all_flag = recorded_all.clone();
+        // Set when the recorder ends, panics or never starts (also when setup fails below).
+        let record_done = SetOnDrop(recorded_all);
         // Decoded trials reach publish off the volume path, from the decode worker.
         let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
         let waker = publish_rx.waker();
@@ -421,56 +470,17 @@ impl Pipeline {
             Err(_) => errors.push("publish thread ended during setup".into()),
         }
 
-        let motion: Box<dyn Stage> = if cfg.motion.enabled {
-            match MotionCorrector::new(&cfg.motion) {
-                Ok(m) => Box::new(MotionStage(m)),
-                Err(e) => return Err(vec![e.to_string()]),
-            }
-        } else {
-            Box::new(Identity("motion"))
-        };
-        let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(EVENT_QUEUE);
-        let glm: Box<dyn Stage> = if cfg.glm.enabled {
-            match glm_estimator(cfg, &uri) {
-                Ok(glm) => Box::new(GlmStage { glm, events: events_rx }),
-                Err(e) => return Err(vec![e]),
-            }
-        } else {
-            Box::new(Identity("glm"))
-        };
-        let decode: Box<dyn Stage> = match &cfg.decode.model {
-            Some(_) => match DecodeStage::new(&cfg.decode, gallery) {
-                Ok(stage) => {
-                    let calibration = match live_calibration(cfg, &stage, handle.session_dir.as_deref()) {
-                        Ok(c) => c,
-                        Err(e) => return Err(vec![e.to_string()]),
-                    };
-                    let adapter = DecodeStageAdapter {
-                        stage,
-                        budget_ms: cfg.decode.latency_budget_ms,
-                        run_end: cfg.decode.decode_run_end,
-                        calibration,
-                    };
-                    let (worker_tx, worker_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
-                    let m = metrics.clone();
-                    let pool = match rayon::ThreadPoolBuilder::new()
-                        .num_threads(cfg.decode.threads)
-                        .thread_name(|i| format!("mirage/decode{i}"))
-                        .start_handler(|_| lower_priority(DECODE_NICE))
-                        .build()
-                    {
-                        Ok(p) => p,
-                        Err(e) => return Err(vec![format!("decode threads: {e}")]),
-                    };
-                    let work = move || decode_worker(adapter, worker_rx, late_tx, waker, &m);
-                    match spawn("decoder", move || pool.install(work)) {
-                        Ok(t) => handle.threads.push(t),
-                        Err(e) => return Err(vec![e]),
-                    }
-                    Box::new(DecodeDispatch { worker: worker_tx })
+        let decode: Box<dyn Stage> = match decoding {
+            Some((adapter, pool)) => {
+                let (worker_tx, worker_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
+                let m = metrics.clone();
+                let work = move || decode_worker(adapter, worker_rx, late_tx, waker, &m);
+                match spawn("decoder", move || pool.install(work)) {
+                    Ok(t) => handle.threads.push(t),
+                    Err(e) => return Err(vec![e]),
                 }
-                Err(e) => return Err(vec![e.to_string()]),
-            },
+                Box::new(DecodeDispatch { worker: worker_tx })
+            }
             None => Box::new(Identity("decode")),
         };
         let stages: Vec<StageSlot> = vec![
@@ -489,10 +499,8 @@ impl Pipeline {
 
         if let Some(writer) = session {
             let m = metrics.clone();
-            // Set when the recorder ends, panics or never starts.
-            let done = SetOnDrop(recorded_all);
             match spawn("record", move || {
-                let _done = done;
+                let _done = record_done;
                 record_loop(writer, record_rx, &m);
             }) {
                 Ok(t) => handle.threads.push(t),
