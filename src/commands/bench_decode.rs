@@ -276,7 +276,7 @@ fn compare_with_cpu(
                 match (d.heads.iter().find(|(h, _, _)| h == name), d.latents.iter().find(|(h, _)| h == name))
                 {
                     (Some((_, _, o)), _) => o.clone(),
-                    (None, Some((_, l))) => expand(head, l)?,
+                    (None, Some((_, l))) => head.output_of_latent(l)?.context("a latent from a full head")?,
                     (None, None) => anyhow::bail!("head {name}: neither output nor latent"),
                 };
             for (a, b) in got.iter().zip(&r) {
@@ -301,11 +301,4 @@ fn compare_with_cpu(
         report.max_score_diff = Some(score_diff);
     }
     Ok(())
-}
-
-/// A low-rank head's renormalised output for latent `l`, with its float32 weights.
-fn expand(head: &crate::decode::model::Head, l: &[f32]) -> anyhow::Result<Vec<f32>> {
-    let (a, c) = head.output_map()?.context("a latent from a full head")?;
-    let l = candle_core::Tensor::from_slice(l, (l.len(), 1), a.device())?;
-    Ok((a.matmul(&l)?.squeeze(1)? + c)?.to_vec1::<f32>()?)
 }

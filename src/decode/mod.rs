@@ -289,7 +289,6 @@ impl DecodeStage {
         gallery: Option<std::sync::Arc<Gallery>>,
         cfg: &DecodeConfig,
     ) -> Result<DecodeStage, DecodeError> {
-        decoder.set_weight_dtype(cfg.weight_dtype)?;
         let latent_only =
             decoder.heads.iter().map(|h| cfg.latent_heads.contains(&h.cfg.name)).collect::<Vec<bool>>();
         for name in &cfg.latent_heads {
@@ -309,6 +308,7 @@ impl DecodeStage {
                 )));
             }
         }
+        decoder.set_weight_dtype(cfg.weight_dtype)?;
         let latent_index = match &gallery {
             Some(g) => latent_indices(&decoder, g)?,
             None => BTreeMap::new(),
@@ -435,16 +435,11 @@ impl DecodeStage {
             }
             None => Vec::new(),
         };
-        let png = match fusion
-            .pixel_head
-            .as_ref()
-            .and_then(|p| self.decoder.cfg.heads.iter().find(|h| &h.name == p))
-        {
-            Some(h) => match output(&Some(h.name.clone())) {
-                Some(values) => Some(image::png(values, &h.shape)?),
-                None => None,
-            },
-            None => None,
+        let pixel_cfg =
+            fusion.pixel_head.as_ref().and_then(|p| self.decoder.cfg.heads.iter().find(|h| &h.name == p));
+        let png = match (pixel_cfg, output(&fusion.pixel_head)) {
+            (Some(h), Some(values)) => Some(image::png(values, &h.shape)?),
+            _ => None,
         };
         let (mut heads, mut latents) = (Vec::new(), Vec::new());
         for (h, out) in self.decoder.cfg.heads.iter().zip(live) {
@@ -571,9 +566,7 @@ mod tests {
             // Each latent through the head's (renormalisation-folded) output map is the output.
             for (name, l) in &p.latents {
                 let head = part.decoder().heads.iter().find(|h| &h.cfg.name == name).unwrap();
-                let (m, c) = head.output_map().unwrap().unwrap();
-                let l = Tensor::from_slice(l, (l.len(), 1), &Device::Cpu).unwrap();
-                let y = (m.matmul(&l).unwrap().squeeze(1).unwrap() + c).unwrap().to_vec1::<f32>().unwrap();
+                let y = head.output_of_latent(l).unwrap().unwrap();
                 let want = &a.heads.iter().find(|(n, _, _)| n == name).unwrap().2;
                 for (x, w) in y.iter().zip(want) {
                     assert!((x - w).abs() <= 1e-4 * (1.0 + w.abs()), "{name}: {x} vs {w}");

@@ -297,6 +297,14 @@ impl Head {
         }))
     }
 
+    /// The renormalised output for latent `l` of a low-rank head (`None` for a full head), as a
+    /// subscriber forms it from a published `NAME.latent`: `A·l + c` of [`Head::output_map`].
+    pub fn output_of_latent(&self, l: &[f32]) -> candle_core::Result<Option<Vec<f32>>> {
+        let Some((a, c)) = self.output_map()? else { return Ok(None) };
+        let l = Tensor::from_slice(l, (l.len(), 1), a.device())?;
+        Ok(Some((a.matmul(&l)?.squeeze(1)? + c)?.to_vec1::<f32>()?))
+    }
+
     /// `xs`: z-scored betas `(batch, n_voxels)` → raw predictions `(batch, n_outputs)`.
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let _g = self.span.enter();
