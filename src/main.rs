@@ -214,16 +214,22 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
         /// none, zscore-run (z-score with this file's own statistics, MIRAGE's imagery
-        /// baseline) or an alignment head file.
+        /// baseline) or an alignment file (`mirage calibrate`).
         #[arg(long, default_value = "none")]
         align: String,
+        /// Per-run statistics (zscore-run and calibrated alignments) from every row of the
+        /// file (all), or from the rows so far at each row, as the live stage has them
+        /// (running).
+        #[arg(long, default_value = "all", value_parser = ["all", "running"])]
+        run_stats: String,
     },
-    /// Fit the domain-alignment head on a few imagery trials.
+    /// Fit the alignment on a few imagery trials of one run (the file's other rows are the
+    /// rest of that run).
     Calibrate {
         /// Model folder.
         #[arg(long)]
         model: PathBuf,
-        /// Betas .npy (trials × voxels).
+        /// Betas .npy (trials × voxels) of one run.
         #[arg(long)]
         betas: PathBuf,
         /// Targets: a folder of HEAD.npy (or an .npz), one row per betas row.
@@ -232,7 +238,7 @@ enum Command {
         /// Rows used for calibration, e.g. 0,3,5-9.
         #[arg(long)]
         trials: String,
-        /// Alignment head file to write (.safetensors).
+        /// Alignment file to write (.safetensors).
         #[arg(long)]
         out: PathBuf,
         /// TOML configuration whose [calibrate] section sets the fit.
@@ -475,14 +481,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             commands::decode::train(&TrainArgs { betas, targets, out, mask, opts })
         }
-        Command::Decode { model, betas, out, renorm, device, align } => {
+        Command::Decode { model, betas, out, renorm, device, align, run_stats } => {
             let renorm = match renorm.as_str() {
                 "stored" => Renorm::Stored,
                 "batch" => Renorm::Batch,
                 "none" => Renorm::None,
                 other => anyhow::bail!("--renorm {other:?}: use stored, batch or none"),
             };
-            commands::decode::decode(&model, &betas, &out, renorm, &device, &align)
+            let from = if run_stats == "running" {
+                commands::decode::RunStatsFrom::Running
+            } else {
+                commands::decode::RunStatsFrom::All
+            };
+            commands::decode::decode(&model, &betas, &out, renorm, &device, &align, from)
         }
         Command::Calibrate { model, betas, targets, trials, out, config, set, device, report } => {
             let mut cfg = match &config {

@@ -50,14 +50,13 @@ fn the_first_run_shows_calibration_and_decoding_in_the_browser_and_reports_the_r
     let console = format!("127.0.0.1:{port}");
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml");
     let session_arg = session.display().to_string();
-    // The default configuration as a new user runs it, paced faster (5 volumes/s), with a
-    // lighter calibration fit so the switch to the fitted head falls inside the run on a
-    // loaded 2-core machine, and with ports of its own.
+    // The default configuration as a new user runs it, paced faster (5 volumes/s), with ports
+    // of its own.
     let args = [
         "--config",
         config.to_str().unwrap(),
         "--ingest",
-        "sim://?seed=1&run_seed=2&volumes=330&tr=1&speed=5&condition=mixed",
+        "sim://?seed=1&run_seed=2&volumes=330&tr=1&speed=5&condition=mixed&n_stimuli=24",
         "--console",
         &console,
         "--publish",
@@ -65,10 +64,6 @@ fn the_first_run_shows_calibration_and_decoding_in_the_browser_and_reports_the_r
         "--no-lsl",
         "--record",
         &session_arg,
-        "--set",
-        "calibrate.holdout=0.5",
-        "--set",
-        "calibrate.steps=200",
     ];
     let mut daemon = Daemon::start_with_env(&args, d, &[("MIRAGE_CACHE_DIR", &cache)]);
     daemon.wait_for_log(&format!("console at http://{console}/"), Duration::from_secs(600));
@@ -122,13 +117,33 @@ fn the_first_run_shows_calibration_and_decoding_in_the_browser_and_reports_the_r
         assert_eq!(row["n"], hits.len());
         assert!((row["top1"].as_f64().unwrap() - mean(hits)).abs() < 1e-12, "{row}");
     }
-    // Against the simulator's truth: seen pictures are decoded well, imagery less so.
-    let seen = rows.iter().find(|r| r["condition"] == "seen").expect("seen trials");
+    // Against the simulator's truth: seen pictures are decoded well (without the imagery
+    // alignment), and imagery better with the fitted alignment than before it.
+    let seen =
+        rows.iter().find(|r| r["condition"] == "seen" && r["alignment"] == "none").expect("seen trials");
     assert!(seen["two_way"].as_f64().unwrap() > 0.9, "{seen}");
     assert!(seen["pixcorr"].as_f64().unwrap() > 0.8, "{seen}");
+    assert!(rows.iter().all(|r| r["condition"] != "seen" || r["alignment"] == "none"), "{summary}");
+    let imagery = |alignment: &str| {
+        rows.iter()
+            .find(|r| r["condition"] == "imagery" && r["alignment"] == alignment)
+            .unwrap_or_else(|| panic!("{summary}"))
+    };
+    let (before, after) = (imagery("none"), imagery("head"));
+    eprintln!("imagery without alignment {before}\nimagery with the fitted alignment {after}");
+    assert!(before["n"].as_u64() >= Some(8) && after["n"].as_u64() >= Some(8), "{summary}");
+    for metric in ["two_way", "top1"] {
+        assert!(after[metric].as_f64() > before[metric].as_f64(), "{metric}: {before} → {after}");
+    }
     let report_check = console_check(&format!("file://{}", report.display()), &["--report"]);
     assert_eq!(report_check["after"]["motion_points"], 330, "{report_check}");
     assert_eq!(report_check["conn"], "report", "{report_check}");
+    // The report shows what calibration kept and its held-out estimate.
+    let calibration = report_check["after"]["calibration"].as_str().unwrap_or_default();
+    assert!(
+        calibration.contains("held-out 2-way") && calibration.contains("heads corrected"),
+        "{report_check}"
+    );
 
     // A second run reuses the cached model; a port already taken is refused before anything runs.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -8,58 +8,15 @@
 //! mean held-out loss is chosen, and the head is refitted on every trial for that many steps. A step whose loss is not finite or explodes rolls the head back to the last good
 //! parameters and halves the learning rate, so the result never holds NaN.
 
-use std::collections::BTreeMap;
-
 use candle_core::{Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::Serialize;
 
 use super::head::{apply, AlignmentHead};
-use super::{CalibrateConfig, CalibrateError, HeadLoss};
+use super::{CalibrateConfig, CalibrateError, CalibrationSet, HeadLoss, Progress};
 use crate::decode::metrics::two_way;
 use crate::decode::model::Decoder;
 use crate::sim::rng::Rng;
-
-/// Calibration trials: betas, the stimulus each showed, and each head's target per trial.
-#[derive(Clone, Debug, Default)]
-pub struct CalibrationSet {
-    /// Betas, `trials × n_voxels`, row-major.
-    pub betas: Vec<f32>,
-    /// Stimulus id of each trial (the held-out split is by stimulus).
-    pub stimuli: Vec<String>,
-    /// Per head: targets, `trials × n_outputs`, row-major.
-    pub targets: BTreeMap<String, Vec<f32>>,
-}
-
-impl CalibrationSet {
-    /// Number of trials.
-    pub fn len(&self) -> usize {
-        self.stimuli.len()
-    }
-
-    /// Whether there are no trials.
-    pub fn is_empty(&self) -> bool {
-        self.stimuli.is_empty()
-    }
-}
-
-/// One step of the fit, for progress reports.
-#[derive(Clone, Debug, Serialize)]
-pub struct Progress {
-    /// `select` (choosing the step count on held-out stimuli) or `refit` (all trials).
-    pub phase: &'static str,
-    /// Step number (1-based).
-    pub step: usize,
-    /// Most steps of this phase.
-    pub steps: usize,
-    /// Training loss.
-    pub loss: f64,
-    /// Held-out loss (`select` only).
-    pub heldout_loss: Option<f64>,
-    /// Cross-validation fold (1-based) and number of folds (`select` only): each fold counts
-    /// its steps from 1 again.
-    pub fold: Option<(usize, usize)>,
-}
 
 /// What a fit produced and how it went.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -236,39 +193,13 @@ pub fn fit(
     let start = std::time::Instant::now();
     let n = set.len();
     let v = decoder.cfg.n_voxels;
-    if n < cfg.min_trials {
-        return Err(CalibrateError::Input(format!(
-            "{n} calibration trials; at least {} are needed",
-            cfg.min_trials
-        )));
-    }
-    if set.betas.len() != n * v {
-        return Err(CalibrateError::Input(format!(
-            "{} betas for {n} trials; the model takes {v} voxels per trial (is it the model these betas \
-             were fitted for?)",
-            set.betas.len()
-        )));
-    }
-    if let Some(i) = set.betas.iter().position(|b| !b.is_finite()) {
-        return Err(CalibrateError::Input(format!("trial {}, voxel {}: beta is not finite", i / v, i % v)));
-    }
+    set.check(decoder, cfg.min_trials)?;
     let dev = &decoder.device;
     let mut terms = Vec::new();
     for (name, values) in &set.targets {
-        let Some(hi) = decoder.heads.iter().position(|h| &h.cfg.name == name) else {
-            return Err(CalibrateError::Input(format!("targets for head {name:?}, which the model lacks")));
-        };
+        let Some(hi) = decoder.heads.iter().position(|h| &h.cfg.name == name) else { continue };
         let hc = &decoder.heads[hi].cfg;
         let out = hc.n_outputs();
-        if values.len() != n * out {
-            return Err(CalibrateError::Input(format!(
-                "head {name}: {} target values for {n} trials of {out}",
-                values.len()
-            )));
-        }
-        if values.iter().any(|x| !x.is_finite()) {
-            return Err(CalibrateError::Input(format!("head {name}: targets are not finite")));
-        }
         let weight = cfg.head_weights.get(name).copied().unwrap_or(1.0);
         if weight == 0.0 {
             continue;
@@ -349,7 +280,7 @@ pub fn fit(
                 phase: "select",
                 step,
                 steps: cfg.steps,
-                loss,
+                loss: Some(loss),
                 heldout_loss: Some(h),
                 fold,
             });
@@ -399,7 +330,7 @@ pub fn fit(
     let loss_of = |p: &Params| obj.target_loss(p, &all).and_then(|l| l.to_scalar::<f32>()).map_err(c);
     let loss_identity = f64::from(loss_of(&p)?);
     let mut on_step = |_: &Params, step: usize, loss: f64| -> Result<bool, CalibrateError> {
-        progress(&Progress { phase: "refit", step, steps, loss, heldout_loss: None, fold: None });
+        progress(&Progress { phase: "refit", step, steps, loss: Some(loss), heldout_loss: None, fold: None });
         Ok(true)
     };
     rollbacks += descend(&obj, &p, &all, steps, cfg.lr, &mut on_step)?;

@@ -209,7 +209,8 @@ impl RunStats {
     }
 }
 
-/// What stands between a trial's betas and the heads.
+/// What stands between a trial's betas and the heads (and, for a calibrated alignment, what
+/// corrects the heads' outputs).
 #[derive(Clone, Debug)]
 pub enum Adapter {
     /// The model's z-scoring only (zero-shot).
@@ -217,32 +218,80 @@ pub enum Adapter {
     /// MIRAGE's zero-shot baseline: z-score with the run's own statistics (all of a batch's
     /// trials offline; the run's trials so far live).
     ZscoreRun,
-    /// The model's z-scoring, then a fitted alignment head.
+    /// The model's z-scoring, then a gradient-fitted alignment head.
     Head(AlignmentHead),
+    /// A calibrated alignment (the closed-form fit).
+    Calibrated(super::align::Alignment),
 }
 
 impl Adapter {
-    /// Reads `none`, `zscore-run` or the path of an alignment head fitted for `decoder`.
+    /// Reads `none`, `zscore-run` or the path of an alignment file fitted for `decoder` (a
+    /// calibrated alignment or a gradient-fitted head, told apart by its format).
     pub fn parse(spec: &str, decoder: &Decoder) -> Result<Adapter, CalibrateError> {
         match spec {
             "none" => Ok(Adapter::None),
             "zscore-run" => Ok(Adapter::ZscoreRun),
-            path => Ok(Adapter::Head(AlignmentHead::load(Path::new(path), decoder)?)),
+            path => {
+                let path = Path::new(path);
+                let bytes = std::fs::read(path)
+                    .map_err(|e| CalibrateError::Head(format!("{}: {e}", path.display())))?;
+                let format = safetensors::SafeTensors::read_metadata(&bytes)
+                    .ok()
+                    .and_then(|(_, m)| m.metadata().as_ref().and_then(|m| m.get("format").cloned()));
+                match format.as_deref() {
+                    Some(super::align::FORMAT) => {
+                        Ok(Adapter::Calibrated(super::align::Alignment::load(path, decoder)?))
+                    }
+                    _ => Ok(Adapter::Head(AlignmentHead::load(path, decoder)?)),
+                }
+            }
         }
     }
 
-    /// Short name for messages: `none`, `zscore-run` or `head`.
+    /// Short name for messages: `none`, `zscore-run` or `head` (a fitted alignment of either
+    /// kind).
     pub fn name(&self) -> &'static str {
         match self {
             Adapter::None => "none",
             Adapter::ZscoreRun => "zscore-run",
-            Adapter::Head(_) => "head",
+            Adapter::Head(_) | Adapter::Calibrated(_) => "head",
+        }
+    }
+
+    /// Writes a fitted alignment to `path` (nothing to write for `none` and `zscore-run`).
+    pub fn save(&self, path: &Path, decoder: &Decoder) -> Result<(), CalibrateError> {
+        match self {
+            Adapter::Head(h) => h.save(path),
+            Adapter::Calibrated(a) => a.save(path, decoder),
+            Adapter::None | Adapter::ZscoreRun => Err(CalibrateError::Head(format!(
+                "{}: {} is not a fitted alignment",
+                path.display(),
+                self.name()
+            ))),
+        }
+    }
+
+    /// Whether it normalises with the run's own statistics.
+    pub fn uses_run_stats(&self) -> bool {
+        match self {
+            Adapter::ZscoreRun => true,
+            Adapter::Calibrated(a) => a.input.uses_run(),
+            Adapter::None | Adapter::Head(_) => false,
+        }
+    }
+
+    /// Per head of the model: the output correction of a calibrated alignment (empty: none).
+    pub fn adjusts(&self) -> &[Option<crate::decode::model::HeadAdjust>] {
+        match self {
+            Adapter::Calibrated(a) => &a.adjusts,
+            _ => &[],
         }
     }
 
     /// Normalised, aligned inputs for the heads from betas `xs` `(batch, n)`. `run_stats`
-    /// (mean, std) are the run's statistics for [`Adapter::ZscoreRun`]; without them the
-    /// batch's own are used (or the model's, for a single trial).
+    /// (mean, std) are the run's statistics; without them per-run z-scoring uses the batch's
+    /// own (or the model's, for a single trial) and a calibrated alignment its calibration
+    /// run's.
     pub fn normalise(
         &self,
         decoder: &Decoder,
@@ -252,6 +301,7 @@ impl Adapter {
         match self {
             Adapter::None => decoder.normalise(xs),
             Adapter::Head(h) => h.forward(&decoder.normalise(xs)?),
+            Adapter::Calibrated(a) => a.normalise(decoder, xs, run_stats),
             Adapter::ZscoreRun => match run_stats {
                 Some((m, s)) => {
                     let dev = xs.device();
@@ -316,10 +366,10 @@ mod tests {
         let dec = decoder();
         let betas: Vec<f32> = (0..18).map(|i| (i as f32 * 0.37).sin()).collect();
         let xs = dec.input(&betas, 3).unwrap();
-        let plain = dec.predict_normalised(&Adapter::None.normalise(&dec, &xs, None).unwrap()).unwrap();
+        let plain = dec.predict_normalised(&Adapter::None.normalise(&dec, &xs, None).unwrap(), &[]).unwrap();
         let head = AlignmentHead::identity(&dec, 2, 9).unwrap();
         let aligned = Adapter::Head(head.clone());
-        let through = dec.predict_normalised(&aligned.normalise(&dec, &xs, None).unwrap()).unwrap();
+        let through = dec.predict_normalised(&aligned.normalise(&dec, &xs, None).unwrap(), &[]).unwrap();
         assert_eq!(plain, through);
 
         let dir = tempfile::tempdir().unwrap();

@@ -1,12 +1,16 @@
 //! Calibration mode: fit the domain-alignment head on a few imagery trials so that a decoder
 //! trained on seen images works on this participant's imagery today.
 //!
-//! [`head`] is the head and the adapters (none, per-run z-scoring, head); [`fit`] fits it
-//! with candle-nn's AdamW; [`protocol`] reads the cue schedules of `calibration/*.toml`.
+//! [`transfer`] is the default fit: closed form, cross-validated over stimuli and guarded, its
+//! result an [`align::Alignment`]. [`fit`] is the older gradient fit of a voxel-space head
+//! ([`head`], with the adapters that sit before the heads), kept as `calibrate.method =
+//! "gradient"`; [`protocol`] reads the cue schedules of `calibration/*.toml`.
 
+pub mod align;
 pub mod fit;
 pub mod head;
 pub mod protocol;
+pub mod transfer;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -43,6 +47,147 @@ impl CalibrateError {
     }
 }
 
+/// Calibration trials of one run: betas, the stimulus each showed, each head's targets, and the
+/// run's other trials (their betas enter the run's statistics).
+#[derive(Clone, Debug, Default)]
+pub struct CalibrationSet {
+    /// Betas of the calibration trials, `trials × n_voxels`, row-major.
+    pub betas: Vec<f32>,
+    /// Stimulus id of each calibration trial (held-out folds are by stimulus).
+    pub stimuli: Vec<String>,
+    /// Per head: targets, `trials × n_outputs`, row-major.
+    pub targets: BTreeMap<String, Vec<f32>>,
+    /// Betas of the run's other trials, `others × n_voxels` (they enter the run's statistics).
+    pub others: Vec<f32>,
+    /// The calibration trials' condition (e.g. `imagery`), when known.
+    pub condition: Option<String>,
+}
+
+impl CalibrationSet {
+    /// Number of calibration trials.
+    pub fn len(&self) -> usize {
+        self.stimuli.len()
+    }
+
+    /// Whether there are no calibration trials.
+    pub fn is_empty(&self) -> bool {
+        self.stimuli.is_empty()
+    }
+
+    /// Checks sizes and values against `decoder`, with at least `min_trials` trials.
+    pub fn check(
+        &self,
+        decoder: &crate::decode::model::Decoder,
+        min_trials: usize,
+    ) -> Result<(), CalibrateError> {
+        let (n, v) = (self.len(), decoder.cfg.n_voxels);
+        if n < min_trials {
+            return Err(CalibrateError::Input(format!(
+                "{n} calibration trials; at least {min_trials} are needed"
+            )));
+        }
+        if self.betas.len() != n * v || self.others.len() % v.max(1) != 0 {
+            return Err(CalibrateError::Input(format!(
+                "{} betas for {n} trials; the model takes {v} voxels per trial (is it the model these betas \
+                 were fitted for?)",
+                self.betas.len()
+            )));
+        }
+        for (what, x) in [("trial", &self.betas), ("other trial", &self.others)] {
+            if let Some(i) = x.iter().position(|b| !b.is_finite()) {
+                return Err(CalibrateError::Input(format!(
+                    "{what} {}, voxel {}: beta is not finite",
+                    i / v,
+                    i % v
+                )));
+            }
+        }
+        for (name, values) in &self.targets {
+            let Some(h) = decoder.heads.iter().find(|h| &h.cfg.name == name) else {
+                return Err(CalibrateError::Input(format!(
+                    "targets for head {name:?}, which the model lacks"
+                )));
+            };
+            let out = h.cfg.n_outputs();
+            if values.len() != n * out {
+                return Err(CalibrateError::Input(format!(
+                    "head {name}: {} target values for {n} trials of {out}",
+                    values.len()
+                )));
+            }
+            if values.iter().any(|x| !x.is_finite()) {
+                return Err(CalibrateError::Input(format!("head {name}: targets are not finite")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One step of a fit, for progress reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Progress {
+    /// What the fit is doing: `prepare`, `inputs` (closed form); `select`, `refit` (gradient).
+    pub phase: &'static str,
+    /// Step number (1-based).
+    pub step: usize,
+    /// Steps of this phase.
+    pub steps: usize,
+    /// Training loss (gradient fit).
+    pub loss: Option<f64>,
+    /// Held-out loss (gradient fit, `select`).
+    pub heldout_loss: Option<f64>,
+    /// Cross-validation fold (1-based) and number of folds (gradient fit, `select`).
+    pub fold: Option<(usize, usize)>,
+}
+
+impl Progress {
+    /// A step of a phase without losses.
+    pub fn stage(phase: &'static str, step: usize, steps: usize) -> Progress {
+        Progress { phase, step, steps, loss: None, heldout_loss: None, fold: None }
+    }
+}
+
+/// Which fit calibration runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Closed form, cross-validated over stimuli and guarded ([`transfer`]).
+    #[default]
+    ClosedForm,
+    /// The gradient fit of a voxel-space head ([`fit`]).
+    Gradient,
+}
+
+/// How a fit went, whichever method ran.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum FitSummary {
+    /// The closed-form fit.
+    ClosedForm(transfer::TransferReport),
+    /// The gradient fit.
+    Gradient(fit::FitReport),
+}
+
+/// Fits an alignment for `decoder` on `set` with the configured method; `progress` hears each
+/// step. Returns the adapter to decode with and how the fit went.
+pub fn fit(
+    decoder: &crate::decode::model::Decoder,
+    set: &CalibrationSet,
+    cfg: &CalibrateConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(head::Adapter, FitSummary), CalibrateError> {
+    match cfg.method {
+        Method::ClosedForm => {
+            let (a, r) = transfer::fit(decoder, set, cfg, progress)?;
+            Ok((head::Adapter::Calibrated(a), FitSummary::ClosedForm(r)))
+        }
+        Method::Gradient => {
+            let (h, r) = fit::fit(decoder, set, cfg, progress)?;
+            Ok((head::Adapter::Head(h), FitSummary::Gradient(r)))
+        }
+    }
+}
+
 /// How one head's outputs are pulled to their targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -53,11 +198,26 @@ pub enum HeadLoss {
     Mse,
 }
 
-/// `[calibrate]` settings: the head's size and the fit.
+/// `[calibrate]` settings: which fit, its candidates and guard, and (gradient fit) the head's
+/// size and optimiser.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CalibrateConfig {
-    /// Rank of the low-rank correction `U·Vᵀ`.
+    /// `closed-form` (default) or `gradient`.
+    pub method: Method,
+    /// Input normalisations tried; the first (centring on the run's mean) is the baseline kept
+    /// unless another reliably wins. `zscore-run` is not a default: its spread includes the
+    /// held-out trials, which makes its cross-validated score optimistic.
+    pub inputs: Vec<align::InputNorm>,
+    /// Numbers of the calibration run's largest voxel modes tried for removal.
+    pub modes: Vec<usize>,
+    /// Penalties tried for each head's correction, relative to its Gram matrix's mean diagonal.
+    pub alphas: Vec<f64>,
+    /// Level of the guard's one-sided paired t-test over held-out stimuli.
+    pub guard_p: f64,
+    /// Fewest distinct stimuli with which anything is tested (else the baseline is kept).
+    pub min_stimuli: usize,
+    /// Gradient fit: rank of the low-rank correction `U·Vᵀ`.
     pub rank: usize,
     /// Most AdamW steps.
     pub steps: usize,
@@ -93,6 +253,12 @@ pub struct CalibrateConfig {
 impl Default for CalibrateConfig {
     fn default() -> CalibrateConfig {
         CalibrateConfig {
+            method: Method::ClosedForm,
+            inputs: vec![align::InputNorm::CentreRun, align::InputNorm::Model],
+            modes: vec![0, 1, 2, 4],
+            alphas: vec![10.0, 3.0, 1.0, 0.3, 0.1, 0.03],
+            guard_p: 0.1,
+            min_stimuli: 5,
             rank: 8,
             steps: 600,
             lr: 0.003,
@@ -115,8 +281,28 @@ impl CalibrateConfig {
     /// Every problem with the settings.
     pub fn validate(&self) -> Vec<String> {
         let mut e = Vec::new();
-        if self.rank > 1024 {
-            e.push("calibrate.rank must be at most 1024".into());
+        if self.rank == 0 || self.rank > 1024 {
+            e.push("calibrate.rank must be between 1 and 1024".into());
+        }
+        if self.inputs.is_empty() {
+            e.push(
+                "calibrate.inputs must name at least one normalisation (the first is the baseline)".into(),
+            );
+        }
+        if (1..self.inputs.len()).any(|i| self.inputs[..i].contains(&self.inputs[i])) {
+            e.push("calibrate.inputs lists a normalisation twice".into());
+        }
+        if self.modes.is_empty() || self.modes.iter().any(|&k| k > 64) {
+            e.push("calibrate.modes must list numbers of modes from 0 to 64 (0: none)".into());
+        }
+        if self.alphas.is_empty() || self.alphas.iter().any(|a| !(a.is_finite() && *a > 0.0)) {
+            e.push("calibrate.alphas must list positive penalties".into());
+        }
+        if !(self.guard_p > 0.0 && self.guard_p <= 0.5) {
+            e.push("calibrate.guard_p must be in (0, 0.5]".into());
+        }
+        if self.min_stimuli < 3 {
+            e.push("calibrate.min_stimuli must be at least 3".into());
         }
         if self.steps == 0 {
             e.push("calibrate.steps must be at least 1".into());

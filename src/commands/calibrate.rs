@@ -4,9 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::calibrate::fit::{fit, CalibrationSet, FitReport};
 use crate::calibrate::protocol::Protocol;
-use crate::calibrate::CalibrateConfig;
+use crate::calibrate::{fit, CalibrateConfig, CalibrationSet, FitSummary};
 use crate::commands::decode::{read_arrays, read_betas};
 use crate::decode::model::{device, Decoder};
 
@@ -49,8 +48,9 @@ pub fn parse_trials(spec: &str) -> anyhow::Result<Vec<usize>> {
     Ok(out)
 }
 
-/// Fits an alignment head on the chosen trials and writes it.
-pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<FitReport> {
+/// Fits an alignment on the chosen trials (the file's other rows are the rest of the run and
+/// enter its statistics) and writes it.
+pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<FitSummary> {
     let dev = device(&args.device)?;
     let decoder = Decoder::load(&args.model, &dev)?;
     let (n, v, x) = read_betas(&args.betas)?;
@@ -61,8 +61,14 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<FitReport> {
             decoder.cfg.n_voxels
         );
     }
+    if args.trials.is_empty() {
+        anyhow::bail!("--trials names no rows: give the calibration trials' rows, e.g. 0,3,5-9");
+    }
     if let Some(bad) = args.trials.iter().find(|&&t| t >= n) {
         anyhow::bail!("--trials: row {bad} does not exist ({} has {n} trials)", args.betas.display());
+    }
+    if let Some(twice) = args.trials.iter().enumerate().find(|(i, t)| args.trials[..*i].contains(t)) {
+        anyhow::bail!("--trials: row {} is named twice", twice.1);
     }
     let arrays = read_arrays(&args.targets)?;
     let mut targets = BTreeMap::new();
@@ -90,23 +96,83 @@ pub fn calibrate(args: &CalibrateArgs) -> anyhow::Result<FitReport> {
         betas: args.trials.iter().flat_map(|&t| &x[t * v..(t + 1) * v]).copied().collect(),
         stimuli: args.trials.iter().map(|&t| stimulus(t)).collect(),
         targets,
+        others: (0..n)
+            .filter(|t| !args.trials.contains(t))
+            .flat_map(|t| &x[t * v..(t + 1) * v])
+            .copied()
+            .collect(),
+        condition: None,
     };
-    let bar = crate::decode::train::bar(args.progress, args.cfg.steps as u64, "calibrate");
-    let (head, report) = fit(&decoder, &set, &args.cfg, &mut |p| {
-        if p.phase == "refit" && p.step == 1 {
+    let bar = crate::decode::train::bar(args.progress, 1, "calibrate");
+    let (adapter, report) = fit(&decoder, &set, &args.cfg, &mut |p| {
+        if p.step == 1 {
             bar.set_length(p.steps as u64);
             bar.set_position(0);
         }
-        bar.set_message(format!("{} loss {:.4}", p.phase, p.loss));
+        match p.loss {
+            Some(loss) => bar.set_message(format!("{} loss {loss:.4}", p.phase)),
+            None => bar.set_message(p.phase),
+        }
         bar.set_position(p.step as u64);
     })?;
     bar.finish_and_clear();
-    head.save(&args.out)?;
+    adapter.save(&args.out, &decoder)?;
     Ok(report)
 }
 
 /// One line per fact of a fit, for people.
-pub fn summary(r: &FitReport, out: &Path) -> String {
+pub fn summary(r: &FitSummary, out: &Path) -> String {
+    match r {
+        FitSummary::ClosedForm(r) => closed_form_summary(r, out),
+        FitSummary::Gradient(r) => gradient_summary(r, out),
+    }
+}
+
+fn closed_form_summary(r: &crate::calibrate::transfer::TransferReport, out: &Path) -> String {
+    let pct = |e: &crate::calibrate::transfer::Estimate| {
+        format!("{:+.1} ± {:.1} points", 100.0 * e.mean, 100.0 * e.se)
+    };
+    let mut s = format!(
+        "mirage: calibrated on {} trials of {} stimuli ({} trials in the run) in {:.2} s; wrote {}",
+        r.n_trials,
+        r.n_stimuli,
+        r.n_run_trials,
+        r.seconds,
+        out.display()
+    );
+    if let Some(note) = &r.note {
+        s.push_str(&format!("\nmirage: {note}"));
+    }
+    if let Some(i) = &r.input {
+        let what = if i.kept { "kept" } else { "not kept: the baseline stays" };
+        s.push_str(&format!(
+            "\nmirage: input {} with {} voxel modes removed (best candidate {} with {} modes, {what}); held-out 2-way {}",
+            i.input.name(),
+            i.modes,
+            i.best.0.name(),
+            i.best.1,
+            pct(&i.two_way_gain)
+        ));
+    }
+    for h in &r.heads {
+        let what = match (h.kept, h.alpha) {
+            (true, Some(a)) => format!("corrected in its {} space (alpha {a})", h.space),
+            _ => "left as it is".to_string(),
+        };
+        s.push_str(&format!("\nmirage: head {}: {what}; held-out 2-way {}", h.head, pct(&h.two_way_gain)));
+    }
+    if let Some(t) = &r.two_way {
+        s.push_str(&format!(
+            "\nmirage: leave-one-stimulus-out 2-way among the calibration stimuli {:.3} → {:.3} ({})",
+            t.baseline,
+            t.calibrated,
+            pct(&t.gain)
+        ));
+    }
+    s
+}
+
+fn gradient_summary(r: &crate::calibrate::fit::FitReport, out: &Path) -> String {
     let mut s = format!(
         "mirage: fitted the alignment head on {} trials in {:.2} s ({} steps, {} rollbacks); loss {:.4} → {:.4}; wrote {}",
         r.n_trials,

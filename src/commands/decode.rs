@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::calibrate::head::Adapter;
+use crate::calibrate::head::{Adapter, RunStats};
 use crate::decode::metrics;
 use crate::decode::model::{device, Decoder, FusionConfig};
 use crate::decode::train::{train as fit, write_model, NamedTensor, Targets, TrainOptions};
@@ -170,7 +170,17 @@ pub enum Renorm {
     None,
 }
 
-/// Decodes every row of a betas file and writes `HEAD.npy` per head.
+/// Where per-run statistics come from in an offline decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunStatsFrom {
+    /// Every row of the file (one run).
+    All,
+    /// The rows up to and including each one, as the live stage has them.
+    Running,
+}
+
+/// Decodes every row of a betas file (one run) and writes `HEAD.npy` per head; an adapter
+/// that normalises with the run's statistics takes them from the file, as `run_stats` says.
 pub fn decode(
     model: &Path,
     betas: &Path,
@@ -178,6 +188,7 @@ pub fn decode(
     renorm: Renorm,
     device_spec: &str,
     align: &str,
+    run_stats: RunStatsFrom,
 ) -> anyhow::Result<()> {
     let dev = device(device_spec)?;
     let decoder = Decoder::load(model, &dev)?;
@@ -186,15 +197,46 @@ pub fn decode(
         anyhow::bail!("{}: {v} voxels, the model takes {}", betas.display(), decoder.cfg.n_voxels);
     }
     let adapter = Adapter::parse(align, &decoder)?;
-    let xs = decoder.input(&x, n)?;
-    let z = adapter.normalise(&decoder, &xs, None)?;
+    let adjusts = adapter.adjusts();
+    if renorm != Renorm::Stored && adjusts.iter().any(Option::is_some) {
+        anyhow::bail!("--align {align}: a calibrated alignment corrects the stored renormalisation; use --renorm stored");
+    }
+    // Normalised inputs, all rows at once or row by row with the statistics so far.
+    let mut stats = RunStats::default();
+    let z = if !adapter.uses_run_stats() {
+        adapter.normalise(&decoder, &decoder.input(&x, n)?, None)?
+    } else if run_stats == RunStatsFrom::All {
+        x.chunks_exact(v).for_each(|row| stats.push("file", row));
+        let s = stats.get();
+        adapter.normalise(
+            &decoder,
+            &decoder.input(&x, n)?,
+            s.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice())),
+        )?
+    } else {
+        let rows = x
+            .chunks_exact(v)
+            .map(|row| {
+                stats.push("file", row);
+                let s = stats.get();
+                adapter
+                    .normalise(
+                        &decoder,
+                        &decoder.input(row, 1)?,
+                        s.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice())),
+                    )
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        candle_core::Tensor::cat(&rows, 0)?
+    };
     std::fs::create_dir_all(out)?;
-    for head in &decoder.heads {
-        let r = head.forward(&z)?;
+    for (i, head) in decoder.heads.iter().enumerate() {
         let y = match renorm {
-            Renorm::None => r,
-            Renorm::Stored => head.renormalise(&r, None)?,
+            Renorm::None => head.forward(&z)?,
+            Renorm::Stored => head.predict(&z, adjusts.get(i).and_then(Option::as_ref))?,
             Renorm::Batch => {
+                let r = head.forward(&z)?;
                 let mean = r.mean_keepdim(0)?;
                 let centred = r.broadcast_sub(&mean)?;
                 let std = (centred.sqr()?.sum_keepdim(0)? / (n.max(2) - 1) as f64)?.sqrt()?;

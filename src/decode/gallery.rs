@@ -196,15 +196,20 @@ pub struct LatentIndex {
 
 impl LatentIndex {
     /// Precomputes the index of embeddings `[N × out]` for the map `a` `[out, r]`, `c` `[out]`
-    /// (on `a`'s device).
-    pub fn new(embeddings: &[f32], a: &Tensor, c: &Tensor) -> candle_core::Result<LatentIndex> {
+    /// (on `a`'s device), whose `AᵀA` is `gram` `[r, r]`.
+    pub fn new(
+        embeddings: &[f32],
+        a: &Tensor,
+        c: &Tensor,
+        gram: &Tensor,
+    ) -> candle_core::Result<LatentIndex> {
         let (out, rank) = a.dims2()?;
         let n = embeddings.len() / out.max(1);
         let g = Tensor::from_slice(embeddings, (n, out), a.device())?;
         let projected = g.matmul(a)?.flatten_all()?.to_vec1::<f32>()?;
         let c_col = c.unsqueeze(1)?;
         let offset = g.matmul(&c_col)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
-        let gram = a.t()?.matmul(a)?.flatten_all()?.to_vec1::<f32>()?;
+        let gram = gram.flatten_all()?.to_vec1::<f32>()?;
         let cross =
             a.t()?.matmul(&c_col)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect();
         let c = c.to_vec1::<f32>()?;

@@ -233,8 +233,8 @@ fn latent_indices(
             continue;
         }
         let err = |e: candle_core::Error| DecodeError::Compute(format!("gallery head {}: {e}", h.cfg.name));
-        if let Some((a, c)) = h.output_map().map_err(err)? {
-            out.insert(h.cfg.name.clone(), LatentIndex::new(emb, &a, &c).map_err(err)?);
+        if let (Some((a, c)), Some(gram)) = (h.output_map().map_err(err)?, h.output_gram().map_err(err)?) {
+            out.insert(h.cfg.name.clone(), LatentIndex::new(emb, &a, &c, &gram).map_err(err)?);
         }
     }
     Ok(out)
@@ -259,7 +259,9 @@ pub fn mix(
 pub struct DecodeStage {
     decoder: std::sync::Arc<Decoder>,
     adapter: Adapter,
-    run_stats: RunStats,
+    /// The run's statistics per trial condition (imagery trials are normalised with imagery
+    /// trials' statistics).
+    run_stats: BTreeMap<String, RunStats>,
     gallery: Option<std::sync::Arc<Gallery>>,
     /// Per gallery head ranked from a low-rank head's latent.
     latent_index: BTreeMap<String, LatentIndex>,
@@ -325,7 +327,7 @@ impl DecodeStage {
         Ok(DecodeStage {
             decoder: std::sync::Arc::new(decoder),
             adapter,
-            run_stats: RunStats::default(),
+            run_stats: BTreeMap::new(),
             gallery,
             latent_index,
             latent_only,
@@ -340,7 +342,7 @@ impl DecodeStage {
     /// not the slow one.
     pub fn warm_up(&self) -> Result<(), DecodeError> {
         let z = self.decoder.input(&vec![0.0; self.decoder.cfg.n_voxels], 1)?;
-        self.decoder.live(&z, &self.latent_only).map(|_| ())
+        self.decoder.live(&z, &self.latent_only, self.adapter.adjusts()).map(|_| ())
     }
 
     /// The model (shared, so that a calibration fit can run beside live decoding).
@@ -363,8 +365,8 @@ impl DecodeStage {
         self.adapter = adapter;
     }
 
-    /// Decodes one trial's betas (with per-run z-scoring, the trial joins its run's
-    /// statistics first).
+    /// Decodes one trial's betas. Every live trial joins its run's statistics for its
+    /// condition first (an adapter that normalises with them may be switched to mid-run).
     pub fn decode(&mut self, t: &TrialBetas) -> Result<Decoded, DecodeError> {
         let n = self.decoder.cfg.n_voxels;
         if t.betas.len() != n {
@@ -386,20 +388,20 @@ impl DecodeStage {
             return Err(DecodeError::Input(format!("trial {}: betas not estimable yet", t.trial)));
         }
         let xs = self.decoder.input(&t.betas, 1)?;
-        let stats = match self.adapter {
-            Adapter::ZscoreRun => {
-                if !t.at_run_end {
-                    self.run_stats.push(&t.run, &t.betas);
-                }
-                self.run_stats.get()
-            }
-            _ => None,
+        let run_stats = self.run_stats.entry(t.condition.clone()).or_default();
+        if !t.at_run_end {
+            run_stats.push(&t.run, &t.betas);
+        }
+        // A calibrated alignment decodes the trials of its own condition (or of none named).
+        let adapter = match &self.adapter {
+            Adapter::Calibrated(a) if !a.applies_to(&t.condition) => &Adapter::None,
+            a => a,
         };
-        let z = self
-            .adapter
+        let stats = if adapter.uses_run_stats() { run_stats.get() } else { None };
+        let z = adapter
             .normalise(&self.decoder, &xs, stats.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice())))
             .map_err(|e| DecodeError::Compute(e.to_string()))?;
-        let live = self.decoder.live(&z, &self.latent_only)?;
+        let live = self.decoder.live(&z, &self.latent_only, adapter.adjusts())?;
         let by_name: BTreeMap<&str, &crate::decode::model::HeadOutput> =
             self.decoder.cfg.heads.iter().map(|h| h.name.as_str()).zip(&live).collect();
         let fusion = &self.decoder.cfg.fusion;
@@ -460,7 +462,7 @@ impl DecodeStage {
             top,
             png,
             device: self.device.clone(),
-            alignment: self.adapter.name(),
+            alignment: adapter.name(),
             latency_ms: 0.0,
             closed_time: None,
             over_budget: false,
@@ -583,6 +585,84 @@ mod tests {
             for (x, y) in direct.iter().zip(&a.top) {
                 assert!((x.score - y.score).abs() < 1e-5, "{} vs {}", x.score, y.score);
             }
+        }
+    }
+
+    #[test]
+    fn a_calibrated_alignment_corrects_latents_and_outputs_alike_and_spares_other_conditions() {
+        use crate::calibrate::align::{Alignment, InputNorm};
+        use crate::decode::model::HeadAdjust;
+        let cfg = DecodeConfig { device: "cpu".into(), top_k: 20, ..DecodeConfig::default() };
+        let latent = DecodeConfig { latent_heads: vec!["image".into(), "text".into()], ..cfg.clone() };
+        let (mut full, g, item_betas) = stage(cfg, 6);
+        let (mut part, _, _) = stage(latent, 6);
+        // A random correction of rank 3 on every head (latent space for the low-rank ones),
+        // fitted for the imagery condition.
+        let mut rng = Rng::new(8, 3);
+        let mut rand = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_vec(
+                (0..n).map(|_| 0.2 * rng.normal() as f32).collect::<Vec<f32>>(),
+                shape,
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        let dec = full.decoder().clone();
+        let adjusts: Vec<Option<HeadAdjust>> = dec
+            .heads
+            .iter()
+            .map(|h| {
+                let (latent, d) = match h.rank() {
+                    Some(r) => (true, r),
+                    None => (false, h.cfg.n_outputs()),
+                };
+                Some(HeadAdjust::new(latent, &rand(&[3, d]), &rand(&[3]), &rand(&[3, d])).unwrap())
+            })
+            .collect();
+        let run = (vec![0.0; VOXELS], vec![1.0; VOXELS]);
+        let alignment = Alignment::new(
+            &dec,
+            InputNorm::Model,
+            run,
+            None,
+            adjusts,
+            Some("imagery".into()),
+            Default::default(),
+        )
+        .unwrap();
+        full.set_adapter(Adapter::Calibrated(alignment.clone()));
+        part.set_adapter(Adapter::Calibrated(alignment));
+        let (mut plain, _, _) =
+            stage(DecodeConfig { device: "cpu".into(), top_k: 20, ..DecodeConfig::default() }, 6);
+        for i in 0..4 {
+            let b = &item_betas[i * VOXELS..][..VOXELS];
+            let mut t = synthetic::trial(i as u64, b);
+            t.condition = "imagery".into();
+            let (a, p, n) = (full.decode(&t).unwrap(), part.decode(&t).unwrap(), plain.decode(&t).unwrap());
+            assert_eq!((a.alignment, p.alignment, n.alignment), ("head", "head", "none"));
+            // The corrected latent through the head's output map is the corrected output.
+            for (name, l) in &p.latents {
+                let head = part.decoder().heads.iter().find(|h| &h.cfg.name == name).unwrap();
+                let y = head.output_of_latent(l).unwrap().unwrap();
+                let want = &a.heads.iter().find(|(n, _, _)| n == name).unwrap().2;
+                for (x, w) in y.iter().zip(want) {
+                    assert!((x - w).abs() <= 1e-4 * (1.0 + w.abs()), "{name}: {x} vs {w}");
+                }
+                let before = &n.heads.iter().find(|(n, _, _)| n == name).unwrap().2;
+                assert!(want.iter().zip(before).any(|(x, y)| (x - y).abs() > 1e-3), "{name}: not corrected");
+            }
+            // Ranked from corrected latents as from corrected outputs.
+            let by_name = a.heads.iter().map(|(n, _, v)| (n.clone(), v.clone())).collect();
+            for (x, y) in g.rank(&by_name, &BTreeMap::new(), 20).iter().zip(&p.top) {
+                assert_eq!(x.index, y.index);
+                assert!((x.score - y.score).abs() < 1e-5, "{} vs {}", x.score, y.score);
+            }
+            // A seen trial is decoded without the imagery alignment.
+            t.condition = "seen".into();
+            let s = full.decode(&t).unwrap();
+            assert_eq!(s.alignment, "none");
+            assert_eq!(s.heads, n.heads);
         }
     }
 

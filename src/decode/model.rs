@@ -153,6 +153,22 @@ fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Ten
     }
 }
 
+/// A latent through a latent-space adjust (unchanged otherwise).
+fn adjust_latent(l: &Tensor, adjust: Option<&HeadAdjust>) -> candle_core::Result<Tensor> {
+    match adjust {
+        Some(a) if a.latent => a.apply(l),
+        _ => Ok(l.clone()),
+    }
+}
+
+/// An output through an output-space adjust (unchanged otherwise).
+fn adjust_output(y: &Tensor, adjust: Option<&HeadAdjust>) -> candle_core::Result<Tensor> {
+    match adjust {
+        Some(a) if !a.latent => a.apply(y),
+        _ => Ok(y.clone()),
+    }
+}
+
 /// Per-output renormalisation statistics.
 struct Renorm {
     pred_mean: Tensor,
@@ -182,6 +198,55 @@ pub struct HeadOutput {
     pub output: Option<Vec<f32>>,
 }
 
+/// A fitted correction around one head (calibration's output alignment): identity plus rank
+/// `n`, `v + (v·leftᵀ + shift)·right`, on a low-rank head's latent or on a head's renormalised
+/// output. `left`, `right`: `[n, d]`; `shift`: `[n]`.
+#[derive(Clone, Debug)]
+pub struct HeadAdjust {
+    /// Whether it acts on the latent (a low-rank head) rather than on the output.
+    pub latent: bool,
+    left_t: Tensor,
+    shift: Tensor,
+    right: Tensor,
+}
+
+impl HeadAdjust {
+    /// The map `v + (v·leftᵀ + shift)·right`.
+    pub fn new(
+        latent: bool,
+        left: &Tensor,
+        shift: &Tensor,
+        right: &Tensor,
+    ) -> candle_core::Result<HeadAdjust> {
+        let (n, d) = left.dims2()?;
+        if right.dims2()? != (n, d) || shift.dims1()? != n {
+            candle_core::bail!(
+                "adjust: left {:?}, shift {:?}, right {:?} do not agree",
+                left.dims(),
+                shift.dims(),
+                right.dims()
+            );
+        }
+        Ok(HeadAdjust {
+            latent,
+            left_t: left.t()?.contiguous()?,
+            shift: shift.clone(),
+            right: right.contiguous()?,
+        })
+    }
+
+    /// Its factors `(left, shift, right)`.
+    pub fn factors(&self) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        Ok((self.left_t.t()?.contiguous()?, self.shift.clone(), self.right.clone()))
+    }
+
+    /// Maps `v` `(batch, d)`.
+    pub fn apply(&self, v: &Tensor) -> candle_core::Result<Tensor> {
+        let k = v.contiguous()?.matmul(&self.left_t)?.broadcast_add(&self.shift)?;
+        v + k.matmul(&self.right)?
+    }
+}
+
 /// One loaded head.
 pub struct Head {
     /// Its description.
@@ -189,6 +254,8 @@ pub struct Head {
     map: Map,
     renorm: Option<Renorm>,
     fast_input: Option<FastInput>,
+    /// `AᵀA` of a low-rank head's output map, computed once on first use.
+    gram: std::sync::OnceLock<Tensor>,
     span: tracing::Span,
 }
 
@@ -227,6 +294,7 @@ impl Head {
             map,
             renorm,
             fast_input: None,
+            gram: std::sync::OnceLock::new(),
             span: tracing::trace_span!("head", name = %cfg.name),
         })
     }
@@ -255,8 +323,14 @@ impl Head {
     }
 
     /// The live path for normalised betas `z` `(1, n_voxels)`: the latent of a low-rank head
-    /// and, unless `latent_only`, the renormalised output. Uses the 8-bit input copy if kept.
-    pub fn live(&self, z: &Tensor, latent_only: bool) -> candle_core::Result<HeadOutput> {
+    /// and, unless `latent_only`, the renormalised output, both through `adjust` when given.
+    /// Uses the 8-bit input copy if kept.
+    pub fn live(
+        &self,
+        z: &Tensor,
+        latent_only: bool,
+        adjust: Option<&HeadAdjust>,
+    ) -> candle_core::Result<HeadOutput> {
         let _g = self.span.enter();
         let first = match &self.fast_input {
             Some(f) => f.matmul.forward(&z.pad_with_zeros(1, 0, f.pad)?)?,
@@ -267,17 +341,55 @@ impl Head {
         };
         let (latent, raw) = match &self.map {
             Map::Full { bias, .. } => (None, Some(first.broadcast_add(bias)?)),
-            Map::LowRank { .. } if latent_only => (Some(first), None),
             Map::LowRank { up, bias, .. } => {
-                let raw = affine(&first, up, Some(bias))?;
-                (Some(first), Some(raw))
+                let latent = adjust_latent(&first, adjust)?;
+                let raw = if latent_only { None } else { Some(affine(&latent, up, Some(bias))?) };
+                (Some(latent), raw)
             }
         };
         let output = match raw {
-            Some(raw) => Some(self.renormalise(&raw, None)?.flatten_all()?.to_vec1::<f32>()?),
+            Some(raw) => {
+                Some(adjust_output(&self.renormalise(&raw, None)?, adjust)?.flatten_all()?.to_vec1::<f32>()?)
+            }
             None => None,
         };
         Ok(HeadOutput { latent: latent.map(|l| l.flatten_all()?.to_vec1::<f32>()).transpose()?, output })
+    }
+
+    /// Renormalised outputs `(batch, n_outputs)` for normalised betas `z`, through `adjust`
+    /// when given (float32 weights: the offline and calibration path).
+    pub fn predict(&self, z: &Tensor, adjust: Option<&HeadAdjust>) -> candle_core::Result<Tensor> {
+        let raw = match &self.map {
+            Map::Full { weight, bias } => affine(z, weight, Some(bias))?,
+            Map::LowRank { down, up, bias } => {
+                affine(&adjust_latent(&affine(z, down, None)?, adjust)?, up, Some(bias))?
+            }
+        };
+        adjust_output(&self.renormalise(&raw, None)?, adjust)
+    }
+
+    /// The rank-r latents `down · z` `(batch, r)` of a low-rank head (float32 weights).
+    pub fn latent(&self, z: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        match &self.map {
+            Map::Full { .. } => Ok(None),
+            Map::LowRank { down, .. } => affine(z, down, None).map(Some),
+        }
+    }
+
+    /// Mean of the training targets (`None` without renormalisation).
+    pub fn target_mean(&self) -> Option<&Tensor> {
+        self.renorm.as_ref().map(|r| &r.target_mean)
+    }
+
+    /// `AᵀA` `[r, r]` of a low-rank head's output map `y = A·l + c` ([`Head::output_map`]),
+    /// computed once and kept: the gallery's latent index and calibration both need it.
+    pub fn output_gram(&self) -> candle_core::Result<Option<Tensor>> {
+        if let Some(g) = self.gram.get() {
+            return Ok(Some(g.clone()));
+        }
+        let Some((a, _)) = self.output_map()? else { return Ok(None) };
+        let g = a.t()?.contiguous()?.matmul(&a)?;
+        Ok(Some(self.gram.get_or_init(|| g).clone()))
     }
 
     /// A low-rank head's renormalised output as an affine map of its latent, `y = A·l + c`
@@ -511,6 +623,11 @@ impl Decoder {
         t
     }
 
+    /// The training statistics of the betas `(mean, std)`, `[n_voxels]` each.
+    pub fn input_stats(&self) -> (&Tensor, &Tensor) {
+        (&self.input_mean, &self.input_std)
+    }
+
     /// Z-scores betas `(batch, n_voxels)` with the training statistics.
     pub fn normalise(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         xs.broadcast_sub(&self.input_mean)?.broadcast_div(&self.input_std)
@@ -523,25 +640,40 @@ impl Decoder {
     }
 
     /// Renormalised predictions of every head for normalised (and aligned) inputs `z`
-    /// `(batch, n_voxels)`, one `(batch, n_outputs)` array per head.
-    pub fn predict_normalised(&self, z: &Tensor) -> Result<Vec<Vec<f32>>, DecodeError> {
+    /// `(batch, n_voxels)`, one `(batch, n_outputs)` array per head; `adjusts[h]` (when
+    /// present) corrects head `h`.
+    pub fn predict_normalised(
+        &self,
+        z: &Tensor,
+        adjusts: &[Option<HeadAdjust>],
+    ) -> Result<Vec<Vec<f32>>, DecodeError> {
         let run = || -> candle_core::Result<Vec<Vec<f32>>> {
             self.heads
                 .iter()
-                .map(|h| h.renormalise(&h.forward(z)?, None)?.flatten_all()?.to_vec1::<f32>())
+                .enumerate()
+                .map(|(i, h)| {
+                    h.predict(z, adjusts.get(i).and_then(Option::as_ref))?.flatten_all()?.to_vec1::<f32>()
+                })
                 .collect()
         };
         run().map_err(|e| DecodeError::Compute(e.to_string()))
     }
 
     /// The live path of every head for one trial's normalised (and aligned) betas `z`
-    /// `(1, n_voxels)`; `latent_only[h]` leaves low-rank head `h` at its latent.
-    pub fn live(&self, z: &Tensor, latent_only: &[bool]) -> Result<Vec<HeadOutput>, DecodeError> {
+    /// `(1, n_voxels)`; `latent_only[h]` leaves low-rank head `h` at its latent, `adjusts[h]`
+    /// (when present) corrects it.
+    pub fn live(
+        &self,
+        z: &Tensor,
+        latent_only: &[bool],
+        adjusts: &[Option<HeadAdjust>],
+    ) -> Result<Vec<HeadOutput>, DecodeError> {
         self.heads
             .iter()
             .enumerate()
             .map(|(i, h)| {
-                h.live(z, latent_only.get(i).copied().unwrap_or(false))
+                let adjust = adjusts.get(i).and_then(Option::as_ref);
+                h.live(z, latent_only.get(i).copied().unwrap_or(false), adjust)
                     .map_err(|e| DecodeError::Compute(format!("head {}: {e}", h.cfg.name)))
             })
             .collect()
@@ -567,7 +699,7 @@ impl Decoder {
     pub fn predict(&self, betas: &[f32], batch: usize) -> Result<Vec<Vec<f32>>, DecodeError> {
         let xs = self.input(betas, batch)?;
         let z = self.normalise(&xs).map_err(|e| DecodeError::Compute(e.to_string()))?;
-        self.predict_normalised(&z)
+        self.predict_normalised(&z, &[])
     }
 }
 

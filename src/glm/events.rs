@@ -61,6 +61,9 @@ pub enum EventError {
     },
 }
 
+/// The condition of a trial whose marker or events row names none.
+pub const DEFAULT_CONDITION: &str = "task";
+
 /// Longest marker accepted (characters).
 const MAX_MARKER: usize = 1024;
 
@@ -73,7 +76,7 @@ pub fn parse_marker(marker: &str, timestamp: f64) -> Result<Event, EventError> {
     let mut e = Event {
         trial: None,
         stim: None,
-        condition: "task".into(),
+        condition: DEFAULT_CONDITION.into(),
         onset: Onset::Absolute(timestamp),
         duration: None,
     };
@@ -165,7 +168,7 @@ pub fn parse_events_tsv(text: &str, source: &str) -> Result<Vec<Event>, EventErr
             stim: opt_int(stim)?,
             condition: match ttype.map(cell).transpose()? {
                 Some(t) if !t.is_empty() && t != "n/a" => t.to_string(),
-                _ => "task".into(),
+                _ => DEFAULT_CONDITION.into(),
             },
             onset: Onset::Relative(num(onset)?),
             duration: Some(d),

@@ -9,10 +9,9 @@ use std::thread::JoinHandle;
 
 use serde::Serialize;
 
-use crate::calibrate::fit::{fit, CalibrationSet, FitReport, Progress};
-use crate::calibrate::head::AlignmentHead;
+use crate::calibrate::head::Adapter;
 use crate::calibrate::protocol::Protocol;
-use crate::calibrate::{CalibrateConfig, CalibrateError};
+use crate::calibrate::{fit, CalibrateConfig, CalibrateError, CalibrationSet, FitSummary, Progress};
 use crate::decode::gallery::Gallery;
 use crate::decode::model::Decoder;
 use crate::glm::TrialBetas;
@@ -32,22 +31,28 @@ pub struct CalibrationEvent {
     pub stim: Option<String>,
     /// Fit progress: step and most steps of the current phase.
     pub step: Option<(usize, usize)>,
-    /// What the fit is doing: `fold k/n` (choosing the step count on held-out stimuli; each
-    /// fold counts its steps from 1) or `refit` (all trials).
+    /// What the fit is doing: closed form, `prepare` (each head's predictions) then `inputs`
+    /// (each input candidate's pipeline, the heads' corrections included); gradient, `fold k/n`
+    /// (choosing the step count on held-out stimuli; each fold counts its steps from 1) or
+    /// `refit`.
     pub fit_stage: Option<String>,
     /// Current training loss.
     pub loss: Option<f64>,
     /// Current held-out loss.
     pub heldout_loss: Option<f64>,
-    /// The finished fit.
-    pub report: Option<FitReport>,
-    /// Where the head was saved.
+    /// The finished fit: what was kept and its held-out estimates (closed form), or the
+    /// gradient fit's losses.
+    pub report: Option<FitSummary>,
+    /// Where the alignment was saved.
     pub path: Option<String>,
     /// What went wrong.
     pub error: Option<String>,
 }
 
-type FitResult = Result<(AlignmentHead, FitReport), CalibrateError>;
+type FitResult = Result<(Adapter, FitSummary), CalibrateError>;
+
+/// Most of the run's other trials kept for its statistics.
+const MAX_OTHER_TRIALS: usize = 512;
 
 enum State {
     Collecting,
@@ -63,6 +68,10 @@ pub struct LiveCalibration {
     targets: BTreeMap<String, BTreeMap<String, Vec<f32>>>,
     per_stim: BTreeMap<String, usize>,
     set: CalibrationSet,
+    run: Option<String>,
+    /// The run's other trials' betas, per condition (the calibration trials' condition's join
+    /// the run's statistics in the fit).
+    others: BTreeMap<String, Vec<f32>>,
     state: State,
 }
 
@@ -116,24 +125,39 @@ impl LiveCalibration {
             targets,
             per_stim: BTreeMap::new(),
             set: CalibrationSet::default(),
+            run: None,
+            others: BTreeMap::new(),
             state: State::Collecting,
         })
     }
 
     /// Takes a closed trial: collects it when it is one of the protocol's cues still
-    /// wanted, and starts the fit once all are in.
+    /// wanted (any other trial of the run joins the run's statistics), and starts the fit once
+    /// all are in.
     pub fn observe(&mut self, t: &TrialBetas, decoder: &Arc<Decoder>) -> Option<CalibrationEvent> {
         // Trials the model cannot take were refused (and counted) by decode already.
         let fits = t.betas.len() == decoder.cfg.n_voxels && t.betas.iter().all(|b| b.is_finite());
         if !matches!(self.state, State::Collecting) || t.at_run_end || !t.estimable || !fits {
             return None;
         }
-        let stim = t.stim?.to_string();
+        if self.run.as_deref() != Some(t.run.as_str()) {
+            // A new run: its statistics start over (collected cues stay).
+            self.run = Some(t.run.clone());
+            self.others.clear();
+        }
+        let cue = t.stim.map(|s| s.to_string()).filter(|s| {
+            self.targets.contains_key(s) && self.per_stim.get(s).copied().unwrap_or(0) < self.protocol.repeats
+        });
+        let Some(stim) = cue else {
+            let others = self.others.entry(t.condition.clone()).or_default();
+            if others.len() < MAX_OTHER_TRIALS * t.betas.len() {
+                others.extend_from_slice(&t.betas);
+            }
+            return None;
+        };
+        self.set.condition.get_or_insert_with(|| t.condition.clone());
         let targets = self.targets.get(&stim)?;
         let count = self.per_stim.entry(stim.clone()).or_default();
-        if *count >= self.protocol.repeats {
-            return None;
-        }
         *count += 1;
         self.set.betas.extend_from_slice(&t.betas);
         self.set.stimuli.push(stim.clone());
@@ -144,6 +168,8 @@ impl LiveCalibration {
         ev.trial = Some(t.trial);
         ev.stim = Some(stim);
         if self.set.len() == self.protocol.n_trials() {
+            let condition = self.set.condition.clone().unwrap_or_default();
+            self.set.others = self.others.remove(&condition).unwrap_or_default();
             let (tx, rx) = crossbeam_channel::bounded(1024);
             let (decoder, set, cfg) = (decoder.clone(), std::mem::take(&mut self.set), self.cfg.clone());
             let spawned = std::thread::Builder::new().name("mirage/calibrate".into()).spawn(move || {
@@ -167,8 +193,8 @@ impl LiveCalibration {
     }
 
     /// Reports fit progress and, once the fit is over (waiting for it when `wait`), the
-    /// saved head to switch to.
-    pub fn poll(&mut self, wait: bool) -> (Option<CalibrationEvent>, Option<AlignmentHead>) {
+    /// saved alignment to switch to.
+    pub fn poll(&mut self, wait: bool, decoder: &Decoder) -> (Option<CalibrationEvent>, Option<Adapter>) {
         let State::Fitting { thread, progress } = &self.state else { return (None, None) };
         if !wait && !thread.is_finished() {
             let last = progress.try_iter().last();
@@ -180,7 +206,7 @@ impl LiveCalibration {
                         Some((k, n)) => format!("fold {k}/{n}"),
                         None => p.phase.to_string(),
                     });
-                    ev.loss = Some(p.loss);
+                    ev.loss = p.loss;
                     ev.heldout_loss = p.heldout_loss;
                     ev
                 }),
@@ -193,7 +219,7 @@ impl LiveCalibration {
         let result =
             thread.join().unwrap_or_else(|_| Err(CalibrateError::Compute("the fit panicked".into())));
         let mut ev = self.event("done");
-        match result.and_then(|(head, report)| head.save(&self.out).map(|()| (head, report))) {
+        match result.and_then(|(head, report)| head.save(&self.out, decoder).map(|()| (head, report))) {
             Ok((head, report)) => {
                 ev.report = Some(report);
                 ev.path = Some(self.out.display().to_string());

@@ -121,11 +121,11 @@ pub struct DecodeStageAdapter {
 impl DecodeStageAdapter {
     fn poll_calibration(&mut self, frame: &mut Frame, wait: bool) {
         let Some(c) = &mut self.calibration else { return };
-        let (event, head) = c.poll(wait);
+        let (event, adapter) = c.poll(wait, self.stage.decoder());
         frame.calibration.extend(event);
-        if let Some(head) = head {
-            tracing::info!("calibration: switching to the fitted alignment head");
-            self.stage.set_adapter(crate::calibrate::head::Adapter::Head(head));
+        if let Some(adapter) = adapter {
+            tracing::info!("calibration: switching to the fitted alignment");
+            self.stage.set_adapter(adapter);
         }
         if wait {
             frame.calibration.extend(c.finish());

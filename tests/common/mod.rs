@@ -233,11 +233,26 @@ pub fn simulated_session(
     run_seed: u64,
     volumes: u32,
 ) -> (PathBuf, PathBuf) {
+    simulated_session_with(dir, seed, name, condition, run_seed, volumes, &[])
+}
+
+/// [`simulated_session`] with more simulator settings (`KEY=VALUE`).
+pub fn simulated_session_with(
+    dir: &Path,
+    seed: u64,
+    name: &str,
+    condition: &str,
+    run_seed: u64,
+    volumes: u32,
+    sets: &[&str],
+) -> (PathBuf, PathBuf) {
     let run_dir = dir.join(name);
     run(mirage()
         .args(["simulate", "--seed", &seed.to_string(), "--shape", "32,32,20", "--condition", condition])
         .args(["--volumes", &volumes.to_string(), "--set", &format!("run_seed={run_seed}")])
-        .args(["--set", "motion_mm=0", "--set", "motion_deg=0", "--out"])
+        .args(["--set", "motion_mm=0", "--set", "motion_deg=0"])
+        .args(sets.iter().flat_map(|s| ["--set", s]))
+        .arg("--out")
         .arg(&run_dir));
     let glm = dir.join(format!("{name}-glm"));
     run(mirage()

@@ -42,6 +42,7 @@ return {
   e2e_p50: e2e,
   e2e_p50_ok: e2e !== null && /^-?\d+(\.\d+)?$/.test(e2e) && isFinite(parseFloat(e2e)),
   mode: text('#mode'),
+  calibration: text('#calibration'),
   conn: text('#conn'),
   events: attr('body', 'data-events'),
   handler_errors: attr('body', 'data-handler-errors'),
