@@ -13,7 +13,7 @@ stimuli for no alignment (the model's z-scoring), per-run z-scoring (MIRAGE's ba
 gradient-fitted voxel head (`calibrate.method = "gradient"`) and the closed-form default,
 with 4 / 8 / 12 / 24 calibration trials.
 
-usage: benches/calibration_eval.py [--seeds 10] [--families a,b] [--trials 4,8,12,24]
+usage: benches/calibration_eval.py [--seeds 10] [--first-seed 1] [--families a,b] [--trials 4,8,12,24]
                                    [--methods gradient,closed-form] [--snr S] [--set KEY=VALUE]
                                    [--json OUT]
 Needs a release build (target/release/mirage, or $MIRAGE).
@@ -266,6 +266,7 @@ def summarise(results, seeds, methods, counts):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=1, help="seeds first-seed … first-seed + seeds − 1")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--trials", default="4,8,12,24")
     ap.add_argument("--methods", default="gradient,closed-form")
@@ -275,7 +276,7 @@ def main():
     a = ap.parse_args()
     globals()["SNR"] = a.snr
     EXTRA_SETS.extend(a.set)
-    seeds = list(range(1, a.seeds + 1))
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     counts = [int(n) for n in a.trials.split(",")]
     methods = a.methods.split(",")
     families = a.families.split(",")

@@ -24,7 +24,7 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver dcm2niix >/dev/null
 fi
-if ! python3 -c "import zmq, pylsl, nibabel, numpy, scipy, nilearn, sklearn, skimage, selenium, pydicom" \
+if ! python3 -c "import zmq, pylsl, nibabel, numpy, scipy, nilearn, sklearn, skimage, selenium, pydicom, yaml" \
     >/dev/null 2>&1; then
     echo "setup: installing the Python test peers (tests/python/requirements.txt)" >&2
     python3 -m pip install -q -r tests/python/requirements.txt

@@ -3,7 +3,7 @@
 //! `Config` is plain data. [`Config::validate`] reports every mistake at once, each naming its
 //! section and field, so `mirage check` can vet a file without starting anything.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,9 @@ pub struct IngestConfig {
     pub stop_after: Option<u64>,
     /// Run id for volumes whose sender does not name one.
     pub run: String,
+    /// Repetition time in seconds, over whatever the sender's headers say (`None`: the
+    /// headers', milliseconds above 60 read as such).
+    pub tr: Option<f64>,
 }
 
 impl Default for IngestConfig {
@@ -63,6 +66,7 @@ impl Default for IngestConfig {
             max_voxels: 1 << 24,
             stop_after: None,
             run: "run".into(),
+            tr: None,
         }
     }
 }
@@ -161,7 +165,60 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text =
             std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-        Config::parse(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+        let mut cfg = Config::parse(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        if let Some(base) = path.parent() {
+            cfg.resolve_inputs_against(base);
+        }
+        Ok(cfg)
+    }
+
+    /// Makes the relative paths of input files (models, masks, events, protocols, a `file://`
+    /// series) relative to `base`, the config file's folder, so a config runs from any folder.
+    /// Outputs (`record.dir`, `calibrate.out`, `console.report`) stay relative to the working
+    /// directory, like `--set` values.
+    pub fn resolve_inputs_against(&mut self, base: &Path) {
+        let sentinels = ["sim", "auto", "none", "zscore-run"];
+        let join = |p: &Path| -> Option<PathBuf> {
+            let keep =
+                p.as_os_str().is_empty() || p.is_absolute() || sentinels.iter().any(|s| p == Path::new(s));
+            (!keep).then(|| base.join(p))
+        };
+        let fix = |p: &mut PathBuf| {
+            if let Some(j) = join(p) {
+                *p = j;
+            }
+        };
+        let fix_string = |s: &mut String| {
+            if let Some(j) = join(Path::new(s.as_str())) {
+                *s = j.to_string_lossy().into_owned();
+            }
+        };
+        if let Some(rest) = self.ingest.uri.strip_prefix("file://") {
+            let (file, query) = rest.split_once('?').map_or((rest, None), |(f, q)| (f, Some(q)));
+            if let Some(j) = join(Path::new(file)) {
+                let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+                self.ingest.uri = format!("file://{}{query}", j.display());
+            }
+        }
+        for p in [
+            &mut self.motion.reference_file,
+            &mut self.glm.events,
+            &mut self.decode.model,
+            &mut self.decode.gallery,
+            &mut self.calibrate.protocol,
+            &mut self.sim.anatomy,
+            &mut self.sim.protocol,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fix(p);
+        }
+        for r in &mut self.glm.rois {
+            fix(&mut r.path);
+        }
+        fix_string(&mut self.glm.mask);
+        fix_string(&mut self.decode.alignment);
     }
 
     /// Parses TOML text; unknown keys are errors that name the key.
@@ -212,6 +269,10 @@ impl Config {
             }
             Ok(_) => {}
             Err(e) => errors.push(format!("ingest.uri: {e}")),
+        }
+        if self.ingest.tr.is_some_and(|t| !(t.is_finite() && t > 0.0 && t <= crate::ingest::IMPLAUSIBLE_TR_S))
+        {
+            errors.push("ingest.tr must be a repetition time in seconds, above 0 and at most 60".into());
         }
         errors.extend(self.motion.validate());
         errors.extend(self.glm.validate());

@@ -33,6 +33,23 @@ pub enum SendError {
     /// The LSL outlet failed.
     #[error("send: lsl: {0}")]
     Lsl(String),
+    /// The daemon's run is over; it did not take the volume.
+    #[error("send: {address}: the daemon's run is over ({reply})")]
+    RunOver {
+        /// The daemon's address.
+        address: String,
+        /// Its reply.
+        reply: String,
+    },
+}
+
+/// What the daemon said of a delivered volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Taken (or, without replies, sent).
+    Taken,
+    /// Taken as the run's last volume: send no more.
+    Last,
 }
 
 /// A connection to a daemon's ingest endpoint.
@@ -72,7 +89,7 @@ impl VolumeSender {
     /// Connects to `uri`; `timeout` bounds every wait for the daemon, in seconds.
     pub fn connect(uri: &IngestUri, timeout: f64) -> Result<VolumeSender, SendError> {
         match uri {
-            IngestUri::Pyneal(ep) => {
+            IngestUri::Pyneal { endpoint: ep, .. } => {
                 let address = ep.zmq_address();
                 let zerr = |e: zmq::Error| SendError::Zmq { address: address.clone(), reason: e.to_string() };
                 let ctx = zmq::Context::new();
@@ -92,7 +109,7 @@ impl VolumeSender {
                 }
                 Ok(VolumeSender::Pyneal { socket, ctx, address, timeout })
             }
-            IngestUri::Zmq(ep) => {
+            IngestUri::Zmq { endpoint: ep, .. } => {
                 let address = ep.zmq_address();
                 let zerr = |e: zmq::Error| SendError::Zmq { address: address.clone(), reason: e.to_string() };
                 let ctx = zmq::Context::new();
@@ -102,7 +119,7 @@ impl VolumeSender {
                 socket.connect(&address).map_err(zerr)?;
                 Ok(VolumeSender::Native { socket, ctx, address })
             }
-            IngestUri::Lsl { name } => {
+            IngestUri::Lsl { name, .. } => {
                 Ok(VolumeSender::Lsl { name: name.clone(), outlet: None, wait_consumer: timeout })
             }
             other => Err(SendError::Uri(format!(
@@ -111,8 +128,8 @@ impl VolumeSender {
         }
     }
 
-    /// Delivers one volume; for pyneal, waits for the daemon's reply.
-    pub fn send(&mut self, v: &Volume) -> Result<(), SendError> {
+    /// Delivers one volume; for pyneal, waits for the daemon's reply, which may end the run.
+    pub fn send(&mut self, v: &Volume) -> Result<Delivered, SendError> {
         match self {
             VolumeSender::Pyneal { socket, address, timeout, .. } => {
                 let (header, data) = encode_volume(v, Dialect::Pyneal);
@@ -120,7 +137,13 @@ impl VolumeSender {
                 socket.send(header.as_bytes(), zmq::SNDMORE).map_err(zerr)?;
                 socket.send(data, 0).map_err(zerr)?;
                 match socket.recv_string(0) {
-                    Ok(Ok(reply)) if reply.starts_with("received volIdx") => Ok(()),
+                    Ok(Ok(reply)) if reply.starts_with("received volIdx") && reply.contains("STOP") => {
+                        Ok(Delivered::Last)
+                    }
+                    Ok(Ok(reply)) if reply.starts_with("received volIdx") => Ok(Delivered::Taken),
+                    Ok(Ok(reply)) if reply.starts_with("STOP") => {
+                        Err(SendError::RunOver { address: address.clone(), reply })
+                    }
                     Ok(Ok(reply)) => Err(SendError::Zmq {
                         address: address.clone(),
                         reason: format!("daemon refused: {reply}"),
@@ -138,7 +161,8 @@ impl VolumeSender {
                 let (header, data) = encode_volume(v, Dialect::Native);
                 let zerr = |e: zmq::Error| SendError::Zmq { address: address.clone(), reason: e.to_string() };
                 socket.send(header.as_bytes(), zmq::SNDMORE).map_err(zerr)?;
-                socket.send(data, 0).map_err(zerr)
+                socket.send(data, 0).map_err(zerr)?;
+                Ok(Delivered::Taken)
             }
             VolumeSender::Lsl { name, outlet, wait_consumer } => {
                 if outlet.is_none() {
@@ -146,7 +170,8 @@ impl VolumeSender {
                 }
                 let o = outlet.as_ref().ok_or_else(|| SendError::Lsl("no outlet".into()))?;
                 let stamp = v.acq_time.unwrap_or_else(lsl::local_clock);
-                o.push_sample_ex(&v.data, stamp, true).map_err(|e| SendError::Lsl(format!("{e:?}")))
+                o.push_sample_ex(&v.data, stamp, true).map_err(|e| SendError::Lsl(format!("{e:?}")))?;
+                Ok(Delivered::Taken)
             }
         }
     }

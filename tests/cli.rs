@@ -107,3 +107,59 @@ fn sigterm_and_sigint_drain_and_print_the_summary() {
         assert!(published.contains(&format!("recorded {}", rec.entries.len())), "SIG{signal}: {published}");
     }
 }
+
+#[test]
+fn a_config_runs_from_another_folder_with_its_inputs_read_from_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A simulated series with its events and mask, beside a config that names them relatively.
+    let study = d.join("study");
+    let sim = study.join("data");
+    let (status, out) = run_with_timeout(
+        mirage()
+            .args(["simulate", "--seed", "3", "--shape", "24,24,16", "--volumes", "30", "--out"])
+            .arg(&sim),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{out}");
+    let config = study.join("run.toml");
+    std::fs::write(
+        &config,
+        r#"[ingest]
+uri = "file://data/bold.nii.gz?speed=max"
+[glm]
+events = "data/events.tsv"
+mask = "data/truth/roi_mask.nii.gz"
+rois = [{ name = "visual", path = "data/truth/roi_mask.nii.gz" }]
+"#,
+    )
+    .unwrap();
+    let elsewhere = d.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let (status, out) = run_with_timeout(
+        mirage().current_dir(&elsewhere).arg("check").arg("--config").arg(&config),
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{out}");
+    let (status, out) = run_with_timeout(
+        mirage()
+            .current_dir(&elsewhere)
+            .args(["run", "--no-lsl", "--console", "none", "--publish", "none", "--record", "s", "--config"])
+            .arg(&config),
+        Duration::from_secs(180),
+    );
+    assert!(status.success(), "{out}");
+    assert!(out.contains("received 30 recorded 30 published 30"), "{out}");
+    // Outputs stay where the command runs.
+    assert_eq!(SessionReader::open(&elsewhere.join("s")).unwrap().entries.len(), 30);
+    // The shipped config, too, checks from any folder.
+    let (status, out) = run_with_timeout(
+        mirage().current_dir(&elsewhere).args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.toml"),
+        ]),
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{out}");
+}

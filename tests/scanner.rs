@@ -211,3 +211,55 @@ fn the_watcher_sends_every_volume_once_in_order_as_files_arrive() {
         assert_eq!(v.tr, Some(1.0));
     }
 }
+
+#[test]
+fn every_mr_dicom_the_python_wheels_ship_reads_like_dcm2niix_or_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = run(python("scanner_reference.py").arg("wheel-series").arg(d.join("series")));
+    let series: Vec<Value> =
+        serde_json::from_str(out.lines().find(|l| l.starts_with('[')).expect(&out)).unwrap();
+    let mut converted = Vec::new();
+    for s in &series {
+        let name = s["name"].as_str().unwrap();
+        let folder = d.join("series").join(name);
+        let ours = d.join(format!("{name}.nii.gz"));
+        let (status, log) = run_with_timeout(
+            mirage().arg("convert").arg(&folder).args(["--vendor", "auto", "--out"]).arg(&ours),
+            Duration::from_secs(60),
+        );
+        assert!(!log.contains("panicked"), "{name}: {log}");
+        if !status.success() {
+            // Refused: one line naming the file and why (compressed, a lone 2-D slice, no pixels).
+            assert_eq!(status.code(), Some(2), "{name}: {log}");
+            assert!(log.contains("skipped") && log.contains(name), "{name}: {log}");
+            continue;
+        }
+        let reference = dcm2niix(&folder, &d.join(format!("{name}-dcm2niix")));
+        match s["padded_grid"].as_u64() {
+            None => assert_same(&compare(&ours, &reference, Some(0)), 0.0, name),
+            Some(m) => {
+                // A padded mosaic (256×256 in 7×7 tiles): tiles of floor(256/7) = 36. dcm2niix
+                // steps between tile rows by floor(256·256/7) bytes instead of 256·36, so only
+                // its first tile row equals ours; and it moves the corner by half of 256 − 256/7
+                // instead of 256 − 36: 2/7 of a pixel.
+                let mut cmd = python("scanner_reference.py");
+                cmd.arg("compare").arg(&ours).arg(&reference).args([
+                    "--volume",
+                    "0",
+                    "--slices",
+                    &format!("0:{m}"),
+                ]);
+                let c: Value = serde_json::from_str(run(&mut cmd).lines().last().unwrap()).unwrap();
+                assert_eq!(c["ours_shape"], c["ref_shape"], "{name}: {c}");
+                assert_eq!(c["max_value_diff"], 0.0, "{name}: {c}");
+                let pixel = c["voxel_mm"][0].as_f64().unwrap();
+                assert!(c["max_mm"].as_f64().unwrap() <= 0.3 * pixel, "{name}: {c}");
+            }
+        }
+        converted.push(name.to_string());
+    }
+    for expected in ["0.dcm", "1.dcm", "siemens_dwi_0.dcm", "siemens_dwi_1000.dcm", "philips_mprage.dcm"] {
+        assert!(converted.iter().any(|c| c == expected), "{expected} not converted: {converted:?}");
+    }
+}

@@ -257,7 +257,7 @@ impl Default for CalibrateConfig {
             inputs: vec![align::InputNorm::CentreRun, align::InputNorm::Model],
             modes: vec![0, 1, 2, 4],
             alphas: vec![10.0, 3.0, 1.0, 0.3, 0.1, 0.03],
-            guard_p: 0.1,
+            guard_p: 0.15,
             min_stimuli: 5,
             rank: 8,
             steps: 600,
@@ -306,6 +306,9 @@ impl CalibrateConfig {
         }
         if self.steps == 0 {
             e.push("calibrate.steps must be at least 1".into());
+        }
+        if let Some(p) = self.protocol.as_deref().filter(|p| !p.exists()) {
+            e.push(format!("calibrate.protocol: {} does not exist", p.display()));
         }
         for (name, v) in [
             ("lr", self.lr),

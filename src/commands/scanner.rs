@@ -14,7 +14,7 @@ use crate::clock;
 use crate::ingest::IngestUri;
 use crate::scanner::watch::{FolderWatcher, Listed, WatchConfig};
 use crate::scanner::Vendor;
-use crate::sender::VolumeSender;
+use crate::sender::{Delivered, VolumeSender};
 use crate::sim::SimConfig;
 
 /// `mirage scanner` options.
@@ -92,12 +92,12 @@ pub fn scanner(args: &ScannerArgs, stop: &AtomicBool) -> anyhow::Result<u64> {
         tracing::info!("no change events for {}: polling every {} s", args.watch.display(), args.poll_s);
     }
     let mut watcher = FolderWatcher::new(args.watch_cfg.clone());
-    let (mut sent, mut skipped, mut last_volume) = (0u64, 0u64, None::<f64>);
+    let (mut sent, mut skipped, mut last_volume, mut run_over) = (0u64, 0u64, None::<f64>, false);
     // Scanner clock to ours: the first volume's time is when we saw it; later ones keep the
     // scanner's spacing, so export jitter does not reach the GLM's timing.
     let mut clock_offset: Option<f64> = None;
     eprintln!("mirage: watching {} → {}", args.watch.display(), args.to);
-    while !stop.load(Ordering::Acquire) && args.stop_after.is_none_or(|n| sent < n) {
+    while !stop.load(Ordering::Acquire) && !run_over && args.stop_after.is_none_or(|n| sent < n) {
         let closed = match events.as_mut() {
             Some(e) => e.wait(args.poll_s),
             None => {
@@ -123,10 +123,16 @@ pub fn scanner(args: &ScannerArgs, stop: &AtomicBool) -> anyhow::Result<u64> {
             if v.volume.tr.is_none() {
                 v.volume.tr = args.tr;
             }
-            sender.send(&v.volume).with_context(|| format!("sending volume {}", v.volume.index))?;
+            let delivered =
+                sender.send(&v.volume).with_context(|| format!("sending volume {}", v.volume.index))?;
             tracing::info!("sent volume {} of {}", v.volume.index, v.volume.run);
             sent += 1;
             last_volume = Some(now);
+            if delivered == Delivered::Last {
+                tracing::info!("the daemon's run is over (STOP): stopping");
+                run_over = true;
+                break;
+            }
             if args.stop_after.is_some_and(|n| sent >= n) {
                 break;
             }

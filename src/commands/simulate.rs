@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::clock;
 use crate::ingest::pacer::Pacer;
 use crate::ingest::{IngestUri, Speed};
-use crate::sender::VolumeSender;
+use crate::sender::{Delivered, VolumeSender};
 use crate::sim::{SimConfig, Simulator, Trial};
 use crate::volume::Volume;
 
@@ -94,8 +94,12 @@ pub fn stream(
         v.acq_time = Some(due);
         v.recv_time = clock::now();
         on_send(v.index, due);
-        sender.send(&v)?;
+        let delivered = sender.send(&v)?;
         sent += 1;
+        if delivered == Delivered::Last {
+            tracing::info!("the daemon's run is over (STOP): stopping after {sent} volumes");
+            break;
+        }
     }
     sender.finish();
     Ok((sent, markers))

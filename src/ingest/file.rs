@@ -10,9 +10,6 @@ use crate::clock;
 use crate::io::nifti::NiftiReader;
 use crate::volume::{Affine, Volume};
 
-/// A header TR above this many seconds is taken to be milliseconds mislabelled as seconds.
-const IMPLAUSIBLE_TR_S: f64 = 60.0;
-
 /// Reads volumes in order and releases them at the chosen speed; `acq_time` is each volume's
 /// scheduled release time.
 pub struct FileReplay {
@@ -36,13 +33,17 @@ impl FileReplay {
     ) -> Result<FileReplay, IngestError> {
         let reader = NiftiReader::open(path, limits.max_voxels)?;
         let h = reader.header();
-        let tr = match (tr, h.tr_seconds()) {
+        let tr = match (tr, h.tr_seconds().map(super::plausible_tr_seconds)) {
             (Some(t), _) => t,
-            (None, Some(t)) if t > IMPLAUSIBLE_TR_S => {
-                tracing::warn!("{}: header TR {t} s is implausible; assuming {} s (milliseconds mislabelled); pass ?tr=SECONDS to override", path.display(), t / 1e3);
-                t / 1e3
+            (None, Some((t, true))) => {
+                tracing::warn!(
+                    "{}: header TR {} s is implausible; assuming {t} s (milliseconds mislabelled); pass ?tr=SECONDS to override",
+                    path.display(),
+                    t * 1e3
+                );
+                t
             }
-            (None, Some(t)) => t,
+            (None, Some((t, false))) => t,
             (None, None) => {
                 tracing::warn!("{}: no TR in the header; assuming 2 s (pass ?tr=SECONDS)", path.display());
                 2.0

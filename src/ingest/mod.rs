@@ -91,11 +91,18 @@ pub enum Ack<'a> {
     Accepted {
         /// Its index.
         index: u64,
+        /// Whether it is the run's last (the answer then says `STOP`).
+        last: bool,
     },
     /// The message was refused.
     Rejected {
         /// Why.
         reason: &'a str,
+    },
+    /// The run is over; the message (a volume, if its index could be read) was not taken.
+    Stopped {
+        /// The refused volume's index.
+        index: Option<u64>,
     },
 }
 
@@ -112,6 +119,20 @@ pub trait Source {
     }
     /// A short description for logs (`pyneal tcp://127.0.0.1:5555`).
     fn describe(&self) -> String;
+}
+
+/// A repetition time above this many seconds is a value in milliseconds under the wrong label
+/// (pyneal's simulated sender and Philips exports send milliseconds as `TR`).
+pub const IMPLAUSIBLE_TR_S: f64 = 60.0;
+
+/// A header's TR in seconds, and whether it was read as milliseconds (above
+/// [`IMPLAUSIBLE_TR_S`]).
+pub fn plausible_tr_seconds(tr: f64) -> (f64, bool) {
+    if tr > IMPLAUSIBLE_TR_S {
+        (tr / 1e3, true)
+    } else {
+        (tr, false)
+    }
 }
 
 /// Limits every source applies before allocating.
@@ -132,9 +153,13 @@ impl SourceLimits {
 /// `Send`).
 pub fn open_source(uri: &IngestUri, limits: SourceLimits, run: &str) -> Result<Box<dyn Source>, IngestError> {
     Ok(match uri {
-        IngestUri::Pyneal(ep) => Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Pyneal, ep, limits, run)?),
-        IngestUri::Zmq(ep) => Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Native, ep, limits, run)?),
-        IngestUri::Lsl { name } => Box::new(lsl::LslReceiver::new(name, limits, run)),
+        IngestUri::Pyneal { endpoint, .. } => {
+            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Pyneal, endpoint, limits, run)?)
+        }
+        IngestUri::Zmq { endpoint, .. } => {
+            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Native, endpoint, limits, run)?)
+        }
+        IngestUri::Lsl { name, .. } => Box::new(lsl::LslReceiver::new(name, limits, run)),
         IngestUri::File { path, playback, tr } => {
             Box::new(file::FileReplay::open(path, *playback, *tr, limits, run)?)
         }

@@ -120,14 +120,27 @@ impl Endpoint {
 /// Where volumes come from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum IngestUri {
-    /// `pyneal://HOST:PORT`: pyneal-scanner's ZMQ PAIR protocol; we bind.
-    Pyneal(Endpoint),
-    /// `zmq://HOST:PORT`: the native ZMQ PULL protocol; we bind, many senders may connect.
-    Zmq(Endpoint),
-    /// `lsl://NAME`: an LSL stream of that name, one sample per volume.
+    /// `pyneal://HOST:PORT[?tr=SECONDS]`: pyneal-scanner's ZMQ PAIR protocol; we bind.
+    Pyneal {
+        /// Where we bind.
+        endpoint: Endpoint,
+        /// TR in seconds over the sender's headers.
+        tr: Option<f64>,
+    },
+    /// `zmq://HOST:PORT[?tr=SECONDS]`: the native ZMQ PULL protocol; we bind, many senders may
+    /// connect.
+    Zmq {
+        /// Where we bind.
+        endpoint: Endpoint,
+        /// TR in seconds over the sender's headers.
+        tr: Option<f64>,
+    },
+    /// `lsl://NAME[?tr=SECONDS]`: an LSL stream of that name, one sample per volume.
     Lsl {
         /// Stream name to resolve.
         name: String,
+        /// TR in seconds over the stream's description.
+        tr: Option<f64>,
     },
     /// `file://PATH?speed=…&delay=…&tr=…`: replay of a 4-D NIfTI.
     File {
@@ -162,20 +175,48 @@ fn split_query(rest: &str) -> (&str, Vec<(&str, &str)>) {
     }
 }
 
+/// A `tr=` query value: a positive number of seconds.
+fn parse_tr(scheme: &str, v: &str) -> Result<f64, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|t| t.is_finite() && *t > 0.0 && *t <= super::IMPLAUSIBLE_TR_S)
+        .ok_or(format!("{scheme}:// tr={v:?} is not a repetition time in seconds (above 0, at most 60)"))
+}
+
+/// The query of a network URI, which takes only `tr=`.
+fn network_tr(scheme: &str, query: &[(&str, &str)]) -> Result<Option<f64>, String> {
+    let mut tr = None;
+    for (k, v) in query {
+        match *k {
+            "tr" => tr = Some(parse_tr(scheme, v)?),
+            _ => return Err(format!("{scheme}:// does not take {k:?}; only tr=SECONDS")),
+        }
+    }
+    Ok(tr)
+}
+
 impl IngestUri {
     /// Parses an ingest URI; `sim_defaults` are the simulator settings a `sim://` query refines.
     pub fn parse(uri: &str, sim_defaults: &SimConfig) -> Result<IngestUri, String> {
         let (scheme, rest) =
             uri.split_once("://").ok_or(format!("ingest URI {uri:?} has no scheme; use {SCHEMES}"))?;
         match scheme {
-            "pyneal" => Ok(IngestUri::Pyneal(Endpoint::parse(scheme, rest)?)),
-            "zmq" => Ok(IngestUri::Zmq(Endpoint::parse(scheme, rest)?)),
+            "pyneal" | "zmq" => {
+                let (base, query) = split_query(rest);
+                let (endpoint, tr) = (Endpoint::parse(scheme, base)?, network_tr(scheme, &query)?);
+                Ok(if scheme == "pyneal" {
+                    IngestUri::Pyneal { endpoint, tr }
+                } else {
+                    IngestUri::Zmq { endpoint, tr }
+                })
+            }
             "lsl" => {
-                let name = rest.trim_end_matches('/');
+                let (base, query) = split_query(rest);
+                let name = base.trim_end_matches('/');
                 if name.is_empty() || name.contains(['\'', '"']) {
                     return Err(format!("lsl://{name}: give the stream name, e.g. lsl://mirage-volumes"));
                 }
-                Ok(IngestUri::Lsl { name: name.to_string() })
+                Ok(IngestUri::Lsl { name: name.to_string(), tr: network_tr(scheme, &query)? })
             }
             "file" => {
                 let (path, query) = split_query(rest);
@@ -188,14 +229,7 @@ impl IngestUri {
                         continue;
                     }
                     match k {
-                        "tr" => {
-                            tr = Some(
-                                v.parse::<f64>()
-                                    .ok()
-                                    .filter(|t| t.is_finite() && *t > 0.0)
-                                    .ok_or(format!("file:// tr={v:?} is not a positive number of seconds"))?,
-                            )
-                        }
+                        "tr" => tr = Some(parse_tr(scheme, v)?),
                         _ => return Err(format!("file:// does not take {k:?}; use speed=, delay= and tr=")),
                     }
                 }
@@ -213,6 +247,23 @@ impl IngestUri {
                 Ok(IngestUri::Sim { sim: Box::new(sim), playback })
             }
             other => Err(format!("unknown ingest scheme {other:?}; use {SCHEMES}")),
+        }
+    }
+
+    /// The endpoint a listening source binds (`pyneal://`, `zmq://`).
+    pub fn bound_endpoint(&self) -> Option<&Endpoint> {
+        match self {
+            IngestUri::Pyneal { endpoint, .. } | IngestUri::Zmq { endpoint, .. } => Some(endpoint),
+            _ => None,
+        }
+    }
+
+    /// The TR the URI sets over the sender's headers (`?tr=`).
+    pub fn tr(&self) -> Option<f64> {
+        match self {
+            IngestUri::Pyneal { tr, .. } | IngestUri::Zmq { tr, .. } | IngestUri::Lsl { tr, .. } => *tr,
+            IngestUri::File { tr, .. } => *tr,
+            IngestUri::Sim { .. } => None,
         }
     }
 }
@@ -234,12 +285,15 @@ mod tests {
         let d = SimConfig::default();
         assert_eq!(
             IngestUri::parse("pyneal://localhost:5555", &d).unwrap(),
-            IngestUri::Pyneal(Endpoint { host: "127.0.0.1".into(), port: 5555 })
+            IngestUri::Pyneal { endpoint: Endpoint { host: "127.0.0.1".into(), port: 5555 }, tr: None }
         );
-        assert!(matches!(IngestUri::parse("zmq://*:6000", &d).unwrap(), IngestUri::Zmq(e) if e.is_exposed()));
+        assert!(
+            matches!(IngestUri::parse("zmq://*:6000", &d).unwrap(), IngestUri::Zmq { endpoint, .. } if endpoint.is_exposed())
+        );
+        assert_eq!(IngestUri::parse("pyneal://127.0.0.1:5555?tr=0.5", &d).unwrap().tr(), Some(0.5));
         assert_eq!(
-            IngestUri::parse("lsl://mirage-volumes", &d).unwrap(),
-            IngestUri::Lsl { name: "mirage-volumes".into() }
+            IngestUri::parse("lsl://mirage-volumes?tr=1.5", &d).unwrap(),
+            IngestUri::Lsl { name: "mirage-volumes".into(), tr: Some(1.5) }
         );
         assert_eq!(
             IngestUri::parse("file://data/run.nii.gz?speed=max&tr=2", &d).unwrap(),
@@ -272,6 +326,8 @@ mod tests {
             ("file://a.nii?delay=-1", "delay"),
             ("sim://?volumes=x", "volumes"),
             ("sim://?colour=red", "unknown sim parameter"),
+            ("pyneal://127.0.0.1:5555?tr=500", "at most 60"),
+            ("zmq://127.0.0.1:5555?speed=max", "only tr="),
         ] {
             let err = IngestUri::parse(uri, &d).unwrap_err();
             assert!(err.contains(hint), "{uri}: {err}");

@@ -105,6 +105,9 @@ impl WireHeader {
     }
 }
 
+/// Whether a sender's TR in milliseconds has been warned about (once per process).
+static TR_IN_MS_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Parses a JSON value that may be a JSON document inside a string (pyneal's habit).
 fn unstring(v: &Value) -> Result<Value, String> {
     match v {
@@ -186,10 +189,17 @@ pub fn parse_header(frame: &[u8], max_voxels: usize) -> Result<WireHeader, WireE
         None => None,
         Some(v) => {
             let t = unstring(v).ok().and_then(|t| t.as_f64());
-            Some(
-                t.filter(|t| t.is_finite() && *t > 0.0)
-                    .ok_or_else(|| WireError::Header(format!("TR {v} is not a positive number")))?,
-            )
+            let t = t
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .ok_or_else(|| WireError::Header(format!("TR {v} is not a positive number")))?;
+            let (seconds, from_ms) = super::plausible_tr_seconds(t);
+            if from_ms && !TR_IN_MS_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    "ingest: the sender's TR {t} is read as milliseconds ({seconds} s), as pyneal's simulated \
+                     sender and Philips exports send it; set ingest.tr to override"
+                );
+            }
+            Some(seconds)
         }
     };
     let order = match field("order").map(|o| o.as_str()) {
@@ -355,6 +365,9 @@ mod tests {
         let v = decode_volume(&header, &payload, 0.0, "run").unwrap();
         assert_eq!(v.data, vec![1.0, 3.0, 2.0, 4.0]);
         assert_eq!(v.tr, Some(1.5));
+        // pyneal's simulated sender sends milliseconds as TR: "500.0" is 0.5 s.
+        let ms = std::str::from_utf8(h).unwrap().replace(r#""TR": "1.5""#, r#""TR": "500.0""#);
+        assert_eq!(parse_header(ms.as_bytes(), 1 << 20).unwrap().tr, Some(0.5));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! that we echo; then each volume is a header frame and a data frame (see [`super::wire`]),
 //! answered with `received volIdx N` once it is written to the session folder, or a TR has
 //! passed (or `error volIdx N: …` when refused,
-//! so the sender never hangs). A single-frame string later in the run is a reconnecting sender's
+//! so the sender never hangs). The run's last volume is answered `received volIdx N - STOP`, and
+//! anything sent while the daemon drains `STOP: …`, which pyneal's vendor loops stop on. A single-frame string later in the run is a reconnecting sender's
 //! greeting and is echoed again.
 //!
 //! native (`zmq://`): we bind a PULL socket; any number of senders PUSH header + data frames;
@@ -161,7 +162,12 @@ impl Source for ZmqReceiver {
 
     fn acknowledge(&mut self, ack: Ack<'_>) {
         let text = match (ack, self.last_index) {
-            (Ack::Accepted { index }, _) => format!("received volIdx {index}"),
+            (Ack::Accepted { index, last: false }, _) => format!("received volIdx {index}"),
+            (Ack::Accepted { index, last: true }, _) => format!("received volIdx {index} - STOP"),
+            (Ack::Stopped { index: Some(i) }, _) => {
+                format!("STOP: the run is over; volIdx {i} was not taken")
+            }
+            (Ack::Stopped { index: None }, _) => "STOP: the run is over".to_string(),
             (Ack::Rejected { reason }, Some(i)) => format!("error volIdx {i}: {reason}"),
             (Ack::Rejected { reason }, None) => format!("error: {reason}"),
         };

@@ -279,16 +279,7 @@ impl Pipeline {
             Ok(ep) => ep,
             Err(e) => return Err(vec![e]),
         };
-        for ep in [
-            match &uri {
-                IngestUri::Pyneal(e) | IngestUri::Zmq(e) => Some(e),
-                _ => None,
-            },
-            publish_ep.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for ep in [uri.bound_endpoint(), publish_ep.as_ref()].into_iter().flatten() {
             if ep.is_exposed() {
                 tracing::warn!("{} listens on every interface; reachable from the network", ep.zmq_address());
             }
@@ -521,23 +512,26 @@ impl Pipeline {
         let limits = SourceLimits { max_voxels: cfg.ingest.max_voxels };
         let run = crate::volume::sanitize_run_id(&cfg.ingest.run);
         let stop_after = cfg.ingest.stop_after;
+        // The URI's `?tr=` wins over `ingest.tr`, which wins over the sender's headers.
+        let tr = uri.tr().or(cfg.ingest.tr);
         let recording = handle.session_dir.is_some();
         let m = metrics.clone();
         let s = stop.clone();
         match spawn("ingest", move || match open_source(&uri, limits, &run) {
             Ok(source) => {
                 let _ = ready_tx.send(Ok(source.describe()));
-                ingest_loop(
+                let (source, last_tr) = ingest_loop(
                     source,
                     ingest_tx,
                     recording.then_some(record_tx),
                     &events_tx,
                     &m,
                     &s,
-                    stop_after,
+                    RunOverrides { stop_after, tr },
                 );
                 // Ingest is over: helpers such as the marker reader stop too.
                 s.store(true, Ordering::Release);
+                answer_stop_while_draining(source, last_tr, &m);
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -560,6 +554,12 @@ impl Pipeline {
     }
 }
 
+/// What the configuration imposes on the run over its sender: its length and its TR.
+struct RunOverrides {
+    stop_after: Option<u64>,
+    tr: Option<f64>,
+}
+
 fn ingest_loop(
     mut source: Box<dyn crate::ingest::Source>,
     mut out: EdgeTx<Frame>,
@@ -567,9 +567,10 @@ fn ingest_loop(
     events: &crossbeam_channel::Sender<Event>,
     m: &Metrics,
     stop: &AtomicBool,
-    stop_after: Option<u64>,
-) {
+    RunOverrides { stop_after, tr }: RunOverrides,
+) -> (Box<dyn crate::ingest::Source>, Option<f64>) {
     tracing::info!("ingest: {}", source.describe());
+    let mut last_tr = tr;
     let mut tracker = IndexTracker::default();
     let mut seq = 0u64;
     while !stop.load(Ordering::Acquire) && stop_after.is_none_or(|n| seq < n) {
@@ -588,7 +589,9 @@ fn ingest_loop(
                 tracing::warn!("{text}");
                 source.acknowledge(Ack::Rejected { reason: &text });
             }
-            SourceEvent::Volume(v) => {
+            SourceEvent::Volume(mut v) => {
+                // A configured TR wins over the sender's.
+                v.tr = tr.or(v.tr);
                 let flags = tracker.observe(&v, m);
                 m.received.fetch_add(1, Ordering::Relaxed);
                 let index = v.index;
@@ -604,6 +607,7 @@ fn ingest_loop(
                     None => false,
                 };
                 let tr = volume.tr;
+                last_tr = tr.or(last_tr);
                 let mut stamps = Stamps::default();
                 stamps.set(Boundary::Received, volume.recv_time);
                 stamps.set(Boundary::Ingested, clock::now());
@@ -614,7 +618,9 @@ fn ingest_loop(
                 if recording && source.answers_sender() && !wait_recorded(m, seq + 1, tr.unwrap_or(1.0)) {
                     m.count_error("ack_before_recorded");
                 }
-                source.acknowledge(Ack::Accepted { index });
+                // The last volume's answer tells the sender the run is over.
+                let last = closed || stop.load(Ordering::Acquire) || stop_after.is_some_and(|n| seq + 1 >= n);
+                source.acknowledge(Ack::Accepted { index, last });
                 if closed {
                     break;
                 }
@@ -623,6 +629,25 @@ fn ingest_loop(
         }
     }
     tracing::info!("ingest: stopped after {seq} volumes");
+    (source, last_tr)
+}
+
+/// After the run ends, answers `STOP` to whatever a waiting sender still sends, for one TR and
+/// a half (at most 3 s), so that pyneal's sender stops instead of waiting for a reply forever.
+fn answer_stop_while_draining(mut source: Box<dyn crate::ingest::Source>, tr: Option<f64>, m: &Metrics) {
+    if !source.answers_sender() {
+        return;
+    }
+    let until = clock::now() + (1.5 * tr.unwrap_or(1.0)).clamp(0.5, 3.0);
+    while clock::now() < until {
+        let index = match source.next(POLL) {
+            SourceEvent::Volume(v) => Some(v.index),
+            SourceEvent::Rejected(_) => None,
+            _ => continue,
+        };
+        m.count_error("refused_after_stop");
+        source.acknowledge(Ack::Stopped { index });
+    }
 }
 
 /// Waits until the recorder has finished with `n` volumes, for at most `seconds`; whether it has.

@@ -312,9 +312,10 @@ fn enhanced_tr(obj: &InMemDicomObject) -> Option<f64> {
     grouped(None, shared, MR_TIMING_SEQUENCE, |g| float(g, REPETITION_TIME)).map(|ms| ms / 1000.0)
 }
 
-/// A mosaic image's slices: `n` tiles of `rows/m × cols/m` (`m = ceil(sqrt(n))`), row by row.
-/// DICOM places the mosaic's top-left corner; the first slice's corner is moved in by half the
-/// difference between the mosaic and a tile.
+/// A mosaic image's slices: `n` tiles of `floor(rows/m) × floor(cols/m)` (`m = ceil(sqrt(n))`),
+/// row by row; Siemens pads a side that is not a multiple of `m` at its right and bottom, which
+/// dcm2niix and nibabel skip too. DICOM places the mosaic's top-left corner; the first slice's
+/// corner is moved in by half the difference between the mosaic and a tile.
 fn unmosaic(
     image: SliceImage,
     n: i64,
@@ -326,8 +327,8 @@ fn unmosaic(
         .filter(|n| (1..=4096).contains(n))
         .ok_or(format!("{n} images in a mosaic"))?;
     let m = (1..=n).find(|m| m * m >= n).unwrap_or(n);
-    if image.rows % m != 0 || image.cols % m != 0 {
-        return Err(format!("a {}×{} mosaic does not split into {m}×{m} tiles", image.rows, image.cols));
+    if image.rows < m || image.cols < m {
+        return Err(format!("a {}×{} mosaic is too small for {m}×{m} tiles", image.rows, image.cols));
     }
     let (tr, tc) = (image.rows / m, image.cols / m);
     let shift_c = (image.cols - tc) as f64 / 2.0 * image.spacing[1];

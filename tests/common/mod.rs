@@ -63,6 +63,20 @@ pub fn shared_data(rel: &str) -> PathBuf {
     p
 }
 
+/// A file of the shared third-party peers (`../shared/peers`, or `$MIRAGE_SHARED_PEERS`).
+pub fn shared_peer(rel: &str) -> PathBuf {
+    let root = std::env::var_os("MIRAGE_SHARED_PEERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers"));
+    let p = root.join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: the tests need the shared peers (set MIRAGE_SHARED_PEERS)",
+        p.display()
+    );
+    p
+}
+
 /// `python3` (or `$MIRAGE_PYTHON`) running a script from `tests/python`.
 pub fn python(script: &str) -> Command {
     let py = std::env::var("MIRAGE_PYTHON").unwrap_or_else(|_| "python3".into());

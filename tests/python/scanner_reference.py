@@ -6,12 +6,18 @@
         the shapes, the largest voxel value difference and the largest distance (mm) between the
         world coordinates of the same voxel centre (over the grid's corners). REF may be a
         dcm2niix output or a Philips .PAR (read by nibabel's PARRECImage, display values);
-        --volume K compares OURS's volume K with a 3-D REF.
+        --volume K compares OURS's volume K with a 3-D REF; --slices A:B the values of slices
+        A..B only.
 
     scanner_reference.py enhanced REF.nii OUTDIR
         Writes one Siemens XA-style enhanced (multi-frame) MR DICOM file per volume of REF,
         placing every frame with ImagePositionPatient / ImageOrientationPatient from REF's
         affine, with pydicom.
+
+    scanner_reference.py wheel-series OUTDIR
+        Copies every MR DICOM file that the installed nibabel (nicom test data) and pydicom (test
+        files) wheels ship into OUTDIR/NAME/NAME (gunzipped), one series per folder; prints JSON
+        with each name, manufacturer, transfer syntax and whether it is a mosaic.
 """
 import argparse
 import json
@@ -46,7 +52,8 @@ def compare(args):
         ref = ref[..., 0]
     out = {"ours_shape": list(ours.shape), "ref_shape": list(ref.shape)}
     if ours.shape[:3] == ref.shape[:3] and ours.ndim == ref.ndim:
-        out["max_value_diff"] = float(np.abs(ours - ref).max())
+        a0, b0 = (int(x) for x in args.slices.split(":")) if args.slices else (0, ours.shape[2])
+        out["max_value_diff"] = float(np.abs(ours[:, :, a0:b0] - ref[:, :, a0:b0]).max())
         out["max_value"] = float(np.abs(ref).max())
         n = ours.shape[:3]
         corners = np.array([[i, j, k, 1] for i in (0, n[0] - 1) for j in (0, n[1] - 1) for k in (0, n[2] - 1)]).T
@@ -123,6 +130,49 @@ def enhanced(args):
     print(json.dumps({"files": nt, "frames": nk}))
 
 
+def wheel_series(args):
+    import glob
+    import gzip
+    import shutil
+
+    import pydicom
+
+    roots = [os.path.join(os.path.dirname(nib.__file__), "nicom", "tests", "data"),
+             os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")]
+    found = []
+    for root in roots:
+        for path in sorted(glob.glob(os.path.join(root, "*.dcm")) + glob.glob(os.path.join(root, "*.dcm.gz"))):
+            name = os.path.basename(path).removesuffix(".gz")
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rb") as f:
+                try:
+                    ds = pydicom.dcmread(f, stop_before_pixels=True)
+                except Exception:
+                    continue
+            if ds.get("Modality") != "MR":
+                continue
+            folder = os.path.join(args.outdir, name)
+            os.makedirs(folder, exist_ok=True)
+            with opener(path, "rb") as src, open(os.path.join(folder, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            mosaic = "MOSAIC" in list(ds.get("ImageType", []))
+            # A mosaic whose side is not a multiple of its tile grid (Siemens pads it).
+            padded_grid = None
+            if mosaic:
+                from nibabel.nicom import csareader
+                try:
+                    n = csareader.get_n_mosaic(csareader.get_csa_header(ds))
+                    m = int(np.ceil(np.sqrt(n)))
+                    if int(ds.Rows) % m or int(ds.Columns) % m:
+                        padded_grid = m
+                except Exception:
+                    pass
+            found.append({"name": name, "source": path, "manufacturer": str(ds.get("Manufacturer", "")),
+                          "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
+                          "mosaic": mosaic, "padded_grid": padded_grid})
+    print(json.dumps(found))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -130,11 +180,14 @@ def main():
     c.add_argument("ours")
     c.add_argument("ref")
     c.add_argument("--volume", type=int)
+    c.add_argument("--slices", help="A:B: compare values of canonical slices A..B only")
     e = sub.add_parser("enhanced")
     e.add_argument("ref")
     e.add_argument("outdir")
+    w = sub.add_parser("wheel-series")
+    w.add_argument("outdir")
     args = ap.parse_args()
-    {"compare": compare, "enhanced": enhanced}[args.cmd](args)
+    {"compare": compare, "enhanced": enhanced, "wheel-series": wheel_series}[args.cmd](args)
     return 0
 
 

@@ -1,0 +1,117 @@
+//! pyneal's own scanner-side code, unmodified (`../shared/peers/pyneal`), against the daemon:
+//! its simulated sender, which sends the TR in milliseconds, and its Siemens mosaic processor,
+//! which stops when a reply says `STOP`.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{
+    as_strs, free_port, mirage, published, pyneal_daemon_args, python, run, run_with_timeout, shared_peer,
+    Daemon,
+};
+use mirage_rt::io::session::SessionReader;
+
+/// pyneal's `pynealScanner_sim.py` sending `series` to `port` at `tr_ms`, ENTER pressed.
+fn pyneal_simulated_sender(series: &std::path::Path, port: u16, tr_ms: u32) -> Command {
+    let py = std::env::var("MIRAGE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = shared_peer("pyneal/utils/simulation/pynealScanner_sim.py");
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!("echo | {py} {} -f {} -t {tr_ms} -sp {port}", script.display(), series.display()))
+        .stdin(Stdio::null());
+    c
+}
+
+#[test]
+fn pyneals_simulated_sender_with_its_tr_in_milliseconds_gives_estimable_trial_betas() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 80 volumes at TR 0.5 s with trials every ~8 s: what pyneal's sender replays at 500 ms.
+    let sim = d.join("run");
+    run(mirage()
+        .args(["simulate", "--seed", "4", "--shape", "32,32,20", "--tr", "0.5", "--volumes", "80"])
+        .args(["--set", "motion_mm=0", "--set", "motion_deg=0", "--out"])
+        .arg(&sim));
+    let port = free_port();
+    let session = d.join("s");
+    let events = format!("glm.events=\"{}\"", sim.join("events.tsv").display());
+    let mask = format!("glm.mask=\"{}\"", sim.join("truth/roi_mask.nii.gz").display());
+    let extra = ["--stop-after", "80", "--set", "motion.enabled=false", "--set", &events, "--set", &mask];
+    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(port, "none", &session, &extra)), d);
+    let (status, out) = run_with_timeout(
+        &mut pyneal_simulated_sender(&sim.join("bold.nii.gz"), port, 500),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "pyneal's sender failed:\n{out}\ndaemon log:\n{}", daemon.log());
+    assert!(out.contains("Sent vol: 79"), "{out}");
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+
+    // Its "TR": "500.0" was read as 0.5 s.
+    let rec = SessionReader::open(&session).unwrap();
+    assert_eq!(rec.entries.len(), 80);
+    assert!(rec.entries.iter().all(|e| e.tr == Some(0.5)), "{:?}", rec.entries.first().map(|e| e.tr));
+    // Trials closed during the run with estimable betas.
+    let betas = published(&session, "betas");
+    let live: Vec<&serde_json::Value> = betas.iter().filter(|b| b["at_run_end"] == false).collect();
+    assert!(live.len() >= 3, "{} trials closed live:\n{log}", live.len());
+    assert!(live.iter().all(|b| b["estimable"] == true && b["tr"] == 0.5), "{live:?}");
+}
+
+#[test]
+fn pyneals_siemens_mosaic_processor_stops_on_the_last_volumes_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let session = dir.path().join("s");
+    // Three real mosaics queued one at a time; the daemon's run ends after two.
+    let extra = ["--stop-after", "2", "--set", "motion.enabled=false", "--set", "glm.enabled=false"];
+    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(port, "none", &session, &extra)), dir.path());
+    let (status, out) = run_with_timeout(
+        python("pyneal_siemens_stop.py")
+            .arg(shared_peer("pyneal"))
+            .arg(common::shared_data("pyneal-scanner-formats/Siemens_env/funcData"))
+            .arg(port.to_string()),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "pyneal's processor failed:\n{out}\ndaemon log:\n{}", daemon.log());
+    let report: serde_json::Value =
+        serde_json::from_str(out.lines().find(|l| l.starts_with("{\"mosaics\"")).expect(&out)).unwrap();
+    assert_eq!(report["mosaics"], 3, "{report}");
+    // It stopped by itself on "received volIdx 1 - STOP" and never sent the third.
+    assert_eq!(report["sent"], 2, "{report}");
+    assert_eq!(report["replies"][0], "received volIdx 0", "{report}");
+    assert_eq!(report["replies"][1], "received volIdx 1 - STOP", "{report}");
+    assert_eq!(report["stopped_by_itself"], true, "{report}");
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    assert_eq!(SessionReader::open(&session).unwrap().entries.len(), 2);
+}
+
+#[test]
+fn a_sender_that_goes_on_after_the_run_ends_is_answered_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let session = dir.path().join("s");
+    let extra = ["--stop-after", "1", "--set", "motion.enabled=false", "--set", "glm.enabled=false"];
+    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(port, "none", &session, &extra)), dir.path());
+    let ctx = zmq::Context::new();
+    let s = common::pyneal_socket(&ctx, port);
+    common::pyneal_hello(&s);
+    let header = |i: u64| {
+        serde_json::json!({"volIdx": i, "dtype": "float32", "shape": [2, 2, 2], "affine": "[[1,0,0,0],[0,1,0,0],[0,0,1,0],[0,0,0,1]]", "TR": "0.5"})
+            .to_string()
+    };
+    let payload = [0u8; 32];
+    s.send_multipart([header(0).as_bytes(), &payload[..]], 0).unwrap();
+    assert_eq!(s.recv_string(0).unwrap().unwrap(), "received volIdx 0 - STOP");
+    // A sender that ignores it is not left waiting while the daemon drains.
+    s.send_multipart([header(1).as_bytes(), &payload[..]], 0).unwrap();
+    let reply = s.recv_string(0).unwrap().unwrap();
+    assert!(reply.starts_with("STOP") && reply.contains("volIdx 1"), "{reply}");
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    assert_eq!(SessionReader::open(&session).unwrap().entries.len(), 1);
+    assert!(log.contains("refused_after_stop=1"), "{log}");
+}
