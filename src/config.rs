@@ -107,6 +107,9 @@ pub struct PublishConfig {
     /// Name of the LSL feedback outlet, or `"none"`.
     #[serde(with = "none_string")]
     pub lsl_feedback: Option<String>,
+    /// Seconds to wait at start for a consumer of the feedback outlet, so a client started
+    /// with the daemon misses no sample (0: do not wait).
+    pub lsl_wait_s: f64,
     /// Seconds between `status` messages.
     pub status_interval_s: f64,
     /// Messages queued per subscriber before PUB drops for that subscriber.
@@ -114,6 +117,10 @@ pub struct PublishConfig {
     /// Prometheus endpoint `IP:PORT` serving `GET /metrics`, or `"none"`.
     #[serde(with = "none_string")]
     pub metrics: Option<String>,
+    /// pyneal-style results server `IP:PORT` (a volume's 4-digit index in, one JSON line
+    /// out), or `"none"`.
+    #[serde(with = "none_string")]
+    pub results: Option<String>,
 }
 
 impl Default for PublishConfig {
@@ -121,9 +128,11 @@ impl Default for PublishConfig {
         PublishConfig {
             uri: Some("tcp://127.0.0.1:5560".into()),
             lsl_feedback: Some("mirage-feedback".into()),
+            lsl_wait_s: 0.0,
             status_interval_s: 1.0,
             send_hwm: 1000,
             metrics: None,
+            results: None,
         }
     }
 }
@@ -269,6 +278,9 @@ impl Config {
             }
             Ok(_) => {}
             Err(e) => errors.push(format!("ingest.uri: {e}")),
+        }
+        if !(self.publish.lsl_wait_s.is_finite() && (0.0..=600.0).contains(&self.publish.lsl_wait_s)) {
+            errors.push("publish.lsl_wait_s must be between 0 and 600 seconds".into());
         }
         if self.ingest.tr.is_some_and(|t| !(t.is_finite() && t > 0.0 && t <= crate::ingest::IMPLAUSIBLE_TR_S))
         {

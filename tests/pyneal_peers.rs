@@ -115,3 +115,97 @@ fn a_sender_that_goes_on_after_the_run_ends_is_answered_stop() {
     assert_eq!(SessionReader::open(&session).unwrap().entries.len(), 1);
     assert!(log.contains("refused_after_stop=1"), "{log}");
 }
+
+/// pyneal's `endUser_sim.py` asking the results server for `index`; the dict it prints, as
+/// JSON (it prints Python's repr).
+fn end_user_request(port: u16, index: u64) -> serde_json::Value {
+    let script = shared_peer("pyneal/utils/simulation/endUser_sim.py");
+    let py = std::env::var("MIRAGE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let (status, out) = run_with_timeout(
+        Command::new(py).arg(script).args(["-sp", &port.to_string(), &format!("{index:04}")]),
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "endUser_sim.py failed:\n{out}");
+    let repr = out.lines().skip_while(|l| !l.starts_with("client received")).nth(1).expect(&out);
+    // Python's repr of a dict of numbers, strings, booleans and None, as JSON.
+    let json =
+        repr.replace('\'', "\"").replace("True", "true").replace("False", "false").replace("None", "null");
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {repr}"))
+}
+
+#[test]
+fn pyneals_end_user_gets_each_volumes_results_and_its_trials_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let session = d.join("s");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.toml");
+    let results = format!("127.0.0.1:{port}");
+    let mut daemon = Daemon::start_with_env(
+        &[
+            "--config",
+            config,
+            "--ingest",
+            "sim://?volumes=400&shape=32,32,20&speed=8",
+            "--results",
+            &results,
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--console",
+            "none",
+            "--mode",
+            "decode",
+            "--quiet",
+            "--record",
+            session.to_str().unwrap(),
+        ],
+        d,
+        &[("MIRAGE_CACHE_DIR", &d.join("cache"))],
+    );
+    daemon.wait_for_log("results server at", Duration::from_secs(300));
+    // A volume not yet processed.
+    assert_eq!(end_user_request(port, 399), serde_json::json!({"foundResults": false}));
+    // Wait until a few trials have closed and been decoded, then ask for every volume so far.
+    let last = 40u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while end_user_request(port, last + 4)["foundResults"] != true {
+        assert!(std::time::Instant::now() < deadline, "volume {} never found:\n{}", last + 4, daemon.log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let answers: Vec<serde_json::Value> = (0..=last).map(|i| end_user_request(port, i)).collect();
+    daemon.terminate();
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+
+    // Each answer equals what was published for that volume.
+    let motion = published(&session, "motion");
+    let roi = published(&session, "roi");
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a["foundResults"], true, "volume {i}: {a}");
+        let m = motion.iter().find(|m| m["index"] == i).expect("a motion message");
+        for key in ["trans_x", "trans_y", "trans_z", "rot_x", "rot_y", "rot_z", "framewise_displacement"] {
+            assert_eq!(a[key], m[key], "volume {i} {key}");
+        }
+        let r = roi.iter().find(|r| r["index"] == i).expect("a roi message");
+        assert_eq!(a["visual"], r["rois"][0]["mean"], "volume {i}");
+        assert_eq!(a["visual_psc"], r["rois"][0]["psc"], "volume {i}");
+    }
+    // A volume that closed a trial carries that trial's decode.
+    let decodes = published(&session, "decode");
+    let mut checked = 0;
+    for b in published(&session, "betas").iter().filter(|b| b["at_run_end"] == false) {
+        let i = b["index"].as_u64().unwrap();
+        let Some(dec) = decodes.iter().find(|x| x["trial"] == b["trial"]) else { continue };
+        if i > last {
+            continue;
+        }
+        let a = &answers[i as usize]["decode"];
+        assert_eq!(a["trial"], b["trial"], "volume {i}: {a}");
+        assert_eq!(a["top_id"], dec["top"][0]["id"], "volume {i}");
+        assert_eq!(a["top_score"], dec["top"][0]["score"], "volume {i}");
+        assert_eq!(a["condition"], dec["condition"], "volume {i}");
+        checked += 1;
+    }
+    assert!(checked >= 2, "{checked} trials closed within the first {last} volumes");
+}

@@ -33,6 +33,10 @@ pub struct RunOptions {
     /// Serve Prometheus metrics at IP:PORT (GET /metrics).
     #[arg(long)]
     pub metrics: Option<String>,
+    /// Serve pyneal-style results (a volume's 4-digit index in, one JSON line out) at IP:PORT,
+    /// or `none`.
+    #[arg(long)]
+    pub results: Option<String>,
     /// Serve the operator's console (a web page) at IP:PORT, or `none`.
     #[arg(long)]
     pub console: Option<String>,
@@ -69,6 +73,9 @@ impl RunOptions {
         if let Some(m) = &self.metrics {
             cfg.publish.metrics = (m != "none").then(|| m.clone());
         }
+        if let Some(r) = &self.results {
+            cfg.publish.results = (r != "none").then(|| r.clone());
+        }
         if let Some(c) = &self.console {
             cfg.console.listen = (c != "none").then(|| c.clone());
         }
@@ -104,6 +111,9 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> anyhow::Result<MetricsSnapshot
     }
     if let Some(d) = handle.session_dir() {
         eprintln!("mirage: recording to {}", d.display());
+    }
+    if let Some(addr) = &cfg.publish.results {
+        eprintln!("mirage: results server at {addr} (send a volume index as 4 digits, e.g. 0024)");
     }
     if let Some(addr) = &cfg.console.listen {
         eprintln!("mirage: console at http://{addr}/ (open it in a browser)");

@@ -901,6 +901,9 @@ fn roi_feedback(run: &Run, factor: &Factor) -> Vec<RoiValue> {
     let t = run.rows.len() - 1;
     let p = run.columns.len();
     let raw_row: Vec<f64> = run.columns.iter().map(|c| c.value(&run.rows, t)).collect();
+    // A baseline exists once the fit leaves a residual: before, the model passes through every
+    // volume and the signal change would be 0 by construction.
+    let residual_dof = run.rows.len() as i64 - factor.estimable.iter().filter(|e| **e).count() as i64;
     run.rois
         .iter()
         .map(|roi| {
@@ -917,11 +920,12 @@ fn roi_feedback(run: &Run, factor: &Factor) -> Vec<RoiValue> {
             }
             let beta = factor.solve(&b);
             let baseline = beta[0];
-            let psc = (factor.estimable[0] && baseline.abs() > 1e-12 && mean.is_finite()).then(|| {
-                let nuisance: f64 =
-                    (0..p).filter(|&j| run.columns[j].is_nuisance()).map(|j| raw_row[j] * beta[j]).sum();
-                100.0 * (mean - nuisance - baseline) / baseline
-            });
+            let psc = (residual_dof > 0 && factor.estimable[0] && baseline.abs() > 1e-12 && mean.is_finite())
+                .then(|| {
+                    let nuisance: f64 =
+                        (0..p).filter(|&j| run.columns[j].is_nuisance()).map(|j| raw_row[j] * beta[j]).sum();
+                    100.0 * (mean - nuisance - baseline) / baseline
+                });
             RoiValue { name: roi.name.clone(), mean, psc }
         })
         .collect()

@@ -406,9 +406,17 @@ impl Pipeline {
 
         // Publish first, so subscribers can connect before any volume flows.
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<String, String>>(1);
-        let feedback = cfg.publish.lsl_feedback.clone();
+        let feedback = cfg.publish.lsl_feedback.clone().map(|name| crate::publish::FeedbackOutlet {
+            name,
+            rois: if cfg.glm.enabled {
+                cfg.glm.rois.iter().map(|r| r.name.clone()).collect()
+            } else {
+                Vec::new()
+            },
+            tr: known_tr(cfg, &uri),
+        });
+        let lsl_wait_s = cfg.publish.lsl_wait_s;
         let (hwm, interval) = (cfg.publish.send_hwm, cfg.publish.status_interval_s);
-        let n_rois = if cfg.glm.enabled { cfg.glm.rois.len() } else { 0 };
         let m = metrics.clone();
         let ready = ready_tx.clone();
         let ep = publish_ep.clone();
@@ -426,6 +434,20 @@ impl Pipeline {
             }
             tracing::info!("metrics: http://{addr}/metrics");
         }
+        let results_board = match &cfg.publish.results {
+            Some(addr) => {
+                let listener = crate::publish::results::bind(addr).map_err(|e| vec![e])?;
+                let board = Arc::new(crate::publish::results::ResultsBoard::default());
+                let (b, m, done) = (board.clone(), metrics.clone(), published_all.clone());
+                match spawn("results", move || crate::publish::results::serve(listener, b, m, done)) {
+                    Ok(t) => handle.threads.push(t),
+                    Err(e) => return Err(vec![e]),
+                }
+                tracing::info!("results server: {addr}");
+                Some(board)
+            }
+            None => None,
+        };
         // Set when publish ends, panics or never starts.
         let published_all_flag = SetOnDrop(published_all.clone());
         // The last status waits for the recorder, so that its counts are the final ones.
@@ -438,10 +460,23 @@ impl Pipeline {
         let waker = publish_rx.waker();
         match spawn("publish", move || {
             let _done = published_all_flag;
-            match Publisher::new(ep.as_ref(), hwm, feedback.as_deref(), n_rois, message_log) {
+            match Publisher::new(ep.as_ref(), hwm, feedback.as_ref(), message_log) {
                 Ok(publisher) => {
+                    if let Some(f) = feedback.as_ref().filter(|_| lsl_wait_s > 0.0) {
+                        tracing::info!(
+                            "waiting up to {lsl_wait_s} s for an LSL consumer of {:?} (publish.lsl_wait_s)",
+                            f.name
+                        );
+                        if !publisher.wait_for_feedback_consumer(lsl_wait_s) {
+                            tracing::info!("no LSL consumer of {:?} yet; starting", f.name);
+                        }
+                    }
                     let publisher = match console {
                         Some(feed) => publisher.with_console(feed),
+                        None => publisher,
+                    };
+                    let publisher = match results_board {
+                        Some(board) => publisher.with_results(board),
                         None => publisher,
                     };
                     let _ = ready.send(Ok(String::new()));
@@ -551,6 +586,15 @@ impl Pipeline {
             drop(handle);
             Err(errors)
         }
+    }
+}
+
+/// The repetition time known before any volume: the URI's or the configuration's, or the
+/// simulator's.
+fn known_tr(cfg: &Config, uri: &IngestUri) -> Option<f64> {
+    match uri {
+        IngestUri::Sim { sim, .. } => Some(sim.tr),
+        _ => uri.tr().or(cfg.ingest.tr),
     }
 }
 

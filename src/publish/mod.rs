@@ -14,6 +14,7 @@
 
 pub mod message;
 pub mod prometheus;
+pub mod results;
 
 use serde_json::{json, Map, Value};
 
@@ -195,23 +196,74 @@ pub fn status_message(s: &MetricsSnapshot) -> Message {
     Message { topic: "status", header, payloads: Vec::new() }
 }
 
+/// The LSL feedback outlet: one float32 sample per volume, `volume_index`, `latency_ms`, then
+/// each ROI's percent signal change (`NAME_psc`, NaN until estimable).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeedbackOutlet {
+    /// Stream name (and source id `mirage-NAME`).
+    pub name: String,
+    /// ROI names, one channel each after the first two.
+    pub rois: Vec<String>,
+    /// Repetition time when known before the run (declared as the nominal rate 1/TR).
+    pub tr: Option<f64>,
+}
+
+impl FeedbackOutlet {
+    /// The channels: label, unit and type (XDF / LabRecorder conventions).
+    pub fn channels(&self) -> Vec<(String, &'static str, &'static str)> {
+        let mut c = vec![
+            ("volume_index".to_string(), "index", "Index"),
+            ("latency_ms".to_string(), "milliseconds", "Latency"),
+        ];
+        c.extend(self.rois.iter().map(|r| (format!("{r}_psc"), "percent", "fMRI")));
+        c
+    }
+
+    /// Creates the outlet with its description.
+    fn create(&self) -> Result<lsl::StreamOutlet, PublishError> {
+        let err = |reason: String| PublishError::Lsl { name: self.name.clone(), reason };
+        let channels = self.channels();
+        let rate = self.tr.filter(|t| *t > 0.0).map_or(lsl::IRREGULAR_RATE, |t| 1.0 / t);
+        let mut info = lsl::StreamInfo::new(
+            &self.name,
+            "Feedback",
+            channels.len() as u32,
+            rate,
+            lsl::ChannelFormat::Float32,
+            &format!("mirage-{}", self.name),
+        )
+        .map_err(|e| err(format!("{e:?}")))?;
+        let mut desc = info.desc();
+        let mut list = desc.append_child("channels");
+        for (label, unit, kind) in &channels {
+            let mut ch = list.append_child("channel");
+            ch.append_child_value("label", label);
+            ch.append_child_value("unit", unit);
+            ch.append_child_value("type", kind);
+        }
+        let mut acq = desc.append_child("acquisition");
+        acq.append_child_value("manufacturer", "mirage-rt");
+        acq.append_child_value("version", env!("CARGO_PKG_VERSION"));
+        lsl::StreamOutlet::new(&info, 0, 60).map_err(|e| err(format!("{e:?}")))
+    }
+}
+
 /// The sinks of one pipeline; lives on the publish thread (LSL outlets are not `Send`).
 pub struct Publisher {
     socket: Option<(zmq::Socket, zmq::Context)>,
     outlet: Option<lsl::StreamOutlet>,
     log: Option<MessageLog>,
     console: Option<ConsoleFeed>,
+    results: Option<std::sync::Arc<results::ResultsBoard>>,
     send_errors: u64,
 }
 
 impl Publisher {
-    /// Binds the PUB socket (if any), creates the feedback outlet (if named, with two channels
-    /// plus one per ROI) and opens the log.
+    /// Binds the PUB socket (if any), creates the feedback outlet (if any) and opens the log.
     pub fn new(
         endpoint: Option<&Endpoint>,
         send_hwm: i32,
-        feedback: Option<&str>,
-        n_rois: usize,
+        feedback: Option<&FeedbackOutlet>,
         log: Option<MessageLog>,
     ) -> Result<Publisher, PublishError> {
         let socket = match endpoint {
@@ -228,22 +280,10 @@ impl Publisher {
             None => None,
         };
         let outlet = match feedback {
-            Some(name) => {
-                let err = |reason: String| PublishError::Lsl { name: name.to_string(), reason };
-                let info = lsl::StreamInfo::new(
-                    name,
-                    "Feedback",
-                    2 + n_rois as u32,
-                    lsl::IRREGULAR_RATE,
-                    lsl::ChannelFormat::Float32,
-                    name,
-                )
-                .map_err(|e| err(format!("{e:?}")))?;
-                Some(lsl::StreamOutlet::new(&info, 0, 10).map_err(|e| err(format!("{e:?}")))?)
-            }
+            Some(f) => Some(f.create()?),
             None => None,
         };
-        Ok(Publisher { socket, outlet, log, console: None, send_errors: 0 })
+        Ok(Publisher { socket, outlet, log, console: None, results: None, send_errors: 0 })
     }
 
     /// Also hands every message but volumes to the operator's console.
@@ -252,8 +292,14 @@ impl Publisher {
         self
     }
 
-    /// Sends a message on the PUB socket, logs its header and hands it to the console;
-    /// returns the header sent.
+    /// Also posts every message's results for the results server's clients.
+    pub fn with_results(mut self, board: std::sync::Arc<results::ResultsBoard>) -> Publisher {
+        self.results = Some(board);
+        self
+    }
+
+    /// Sends a message on the PUB socket, logs its header and hands it to the console and the
+    /// results board; returns the header sent.
     pub fn send(&mut self, msg: Message) -> Value {
         let topic = msg.topic;
         // The console scores decodes against the truth, so it takes their payloads too.
@@ -264,6 +310,9 @@ impl Publisher {
         let (header, frames) = msg.into_frames();
         if let Some((feed, payloads)) = for_console {
             feed.push(ConsoleInput { topic, header: header.clone(), payloads });
+        }
+        if let Some(board) = &self.results {
+            board.record(topic, &header);
         }
         if let Some((s, _)) = &self.socket {
             if let Err(e) = s.send_multipart(frames, zmq::DONTWAIT) {
@@ -291,6 +340,15 @@ impl Publisher {
                 self.send_errors += 1;
                 tracing::warn!("publish: feedback outlet: {e:?}");
             }
+        }
+    }
+
+    /// Waits up to `seconds` for a consumer of the feedback outlet (so that a client started
+    /// with the daemon misses no sample); whether one connected.
+    pub fn wait_for_feedback_consumer(&self, seconds: f64) -> bool {
+        match &self.outlet {
+            Some(o) if seconds > 0.0 => o.wait_for_consumers(seconds),
+            _ => true,
         }
     }
 
