@@ -165,6 +165,10 @@ enum Command {
         /// DCT high-pass with this cut-off in seconds (default: the configured drift).
         #[arg(long)]
         highpass: Option<f64>,
+        /// Motion parameters per volume (`mirage realign --params`, an fMRIPrep confounds TSV):
+        /// nuisance regressors, as the live GLM has them.
+        #[arg(long)]
+        motion: Option<PathBuf>,
         /// TOML configuration whose [glm] section sets the model.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -453,14 +457,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             eprintln!("mirage: realigned {} volumes ({failed} without an estimate)", estimates.len());
             Ok(())
         }
-        Command::Glm { input, tr, events, design, out, mask, ar1, highpass, config } => {
+        Command::Glm { input, tr, events, design, out, mask, ar1, highpass, motion, config } => {
             let cfg = commands::load_config(config.as_deref())?;
             let design = match (events, design) {
                 (Some(e), _) => DesignSource::Events(e),
                 (None, Some(d)) => DesignSource::Matrix(d),
                 (None, None) => anyhow::bail!("give --events FILE or --design FILE"),
             };
-            let opts = GlmOptions { tr, design, out, mask, ar1, highpass };
+            let opts = GlmOptions { tr, design, out, mask, ar1, highpass, motion };
             let fit = commands::glm::glm(&input, &opts, &cfg.glm, cfg.ingest.max_voxels)?;
             eprintln!(
                 "mirage: fitted {} regressors on {} voxels; wrote {}",

@@ -243,3 +243,98 @@ fn lsl_markers_from_pylsl_are_placed_on_the_scanner_clock() {
     let status = published(&session, "status");
     assert_eq!(status.last().expect("a status message")["errors"]["bad_marker"], 1);
 }
+
+#[test]
+fn offline_glm_with_the_motion_parameters_reproduces_the_live_estimate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A run with head motion: the live GLM has the six parameters as nuisance regressors.
+    let run = d.join("run");
+    let (status, log) = run_with_timeout(
+        mirage()
+            .args(["simulate", "--volumes", "100", "--shape", "32,32,20", "--seed", "5", "--out"])
+            .arg(&run),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{log}");
+    let mask = run.join("truth/roi_mask.nii.gz");
+    let session = d.join("s");
+    let sp = free_port();
+    let sub = common::Subscriber::connect(sp, "betas");
+    let daemon = Daemon::start(
+        &[
+            "--ingest",
+            &format!("file://{}?speed=max&delay=1", run.join("bold.nii.gz").display()),
+            "--publish",
+            &format!("tcp://127.0.0.1:{sp}"),
+            "--no-lsl",
+            "--record",
+            session.to_str().unwrap(),
+            "--quiet",
+            "--set",
+            &format!("glm.events=\"{}\"", run.join("events.tsv").display()),
+            "--set",
+            &format!("glm.mask=\"{}\"", mask.display()),
+        ],
+        d,
+    );
+    let (status, log) = daemon.wait(Duration::from_secs(120));
+    assert!(status.success(), "{log}");
+    let betas = sub.collect(published(&session, "betas").len(), Duration::from_secs(30));
+    let finals: Vec<_> = betas.iter().filter(|b| b.header["at_run_end"] == true).collect();
+    assert!(finals.len() >= 4, "{log}");
+    // Offline: realign, then fit the realigned series with its parameters.
+    let (realigned, params) = (d.join("realigned.nii.gz"), d.join("params.tsv"));
+    let (status, log) = run_with_timeout(
+        mirage()
+            .arg("realign")
+            .arg(run.join("bold.nii.gz"))
+            .arg("--out")
+            .arg(&realigned)
+            .arg("--params")
+            .arg(&params),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "{log}");
+    let fit = |out: &Path, motion: bool| {
+        let mut cmd = mirage();
+        cmd.arg("glm").arg(&realigned).arg("--events").arg(run.join("events.tsv")).arg("--mask").arg(&mask);
+        cmd.arg("--out").arg(out);
+        if motion {
+            cmd.arg("--motion").arg(&params);
+        }
+        let (status, log) = run_with_timeout(&mut cmd, Duration::from_secs(120));
+        assert!(status.success(), "{log}");
+        let names: Vec<String> = std::fs::read_to_string(out.join("design.tsv"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .split('\t')
+            .map(String::from)
+            .collect();
+        (names, read_nifti(out.join("betas.nii.gz"), 1 << 24).unwrap())
+    };
+    let (names, with_motion) = fit(&d.join("glm-motion"), true);
+    assert!(names.iter().any(|n| n.contains("trans_x")), "{names:?}");
+    let (names_plain, without) = fit(&d.join("glm-plain"), false);
+    // Relative error of each trial's live end-of-run betas against an offline fit.
+    let worst = |names: &[String], offline: &mirage_rt::io::nifti::NiftiImage| {
+        let mut worst = 0f64;
+        for b in &finals {
+            let trial = b.header["trial"].as_u64().unwrap();
+            let col = names.iter().position(|n| *n == format!("trial_{trial:04}")).unwrap();
+            let (voxels, live) = (b.u32_payload("voxels").unwrap(), b.f32_payload("betas").unwrap());
+            let scale = live.iter().fold(0f64, |a, x| a.max(x.abs() as f64));
+            for (v, x) in voxels.iter().zip(&live) {
+                worst = worst.max((*x as f64 - offline.volumes[col][*v as usize] as f64).abs() / scale);
+            }
+        }
+        worst
+    };
+    let e_motion = worst(&names, &with_motion);
+    let e_plain = worst(&names_plain, &without);
+    eprintln!("live vs offline, relative: with --motion {e_motion:.2e}, without {e_plain:.2e}");
+    assert!(e_motion <= 1e-4, "with --motion: {e_motion}");
+    assert!(e_plain > 10.0 * e_motion.max(1e-6), "without --motion the fit should differ: {e_plain}");
+}

@@ -9,6 +9,8 @@ use anyhow::Context;
 use crate::glm::design::read_design;
 use crate::glm::{Drift, FullFit, GlmConfig, GlmEstimator};
 use crate::io::nifti::{NiftiReader, NiftiWriter};
+use crate::motion::rigid::{RigidParams, PARAM_NAMES};
+use crate::motion::MotionEstimate;
 use crate::volume::{sanitize_run_id, Volume};
 
 /// Where the regressors come from.
@@ -35,6 +37,64 @@ pub struct GlmOptions {
     pub ar1: bool,
     /// DCT high-pass cut-off in seconds (else the configured drift).
     pub highpass: Option<f64>,
+    /// Motion parameters per volume (`mirage realign --params`, or an fMRIPrep confounds TSV):
+    /// nuisance regressors as the live GLM has them.
+    pub motion: Option<PathBuf>,
+}
+
+/// Reads the six motion parameters of every volume from a TSV whose header names them
+/// (`trans_x` … `rot_z`, in any column order, other columns ignored); `n/a` rows are `None`.
+pub fn read_motion_tsv(path: &Path) -> anyhow::Result<Vec<Option<MotionEstimate>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("--motion {}", path.display()))?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines.next().map(|h| h.split('\t').map(str::trim).collect()).unwrap_or_default();
+    let cols: Vec<usize> = PARAM_NAMES
+        .iter()
+        .map(|name| {
+            header.iter().position(|h| h == name).with_context(|| {
+                format!(
+                    "--motion {}: no {name} column (want a header naming trans_x … rot_z)",
+                    path.display()
+                )
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    lines
+        .enumerate()
+        .map(|(row, line)| {
+            let cells: Vec<&str> = line.split('\t').map(str::trim).collect();
+            let values: Vec<Option<f64>> = cols
+                .iter()
+                .map(|&c| match cells.get(c) {
+                    Some(&"n/a") => Ok(None),
+                    Some(v) => v.parse::<f64>().ok().filter(|x| x.is_finite()).map(Some).with_context(|| {
+                        format!("--motion {}: row {}: {v:?} is not a number", path.display(), row + 1)
+                    }),
+                    None => anyhow::bail!(
+                        "--motion {}: row {} has {} columns",
+                        path.display(),
+                        row + 1,
+                        cells.len()
+                    ),
+                })
+                .collect::<anyhow::Result<_>>()?;
+            if values.iter().any(Option::is_none) {
+                return Ok(None);
+            }
+            let v: Vec<f64> = values.into_iter().flatten().collect();
+            let params = RigidParams { trans: [v[0], v[1], v[2]], rot: [v[3], v[4], v[5]] };
+            Ok(Some(MotionEstimate {
+                params,
+                matrix: params.matrix(),
+                framewise_displacement: 0.0,
+                fd_exceeded: false,
+                iterations: 0,
+                cost: f64::NAN,
+                converged: true,
+                reference_index: None,
+            }))
+        })
+        .collect()
 }
 
 /// Fits `input` and writes `betas.nii.gz`, `tstats.nii.gz` (one volume per regressor, zero
@@ -48,7 +108,14 @@ pub fn glm(input: &Path, opts: &GlmOptions, base: &GlmConfig, max_voxels: usize)
     let mut cfg = base.clone();
     cfg.tr = Some(tr);
     cfg.ar1 = opts.ar1;
-    cfg.motion_regressors = false;
+    let motion = opts.motion.as_deref().map(read_motion_tsv).transpose()?;
+    if let Some(m) = &motion {
+        if m.len() != n {
+            anyhow::bail!("--motion has {} rows for {n} volumes", m.len());
+        }
+    }
+    // Motion regressors as the live GLM adds them, when the parameters are given.
+    cfg.motion_regressors = motion.is_some() && base.motion_regressors;
     cfg.events = None;
     if let Some(m) = &opts.mask {
         cfg.mask = m.display().to_string();
@@ -90,7 +157,8 @@ pub fn glm(input: &Path, opts: &GlmOptions, base: &GlmConfig, max_voxels: usize)
             acq_time: None,
             recv_time: 0.0,
         };
-        let out = est.process(&v, None, index == 0).with_context(|| format!("volume {index}"))?;
+        let m = motion.as_ref().and_then(|m| m.get(index as usize)).and_then(Option::as_ref);
+        let out = est.process(&v, m, index == 0).with_context(|| format!("volume {index}"))?;
         if out.new_nan_voxels > 0 {
             eprintln!("mirage: volume {index}: {} voxels are NaN and masked out", out.new_nan_voxels);
         }

@@ -118,6 +118,7 @@ fn build(session: &SimConfig, scratch: &Path, progress: bool) -> anyhow::Result<
         mask: Some(mask.clone()),
         ar1: false,
         highpass: None,
+        motion: None,
     };
     glm(&run.join("bold.nii.gz"), &opts, &GlmConfig::default(), session.max_voxels)?;
     pb.inc(1);
