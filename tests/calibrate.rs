@@ -280,8 +280,8 @@ fn calibration_mode_collects_the_protocol_fits_and_switches_without_a_restart() 
         schedule.lines().skip(1).map(|l| l.split('\t').nth(3).unwrap().to_string()).collect();
     let got: Vec<String> = events
         .iter()
-        .filter(|e| e["stim"].is_string())
-        .map(|e| e["stim"].as_str().unwrap().to_string())
+        .filter(|e| e["stim"].is_u64())
+        .map(|e| e["stim"].as_u64().unwrap().to_string())
         .collect();
     assert_eq!(got, cued);
     let done = events.iter().find(|e| e["phase"] == "done").unwrap_or_else(|| panic!("{phases:?}\n{log}"));

@@ -163,3 +163,73 @@ rois = [{ name = "visual", path = "data/truth/roi_mask.nii.gz" }]
     );
     assert!(status.success(), "{out}");
 }
+
+/// The JSON type of a value, integers apart from other numbers.
+fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "bool",
+        serde_json::Value::Number(n) if n.is_u64() || n.is_i64() => "integer",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+#[test]
+fn every_field_of_every_topic_of_a_first_run_has_one_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = dir.path().join("s");
+    let (status, out) = run_with_timeout(
+        mirage().env("MIRAGE_CACHE_DIR", dir.path().join("cache")).args([
+            "run",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.toml"),
+            "--ingest",
+            "sim://?volumes=240&speed=max",
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--console",
+            "none",
+            "--quiet",
+            "--record",
+            session.to_str().unwrap(),
+        ]),
+        Duration::from_secs(600),
+    );
+    assert!(status.success(), "{out}");
+    let log = std::fs::read_to_string(session.join("messages.jsonl")).unwrap();
+    let mut types: std::collections::BTreeMap<(String, String), std::collections::BTreeSet<&'static str>> =
+        Default::default();
+    let mut topics = std::collections::BTreeSet::new();
+    for line in log.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        let topic = m["topic"].as_str().unwrap().to_string();
+        topics.insert(topic.clone());
+        for (key, v) in m["header"].as_object().unwrap() {
+            types.entry((topic.clone(), key.clone())).or_default().insert(json_type(v));
+        }
+        for t in m["header"]["top"].as_array().into_iter().flatten() {
+            assert_eq!(json_type(&t["id"]), "string", "{topic}: top[].id {t}");
+        }
+        for r in m["header"]["rois"].as_array().into_iter().flatten() {
+            assert!(matches!(json_type(&r["psc"]), "number" | "integer" | "null"), "{r}");
+        }
+    }
+    for topic in ["volume", "motion", "roi", "betas", "decode", "calibration", "status"] {
+        assert!(topics.contains(topic), "no {topic} message in a first run: {topics:?}");
+    }
+    for ((topic, key), set) in &types {
+        let mut kinds: Vec<&str> = set.iter().copied().filter(|k| *k != "null").collect();
+        // A float field that happened to be whole is still one type.
+        if kinds == ["integer", "number"] {
+            kinds = vec!["number"];
+        }
+        assert!(kinds.len() <= 1, "{topic}.{key} has types {set:?}");
+        if ["index", "trial", "stim", "seq"].contains(&key.as_str()) {
+            assert!(kinds.is_empty() || kinds == ["integer"], "{topic}.{key} has types {set:?}");
+        }
+    }
+}

@@ -27,8 +27,8 @@ pub struct CalibrationEvent {
     pub needed: usize,
     /// The trial just collected.
     pub trial: Option<u64>,
-    /// Its stimulus.
-    pub stim: Option<String>,
+    /// Its stimulus number (as in `betas` and `decode`; the gallery id is its decimal).
+    pub stim: Option<u64>,
     /// Fit progress: step and most steps of the current phase.
     pub step: Option<(usize, usize)>,
     /// What the fit is doing: closed form, `prepare` (each head's predictions) then `inputs`
@@ -166,7 +166,7 @@ impl LiveCalibration {
         }
         let mut ev = self.event("collecting");
         ev.trial = Some(t.trial);
-        ev.stim = Some(stim);
+        ev.stim = t.stim;
         if self.set.len() == self.protocol.n_trials() {
             let condition = self.set.condition.clone().unwrap_or_default();
             self.set.others = self.others.remove(&condition).unwrap_or_default();
