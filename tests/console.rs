@@ -85,6 +85,9 @@ fn the_first_run_shows_calibration_and_decoding_in_the_browser_and_reports_the_r
     assert!(before["recons_loaded"].as_u64() >= Some(1), "{live}");
     assert!(d.join("console.png").metadata().unwrap().len() > 10_000);
 
+    // Every field of every topic of the first run has one type.
+    common::assert_one_type_per_field(&session);
+
     // The report holds the whole run, and its numbers are the session log's.
     let report = session.join("report.html");
     assert!(log.contains(&format!("mirage: report {}", report.display())), "{log}");

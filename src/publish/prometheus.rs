@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,34 +15,12 @@ const MAX_REQUEST: usize = 8192;
 
 /// Binds `addr` (`HOST:PORT`); the listener is served by [`serve`].
 pub fn bind(addr: &str) -> Result<TcpListener, String> {
-    let sock: std::net::SocketAddr =
-        addr.parse().map_err(|_| format!("metrics address {addr:?}: want IP:PORT, e.g. 127.0.0.1:9464"))?;
-    if !sock.ip().is_loopback() {
-        tracing::warn!("metrics endpoint {sock} is reachable from the network");
-    }
-    let l = TcpListener::bind(sock).map_err(|e| format!("metrics endpoint {sock}: {e}"))?;
-    l.set_nonblocking(true).map_err(|e| format!("metrics endpoint {sock}: {e}"))?;
-    Ok(l)
+    super::listener::bind(addr, "metrics endpoint", "127.0.0.1:9464")
 }
 
 /// Answers scrapes until `done` is set.
 pub fn serve(listener: TcpListener, metrics: Arc<Metrics>, done: Arc<AtomicBool>) {
-    while !done.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(e) = answer(stream, &metrics) {
-                    tracing::debug!("metrics: {e}");
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50))
-            }
-            Err(e) => {
-                tracing::warn!("metrics: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
+    super::listener::serve(listener, "metrics", &done, |stream| answer(stream, &metrics));
 }
 
 fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -117,35 +117,13 @@ impl ResultsBoard {
 
 /// Binds `addr` (`IP:PORT`) for [`serve`].
 pub fn bind(addr: &str) -> Result<TcpListener, String> {
-    let sock: std::net::SocketAddr =
-        addr.parse().map_err(|_| format!("results server {addr:?}: want IP:PORT, e.g. 127.0.0.1:5556"))?;
-    if !sock.ip().is_loopback() {
-        tracing::warn!("results server {sock} is reachable from the network");
-    }
-    let l = TcpListener::bind(sock).map_err(|e| format!("results server {sock}: {e}"))?;
-    l.set_nonblocking(true).map_err(|e| format!("results server {sock}: {e}"))?;
-    Ok(l)
+    super::listener::bind(addr, "results server", "127.0.0.1:5556")
 }
 
 /// Answers requests until `done` is set; a malformed request is answered with an error line
 /// and counted (`results_bad_request`).
 pub fn serve(listener: TcpListener, board: Arc<ResultsBoard>, metrics: Arc<Metrics>, done: Arc<AtomicBool>) {
-    while !done.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if let Err(e) = answer(stream, &board, &metrics) {
-                    tracing::debug!("results server: {e}");
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) => {
-                tracing::warn!("results server: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
+    super::listener::serve(listener, "results server", &done, |stream| answer(stream, &board, &metrics));
 }
 
 /// A request's volume index: four ASCII digits (pyneal's `str(volIdx).zfill(4)`; longer

@@ -357,3 +357,54 @@ pub fn pyneal_hello(s: &zmq::Socket) {
     s.send("hello", 0).unwrap();
     assert_eq!(s.recv_string(0).unwrap().unwrap(), "hello");
 }
+
+/// The JSON type of a value, integers apart from other numbers.
+pub fn json_type(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "bool",
+        serde_json::Value::Number(n) if n.is_u64() || n.is_i64() => "integer",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+/// Checks a session's message log: every header field of every topic has one JSON type (null
+/// where not known yet), indices, trials and stimuli are integers, gallery ids strings, and
+/// every topic of a first run is there.
+pub fn assert_one_type_per_field(session: &Path) {
+    let log = std::fs::read_to_string(session.join("messages.jsonl")).unwrap();
+    let mut types: std::collections::BTreeMap<(String, String), std::collections::BTreeSet<&'static str>> =
+        Default::default();
+    let mut topics = std::collections::BTreeSet::new();
+    for line in log.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        let topic = m["topic"].as_str().unwrap().to_string();
+        topics.insert(topic.clone());
+        for (key, v) in m["header"].as_object().unwrap() {
+            types.entry((topic.clone(), key.clone())).or_default().insert(json_type(v));
+        }
+        for t in m["header"]["top"].as_array().into_iter().flatten() {
+            assert_eq!(json_type(&t["id"]), "string", "{topic}: top[].id {t}");
+        }
+        for r in m["header"]["rois"].as_array().into_iter().flatten() {
+            assert!(matches!(json_type(&r["psc"]), "number" | "integer" | "null"), "{r}");
+        }
+    }
+    for topic in ["volume", "motion", "roi", "betas", "decode", "calibration", "status"] {
+        assert!(topics.contains(topic), "no {topic} message in a first run: {topics:?}");
+    }
+    for ((topic, key), set) in &types {
+        let mut kinds: Vec<&str> = set.iter().copied().filter(|k| *k != "null").collect();
+        // A float field that happened to be whole is still one type.
+        if kinds == ["integer", "number"] {
+            kinds = vec!["number"];
+        }
+        assert!(kinds.len() <= 1, "{topic}.{key} has types {set:?}");
+        if ["index", "trial", "stim", "seq"].contains(&key.as_str()) {
+            assert!(kinds.is_empty() || kinds == ["integer"], "{topic}.{key} has types {set:?}");
+        }
+    }
+}
