@@ -52,6 +52,25 @@ fn simulated_run(dir: &Path, extra: &[&str]) -> (PathBuf, PathBuf) {
     (run, fit)
 }
 
+/// A daemon replaying simulated `run` as fast as it can (after a second for subscribers) into
+/// the GLM with the run's events and ROI mask, publishing on `port` and recording `session`.
+fn replay_daemon(run: &Path, session: &Path, port: u16, extra: &[&str], dir: &Path) -> Daemon {
+    let ingest = format!("file://{}?speed=max&delay=1", run.join("bold.nii.gz").display());
+    let publish = format!("tcp://127.0.0.1:{port}");
+    let events = format!("glm.events=\"{}\"", run.join("events.tsv").display());
+    let mask = format!("glm.mask=\"{}\"", run.join("truth/roi_mask.nii.gz").display());
+    let mut args = vec!["--ingest", &ingest, "--publish", &publish, "--no-lsl", "--record"];
+    args.extend([session.to_str().unwrap(), "--set", &events, "--set", &mask]);
+    args.extend(extra);
+    Daemon::start(&args, dir)
+}
+
+/// The regressor names of an offline fit (`design.tsv`'s header).
+fn design_names(fit: &Path) -> Vec<String> {
+    let design = std::fs::read_to_string(fit.join("design.tsv")).unwrap();
+    design.lines().next().unwrap().split('\t').map(String::from).collect()
+}
+
 fn check(mode: &str, run: &Path, fit: &Path) -> serde_json::Value {
     let (status, out) = run_with_timeout(
         python("check_glm.py").arg(mode).arg(run).arg(fit).arg(run.join("truth/roi_mask.nii.gz")),
@@ -88,26 +107,9 @@ fn online_betas_after_the_last_volume_equal_the_offline_fit() {
     let sub = common::Subscriber::connect(sp, "betas");
     let session = dir.path().join("s");
     let mask = run.join("truth/roi_mask.nii.gz");
-    let daemon = Daemon::start(
-        &[
-            "--ingest",
-            &format!("file://{}?speed=max&delay=1", run.join("bold.nii.gz").display()),
-            "--publish",
-            &format!("tcp://127.0.0.1:{sp}"),
-            "--no-lsl",
-            "--record",
-            session.to_str().unwrap(),
-            "--set",
-            "motion.enabled=false",
-            "--set",
-            &format!("glm.events=\"{}\"", run.join("events.tsv").display()),
-            "--set",
-            &format!("glm.mask=\"{}\"", mask.display()),
-            "--set",
-            &format!("glm.rois=[{{name = \"visual\", path = \"{}\"}}]", mask.display()),
-        ],
-        dir.path(),
-    );
+    let rois = format!("glm.rois=[{{name = \"visual\", path = \"{}\"}}]", mask.display());
+    let daemon =
+        replay_daemon(&run, &session, sp, &["--set", "motion.enabled=false", "--set", &rois], dir.path());
     let events = std::fs::read_to_string(run.join("events.tsv")).unwrap().lines().count() - 1;
     // Each trial twice: when its window closes (if it does before the end) and at the end.
     let msgs = sub.collect(2 * events, Duration::from_secs(60));
@@ -116,14 +118,7 @@ fn online_betas_after_the_last_volume_equal_the_offline_fit() {
     let finals: Vec<_> = msgs.iter().filter(|m| m.header["at_run_end"] == true).collect();
     assert_eq!(finals.len(), events, "{log}");
     let offline = read_nifti(fit.join("betas.nii.gz"), 1 << 24).unwrap();
-    let names: Vec<String> = std::fs::read_to_string(fit.join("design.tsv"))
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .split('\t')
-        .map(String::from)
-        .collect();
+    let names = design_names(&fit);
     for m in finals {
         let trial = m.header["trial"].as_u64().unwrap();
         let col = names.iter().position(|n| *n == format!("trial_{trial:04}")).unwrap();
@@ -261,23 +256,7 @@ fn offline_glm_with_the_motion_parameters_reproduces_the_live_estimate() {
     let session = d.join("s");
     let sp = free_port();
     let sub = common::Subscriber::connect(sp, "betas");
-    let daemon = Daemon::start(
-        &[
-            "--ingest",
-            &format!("file://{}?speed=max&delay=1", run.join("bold.nii.gz").display()),
-            "--publish",
-            &format!("tcp://127.0.0.1:{sp}"),
-            "--no-lsl",
-            "--record",
-            session.to_str().unwrap(),
-            "--quiet",
-            "--set",
-            &format!("glm.events=\"{}\"", run.join("events.tsv").display()),
-            "--set",
-            &format!("glm.mask=\"{}\"", mask.display()),
-        ],
-        d,
-    );
+    let daemon = replay_daemon(&run, &session, sp, &["--quiet"], d);
     let (status, log) = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{log}");
     let betas = sub.collect(published(&session, "betas").len(), Duration::from_secs(30));
@@ -305,15 +284,7 @@ fn offline_glm_with_the_motion_parameters_reproduces_the_live_estimate() {
         }
         let (status, log) = run_with_timeout(&mut cmd, Duration::from_secs(120));
         assert!(status.success(), "{log}");
-        let names: Vec<String> = std::fs::read_to_string(out.join("design.tsv"))
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap()
-            .split('\t')
-            .map(String::from)
-            .collect();
-        (names, read_nifti(out.join("betas.nii.gz"), 1 << 24).unwrap())
+        (design_names(out), read_nifti(out.join("betas.nii.gz"), 1 << 24).unwrap())
     };
     let (names, with_motion) = fit(&d.join("glm-motion"), true);
     assert!(names.iter().any(|n| n.contains("trans_x")), "{names:?}");
