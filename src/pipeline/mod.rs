@@ -498,7 +498,11 @@ impl Pipeline {
 
         let decode: Box<dyn Stage> = match decoding {
             Some((adapter, pool)) => {
-                let (worker_tx, worker_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
+                // Never blocks the volume path: when the worker is this far behind, the newest
+                // trial's decode is dropped and counted (the edge's `dropped`).
+                let (worker_tx, worker_rx) =
+                    edge::<Frame>("decode hand-off", LATE_QUEUE, p.queue_bytes, WhenFull::DropNewest);
+                metrics.add_edge(worker_tx.stats());
                 let m = metrics.clone();
                 let work = move || decode_worker(adapter, worker_rx, late_tx, waker, &m);
                 match spawn("decoder", move || pool.install(work)) {
@@ -745,7 +749,7 @@ fn stage_loop(
 /// of `decode.threads`, which candle's matrix products then use.
 fn decode_worker(
     mut adapter: DecodeStageAdapter,
-    rx: crossbeam_channel::Receiver<Frame>,
+    mut rx: EdgeRx<Frame>,
     tx: crossbeam_channel::Sender<Frame>,
     waker: queue::Waker,
     m: &Metrics,
@@ -763,7 +767,7 @@ fn decode_worker(
     let mut last: Option<Frame> = None;
     loop {
         match rx.recv_timeout(POLL) {
-            Ok(mut frame) => {
+            Recv::Msg(mut frame) => {
                 if let Err(e) = adapter.process(&mut frame) {
                     m.count_error(e.reason);
                     tracing::warn!("volume {}: {e}", frame.volume.index);
@@ -772,12 +776,12 @@ fn decode_worker(
                 last = Some(Frame::end_of_run_after(&frame));
                 send(frame);
             }
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+            Recv::Timeout => {
                 if let Some(f) = last.as_ref().and_then(|l| adapter.idle(l)) {
                     send(f);
                 }
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            Recv::Closed => break,
         }
     }
     if let Some(f) = last.as_ref().and_then(|l| adapter.flush(l)) {

@@ -189,11 +189,11 @@ impl DecodeStageAdapter {
 }
 
 /// The decode stage's place on the volume path: frames go on at once; a copy of each frame
-/// that closes trials goes to the decode worker, whose results reach publish on their own.
-/// Volume feedback never waits for a decode.
+/// that closes trials goes to the decode worker, whose results reach publish on their own; a
+/// full hand-off drops the trial (counted), so volume feedback never waits for a decode.
 pub struct DecodeDispatch {
-    /// The decode worker's input.
-    pub worker: crossbeam_channel::Sender<Frame>,
+    /// The decode worker's input: a bounded edge that drops rather than waits.
+    pub worker: super::queue::EdgeTx<Frame>,
 }
 
 impl Stage for DecodeDispatch {
@@ -206,12 +206,89 @@ impl Stage for DecodeDispatch {
         if has_trials || frame.end_of_run {
             let mut copy = frame.clone();
             copy.glm.iter_mut().for_each(|g| g.roi.clear());
-            self.worker.send(copy).map_err(|_| StageError {
-                stage: "decode",
-                reason: "decode_worker",
-                message: "the decode worker has stopped".into(),
-            })?;
+            match self.worker.push(copy) {
+                Ok(()) => {}
+                Err(super::queue::PushError::Dropped) => {
+                    return Err(StageError {
+                        stage: "decode",
+                        reason: "decode_dropped",
+                        message:
+                            "the decode worker is a full queue behind: this frame's trials are not decoded"
+                                .into(),
+                    })
+                }
+                Err(super::queue::PushError::Closed) => {
+                    return Err(StageError {
+                        stage: "decode",
+                        reason: "decode_worker",
+                        message: "the decode worker has stopped".into(),
+                    })
+                }
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::glm::{GlmOutput, TrialBetas};
+    use crate::pipeline::queue::{edge, Recv, WhenFull};
+
+    fn frame_with_trial(trial: u64) -> Frame {
+        let volume = crate::volume::Volume {
+            data: vec![0.0; 8],
+            dims: [2, 2, 2],
+            affine: [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
+            index: trial,
+            run: "r".into(),
+            tr: Some(1.0),
+            acq_time: None,
+            recv_time: 0.0,
+        };
+        let mut f = Frame::new(trial, Arc::new(volume), Default::default(), Default::default());
+        let t = TrialBetas {
+            run: "r".into(),
+            trial,
+            stim: Some(1),
+            condition: "seen".into(),
+            onset: 0.0,
+            duration: 1.0,
+            n_volumes: 1,
+            estimable: true,
+            at_run_end: false,
+            betas: vec![1.0; 8],
+            voxels: (0..8).collect(),
+        };
+        f.glm = Some(GlmOutput { trials: vec![t], ..Default::default() });
+        f
+    }
+
+    #[test]
+    fn the_decode_hand_off_drops_and_counts_rather_than_waits() {
+        let (tx, mut rx) = edge::<Frame>("decode hand-off", 2, 1 << 20, WhenFull::DropNewest);
+        let stats = tx.stats();
+        let mut dispatch = DecodeDispatch { worker: tx };
+        // Nobody decodes: two frames fit, the rest are refused at once, never waited for.
+        let start = std::time::Instant::now();
+        let results: Vec<_> = (0..5).map(|i| dispatch.process(&mut frame_with_trial(i))).collect();
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        assert!(results[..2].iter().all(Result::is_ok));
+        assert!(results[2..].iter().all(|r| r.as_ref().is_err_and(|e| e.reason == "decode_dropped")));
+        assert_eq!(stats.dropped.load(std::sync::atomic::Ordering::Relaxed), 3);
+        // The worker then gets the two that fit, in order; a frame without trials is not handed over.
+        for want in 0..2 {
+            match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                Recv::Msg(f) => assert_eq!(f.glm.unwrap().trials[0].trial, want),
+                other => panic!("{other:?}"),
+            }
+        }
+        let mut empty = frame_with_trial(9);
+        empty.glm = None;
+        assert!(dispatch.process(&mut empty).is_ok());
+        assert!(matches!(rx.recv_timeout(std::time::Duration::from_millis(50)), Recv::Timeout));
     }
 }
