@@ -49,6 +49,13 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// A request to the results server (a client's bytes), then the board's answer to it.
+pub fn results_request(data: &[u8]) {
+    if let Ok(index) = crate::publish::results::parse_request(data) {
+        let _ = crate::publish::results::ResultsBoard::default().lookup(index);
+    }
+}
+
 /// An ingest or publish URI.
 pub fn uri(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
@@ -67,7 +74,7 @@ pub fn nifti_header(data: &[u8]) {
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("wire_message", wire_message),
     ("lsl_geometry", lsl_geometry),
     ("marker", marker),
@@ -75,4 +82,5 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("config", config),
     ("uri", uri),
     ("nifti_header", nifti_header),
+    ("results_request", results_request),
 ];
