@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use mirage_rt::calibrate::{transfer, CalibrateConfig, CalibrationSet};
 use mirage_rt::decode::model::Decoder;
 use mirage_rt::decode::synthetic::{self, MIRAGE_HEADS};
-use mirage_rt::sim::rng::Rng;
+use mirage_rt::rng::Rng;
 
 const VOXELS: usize = 15_724;
 const STIMULI: usize = 12;

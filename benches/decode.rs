@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use mirage_rt::decode::model::Decoder;
 use mirage_rt::decode::synthetic::{self, MIRAGE_HEADS};
 use mirage_rt::decode::{DecodeConfig, DecodeStage, WeightDtype};
-use mirage_rt::sim::rng::Rng;
+use mirage_rt::rng::Rng;
 
 const VOXELS: usize = 15_724;
 /// nsdgeneral's size on a 3 mm grid (64×64×36).

@@ -21,6 +21,7 @@ pub mod io;
 pub mod motion;
 pub mod pipeline;
 pub mod publish;
+pub mod rng;
 pub mod scanner;
 pub mod sender;
 pub mod sim;

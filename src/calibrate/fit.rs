@@ -16,7 +16,7 @@ use super::head::{apply, AlignmentHead};
 use super::{CalibrateConfig, CalibrateError, CalibrationSet, HeadLoss, Progress};
 use crate::decode::metrics::two_way;
 use crate::decode::model::Decoder;
-use crate::sim::rng::Rng;
+use crate::rng::Rng;
 
 /// What a fit produced and how it went.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor};
 
 use super::CalibrateError;
 use crate::decode::model::{read_f32_tensor, write_f32_safetensors, Decoder};
-use crate::sim::rng::Rng;
+use crate::rng::Rng;
 
 /// Format tag in every alignment file's metadata.
 pub const FORMAT: &str = "mirage-alignment/1";

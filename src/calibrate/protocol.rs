@@ -15,7 +15,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::CalibrateError;
-use crate::sim::rng::Rng;
+use crate::rng::Rng;
 
 /// Order of the cues.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1032,7 +1032,7 @@ mod tests {
     use crate::calibrate::head::Adapter;
     use crate::decode::metrics::two_way;
     use crate::decode::train::{train, Targets, TrainOptions};
-    use crate::sim::rng::Rng;
+    use crate::rng::Rng;
 
     const V: usize = 300;
     const D: usize = 8;

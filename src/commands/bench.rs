@@ -19,7 +19,7 @@ use crate::decode::train::{write_model, NamedTensor};
 use crate::ingest::Speed;
 use crate::pipeline::Pipeline;
 use crate::publish::message::Received;
-use crate::sim::rng::Rng;
+use crate::rng::Rng;
 use crate::sim::Simulator;
 
 /// How volumes reach the daemon.

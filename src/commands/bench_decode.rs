@@ -15,7 +15,7 @@ use crate::decode::model::{device, Decoder};
 use crate::decode::synthetic::{gallery_of_outputs, random_decoder, to_device, trial, MIRAGE_HEADS};
 use crate::decode::{DecodeConfig, DecodeStage, WeightDtype};
 use crate::pipeline::metrics::LatencySummary;
-use crate::sim::rng::Rng;
+use crate::rng::Rng;
 
 /// `mirage bench-decode` options.
 #[derive(Clone, Debug)]

@@ -478,7 +478,7 @@ mod tests {
     use candle_nn::VarBuilder;
 
     use crate::decode::model::{FusionConfig, HeadConfig, ModelConfig, FORMAT};
-    use crate::sim::rng::Rng;
+    use crate::rng::Rng;
 
     const VOXELS: usize = 300;
 

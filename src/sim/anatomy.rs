@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use super::rng::Rng;
 use super::stimuli::SmoothField;
 use super::SimError;
 use crate::io::nifti::read_nifti;
 use crate::motion::rigid::{affine_inverse, mat_mul, resample_trilinear};
+use crate::rng::Rng;
 use crate::volume::{Affine, IDENTITY_AFFINE};
 
 /// Robust maximum (99th percentile of non-zero voxels) every anatomy is scaled to.

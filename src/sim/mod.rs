@@ -14,7 +14,6 @@
 //! term is written beside the data by [`Simulator::write_run`], so each stage can be checked.
 
 pub mod anatomy;
-pub mod rng;
 pub mod stimuli;
 mod truth;
 
@@ -23,11 +22,11 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use self::anatomy::{world_of, Anatomy};
-use self::rng::Rng;
 use self::stimuli::{EncodingModel, EncodingParams, Stimuli, TrialCondition};
 use crate::glm::hrf::boxcar_response;
 use crate::motion::bspline;
 use crate::motion::rigid::{affine_inverse, mat_mul, RigidParams};
+use crate::rng::Rng;
 use crate::volume::{sanitize_run_id, Affine, Volume};
 
 /// Why a simulation could not be set up.

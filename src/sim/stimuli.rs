@@ -1,7 +1,7 @@
 //! Simulated stimuli (small grayscale pictures with semantic embeddings) and the voxel
 //! encoding model that turns a stimulus into a response amplitude in each ROI voxel.
 
-use super::rng::Rng;
+use crate::rng::Rng;
 
 /// The stimulus set: picture `s` is `pictures[s]` (`size × size`, row-major, values in [0, 1]).
 #[derive(Clone, Debug)]
