@@ -151,9 +151,8 @@ pub fn decode_message(d: &Decoded) -> Message {
         "heads".into(),
         json!(d.heads.iter().map(|(n, s, _)| json!({"name": n, "shape": s})).collect::<Vec<_>>()),
     );
-    if !d.latents.is_empty() {
-        header.insert("latents".into(), json!(d.latents.iter().map(|(n, _)| n).collect::<Vec<_>>()));
-    }
+    // Always present (empty unless `decode.latent_heads` names heads): one schema per topic.
+    header.insert("latents".into(), json!(d.latents.iter().map(|(n, _)| n).collect::<Vec<_>>()));
     header.insert("device".into(), json!(d.device));
     header.insert("alignment".into(), json!(d.alignment));
     header.insert("latency_ms".into(), json!(d.latency_ms));
