@@ -196,22 +196,7 @@ impl Alignment {
     /// Reads an alignment from `path` and checks that it was fitted for `decoder`.
     pub fn load(path: &Path, decoder: &Decoder) -> Result<Alignment, CalibrateError> {
         let err = |m: String| CalibrateError::Head(format!("{}: {m}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(e.to_string()))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        if meta.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(err(format!("not a calibrated alignment (format {:?})", meta.get("format"))));
-        }
-        let fingerprint = decoder.fingerprint();
-        match meta.get("model") {
-            Some(m) if *m == fingerprint => {}
-            Some(m) => {
-                return Err(err(format!(
-                    "fitted for model {m}, this model is {fingerprint}; calibrate again with this model"
-                )))
-            }
-            None => return Err(err("no model fingerprint".into())),
-        }
+        let (bytes, meta) = super::read_fitted(path, decoder, FORMAT, "a calibrated alignment")?;
         let input = meta
             .get("input")
             .and_then(|s| InputNorm::parse(s))
@@ -271,6 +256,15 @@ impl Alignment {
         }
         let report = meta.get("report").and_then(|f| serde_json::from_str(f).ok()).unwrap_or_default();
         let condition = meta.get("condition").cloned();
-        Ok(Alignment { input, run_mean, run_std, modes, adjusts, condition, model: fingerprint, report })
+        Ok(Alignment {
+            input,
+            run_mean,
+            run_std,
+            modes,
+            adjusts,
+            condition,
+            model: decoder.fingerprint(),
+            report,
+        })
     }
 }

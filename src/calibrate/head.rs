@@ -123,23 +123,8 @@ impl AlignmentHead {
     /// Reads a head from `path` and checks that it was fitted for `decoder`.
     pub fn load(path: &Path, decoder: &Decoder) -> Result<AlignmentHead, CalibrateError> {
         let err = |m: String| CalibrateError::Head(format!("{}: {m}", path.display()));
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(e.to_string()))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        if meta.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(err(format!("not an alignment head (format {:?})", meta.get("format"))));
-        }
+        let (bytes, meta) = super::read_fitted(path, decoder, FORMAT, "an alignment head")?;
         let n = decoder.cfg.n_voxels;
-        let fingerprint = decoder.fingerprint();
-        match meta.get("model") {
-            Some(m) if *m == fingerprint => {}
-            Some(m) => {
-                return Err(err(format!(
-                    "fitted for model {m}, this model is {fingerprint}; calibrate again with this model"
-                )))
-            }
-            None => return Err(err("no model fingerprint".into())),
-        }
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
         let read = |name: &str, shape: &[usize]| -> Result<Tensor, CalibrateError> {
             let (got, values) = read_f32_tensor(&st, name).map_err(err)?;
@@ -159,7 +144,7 @@ impl AlignmentHead {
             offset: read("align.offset", &[n])?,
             u: read("align.u", &[n, r])?,
             v: read("align.v", &[n, r])?,
-            model: fingerprint,
+            model: decoder.fingerprint(),
             fit,
         })
     }

@@ -123,6 +123,31 @@ impl CalibrationSet {
     }
 }
 
+/// Reads a fitted file (`format`, named `what` in errors) and checks that it was fitted for
+/// `decoder`: its bytes and its safetensors metadata.
+pub(crate) fn read_fitted(
+    path: &std::path::Path,
+    decoder: &crate::decode::model::Decoder,
+    format: &str,
+    what: &str,
+) -> Result<(Vec<u8>, std::collections::HashMap<String, String>), CalibrateError> {
+    let err = |m: String| CalibrateError::Head(format!("{}: {m}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(e.to_string()))?;
+    let meta = meta.metadata().clone().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some(format) {
+        return Err(err(format!("not {what} (format {:?})", meta.get("format"))));
+    }
+    let fingerprint = decoder.fingerprint();
+    match meta.get("model") {
+        Some(m) if *m == fingerprint => Ok((bytes, meta)),
+        Some(m) => Err(err(format!(
+            "fitted for model {m}, this model is {fingerprint}; calibrate again with this model"
+        ))),
+        None => Err(err("no model fingerprint".into())),
+    }
+}
+
 /// One step of a fit, for progress reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct Progress {

@@ -552,7 +552,7 @@ impl Pipeline {
         let run = crate::volume::sanitize_run_id(&cfg.ingest.run);
         let stop_after = cfg.ingest.stop_after;
         // The URI's `?tr=` wins over `ingest.tr`, which wins over the sender's headers.
-        let tr = uri.tr().or(cfg.ingest.tr);
+        let tr = configured_tr(cfg, &uri);
         let recording = handle.session_dir.is_some();
         let m = metrics.clone();
         let s = stop.clone();
@@ -593,13 +593,18 @@ impl Pipeline {
     }
 }
 
-/// The repetition time known before any volume: the URI's or the configuration's, or the
-/// simulator's.
+/// The TR the configuration sets over the sender's headers: the URI's `?tr=`, else `ingest.tr`.
+fn configured_tr(cfg: &Config, uri: &IngestUri) -> Option<f64> {
+    uri.tr().or(cfg.ingest.tr)
+}
+
+/// The repetition time known before any volume: the configured one, else the simulator's.
 fn known_tr(cfg: &Config, uri: &IngestUri) -> Option<f64> {
-    match uri {
+    let sim = match uri {
         IngestUri::Sim { sim, .. } => Some(sim.tr),
-        _ => uri.tr().or(cfg.ingest.tr),
-    }
+        _ => None,
+    };
+    configured_tr(cfg, uri).or(sim)
 }
 
 /// What the configuration imposes on the run over its sender: its length and its TR.

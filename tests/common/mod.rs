@@ -49,32 +49,24 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
+/// `rel` under `../shared/FOLDER` (or the folder `$VAR` names), which must exist.
+fn shared(folder: &str, var: &str, what: &str, rel: &str) -> PathBuf {
+    let root = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared").join(folder));
+    let p = root.join(rel);
+    assert!(p.exists(), "{} is missing: the tests need the shared {what} (set {var})", p.display());
+    p
+}
+
 /// A file under the shared real-data folder (`../shared/data`, or `$MIRAGE_SHARED_DATA`).
 pub fn shared_data(rel: &str) -> PathBuf {
-    let root = std::env::var_os("MIRAGE_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data"));
-    let p = root.join(rel);
-    assert!(
-        p.exists(),
-        "{} is missing: the tests need the shared real data (set MIRAGE_SHARED_DATA)",
-        p.display()
-    );
-    p
+    shared("data", "MIRAGE_SHARED_DATA", "real data", rel)
 }
 
 /// A file of the shared third-party peers (`../shared/peers`, or `$MIRAGE_SHARED_PEERS`).
 pub fn shared_peer(rel: &str) -> PathBuf {
-    let root = std::env::var_os("MIRAGE_SHARED_PEERS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers"));
-    let p = root.join(rel);
-    assert!(
-        p.exists(),
-        "{} is missing: the tests need the shared peers (set MIRAGE_SHARED_PEERS)",
-        p.display()
-    );
-    p
+    shared("peers", "MIRAGE_SHARED_PEERS", "peers", rel)
 }
 
 /// `python3` (or `$MIRAGE_PYTHON`) running a script from `tests/python`.
