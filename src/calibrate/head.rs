@@ -319,8 +319,13 @@ mod tests {
 
     /// A two-head model of 6 voxels with random weights.
     fn decoder() -> Decoder {
+        decoder_seeded(3)
+    }
+
+    /// The same model shape with the weights of `seed`.
+    fn decoder_seeded(seed: u64) -> Decoder {
         let dev = Device::Cpu;
-        let mut rng = Rng::new(3, 1);
+        let mut rng = Rng::new(seed, 1);
         let mut t = |shape: &[usize]| {
             let n: usize = shape.iter().product();
             Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>(), shape, &dev).unwrap()
@@ -363,6 +368,13 @@ mod tests {
         let back = AlignmentHead::load(&path, &dec).unwrap();
         assert_eq!(back.v.to_vec2::<f32>().unwrap(), head.v.to_vec2::<f32>().unwrap());
         assert_eq!((back.rank(), back.n_voxels()), (2, 6));
+        // Another model, or a file of another kind, is refused with the reason.
+        let other = AlignmentHead::load(&path, &decoder_seeded(4)).unwrap_err().to_string();
+        assert!(other.contains("calibrate again with this model"), "{other}");
+        let foreign = dir.path().join("x.safetensors");
+        crate::decode::model::write_f32_safetensors(&foreign, &[("x", vec![1], &[0.0])], None).unwrap();
+        let foreign = AlignmentHead::load(&foreign, &dec).unwrap_err().to_string();
+        assert!(foreign.contains("not an alignment head"), "{foreign}");
     }
 
     #[test]
