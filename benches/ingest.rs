@@ -6,11 +6,11 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use mirage_rt::frame::{Frame, IngestFlags, Stamps};
 use mirage_rt::ingest::wire::{decode_volume, encode_volume, parse_header, Dialect};
 use mirage_rt::io::session::{SessionWriter, SyncPolicy};
-use mirage_rt::pipeline::frame::{Frame, IngestFlags, Stamps};
-use mirage_rt::pipeline::queue::{edge, Recv, WhenFull};
 use mirage_rt::publish::volume_message;
+use mirage_rt::queue::{edge, Recv, WhenFull};
 use mirage_rt::volume::Volume;
 
 const GRIDS: [[usize; 3]; 2] = [[64, 64, 36], [81, 104, 83]];

@@ -13,7 +13,7 @@ use crate::glm::GlmConfig;
 use crate::ingest::uri::{parse_publish_uri, IngestUri};
 use crate::io::session::SyncPolicy;
 use crate::motion::MotionConfig;
-use crate::pipeline::queue::WhenFull;
+use crate::queue::WhenFull;
 use crate::sim::SimConfig;
 
 /// Everything `mirage run` needs.

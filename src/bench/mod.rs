@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::pipeline::frame::STAGES;
-use crate::pipeline::metrics::{LatencySummary, MetricsSnapshot};
-use crate::publish::message::Received;
+use crate::frame::STAGES;
+use crate::message::Received;
+use crate::metrics::{LatencySummary, MetricsSnapshot};
 
 /// One `volume` message as the subscriber received it.
 #[derive(Clone, Debug, Serialize)]
@@ -63,43 +63,6 @@ pub fn std_dev(ms: &[f64]) -> f64 {
     }
     let mean = v.iter().sum::<f64>() / v.len() as f64;
     (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
-}
-
-/// CPU time of threads that have ended (tid → name, ms), noted by [`note_thread_end`].
-static ENDED: std::sync::Mutex<BTreeMap<u64, (String, f64)>> = std::sync::Mutex::new(BTreeMap::new());
-
-/// Notes the calling thread's CPU time as it ends, so that [`thread_cpu_ms`] still reports a
-/// thread that exits between two samples of a short run.
-pub fn note_thread_end() {
-    // SAFETY: gettid has no preconditions; clock_gettime writes into the zeroed struct we own.
-    let tid = unsafe { libc::gettid() } as u64;
-    let mut t: libc::timespec = unsafe { std::mem::zeroed() };
-    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
-        return;
-    }
-    let name = std::thread::current().name().unwrap_or("").chars().take(15).collect();
-    let ms = t.tv_sec as f64 * 1e3 + t.tv_nsec as f64 / 1e6;
-    ENDED.lock().unwrap_or_else(|e| e.into_inner()).insert(tid, (name, ms));
-}
-
-/// CPU time (user + system, ms) of this process's threads by name, read from `/proc`, and of
-/// the threads that noted their end.
-pub fn thread_cpu_ms() -> BTreeMap<u64, (String, f64)> {
-    let mut out = ENDED.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
-    for entry in dir.flatten() {
-        let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse::<u64>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
-        let name = stat[open + 1..close].to_string();
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // After the name: state is field 3, utime field 14 and stime field 15 (1-based).
-        let get = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-        out.entry(tid).or_insert((name, (get(14) + get(15)) / ticks * 1e3));
-    }
-    out
 }
 
 /// Process CPU time (user + system) so far, ms, including threads that have exited.
@@ -164,7 +127,7 @@ pub struct BenchReport {
     /// Volumes sent, received by the daemon, recorded, published, received by the subscriber.
     pub counts: BTreeMap<String, u64>,
     /// Largest queue depth and drops per edge.
-    pub queues: Vec<crate::pipeline::metrics::QueueSnapshot>,
+    pub queues: Vec<crate::metrics::QueueSnapshot>,
     /// Errors by reason.
     pub errors: BTreeMap<String, u64>,
     /// CPU time per volume, ms: the whole process and each named thread.

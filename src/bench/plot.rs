@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use super::BenchReport;
-use crate::pipeline::frame::STAGES;
+use crate::frame::STAGES;
 
 const W: f64 = 900.0;
 const H: f64 = 620.0;

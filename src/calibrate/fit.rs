@@ -12,8 +12,8 @@ use candle_core::{Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use serde::Serialize;
 
-use super::head::{apply, AlignmentHead};
 use super::{CalibrateConfig, CalibrateError, CalibrationSet, HeadLoss, Progress};
+use crate::decode::align::head::{apply, AlignmentHead};
 use crate::decode::metrics::two_way;
 use crate::decode::model::Decoder;
 use crate::rng::Rng;

@@ -2,13 +2,12 @@
 //! trained on seen images works on this participant's imagery today.
 //!
 //! [`transfer`] is the default fit: closed form, cross-validated over stimuli and guarded, its
-//! result an [`align::Alignment`]. [`fit`] is the older gradient fit of a voxel-space head
-//! ([`head`], with the adapters that sit before the heads), kept as `calibrate.method =
-//! "gradient"`; [`protocol`] reads the cue schedules of `calibration/*.toml`.
+//! result an [`Alignment`](crate::decode::align::Alignment). [`fit`](mod@fit) is the older gradient fit
+//! of a voxel-space head ([`AlignmentHead`](crate::decode::align::AlignmentHead)), kept as
+//! `calibrate.method = "gradient"`; [`protocol`] reads the cue schedules of
+//! `calibration/*.toml`. What they fit is read, written and applied by `crate::decode::align`.
 
-pub mod align;
 pub mod fit;
-pub mod head;
 pub mod protocol;
 pub mod transfer;
 
@@ -33,6 +32,16 @@ pub enum CalibrateError {
     /// A tensor operation failed.
     #[error("calibrate: {0}")]
     Compute(String),
+}
+
+impl From<crate::decode::align::AlignError> for CalibrateError {
+    fn from(e: crate::decode::align::AlignError) -> CalibrateError {
+        use crate::decode::align::AlignError;
+        match e {
+            AlignError::File(m) => CalibrateError::Head(m),
+            AlignError::Compute(m) => CalibrateError::Compute(m),
+        }
+    }
 }
 
 impl CalibrateError {
@@ -123,31 +132,6 @@ impl CalibrationSet {
     }
 }
 
-/// Reads a fitted file (`format`, named `what` in errors) and checks that it was fitted for
-/// `decoder`: its bytes and its safetensors metadata.
-pub(crate) fn read_fitted(
-    path: &std::path::Path,
-    decoder: &crate::decode::model::Decoder,
-    format: &str,
-    what: &str,
-) -> Result<(Vec<u8>, std::collections::HashMap<String, String>), CalibrateError> {
-    let err = |m: String| CalibrateError::Head(format!("{}: {m}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| err(e.to_string()))?;
-    let meta = meta.metadata().clone().unwrap_or_default();
-    if meta.get("format").map(String::as_str) != Some(format) {
-        return Err(err(format!("not {what} (format {:?})", meta.get("format"))));
-    }
-    let fingerprint = decoder.fingerprint();
-    match meta.get("model") {
-        Some(m) if *m == fingerprint => Ok((bytes, meta)),
-        Some(m) => Err(err(format!(
-            "fitted for model {m}, this model is {fingerprint}; calibrate again with this model"
-        ))),
-        None => Err(err("no model fingerprint".into())),
-    }
-}
-
 /// One step of a fit, for progress reports.
 #[derive(Clone, Debug, Serialize)]
 pub struct Progress {
@@ -172,6 +156,39 @@ impl Progress {
     }
 }
 
+/// One `calibration` message: where calibration stands.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CalibrationEvent {
+    /// `collecting`, `fitting`, `done`, `failed` or `incomplete` (the run ended first).
+    pub phase: &'static str,
+    /// Calibration trials collected so far.
+    pub collected: usize,
+    /// Trials the protocol cues.
+    pub needed: usize,
+    /// The trial just collected.
+    pub trial: Option<u64>,
+    /// Its stimulus number (as in `betas` and `decode`; the gallery id is its decimal).
+    pub stim: Option<u64>,
+    /// Fit progress: step and most steps of the current phase.
+    pub step: Option<(usize, usize)>,
+    /// What the fit is doing: closed form, `prepare` (each head's predictions) then `inputs`
+    /// (each input candidate's pipeline, the heads' corrections included); gradient, `fold k/n`
+    /// (choosing the step count on held-out stimuli; each fold counts its steps from 1) or
+    /// `refit`.
+    pub fit_stage: Option<String>,
+    /// Current training loss.
+    pub loss: Option<f64>,
+    /// Current held-out loss.
+    pub heldout_loss: Option<f64>,
+    /// The finished fit: what was kept and its held-out estimates (closed form), or the
+    /// gradient fit's losses.
+    pub report: Option<FitSummary>,
+    /// Where the alignment was saved.
+    pub path: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
 /// Which fit calibration runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -179,7 +196,7 @@ pub enum Method {
     /// Closed form, cross-validated over stimuli and guarded ([`transfer`]).
     #[default]
     ClosedForm,
-    /// The gradient fit of a voxel-space head ([`fit`]).
+    /// The gradient fit of a voxel-space head ([`fit`](mod@fit)).
     Gradient,
 }
 
@@ -200,15 +217,15 @@ pub fn fit(
     set: &CalibrationSet,
     cfg: &CalibrateConfig,
     progress: &mut dyn FnMut(&Progress),
-) -> Result<(head::Adapter, FitSummary), CalibrateError> {
+) -> Result<(crate::decode::align::Adapter, FitSummary), CalibrateError> {
     match cfg.method {
         Method::ClosedForm => {
             let (a, r) = transfer::fit(decoder, set, cfg, progress)?;
-            Ok((head::Adapter::Calibrated(a), FitSummary::ClosedForm(r)))
+            Ok((crate::decode::align::Adapter::Calibrated(a), FitSummary::ClosedForm(r)))
         }
         Method::Gradient => {
             let (h, r) = fit::fit(decoder, set, cfg, progress)?;
-            Ok((head::Adapter::Head(h), FitSummary::Gradient(r)))
+            Ok((crate::decode::align::Adapter::Head(h), FitSummary::Gradient(r)))
         }
     }
 }
@@ -233,7 +250,7 @@ pub struct CalibrateConfig {
     /// Input normalisations tried; the first (centring on the run's mean) is the baseline kept
     /// unless another reliably wins. `zscore-run` is not a default: its spread includes the
     /// held-out trials, which makes its cross-validated score optimistic.
-    pub inputs: Vec<align::InputNorm>,
+    pub inputs: Vec<crate::decode::align::InputNorm>,
     /// Numbers of the calibration run's largest voxel modes tried for removal.
     pub modes: Vec<usize>,
     /// Penalties tried for each head's correction, relative to its Gram matrix's mean diagonal.
@@ -279,7 +296,7 @@ impl Default for CalibrateConfig {
     fn default() -> CalibrateConfig {
         CalibrateConfig {
             method: Method::ClosedForm,
-            inputs: vec![align::InputNorm::CentreRun, align::InputNorm::Model],
+            inputs: vec![crate::decode::align::InputNorm::CentreRun, crate::decode::align::InputNorm::Model],
             modes: vec![0, 1, 2, 4],
             alphas: vec![10.0, 3.0, 1.0, 0.3, 0.1, 0.03],
             guard_p: 0.15,

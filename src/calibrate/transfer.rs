@@ -32,8 +32,8 @@ use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
 use serde::Serialize;
 
-use super::align::{Alignment, InputNorm};
 use super::{CalibrateConfig, CalibrateError, CalibrationSet, Progress};
+use crate::decode::align::{Alignment, InputNorm};
 use crate::decode::model::{Decoder, HeadAdjust};
 
 /// A held-out estimate: mean over held-out pairs of stimuli, its standard error (jackknife
@@ -1029,7 +1029,7 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
-    use crate::calibrate::head::Adapter;
+    use crate::decode::align::Adapter;
     use crate::decode::metrics::two_way;
     use crate::decode::train::{train, Targets, TrainOptions};
     use crate::rng::Rng;
@@ -1152,7 +1152,7 @@ mod tests {
                 self.held_out = Some(self.betas(&stims, true));
             }
             let x = self.held_out.clone().unwrap_or_default();
-            let mut stats = crate::calibrate::head::RunStats::default();
+            let mut stats = crate::decode::align::RunStats::default();
             x.chunks_exact(V).for_each(|r| stats.push("eval", r));
             let (m, s) = stats.get().unwrap();
             let z =

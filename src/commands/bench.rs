@@ -10,15 +10,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::bench::{machine, plot, process_cpu_ms, thread_cpu_ms, BenchReport, BenchSetup, VolumeSeen};
+use crate::bench::{machine, plot, process_cpu_ms, BenchReport, BenchSetup, VolumeSeen};
 use crate::clock;
 use crate::config::Config;
 use crate::decode::model::{FusionConfig, HeadConfig, ModelConfig, FORMAT};
 use crate::decode::synthetic::MIRAGE_HEADS;
 use crate::decode::train::{write_model, NamedTensor};
 use crate::ingest::Speed;
+use crate::message::Received;
+use crate::metrics::thread_cpu_ms;
 use crate::pipeline::Pipeline;
-use crate::publish::message::Received;
 use crate::rng::Rng;
 use crate::sim::Simulator;
 

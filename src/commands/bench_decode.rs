@@ -14,7 +14,7 @@ use crate::decode::gallery::Gallery;
 use crate::decode::model::{device, Decoder};
 use crate::decode::synthetic::{gallery_of_outputs, random_decoder, to_device, trial, MIRAGE_HEADS};
 use crate::decode::{DecodeConfig, DecodeStage, WeightDtype};
-use crate::pipeline::metrics::LatencySummary;
+use crate::metrics::LatencySummary;
 use crate::rng::Rng;
 
 /// `mirage bench-decode` options.

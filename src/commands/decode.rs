@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::calibrate::head::{Adapter, RunStats};
+use crate::decode::align::{Adapter, RunStats};
 use crate::decode::metrics;
 use crate::decode::model::{device, Decoder, FusionConfig};
 use crate::decode::train::{train as fit, write_model, NamedTensor, Targets, TrainOptions};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::pipeline::metrics::MetricsSnapshot;
+use crate::metrics::MetricsSnapshot;
 use crate::pipeline::Pipeline;
 
 /// Command-line overrides of the configuration (`mirage run`'s flags).

@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 
 pub use self::state::{ConsoleInput, ConsoleState};
 use crate::decode::gallery::Gallery;
-use crate::pipeline::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// The page: self-contained (no CDN: scanner networks are offline).
 pub const PAGE: &str = include_str!("page.html");

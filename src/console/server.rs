@@ -15,7 +15,7 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::broadcast;
 
 use super::{ConsoleInput, ConsoleState, PAGE};
-use crate::pipeline::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Page events a slow page may fall behind by before it skips some (counted).
 const BROADCAST_CAPACITY: usize = 4096;

@@ -10,8 +10,8 @@ use serde_json::{json, Map, Value};
 
 use crate::decode::gallery::Gallery;
 use crate::decode::metrics::{pearson, ssim};
+use crate::message::Payload;
 use crate::motion::rigid::PARAM_NAMES;
-use crate::publish::message::Payload;
 
 /// Events kept for late-joining pages and the report; older ones are dropped first.
 pub const MAX_HISTORY: usize = 200_000;

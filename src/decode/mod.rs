@@ -7,6 +7,7 @@
 //! Shapes: betas `(1, n_voxels)` → head `h` `(1, prod(shape_h))`. Budget: `latency_budget_ms`
 //! per trial (checked by the runner, which owns the clock).
 
+pub mod align;
 pub mod gallery;
 pub mod image;
 pub mod metrics;
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use self::gallery::{Gallery, LatentIndex, Match};
 use self::model::Decoder;
-use crate::calibrate::head::{Adapter, RunStats};
+use crate::decode::align::{Adapter, RunStats};
 use crate::glm::TrialBetas;
 
 /// Why decoding failed.
@@ -590,7 +591,7 @@ mod tests {
 
     #[test]
     fn a_calibrated_alignment_corrects_latents_and_outputs_alike_and_spares_other_conditions() {
-        use crate::calibrate::align::{Alignment, InputNorm};
+        use crate::decode::align::{Alignment, InputNorm};
         use crate::decode::model::HeadAdjust;
         let cfg = DecodeConfig { device: "cpu".into(), top_k: 20, ..DecodeConfig::default() };
         let latent = DecodeConfig { latent_heads: vec!["image".into(), "text".into()], ..cfg.clone() };

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use lsl::Pullable;
 
 use crate::glm::events::{parse_marker, Event};
-use crate::pipeline::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Resolves the LSL stream `name` (again whenever it is lost) and forwards every marker,
 /// timestamped on the daemon's clock, until `stop` is set.

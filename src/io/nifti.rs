@@ -90,7 +90,7 @@ pub struct NiftiHeader {
     pub dtype: Dtype,
     /// Byte order of the header and data.
     pub endian: Endian,
-    /// `pixdim[0..8]` as stored (pixdim[0] is qfac).
+    /// `pixdim[0..8]` as stored (`pixdim[0]` is qfac).
     pub pixdim: [f32; 8],
     /// Byte offset of the data in the (decompressed) file.
     pub vox_offset: usize,

@@ -7,47 +7,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use serde::Serialize;
-
-use crate::calibrate::head::Adapter;
 use crate::calibrate::protocol::Protocol;
-use crate::calibrate::{fit, CalibrateConfig, CalibrateError, CalibrationSet, FitSummary, Progress};
+use crate::calibrate::{
+    fit, CalibrateConfig, CalibrateError, CalibrationEvent, CalibrationSet, FitSummary, Progress,
+};
+use crate::decode::align::Adapter;
 use crate::decode::gallery::Gallery;
 use crate::decode::model::Decoder;
 use crate::glm::TrialBetas;
-
-/// One `calibration` message: where calibration stands.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct CalibrationEvent {
-    /// `collecting`, `fitting`, `done`, `failed` or `incomplete` (the run ended first).
-    pub phase: &'static str,
-    /// Calibration trials collected so far.
-    pub collected: usize,
-    /// Trials the protocol cues.
-    pub needed: usize,
-    /// The trial just collected.
-    pub trial: Option<u64>,
-    /// Its stimulus number (as in `betas` and `decode`; the gallery id is its decimal).
-    pub stim: Option<u64>,
-    /// Fit progress: step and most steps of the current phase.
-    pub step: Option<(usize, usize)>,
-    /// What the fit is doing: closed form, `prepare` (each head's predictions) then `inputs`
-    /// (each input candidate's pipeline, the heads' corrections included); gradient, `fold k/n`
-    /// (choosing the step count on held-out stimuli; each fold counts its steps from 1) or
-    /// `refit`.
-    pub fit_stage: Option<String>,
-    /// Current training loss.
-    pub loss: Option<f64>,
-    /// Current held-out loss.
-    pub heldout_loss: Option<f64>,
-    /// The finished fit: what was kept and its held-out estimates (closed form), or the
-    /// gradient fit's losses.
-    pub report: Option<FitSummary>,
-    /// Where the alignment was saved.
-    pub path: Option<String>,
-    /// What went wrong.
-    pub error: Option<String>,
-}
 
 type FitResult = Result<(Adapter, FitSummary), CalibrateError>;
 
@@ -219,7 +186,9 @@ impl LiveCalibration {
         let result =
             thread.join().unwrap_or_else(|_| Err(CalibrateError::Compute("the fit panicked".into())));
         let mut ev = self.event("done");
-        match result.and_then(|(head, report)| head.save(&self.out, decoder).map(|()| (head, report))) {
+        match result.and_then(|(head, report)| {
+            head.save(&self.out, decoder).map(|()| (head, report)).map_err(CalibrateError::from)
+        }) {
             Ok((head, report)) => {
                 ev.report = Some(report);
                 ev.path = Some(self.out.display().to_string());

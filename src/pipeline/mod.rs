@@ -6,15 +6,12 @@
 //! ```
 //!
 //! Each box is a named thread (`mirage/motion`, …) joined by bounded SPSC edges
-//! ([`queue`]). Edges up to decode block when full (lossless backpressure, counted); the edge
+//! ([`crate::queue`]). Edges up to decode block when full (lossless backpressure, counted); the edge
 //! into publish follows `pipeline.publish_when_full`; the recorder edge always blocks. Stamps
-//! are taken at every boundary ([`frame::Boundary`]). [`Pipeline::build`] gathers every setup
+//! are taken at every boundary ([`crate::frame::Boundary`]). [`Pipeline::build`] gathers every setup
 //! error before anything runs; [`PipelineHandle`] stops and joins on drop.
 
 pub mod calibration;
-pub mod frame;
-pub mod metrics;
-pub mod queue;
 pub mod stage;
 
 use std::collections::HashSet;
@@ -25,9 +22,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use self::calibration::LiveCalibration;
-use self::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
-use self::metrics::{Metrics, MetricsSnapshot};
-use self::queue::{edge, EdgeRx, EdgeTx, PushError, Recv, WhenFull};
 use self::stage::{DecodeDispatch, DecodeStageAdapter, GlmStage, Identity, MotionStage, Stage};
 use crate::calibrate::protocol::Protocol;
 use crate::clock;
@@ -35,16 +29,19 @@ use crate::config::Config;
 use crate::console::ConsoleSetup;
 use crate::decode::gallery::Gallery;
 use crate::decode::DecodeStage;
+use crate::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use crate::glm::events::Event;
 use crate::glm::{GlmEstimator, SIM_ROI};
 use crate::ingest::uri::parse_publish_uri;
 use crate::ingest::{open_source, Ack, IngestUri, SourceEvent, SourceLimits};
 use crate::io::session::{MessageLog, SessionWriter};
+use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::motion::MotionCorrector;
 use crate::publish::{
     betas_message, calibration_message, decode_message, motion_message, roi_message, status_message,
     volume_message, Publisher,
 };
+use crate::queue::{edge, EdgeRx, EdgeTx, PushError, Recv, WhenFull};
 use crate::volume::Volume;
 
 /// How long a stage thread waits on its input before checking for shutdown.
@@ -216,7 +213,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         .name(format!("mirage/{name}"))
         .spawn(|| {
             f();
-            crate::bench::note_thread_end();
+            crate::metrics::note_thread_end();
         })
         .map_err(|e| format!("cannot start thread {name}: {e}"))
 }
@@ -756,7 +753,7 @@ fn decode_worker(
     mut adapter: DecodeStageAdapter,
     mut rx: EdgeRx<Frame>,
     tx: crossbeam_channel::Sender<Frame>,
-    waker: queue::Waker,
+    waker: crate::queue::Waker,
     m: &Metrics,
 ) {
     let send = |f: Frame| {

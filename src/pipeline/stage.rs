@@ -1,6 +1,6 @@
 //! The interface the runner drives: a stage is a plain struct with a pure `process`.
 
-use super::frame::Frame;
+use crate::frame::Frame;
 
 /// A per-frame failure; the runner logs it, counts it under `reason` and passes the frame on.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +147,7 @@ impl Stage for DecodeStageAdapter {
                     Ok(mut d) => {
                         d.latency_ms = (crate::clock::now() - start) * 1e3;
                         d.over_budget = d.latency_ms > self.budget_ms;
-                        d.closed_time = frame.stamps.get(super::frame::Boundary::Glm);
+                        d.closed_time = frame.stamps.get(crate::frame::Boundary::Glm);
                         frame.decoded.push(d);
                     }
                     Err(e) => {
@@ -193,7 +193,7 @@ impl DecodeStageAdapter {
 /// full hand-off drops the trial (counted), so volume feedback never waits for a decode.
 pub struct DecodeDispatch {
     /// The decode worker's input: a bounded edge that drops rather than waits.
-    pub worker: super::queue::EdgeTx<Frame>,
+    pub worker: crate::queue::EdgeTx<Frame>,
 }
 
 impl Stage for DecodeDispatch {
@@ -208,7 +208,7 @@ impl Stage for DecodeDispatch {
             copy.glm.iter_mut().for_each(|g| g.roi.clear());
             match self.worker.push(copy) {
                 Ok(()) => {}
-                Err(super::queue::PushError::Dropped) => {
+                Err(crate::queue::PushError::Dropped) => {
                     return Err(StageError {
                         stage: "decode",
                         reason: "decode_dropped",
@@ -217,7 +217,7 @@ impl Stage for DecodeDispatch {
                                 .into(),
                     })
                 }
-                Err(super::queue::PushError::Closed) => {
+                Err(crate::queue::PushError::Closed) => {
                     return Err(StageError {
                         stage: "decode",
                         reason: "decode_worker",
@@ -236,7 +236,7 @@ mod tests {
 
     use super::*;
     use crate::glm::{GlmOutput, TrialBetas};
-    use crate::pipeline::queue::{edge, Recv, WhenFull};
+    use crate::queue::{edge, Recv, WhenFull};
 
     fn frame_with_trial(trial: u64) -> Frame {
         let volume = crate::volume::Volume {

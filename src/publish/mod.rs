@@ -13,23 +13,22 @@
 //! sender gave one, so a consumer can compute trigger-to-feedback latency.
 
 pub mod listener;
-pub mod message;
 pub mod prometheus;
 pub mod results;
 
 use serde_json::{json, Map, Value};
 
-use self::message::{Message, Payload};
 use crate::clock;
 use crate::console::{ConsoleFeed, ConsoleInput};
 use crate::decode::Decoded;
+use crate::frame::{Frame, STAGES};
 use crate::glm::{RoiValue, TrialBetas};
 use crate::ingest::Endpoint;
 use crate::io::session::MessageLog;
+use crate::message::{Message, Payload};
+use crate::metrics::MetricsSnapshot;
 use crate::motion::rigid::PARAM_NAMES;
 use crate::motion::MotionEstimate;
-use crate::pipeline::frame::{Frame, STAGES};
-use crate::pipeline::metrics::MetricsSnapshot;
 
 /// Why publishing could not start or a message could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +178,7 @@ pub fn decode_message(d: &Decoded) -> Message {
 }
 
 /// Builds the `calibration` message: the event's fields as the header.
-pub fn calibration_message(ev: &crate::pipeline::calibration::CalibrationEvent) -> Message {
+pub fn calibration_message(ev: &crate::calibrate::CalibrationEvent) -> Message {
     let header = match serde_json::to_value(ev) {
         Ok(Value::Object(m)) => m,
         _ => Map::new(),

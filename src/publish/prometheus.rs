@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::pipeline::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Largest request read, bytes.
 const MAX_REQUEST: usize = 8192;

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::pipeline::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Volumes kept for lookup; older ones of a longer run are forgotten.
 const MAX_VOLUMES: usize = 1 << 16;

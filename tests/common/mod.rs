@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use mirage_rt::publish::message::Received;
+use mirage_rt::message::Received;
 
 /// The `mirage` binary under test.
 pub fn mirage() -> Command {

@@ -15,7 +15,7 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor};
 
-use super::CalibrateError;
+use super::AlignError;
 use crate::decode::model::{read_f32_tensor, write_f32_safetensors, Decoder};
 use crate::rng::Rng;
 
@@ -56,13 +56,13 @@ pub struct AlignmentHead {
 impl AlignmentHead {
     /// The identity head of rank `rank` for `decoder`; `V` is drawn small and random from
     /// `seed` so that `U` receives gradients.
-    pub fn identity(decoder: &Decoder, rank: usize, seed: u64) -> Result<AlignmentHead, CalibrateError> {
+    pub fn identity(decoder: &Decoder, rank: usize, seed: u64) -> Result<AlignmentHead, AlignError> {
         let n = decoder.cfg.n_voxels;
         let dev = &decoder.device;
         let mut rng = Rng::new(seed, 11);
         let scale = 1.0 / (n as f64).sqrt();
         let v: Vec<f32> = (0..n * rank).map(|_| (rng.normal() * scale) as f32).collect();
-        let c = |e: candle_core::Error| CalibrateError::Compute(e.to_string());
+        let c = |e: candle_core::Error| AlignError::Compute(e.to_string());
         Ok(AlignmentHead {
             gain: Tensor::ones(n, DType::F32, dev).map_err(c)?,
             offset: Tensor::zeros(n, DType::F32, dev).map_err(c)?,
@@ -89,8 +89,8 @@ impl AlignmentHead {
     }
 
     /// Writes the head to `path` (safetensors with metadata).
-    pub fn save(&self, path: &Path) -> Result<(), CalibrateError> {
-        let c = |e: candle_core::Error| CalibrateError::Compute(e.to_string());
+    pub fn save(&self, path: &Path) -> Result<(), AlignError> {
+        let c = |e: candle_core::Error| AlignError::Compute(e.to_string());
         let (n, r) = (self.n_voxels(), self.rank());
         let gain = self.gain.to_vec1::<f32>().map_err(c)?;
         let offset = self.offset.to_vec1::<f32>().map_err(c)?;
@@ -104,8 +104,7 @@ impl AlignmentHead {
             ("fit".to_string(), self.fit.to_string()),
         ]);
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| CalibrateError::Head(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| AlignError::File(format!("{}: {e}", dir.display())))?;
         }
         write_f32_safetensors(
             path,
@@ -117,16 +116,16 @@ impl AlignmentHead {
             ],
             Some(meta),
         )
-        .map_err(CalibrateError::Head)
+        .map_err(AlignError::File)
     }
 
     /// Reads a head from `path` and checks that it was fitted for `decoder`.
-    pub fn load(path: &Path, decoder: &Decoder) -> Result<AlignmentHead, CalibrateError> {
-        let err = |m: String| CalibrateError::Head(format!("{}: {m}", path.display()));
+    pub fn load(path: &Path, decoder: &Decoder) -> Result<AlignmentHead, AlignError> {
+        let err = |m: String| AlignError::File(format!("{}: {m}", path.display()));
         let (bytes, meta) = super::read_fitted(path, decoder, FORMAT, "an alignment head")?;
         let n = decoder.cfg.n_voxels;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
-        let read = |name: &str, shape: &[usize]| -> Result<Tensor, CalibrateError> {
+        let read = |name: &str, shape: &[usize]| -> Result<Tensor, AlignError> {
             let (got, values) = read_f32_tensor(&st, name).map_err(err)?;
             if got != shape {
                 return Err(err(format!("{name}: shape {got:?}, expected {shape:?}")));
@@ -150,163 +149,6 @@ impl AlignmentHead {
     }
 }
 
-/// Running per-voxel mean and variance of one run's trials (Welford), for per-run z-scoring.
-#[derive(Clone, Debug, Default)]
-pub struct RunStats {
-    run: String,
-    count: usize,
-    mean: Vec<f64>,
-    m2: Vec<f64>,
-}
-
-/// Trials a run needs before its own statistics replace the model's.
-pub const RUN_ZSCORE_MIN_TRIALS: usize = 3;
-
-impl RunStats {
-    /// Adds one trial's betas of `run` (a new run id starts over).
-    pub fn push(&mut self, run: &str, betas: &[f32]) {
-        if self.run != run || self.mean.len() != betas.len() {
-            *self = RunStats {
-                run: run.to_string(),
-                count: 0,
-                mean: vec![0.0; betas.len()],
-                m2: vec![0.0; betas.len()],
-            };
-        }
-        self.count += 1;
-        let k = self.count as f64;
-        for ((m, s), b) in self.mean.iter_mut().zip(&mut self.m2).zip(betas) {
-            let x = f64::from(*b);
-            let d = x - *m;
-            *m += d / k;
-            *s += d * (x - *m);
-        }
-    }
-
-    /// Mean and sample standard deviation per voxel, once enough trials are in.
-    pub fn get(&self) -> Option<(Vec<f32>, Vec<f32>)> {
-        if self.count < RUN_ZSCORE_MIN_TRIALS {
-            return None;
-        }
-        let k = (self.count - 1) as f64;
-        let std = self.m2.iter().map(|s| (s / k).sqrt()).map(|s| if s > 1e-12 { s as f32 } else { 1.0 });
-        Some((self.mean.iter().map(|m| *m as f32).collect(), std.collect()))
-    }
-}
-
-/// What stands between a trial's betas and the heads (and, for a calibrated alignment, what
-/// corrects the heads' outputs).
-#[derive(Clone, Debug)]
-pub enum Adapter {
-    /// The model's z-scoring only (zero-shot).
-    None,
-    /// MIRAGE's zero-shot baseline: z-score with the run's own statistics (all of a batch's
-    /// trials offline; the run's trials so far live).
-    ZscoreRun,
-    /// The model's z-scoring, then a gradient-fitted alignment head.
-    Head(AlignmentHead),
-    /// A calibrated alignment (the closed-form fit).
-    Calibrated(super::align::Alignment),
-}
-
-impl Adapter {
-    /// Reads `none`, `zscore-run` or the path of an alignment file fitted for `decoder` (a
-    /// calibrated alignment or a gradient-fitted head, told apart by its format).
-    pub fn parse(spec: &str, decoder: &Decoder) -> Result<Adapter, CalibrateError> {
-        match spec {
-            "none" => Ok(Adapter::None),
-            "zscore-run" => Ok(Adapter::ZscoreRun),
-            path => {
-                let path = Path::new(path);
-                let bytes = std::fs::read(path)
-                    .map_err(|e| CalibrateError::Head(format!("{}: {e}", path.display())))?;
-                let format = safetensors::SafeTensors::read_metadata(&bytes)
-                    .ok()
-                    .and_then(|(_, m)| m.metadata().as_ref().and_then(|m| m.get("format").cloned()));
-                match format.as_deref() {
-                    Some(super::align::FORMAT) => {
-                        Ok(Adapter::Calibrated(super::align::Alignment::load(path, decoder)?))
-                    }
-                    _ => Ok(Adapter::Head(AlignmentHead::load(path, decoder)?)),
-                }
-            }
-        }
-    }
-
-    /// Short name for messages: `none`, `zscore-run` or `head` (a fitted alignment of either
-    /// kind).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Adapter::None => "none",
-            Adapter::ZscoreRun => "zscore-run",
-            Adapter::Head(_) | Adapter::Calibrated(_) => "head",
-        }
-    }
-
-    /// Writes a fitted alignment to `path` (nothing to write for `none` and `zscore-run`).
-    pub fn save(&self, path: &Path, decoder: &Decoder) -> Result<(), CalibrateError> {
-        match self {
-            Adapter::Head(h) => h.save(path),
-            Adapter::Calibrated(a) => a.save(path, decoder),
-            Adapter::None | Adapter::ZscoreRun => Err(CalibrateError::Head(format!(
-                "{}: {} is not a fitted alignment",
-                path.display(),
-                self.name()
-            ))),
-        }
-    }
-
-    /// Whether it normalises with the run's own statistics.
-    pub fn uses_run_stats(&self) -> bool {
-        match self {
-            Adapter::ZscoreRun => true,
-            Adapter::Calibrated(a) => a.input.uses_run(),
-            Adapter::None | Adapter::Head(_) => false,
-        }
-    }
-
-    /// Per head of the model: the output correction of a calibrated alignment (empty: none).
-    pub fn adjusts(&self) -> &[Option<crate::decode::model::HeadAdjust>] {
-        match self {
-            Adapter::Calibrated(a) => &a.adjusts,
-            _ => &[],
-        }
-    }
-
-    /// Normalised, aligned inputs for the heads from betas `xs` `(batch, n)`. `run_stats`
-    /// (mean, std) are the run's statistics; without them per-run z-scoring uses the batch's
-    /// own (or the model's, for a single trial) and a calibrated alignment its calibration
-    /// run's.
-    pub fn normalise(
-        &self,
-        decoder: &Decoder,
-        xs: &Tensor,
-        run_stats: Option<(&[f32], &[f32])>,
-    ) -> candle_core::Result<Tensor> {
-        match self {
-            Adapter::None => decoder.normalise(xs),
-            Adapter::Head(h) => h.forward(&decoder.normalise(xs)?),
-            Adapter::Calibrated(a) => a.normalise(decoder, xs, run_stats),
-            Adapter::ZscoreRun => match run_stats {
-                Some((m, s)) => {
-                    let dev = xs.device();
-                    let m = Tensor::from_slice(m, m.len(), dev)?;
-                    let s = Tensor::from_slice(s, s.len(), dev)?;
-                    xs.broadcast_sub(&m)?.broadcast_div(&s)
-                }
-                None if xs.dim(0)? >= RUN_ZSCORE_MIN_TRIALS => {
-                    let mean = xs.mean_keepdim(0)?;
-                    let c = xs.broadcast_sub(&mean)?;
-                    let var = (c.sqr()?.sum_keepdim(0)? / (xs.dim(0)? - 1) as f64)?;
-                    let std = var.sqrt()?.maximum(1e-6)?;
-                    c.broadcast_div(&std)
-                }
-                None => decoder.normalise(xs),
-            },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -315,6 +157,7 @@ mod tests {
     use candle_nn::VarBuilder;
 
     use super::*;
+    use crate::decode::align::{Adapter, RunStats};
     use crate::decode::model::{HeadConfig, ModelConfig, FORMAT as MODEL_FORMAT};
 
     /// A two-head model of 6 voxels with random weights.

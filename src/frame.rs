@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::queue::ByteSize;
+use crate::queue::ByteSize;
 use crate::volume::Volume;
 
 /// A point on a frame's path where the runner takes a timestamp.
@@ -90,7 +90,7 @@ pub struct Frame {
     /// Trials decoded from this frame's closed trials.
     pub decoded: Vec<crate::decode::Decoded>,
     /// Calibration-mode events raised while this frame was decoded.
-    pub calibration: Vec<super::calibration::CalibrationEvent>,
+    pub calibration: Vec<crate::calibrate::CalibrationEvent>,
     /// A frame a stage emitted when its input ended: it carries results, not a new volume
     /// (`volume` is the run's last one).
     pub end_of_run: bool,

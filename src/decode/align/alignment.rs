@@ -2,7 +2,7 @@
 //! model. An input normalisation composed with the live run's own statistics, the removal of a
 //! few nuisance voxel modes, and per head a correction of its output (of its latent, for a
 //! low-rank head) — each kept only where cross-validation over stimuli showed a reliable gain
-//! (see [`super::transfer`]).
+//! (see [`crate::calibrate::transfer`]).
 //!
 //! ```text
 //! run.mean [V], run.std [V]      the calibration run's statistics (used until a run has 3 trials)
@@ -19,7 +19,7 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::CalibrateError;
+use super::AlignError;
 use crate::decode::model::{read_f32_tensor, write_f32_safetensors, Decoder, HeadAdjust};
 use crate::glm::events::DEFAULT_CONDITION;
 
@@ -103,9 +103,9 @@ impl Alignment {
         adjusts: Vec<Option<HeadAdjust>>,
         condition: Option<String>,
         report: serde_json::Value,
-    ) -> Result<Alignment, CalibrateError> {
+    ) -> Result<Alignment, AlignError> {
         let n = decoder.cfg.n_voxels;
-        let c = |e: candle_core::Error| CalibrateError::Compute(e.to_string());
+        let c = |e: candle_core::Error| AlignError::Compute(e.to_string());
         Ok(Alignment {
             input,
             run_mean: Tensor::from_vec(run.0, n, &decoder.device).map_err(c)?,
@@ -153,8 +153,8 @@ impl Alignment {
     }
 
     /// Writes it to `path` (safetensors with metadata).
-    pub fn save(&self, path: &Path, decoder: &Decoder) -> Result<(), CalibrateError> {
-        let c = |e: candle_core::Error| CalibrateError::Compute(e.to_string());
+    pub fn save(&self, path: &Path, decoder: &Decoder) -> Result<(), AlignError> {
+        let c = |e: candle_core::Error| AlignError::Compute(e.to_string());
         let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(c);
         let n = decoder.cfg.n_voxels;
         let mut owned: Vec<(String, Vec<usize>, Vec<f32>)> = vec![
@@ -185,17 +185,16 @@ impl Alignment {
             meta.insert("condition".to_string(), c.clone());
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| CalibrateError::Head(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| AlignError::File(format!("{}: {e}", dir.display())))?;
         }
         let tensors: Vec<(&str, Vec<usize>, &[f32])> =
             owned.iter().map(|(name, shape, v)| (name.as_str(), shape.clone(), v.as_slice())).collect();
-        write_f32_safetensors(path, &tensors, Some(meta)).map_err(CalibrateError::Head)
+        write_f32_safetensors(path, &tensors, Some(meta)).map_err(AlignError::File)
     }
 
     /// Reads an alignment from `path` and checks that it was fitted for `decoder`.
-    pub fn load(path: &Path, decoder: &Decoder) -> Result<Alignment, CalibrateError> {
-        let err = |m: String| CalibrateError::Head(format!("{}: {m}", path.display()));
+    pub fn load(path: &Path, decoder: &Decoder) -> Result<Alignment, AlignError> {
+        let err = |m: String| AlignError::File(format!("{}: {m}", path.display()));
         let (bytes, meta) = super::read_fitted(path, decoder, FORMAT, "a calibrated alignment")?;
         let input = meta
             .get("input")
@@ -208,7 +207,7 @@ impl Alignment {
             .map_err(|e| err(format!("heads: {e}")))?
             .unwrap_or_default();
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
-        let read = |name: &str, shape: Option<&[usize]>| -> Result<Tensor, CalibrateError> {
+        let read = |name: &str, shape: Option<&[usize]>| -> Result<Tensor, AlignError> {
             let (got, values) = read_f32_tensor(&st, name).map_err(err)?;
             if shape.is_some_and(|s| s != got.as_slice()) {
                 return Err(err(format!("{name}: shape {got:?}, expected {shape:?}")));
