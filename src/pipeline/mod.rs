@@ -11,37 +11,29 @@
 //! are taken at every boundary ([`crate::frame::Boundary`]). [`Pipeline::build`] gathers every setup
 //! error before anything runs; [`PipelineHandle`] stops and joins on drop.
 
+mod build;
 pub mod calibration;
 pub mod stage;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use self::calibration::LiveCalibration;
-use self::stage::{DecodeDispatch, DecodeStageAdapter, GlmStage, Identity, MotionStage, Stage};
-use crate::calibrate::protocol::Protocol;
+use self::stage::{DecodeStageAdapter, Stage};
 use crate::clock;
-use crate::config::Config;
-use crate::console::ConsoleSetup;
-use crate::decode::gallery::Gallery;
-use crate::decode::DecodeStage;
 use crate::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use crate::glm::events::Event;
-use crate::glm::{GlmEstimator, SIM_ROI};
-use crate::ingest::uri::parse_publish_uri;
-use crate::ingest::{open_source, Ack, IngestUri, SourceEvent, SourceLimits};
-use crate::io::session::{MessageLog, SessionWriter};
+use crate::ingest::{Ack, SourceEvent};
+use crate::io::session::SessionWriter;
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::motion::MotionCorrector;
 use crate::publish::{
     betas_message, calibration_message, decode_message, motion_message, roi_message, status_message,
     volume_message, Publisher,
 };
-use crate::queue::{edge, EdgeRx, EdgeTx, PushError, Recv, WhenFull};
+use crate::queue::{EdgeRx, EdgeTx, PushError, Recv};
 use crate::volume::Volume;
 
 /// How long a stage thread waits on its input before checking for shutdown.
@@ -64,80 +56,6 @@ const LATE_QUEUE: usize = 256;
 
 /// Live events waiting for the GLM stage.
 const EVENT_QUEUE: usize = 4096;
-
-/// Calibration mode's state, when `decode.mode = "calibrate"`: the protocol checked against
-/// the model and gallery, and where the head will be saved.
-fn live_calibration(
-    cfg: &Config,
-    stage: &DecodeStage,
-    session_dir: Option<&std::path::Path>,
-) -> Result<Option<LiveCalibration>, String> {
-    if cfg.decode.mode != crate::decode::Mode::Calibrate {
-        return Ok(None);
-    }
-    let path = cfg.calibrate.protocol.as_ref().ok_or("calibration mode needs calibrate.protocol")?;
-    let protocol = Protocol::load(path).map_err(|e| e.to_string())?;
-    let out = match (&cfg.calibrate.out, session_dir, &cfg.decode.model) {
-        (Some(out), _, _) => out.clone(),
-        (None, Some(dir), _) => dir.join("alignment.safetensors"),
-        (None, None, Some(model)) => {
-            model.join(format!("alignment-{}.safetensors", clock::utc_label(clock::unix_now())))
-        }
-        (None, None, None) => return Err("calibration mode needs decode.model".into()),
-    };
-    LiveCalibration::new(protocol, cfg.calibrate.clone(), out, stage.decoder(), stage.gallery())
-        .map(Some)
-        .map_err(|e| e.to_string())
-}
-
-/// Builds the GLM estimator, resolving `glm.mask = "sim"` to the simulator's visual ROI.
-fn glm_estimator(cfg: &Config, uri: &IngestUri) -> Result<GlmEstimator, String> {
-    let mut est = GlmEstimator::new(&cfg.glm).map_err(|e| e.to_string())?;
-    let sim_rois: Vec<&str> =
-        cfg.glm.rois.iter().filter(|r| r.path == Path::new(SIM_ROI)).map(|r| r.name.as_str()).collect();
-    if cfg.glm.mask != "sim" && sim_rois.is_empty() {
-        return Ok(est);
-    }
-    let IngestUri::Sim { sim, .. } = uri else {
-        return Err("glm.mask or glm.rois = \"sim\" needs sim:// ingest; give a mask file".into());
-    };
-    let s = crate::sim::Simulator::new(sim).map_err(|e| e.to_string())?;
-    for name in sim_rois {
-        est = est.with_roi(name, s.dims(), &s.anatomy().roi);
-    }
-    if cfg.glm.mask == "sim" {
-        est = est.with_mask(s.dims(), s.anatomy().roi.clone());
-    }
-    Ok(est)
-}
-
-/// The console's setup: a page when `console.listen` is set, a report when recording with
-/// `console.report`; `None` when neither.
-fn console_setup(
-    cfg: &Config,
-    session_dir: Option<&Path>,
-    gallery: Option<Arc<Gallery>>,
-) -> Result<Option<ConsoleSetup>, String> {
-    let report = cfg.console.report_path(session_dir);
-    if cfg.console.listen.is_none() && report.is_none() {
-        return Ok(None);
-    }
-    let mode = match cfg.decode.mode {
-        crate::decode::Mode::Calibrate => "calibrate",
-        crate::decode::Mode::Decode => "decode",
-    };
-    let mut hello = serde_json::Map::new();
-    hello.insert("version".into(), env!("CARGO_PKG_VERSION").into());
-    hello.insert("source".into(), cfg.ingest.uri.clone().into());
-    hello.insert("mode".into(), mode.into());
-    hello.insert("decoding".into(), cfg.decode.model.is_some().into());
-    hello.insert("fd_threshold_mm".into(), cfg.motion.fd_threshold_mm.into());
-    hello.insert("latency_budget_ms".into(), cfg.decode.latency_budget_ms.into());
-    let rois: Vec<serde_json::Value> = cfg.glm.rois.iter().map(|r| r.name.clone().into()).collect();
-    hello.insert("rois".into(), rois.into());
-    hello.insert("report".into(), false.into());
-    Ok(Some(ConsoleSetup { listen: cfg.console.listen.clone(), hello, gallery, report }))
-}
 
 /// A stage with its input edge, output edge and the boundary stamped after it.
 type StageSlot = (Box<dyn Stage>, EdgeRx<Frame>, EdgeTx<Frame>, Boundary);
@@ -259,349 +177,6 @@ impl IndexTracker {
         m.missing.fetch_add(flags.gap_before, Ordering::Relaxed);
         flags
     }
-}
-
-impl Pipeline {
-    /// Validates `cfg`, opens every socket, file and outlet, and starts the threads. Returns
-    /// every error found, not just the first.
-    pub fn build(cfg: &Config) -> Result<PipelineHandle, Vec<String>> {
-        let mut errors = cfg.validate();
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        // Before any thread of ours starts: candle sizes its pool from the environment once.
-        crate::decode::limit_candle_threads(cfg.decode.threads);
-        let uri = cfg.ingest_uri().map_err(|e| vec![e])?;
-        let publish_ep = match cfg.publish.uri.as_deref().map(parse_publish_uri).transpose() {
-            Ok(ep) => ep,
-            Err(e) => return Err(vec![e]),
-        };
-        for ep in [uri.bound_endpoint(), publish_ep.as_ref()].into_iter().flatten() {
-            if ep.is_exposed() {
-                tracing::warn!("{} listens on every interface; reachable from the network", ep.zmq_address());
-            }
-        }
-        let started = clock::now();
-        let metrics = Arc::new(Metrics::new(started));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut handle = PipelineHandle {
-            stop: stop.clone(),
-            threads: Vec::new(),
-            metrics: metrics.clone(),
-            session_dir: None,
-            source: String::new(),
-        };
-
-        // Every stage is made before the session folder, so that a setup error leaves none.
-        let session_dir = cfg
-            .record
-            .dir
-            .as_ref()
-            .map(|d| PathBuf::from(d.replace("{time}", &clock::utc_label(clock::unix_now()))));
-        // Loaded once: the decode stage ranks against it, the console scores against it.
-        let gallery = match &cfg.decode.gallery {
-            Some(dir) if cfg.decode.model.is_some() => match Gallery::load(dir) {
-                Ok(g) => Some(Arc::new(g)),
-                Err(e) => return Err(vec![e.to_string()]),
-            },
-            _ => None,
-        };
-        let motion: Box<dyn Stage> = if cfg.motion.enabled {
-            match MotionCorrector::new(&cfg.motion) {
-                Ok(m) => Box::new(MotionStage(m)),
-                Err(e) => return Err(vec![e.to_string()]),
-            }
-        } else {
-            Box::new(Identity("motion"))
-        };
-        let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(EVENT_QUEUE);
-        let glm: Box<dyn Stage> = if cfg.glm.enabled {
-            match glm_estimator(cfg, &uri) {
-                Ok(glm) => Box::new(GlmStage { glm, events: events_rx }),
-                Err(e) => return Err(vec![e]),
-            }
-        } else {
-            Box::new(Identity("glm"))
-        };
-        // The decode stage, its calibration and its thread pool; the worker starts with the
-        // other threads below.
-        let decoding = match &cfg.decode.model {
-            Some(_) => {
-                let stage =
-                    DecodeStage::new(&cfg.decode, gallery.clone()).map_err(|e| vec![e.to_string()])?;
-                let calibration =
-                    live_calibration(cfg, &stage, session_dir.as_deref()).map_err(|e| vec![e.to_string()])?;
-                let adapter = DecodeStageAdapter {
-                    stage,
-                    budget_ms: cfg.decode.latency_budget_ms,
-                    run_end: cfg.decode.decode_run_end,
-                    calibration,
-                };
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(cfg.decode.threads)
-                    .thread_name(|i| format!("mirage/decode{i}"))
-                    .start_handler(|_| lower_priority(DECODE_NICE))
-                    .build()
-                    .map_err(|e| vec![format!("decode threads: {e}")])?;
-                Some((adapter, pool))
-            }
-            None => None,
-        };
-
-        let session = match session_dir {
-            Some(dir) => {
-                let meta = serde_json::json!({
-                    "mirage_version": env!("CARGO_PKG_VERSION"),
-                    "started_unix": clock::unix_now(),
-                    "started_monotonic": started,
-                    "ingest": cfg.ingest.uri,
-                    "config": cfg,
-                });
-                match SessionWriter::create(&dir, &meta, cfg.record.sync) {
-                    Ok(w) => {
-                        handle.session_dir = Some(dir);
-                        Some(w)
-                    }
-                    Err(e) => return Err(vec![e.to_string()]),
-                }
-            }
-            None => None,
-        };
-        let message_log = match &handle.session_dir {
-            Some(d) => match MessageLog::open(d) {
-                Ok(l) => Some(l),
-                Err(e) => return Err(vec![e.to_string()]),
-            },
-            None => None,
-        };
-
-        let console = match console_setup(cfg, handle.session_dir.as_deref(), gallery) {
-            Ok(Some(setup)) => match crate::console::start(setup, metrics.clone()) {
-                Ok((feed, thread)) => {
-                    handle.threads.push(thread);
-                    Some(feed)
-                }
-                Err(e) => return Err(vec![e]),
-            },
-            Ok(None) => None,
-            Err(e) => return Err(vec![e]),
-        };
-
-        let p = &cfg.pipeline;
-        let frame_edge = |name: &'static str, policy: WhenFull| {
-            let (tx, rx) = edge::<Frame>(name, p.queue_capacity, p.queue_bytes, policy);
-            metrics.add_edge(tx.stats());
-            (tx, rx)
-        };
-        let (ingest_tx, motion_rx) = frame_edge("ingest->motion", WhenFull::Block);
-        let (motion_tx, glm_rx) = frame_edge("motion->glm", WhenFull::Block);
-        let (glm_tx, decode_rx) = frame_edge("glm->decode", WhenFull::Block);
-        let (decode_tx, publish_rx) = frame_edge("decode->publish", p.publish_when_full);
-        let (record_tx, record_rx) =
-            edge::<RecordItem>("ingest->record", p.record_capacity, usize::MAX, WhenFull::Block);
-        metrics.add_edge(record_tx.stats());
-
-        // Publish first, so subscribers can connect before any volume flows.
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<String, String>>(1);
-        let feedback = cfg.publish.lsl_feedback.clone().map(|name| crate::publish::FeedbackOutlet {
-            name,
-            rois: if cfg.glm.enabled {
-                cfg.glm.rois.iter().map(|r| r.name.clone()).collect()
-            } else {
-                Vec::new()
-            },
-            tr: known_tr(cfg, &uri),
-        });
-        let lsl_wait_s = cfg.publish.lsl_wait_s;
-        let (hwm, interval) = (cfg.publish.send_hwm, cfg.publish.status_interval_s);
-        let m = metrics.clone();
-        let ready = ready_tx.clone();
-        let ep = publish_ep.clone();
-        // The Prometheus endpoint serves until publish has sent its last status.
-        let published_all = Arc::new(AtomicBool::new(false));
-        if let Some(addr) = &cfg.publish.metrics {
-            let listener = match crate::publish::prometheus::bind(addr) {
-                Ok(l) => l,
-                Err(e) => return Err(vec![e]),
-            };
-            let (m, done) = (metrics.clone(), published_all.clone());
-            match spawn("metrics", move || crate::publish::prometheus::serve(listener, m, done)) {
-                Ok(t) => handle.threads.push(t),
-                Err(e) => return Err(vec![e]),
-            }
-            tracing::info!("metrics: http://{addr}/metrics");
-        }
-        let results_board = match &cfg.publish.results {
-            Some(addr) => {
-                let listener = crate::publish::results::bind(addr).map_err(|e| vec![e])?;
-                let board = Arc::new(crate::publish::results::ResultsBoard::default());
-                let (b, m, done) = (board.clone(), metrics.clone(), published_all.clone());
-                match spawn("results", move || crate::publish::results::serve(listener, b, m, done)) {
-                    Ok(t) => handle.threads.push(t),
-                    Err(e) => return Err(vec![e]),
-                }
-                tracing::info!("results server: {addr}");
-                Some(board)
-            }
-            None => None,
-        };
-        // Set when publish ends, panics or never starts.
-        let published_all_flag = SetOnDrop(published_all.clone());
-        // The last status waits for the recorder, so that its counts are the final ones.
-        let recorded_all = Arc::new(AtomicBool::new(session.is_none()));
-        let recorded_all_flag = recorded_all.clone();
-        // Set when the recorder ends, panics or never starts (also when setup fails below).
-        let record_done = SetOnDrop(recorded_all);
-        // Decoded trials reach publish off the volume path, from the decode worker.
-        let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
-        let waker = publish_rx.waker();
-        match spawn("publish", move || {
-            let _done = published_all_flag;
-            match Publisher::new(ep.as_ref(), hwm, feedback.as_ref(), message_log) {
-                Ok(publisher) => {
-                    if let Some(f) = feedback.as_ref().filter(|_| lsl_wait_s > 0.0) {
-                        tracing::info!(
-                            "waiting up to {lsl_wait_s} s for an LSL consumer of {:?} (publish.lsl_wait_s)",
-                            f.name
-                        );
-                        if !publisher.wait_for_feedback_consumer(lsl_wait_s) {
-                            tracing::info!("no LSL consumer of {:?} yet; starting", f.name);
-                        }
-                    }
-                    let publisher = match console {
-                        Some(feed) => publisher.with_console(feed),
-                        None => publisher,
-                    };
-                    let publisher = match results_board {
-                        Some(board) => publisher.with_results(board),
-                        None => publisher,
-                    };
-                    let _ = ready.send(Ok(String::new()));
-                    publish_loop(publisher, publish_rx, Some(late_rx), &m, interval, &recorded_all_flag);
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(e.to_string()));
-                }
-            }
-        }) {
-            Ok(t) => handle.threads.push(t),
-            Err(e) => errors.push(e),
-        }
-        match ready_rx.recv() {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => errors.push(e),
-            Err(_) => errors.push("publish thread ended during setup".into()),
-        }
-
-        let decode: Box<dyn Stage> = match decoding {
-            Some((adapter, pool)) => {
-                // Never blocks the volume path: when the worker is this far behind, the newest
-                // trial's decode is dropped and counted (the edge's `dropped`).
-                let (worker_tx, worker_rx) =
-                    edge::<Frame>("decode hand-off", LATE_QUEUE, p.queue_bytes, WhenFull::DropNewest);
-                metrics.add_edge(worker_tx.stats());
-                let m = metrics.clone();
-                let work = move || decode_worker(adapter, worker_rx, late_tx, waker, &m);
-                match spawn("decoder", move || pool.install(work)) {
-                    Ok(t) => handle.threads.push(t),
-                    Err(e) => return Err(vec![e]),
-                }
-                Box::new(DecodeDispatch { worker: worker_tx })
-            }
-            None => Box::new(Identity("decode")),
-        };
-        let stages: Vec<StageSlot> = vec![
-            (motion, motion_rx, motion_tx, Boundary::Motion),
-            (glm, glm_rx, glm_tx, Boundary::Glm),
-            (decode, decode_rx, decode_tx, Boundary::Decode),
-        ];
-        for (stage, rx, tx, boundary) in stages {
-            let name = stage.name();
-            let m = metrics.clone();
-            match spawn(name, move || stage_loop(stage, rx, tx, boundary, &m)) {
-                Ok(t) => handle.threads.push(t),
-                Err(e) => errors.push(e),
-            }
-        }
-
-        if let Some(writer) = session {
-            let m = metrics.clone();
-            match spawn("record", move || {
-                let _done = record_done;
-                record_loop(writer, record_rx, &m);
-            }) {
-                Ok(t) => handle.threads.push(t),
-                Err(e) => errors.push(e),
-            }
-        } else {
-            drop(record_rx);
-        }
-
-        if let Some(markers) = cfg.glm.markers.as_deref().and_then(|m| m.strip_prefix("lsl://")) {
-            let (name, tx, s, m) = (markers.to_string(), events_tx.clone(), stop.clone(), metrics.clone());
-            match spawn("markers", move || crate::ingest::markers::marker_loop(&name, &tx, &s, &m)) {
-                Ok(t) => handle.threads.push(t),
-                Err(e) => errors.push(e),
-            }
-        }
-
-        let limits = SourceLimits { max_voxels: cfg.ingest.max_voxels };
-        let run = crate::volume::sanitize_run_id(&cfg.ingest.run);
-        let stop_after = cfg.ingest.stop_after;
-        // The URI's `?tr=` wins over `ingest.tr`, which wins over the sender's headers.
-        let tr = configured_tr(cfg, &uri);
-        let recording = handle.session_dir.is_some();
-        let m = metrics.clone();
-        let s = stop.clone();
-        match spawn("ingest", move || match open_source(&uri, limits, &run) {
-            Ok(source) => {
-                let _ = ready_tx.send(Ok(source.describe()));
-                let (source, last_tr) = ingest_loop(
-                    source,
-                    ingest_tx,
-                    recording.then_some(record_tx),
-                    &events_tx,
-                    &m,
-                    &s,
-                    RunOverrides { stop_after, tr },
-                );
-                // Ingest is over: helpers such as the marker reader stop too.
-                s.store(true, Ordering::Release);
-                answer_stop_while_draining(source, last_tr, &m);
-            }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e.to_string()));
-            }
-        }) {
-            Ok(t) => handle.threads.push(t),
-            Err(e) => errors.push(e),
-        }
-        match ready_rx.recv() {
-            Ok(Ok(desc)) => handle.source = desc,
-            Ok(Err(e)) => errors.push(e),
-            Err(_) => errors.push("ingest thread ended during setup".into()),
-        }
-        if errors.is_empty() {
-            Ok(handle)
-        } else {
-            drop(handle);
-            Err(errors)
-        }
-    }
-}
-
-/// The TR the configuration sets over the sender's headers: the URI's `?tr=`, else `ingest.tr`.
-fn configured_tr(cfg: &Config, uri: &IngestUri) -> Option<f64> {
-    uri.tr().or(cfg.ingest.tr)
-}
-
-/// The repetition time known before any volume: the configured one, else the simulator's.
-fn known_tr(cfg: &Config, uri: &IngestUri) -> Option<f64> {
-    let sim = match uri {
-        IngestUri::Sim { sim, .. } => Some(sim.tr),
-        _ => None,
-    };
-    configured_tr(cfg, uri).or(sim)
 }
 
 /// What the configuration imposes on the run over its sender: its length and its TR.
@@ -951,4 +526,68 @@ fn publish_loop(
     }
     publisher.send(status_message(&m.snapshot()));
     publisher.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(run: &str, index: u64, dims: [usize; 3]) -> Volume {
+        Volume {
+            data: Vec::new(),
+            dims,
+            affine: crate::volume::IDENTITY_AFFINE,
+            index,
+            run: run.into(),
+            tr: None,
+            acq_time: None,
+            recv_time: 0.0,
+        }
+    }
+
+    /// Flags of each index in turn (run `r1`, one grid), and the counters after them.
+    fn observe(indices: &[u64]) -> (Vec<(bool, u64, bool, bool)>, [u64; 3]) {
+        let (mut tracker, m) = (IndexTracker::default(), Metrics::new(0.0));
+        let flags = indices
+            .iter()
+            .map(|&i| {
+                let f = tracker.observe(&volume("r1", i, [4, 4, 2]), &m);
+                (f.new_run, f.gap_before, f.out_of_order, f.duplicate)
+            })
+            .collect();
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        (flags, [count(&m.missing), count(&m.out_of_order), count(&m.duplicates)])
+    }
+
+    #[test]
+    fn a_clean_run_is_flagged_only_at_its_start() {
+        let (flags, counts) = observe(&[0, 1, 2, 3]);
+        assert_eq!(flags[0], (true, 0, false, false));
+        assert!(flags[1..].iter().all(|f| *f == (false, 0, false, false)), "{flags:?}");
+        assert_eq!(counts, [0, 0, 0]);
+    }
+
+    #[test]
+    fn gaps_late_arrivals_and_resends_are_told_apart_and_counted() {
+        // 0, then 3 (1 and 2 missing), then 1 arrives late (fills a hole), then 3 again.
+        let (flags, counts) = observe(&[0, 3, 1, 3, 4]);
+        assert_eq!(flags[1], (false, 2, false, false));
+        assert_eq!(flags[2], (false, 0, true, false));
+        assert_eq!(flags[3], (false, 0, false, true));
+        assert_eq!(flags[4], (false, 0, false, false));
+        // Missing: 2 counted, 1 filled; one late arrival; one resend.
+        assert_eq!(counts, [1, 1, 1]);
+    }
+
+    #[test]
+    fn a_new_run_id_or_grid_starts_the_indices_over() {
+        let (mut tracker, m) = (IndexTracker::default(), Metrics::new(0.0));
+        assert!(tracker.observe(&volume("r1", 5, [4, 4, 2]), &m).new_run);
+        assert!(!tracker.observe(&volume("r1", 6, [4, 4, 2]), &m).new_run);
+        let f = tracker.observe(&volume("r2", 0, [4, 4, 2]), &m);
+        assert!(f.new_run && !f.duplicate && !f.out_of_order && f.gap_before == 0, "{f:?}");
+        let f = tracker.observe(&volume("r2", 0, [8, 8, 2]), &m);
+        assert!(f.new_run && !f.duplicate, "{f:?}");
+        assert_eq!(m.duplicates.load(Ordering::Relaxed), 0);
+    }
 }
