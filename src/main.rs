@@ -4,12 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use mirage_rt::commands::decode::{Renorm, TrainArgs};
+use mirage_rt::commands::bench::Transport;
+use mirage_rt::commands::decode::{Renorm, RunStatsFrom, TrainArgs};
 use mirage_rt::commands::glm::{DesignSource, GlmOptions};
 use mirage_rt::commands::realign::{RealignOutputs, ReferenceChoice};
 use mirage_rt::commands::scanner::ScannerArgs;
 use mirage_rt::commands::{self, run::RunOptions, simulate::SimTarget};
 use mirage_rt::decode::train::TrainOptions;
+use mirage_rt::decode::WeightDtype;
 use mirage_rt::ingest::Speed;
 use mirage_rt::scanner::watch::WatchConfig;
 use mirage_rt::scanner::Vendor;
@@ -32,90 +34,16 @@ enum Command {
         opts: RunOptions,
     },
     /// Simulate a run with exact ground truth: write it to a folder or stream it to a daemon.
-    Simulate {
-        /// TOML configuration whose [sim] section gives the defaults.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Random seed.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Number of volumes.
-        #[arg(long)]
-        volumes: Option<usize>,
-        /// Repetition time, seconds.
-        #[arg(long)]
-        tr: Option<f64>,
-        /// Grid X,Y,Z.
-        #[arg(long)]
-        shape: Option<String>,
-        /// A NIfTI whose first volume is the head image.
-        #[arg(long)]
-        anatomy: Option<PathBuf>,
-        /// seen, imagery or mixed.
-        #[arg(long)]
-        condition: Option<String>,
-        /// Any other simulator parameter, KEY=VALUE (repeatable), e.g. --set noise_pct=0.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// Write bold.nii.gz, events.tsv and truth/ here.
-        #[arg(long, conflicts_with = "stream", required_unless_present = "stream")]
-        out: Option<PathBuf>,
-        /// Send live to a daemon: pyneal://HOST:PORT, zmq://HOST:PORT or lsl://NAME.
-        #[arg(long)]
-        stream: Option<String>,
-        /// Streaming pace: tr (one volume per TR), max, or a speed-up factor.
-        #[arg(long, default_value = "tr")]
-        speed: String,
-        /// Seconds to wait for the daemon.
-        #[arg(long, default_value_t = 30.0)]
-        timeout: f64,
-    },
+    Simulate(SimulateCmd),
     /// Watch a scanner's export folder and send each volume, once its files are whole, to a daemon.
-    Scanner {
-        /// The export folder.
-        #[arg(long)]
-        watch: PathBuf,
-        /// siemens (mosaic or XA enhanced DICOM), ge (single-slice DICOM), philips (PAR/REC) or auto.
-        #[arg(long, default_value = "auto")]
-        vendor: String,
-        /// The daemon: pyneal://HOST:PORT, zmq://HOST:PORT or lsl://NAME.
-        #[arg(long)]
-        to: String,
-        /// TR in seconds, sent when the files carry none.
-        #[arg(long)]
-        tr: Option<f64>,
-        /// Seconds between looks at the folder (change events wake it sooner where they work).
-        #[arg(long, default_value_t = 0.1)]
-        poll: f64,
-        /// Seconds a file's size must hold still before it is read, when no close event came.
-        #[arg(long, default_value_t = 0.2)]
-        settle: f64,
-        /// Seconds a volume waits for a missing earlier one before it is sent anyway.
-        #[arg(long, default_value_t = 2.0)]
-        reorder: f64,
-        /// Seconds a file may stay unreadable after its size held still before it is skipped.
-        #[arg(long, default_value_t = 10.0)]
-        give_up: f64,
-        /// Seconds to wait for the daemon.
-        #[arg(long, default_value_t = 10.0)]
-        timeout: f64,
-        /// Stop after this many volumes.
-        #[arg(long)]
-        stop_after: Option<u64>,
-        /// Stop when no volume has come for this many seconds (after the first).
-        #[arg(long)]
-        idle_exit: Option<f64>,
-        /// Only poll the folder (a network share whose change events never come).
-        #[arg(long)]
-        no_events: bool,
-    },
+    Scanner(ScannerCmd),
     /// Read a folder of scanner files (DICOM or PAR/REC) into one 4-D NIfTI.
     Convert {
         /// The folder.
         dir: PathBuf,
         /// siemens, ge, philips or auto.
-        #[arg(long, default_value = "auto")]
-        vendor: String,
+        #[arg(long, default_value = "auto", value_parser = Vendor::parse)]
+        vendor: Vendor,
         /// Output .nii or .nii.gz.
         #[arg(long)]
         out: PathBuf,
@@ -201,132 +129,14 @@ enum Command {
         no_zscore: bool,
     },
     /// Decode betas (trials × voxels) into HEAD.npy per head.
-    Decode {
-        /// Model folder.
-        #[arg(long)]
-        model: PathBuf,
-        /// Betas .npy.
-        #[arg(long)]
-        betas: PathBuf,
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
-        /// stored (the live stage's statistics), batch (MIRAGE's normalize_preds) or none.
-        #[arg(long, default_value = "stored")]
-        renorm: String,
-        /// auto, cpu or cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// none, zscore-run (z-score with this file's own statistics, MIRAGE's imagery
-        /// baseline) or an alignment file (`mirage calibrate`).
-        #[arg(long, default_value = "none")]
-        align: String,
-        /// Per-run statistics (zscore-run and calibrated alignments) from every row of the
-        /// file (all), or from the rows so far at each row, as the live stage has them
-        /// (running).
-        #[arg(long, default_value = "all", value_parser = ["all", "running"])]
-        run_stats: String,
-    },
+    Decode(DecodeCmd),
     /// Fit the alignment on a few imagery trials of one run (the file's other rows are the
     /// rest of that run).
-    Calibrate {
-        /// Model folder.
-        #[arg(long)]
-        model: PathBuf,
-        /// Betas .npy (trials × voxels) of one run.
-        #[arg(long)]
-        betas: PathBuf,
-        /// Targets: a folder of HEAD.npy (or an .npz), one row per betas row.
-        #[arg(long)]
-        targets: PathBuf,
-        /// Rows used for calibration, e.g. 0,3,5-9.
-        #[arg(long)]
-        trials: String,
-        /// Alignment file to write (.safetensors).
-        #[arg(long)]
-        out: PathBuf,
-        /// TOML configuration whose [calibrate] section sets the fit.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Override a [calibrate] key, e.g. --set rank=4.
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        set: Vec<String>,
-        /// auto, cpu or cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Write the fit report (JSON) here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-    },
+    Calibrate(CalibrateCmd),
     /// Measure the whole pipeline: per-stage and trigger-to-feedback latency, throughput, CPU.
-    Bench {
-        /// TOML configuration for the stages and queues.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Grid X,Y,Z.
-        #[arg(long, default_value = "64,64,36")]
-        shape: String,
-        /// Voxels decoded per trial through random low-rank heads of MIRAGE's output shapes (0: none).
-        #[arg(long, default_value_t = 0)]
-        voxels_decoded: usize,
-        /// Rank of those heads.
-        #[arg(long, default_value_t = 512)]
-        rank: usize,
-        /// Volumes to send.
-        #[arg(long, default_value_t = 500)]
-        volumes: usize,
-        /// Transport: inproc, pyneal, zmq or lsl.
-        #[arg(long, default_value = "pyneal")]
-        ingest: String,
-        /// Volumes per second, or max.
-        #[arg(long, default_value = "max")]
-        rate: String,
-        /// Trigger-to-feedback deadline, ms (default one TR: 1000).
-        #[arg(long)]
-        deadline_ms: Option<f64>,
-        /// Write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Write latency plots (SVG) here.
-        #[arg(long)]
-        plot: Option<PathBuf>,
-        /// Override a configuration key, SECTION.KEY=VALUE (repeatable).
-        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-        set: Vec<String>,
-    },
+    Bench(BenchCmd),
     /// Time per-trial decode of random MIRAGE-shaped heads on a device; compare with the CPU.
-    BenchDecode {
-        /// auto, cpu or cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Input voxels (15,724: NSD subj01 nsdgeneral).
-        #[arg(long, default_value_t = 15_724)]
-        voxels: usize,
-        /// Rank of the heads, or full.
-        #[arg(long, default_value = "512")]
-        rank: String,
-        /// Precision of the weight matrices: f32, bf16 or q8_0 (CPU).
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// Heads decoded only to their latents (comma-separated, or all).
-        #[arg(long, value_delimiter = ',')]
-        latent_heads: Vec<String>,
-        /// Gallery items ranked per trial (made from the heads' outputs; 0: none).
-        #[arg(long, default_value_t = 0)]
-        gallery: usize,
-        /// Timed trials.
-        #[arg(long, default_value_t = 100)]
-        trials: usize,
-        /// Trials also decoded on the CPU and compared with the device's outputs (0: none).
-        #[arg(long, default_value_t = 0)]
-        compare_cpu: usize,
-        /// Exit with an error when an output differs from the CPU's by more than this.
-        #[arg(long)]
-        tolerance: Option<f64>,
-        /// Write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-    },
+    BenchDecode(BenchDecodeCmd),
     /// Print a calibration protocol's cue schedule as events.tsv.
     Protocol {
         /// Protocol TOML (calibration/*.toml).
@@ -358,91 +168,266 @@ enum Command {
     },
 }
 
+/// `mirage simulate`'s arguments.
+#[derive(clap::Args)]
+struct SimulateCmd {
+    /// TOML configuration whose [sim] section gives the defaults.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Random seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Number of volumes.
+    #[arg(long)]
+    volumes: Option<usize>,
+    /// Repetition time, seconds.
+    #[arg(long)]
+    tr: Option<f64>,
+    /// Grid X,Y,Z.
+    #[arg(long)]
+    shape: Option<String>,
+    /// A NIfTI whose first volume is the head image.
+    #[arg(long)]
+    anatomy: Option<PathBuf>,
+    /// seen, imagery or mixed.
+    #[arg(long)]
+    condition: Option<String>,
+    /// Any other simulator parameter, KEY=VALUE (repeatable), e.g. --set noise_pct=0.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Write bold.nii.gz, events.tsv and truth/ here.
+    #[arg(long, conflicts_with = "stream", required_unless_present = "stream")]
+    out: Option<PathBuf>,
+    /// Send live to a daemon: pyneal://HOST:PORT, zmq://HOST:PORT or lsl://NAME.
+    #[arg(long)]
+    stream: Option<String>,
+    /// Streaming pace: tr (one volume per TR), max, or a speed-up factor.
+    #[arg(long, default_value = "tr", value_parser = Speed::parse)]
+    speed: Speed,
+    /// Seconds to wait for the daemon.
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
+}
+
+/// `mirage scanner`'s arguments.
+#[derive(clap::Args)]
+struct ScannerCmd {
+    /// The export folder.
+    #[arg(long)]
+    watch: PathBuf,
+    /// siemens (mosaic or XA enhanced DICOM), ge (single-slice DICOM), philips (PAR/REC) or auto.
+    #[arg(long, default_value = "auto", value_parser = Vendor::parse)]
+    vendor: Vendor,
+    /// The daemon: pyneal://HOST:PORT, zmq://HOST:PORT or lsl://NAME.
+    #[arg(long)]
+    to: String,
+    /// TR in seconds, sent when the files carry none.
+    #[arg(long)]
+    tr: Option<f64>,
+    /// Seconds between looks at the folder (change events wake it sooner where they work).
+    #[arg(long, default_value_t = 0.1)]
+    poll: f64,
+    /// Seconds a file's size must hold still before it is read, when no close event came.
+    #[arg(long, default_value_t = 0.2)]
+    settle: f64,
+    /// Seconds a volume waits for a missing earlier one before it is sent anyway.
+    #[arg(long, default_value_t = 2.0)]
+    reorder: f64,
+    /// Seconds a file may stay unreadable after its size held still before it is skipped.
+    #[arg(long, default_value_t = 10.0)]
+    give_up: f64,
+    /// Seconds to wait for the daemon.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Stop after this many volumes.
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Stop when no volume has come for this many seconds (after the first).
+    #[arg(long)]
+    idle_exit: Option<f64>,
+    /// Only poll the folder (a network share whose change events never come).
+    #[arg(long)]
+    no_events: bool,
+}
+
+/// `mirage decode`'s arguments.
+#[derive(clap::Args)]
+struct DecodeCmd {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Betas .npy.
+    #[arg(long)]
+    betas: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// stored (the live stage's statistics), batch (MIRAGE's normalize_preds) or none.
+    #[arg(long, value_enum, default_value = "stored")]
+    renorm: Renorm,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// none, zscore-run (z-score with this file's own statistics, MIRAGE's imagery
+    /// baseline) or an alignment file (`mirage calibrate`).
+    #[arg(long, default_value = "none")]
+    align: String,
+    /// Per-run statistics (zscore-run and calibrated alignments) from every row of the
+    /// file (all), or from the rows so far at each row, as the live stage has them
+    /// (running).
+    #[arg(long, value_enum, default_value = "all")]
+    run_stats: RunStatsFrom,
+}
+
+/// `mirage calibrate`'s arguments.
+#[derive(clap::Args)]
+struct CalibrateCmd {
+    /// Model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Betas .npy (trials × voxels) of one run.
+    #[arg(long)]
+    betas: PathBuf,
+    /// Targets: a folder of HEAD.npy (or an .npz), one row per betas row.
+    #[arg(long)]
+    targets: PathBuf,
+    /// Rows used for calibration, e.g. 0,3,5-9.
+    #[arg(long)]
+    trials: String,
+    /// Alignment file to write (.safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// TOML configuration whose [calibrate] section sets the fit.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a [calibrate] key, e.g. --set rank=4.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Write the fit report (JSON) here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// `mirage bench`'s arguments.
+#[derive(clap::Args)]
+struct BenchCmd {
+    /// TOML configuration for the stages and queues.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Grid X,Y,Z.
+    #[arg(long, default_value = "64,64,36", value_parser = parse_shape)]
+    shape: [usize; 3],
+    /// Voxels decoded per trial through random low-rank heads of MIRAGE's output shapes (0: none).
+    #[arg(long, default_value_t = 0)]
+    voxels_decoded: usize,
+    /// Rank of those heads.
+    #[arg(long, default_value_t = 512)]
+    rank: usize,
+    /// Volumes to send.
+    #[arg(long, default_value_t = 500)]
+    volumes: usize,
+    /// Transport: inproc, pyneal, zmq or lsl.
+    #[arg(long, value_enum, default_value = "pyneal")]
+    ingest: Transport,
+    /// Volumes per second, or max.
+    #[arg(long, default_value = "max", value_parser = parse_rate)]
+    rate: Rate,
+    /// Trigger-to-feedback deadline, ms (default one TR: 1000).
+    #[arg(long)]
+    deadline_ms: Option<f64>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write latency plots (SVG) here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Override a configuration key, SECTION.KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+}
+
+/// `mirage bench-decode`'s arguments.
+#[derive(clap::Args)]
+struct BenchDecodeCmd {
+    /// auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Input voxels (15,724: NSD subj01 nsdgeneral).
+    #[arg(long, default_value_t = 15_724)]
+    voxels: usize,
+    /// Rank of the heads, or full.
+    #[arg(long, default_value = "512", value_parser = parse_rank)]
+    rank: Rank,
+    /// Precision of the weight matrices: f32, bf16 or q8_0 (CPU).
+    #[arg(long, default_value = "f32", value_parser = WeightDtype::parse)]
+    dtype: WeightDtype,
+    /// Heads decoded only to their latents (comma-separated, or all).
+    #[arg(long, value_delimiter = ',')]
+    latent_heads: Vec<String>,
+    /// Gallery items ranked per trial (made from the heads' outputs; 0: none).
+    #[arg(long, default_value_t = 0)]
+    gallery: usize,
+    /// Timed trials.
+    #[arg(long, default_value_t = 100)]
+    trials: usize,
+    /// Trials also decoded on the CPU and compared with the device's outputs (0: none).
+    #[arg(long, default_value_t = 0)]
+    compare_cpu: usize,
+    /// Exit with an error when an output differs from the CPU's by more than this.
+    #[arg(long)]
+    tolerance: Option<f64>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// A volume rate: `max`, or volumes per second.
+#[derive(Clone, Copy, Debug)]
+struct Rate(Option<f64>);
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    match s {
+        "max" => Ok(Rate(None)),
+        r => match r.parse::<f64>() {
+            Ok(v) if v.is_finite() && v > 0.0 => Ok(Rate(Some(v))),
+            _ => Err(format!("{r:?}: use max or a positive number")),
+        },
+    }
+}
+
+/// A head rank: `full`, or a number.
+#[derive(Clone, Copy, Debug)]
+struct Rank(Option<usize>);
+
+fn parse_rank(s: &str) -> Result<Rank, String> {
+    match s {
+        "full" => Ok(Rank(None)),
+        r => r.parse().map(|n| Rank(Some(n))).map_err(|_| format!("{r:?}: use a number or full")),
+    }
+}
+
+/// A grid `X,Y,Z`.
+fn parse_shape(s: &str) -> Result<[usize; 3], String> {
+    let parts: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{s:?}: want X,Y,Z"))?;
+    parts.try_into().map_err(|_| format!("{s:?}: want X,Y,Z"))
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, opts } => {
             let cfg = commands::load_config(config.as_deref())?;
             commands::run::run(cfg, &opts).map(|_| ())
         }
-        Command::Simulate {
-            config,
-            seed,
-            volumes,
-            tr,
-            shape,
-            anatomy,
-            condition,
-            set,
-            out,
-            stream,
-            speed,
-            timeout,
-        } => {
-            let mut sim = commands::load_config(config.as_deref())?.sim;
-            let mut pairs: Vec<(String, String)> = Vec::new();
-            let mut add = |k: &str, v: Option<String>| {
-                if let Some(v) = v {
-                    pairs.push((k.to_string(), v));
-                }
-            };
-            add("seed", seed.map(|s| s.to_string()));
-            add("volumes", volumes.map(|s| s.to_string()));
-            add("tr", tr.map(|s| s.to_string()));
-            add("shape", shape);
-            add("anatomy", anatomy.map(|p| p.display().to_string()));
-            add("condition", condition);
-            for kv in set {
-                let (k, v) =
-                    kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {kv:?}: write KEY=VALUE"))?;
-                pairs.push((k.to_string(), v.to_string()));
-            }
-            for (k, v) in pairs {
-                sim.set(&k, &v).map_err(|e| anyhow::anyhow!("{e}"))?;
-            }
-            let target = match (out, stream) {
-                (Some(dir), _) => SimTarget::Folder(dir),
-                (None, Some(uri)) => SimTarget::Stream {
-                    uri,
-                    speed: Speed::parse(&speed).map_err(|e| anyhow::anyhow!("--speed: {e}"))?,
-                    timeout,
-                },
-                (None, None) => anyhow::bail!("give --out DIR or --stream URI"),
-            };
-            commands::simulate::simulate(&sim, &target)
-        }
-        Command::Scanner {
-            watch,
-            vendor,
-            to,
-            tr,
-            poll,
-            settle,
-            reorder,
-            give_up,
-            timeout,
-            stop_after,
-            idle_exit,
-            no_events,
-        } => {
-            let vendor = Vendor::parse(&vendor).map_err(|e| anyhow::anyhow!("--vendor: {e}"))?;
-            let watch_cfg = WatchConfig { vendor, settle_s: settle, reorder_s: reorder, give_up_s: give_up };
-            let args = ScannerArgs {
-                watch,
-                to,
-                watch_cfg,
-                tr,
-                poll_s: poll,
-                timeout_s: timeout,
-                stop_after,
-                idle_exit_s: idle_exit,
-                no_events,
-            };
-            commands::scanner::scanner(&args, &commands::scanner::stop_on_signal()).map(|_| ())
-        }
-        Command::Convert { dir, vendor, out } => {
-            let vendor = Vendor::parse(&vendor).map_err(|e| anyhow::anyhow!("--vendor: {e}"))?;
-            commands::scanner::convert(&dir, vendor, &out).map(|_| ())
-        }
+        Command::Simulate(a) => simulate(a),
+        Command::Scanner(a) => scanner(a),
+        Command::Convert { dir, vendor, out } => commands::scanner::convert(&dir, vendor, &out).map(|_| ()),
         Command::Realign { input, out, params, matrices, reference, config } => {
             let cfg = commands::load_config(config.as_deref())?;
             let outputs = RealignOutputs { out, params, matrices };
@@ -485,135 +470,184 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             commands::decode::train(&TrainArgs { betas, targets, out, mask, opts })
         }
-        Command::Decode { model, betas, out, renorm, device, align, run_stats } => {
-            let renorm = match renorm.as_str() {
-                "stored" => Renorm::Stored,
-                "batch" => Renorm::Batch,
-                "none" => Renorm::None,
-                other => anyhow::bail!("--renorm {other:?}: use stored, batch or none"),
-            };
-            let from = if run_stats == "running" {
-                commands::decode::RunStatsFrom::Running
-            } else {
-                commands::decode::RunStatsFrom::All
-            };
-            commands::decode::decode(&model, &betas, &out, renorm, &device, &align, from)
-        }
-        Command::Calibrate { model, betas, targets, trials, out, config, set, device, report } => {
-            let mut cfg = match &config {
-                Some(path) => mirage_rt::config::Config::load(path)?,
-                None => mirage_rt::config::Config::default(),
-            };
-            for s in &set {
-                cfg.set(&format!("calibrate.{s}"))?;
-            }
-            let problems = cfg.calibrate.validate();
-            if !problems.is_empty() {
-                anyhow::bail!("{}", problems.join("\n"));
-            }
-            let trials = commands::calibrate::parse_trials(&trials)?;
-            let args = commands::calibrate::CalibrateArgs {
-                model,
-                betas,
-                targets,
-                trials,
-                out,
-                device,
-                cfg: cfg.calibrate,
-                progress: true,
-            };
-            let r = commands::calibrate::calibrate(&args)?;
-            eprintln!("{}", commands::calibrate::summary(&r, &args.out));
-            if let Some(path) = report {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
-            }
-            Ok(())
-        }
-        Command::Bench {
-            config,
-            shape,
-            voxels_decoded,
-            rank,
-            volumes,
-            ingest,
-            rate,
-            deadline_ms,
-            json,
-            plot,
-            set,
-        } => {
-            let mut cfg = commands::load_config(config.as_deref())?;
-            for s in &set {
-                cfg.set(s)?;
-            }
-            let parts: Vec<usize> = shape.split(',').map(|p| p.trim().parse()).collect::<Result<_, _>>()?;
-            let shape: [usize; 3] =
-                parts.try_into().map_err(|_| anyhow::anyhow!("--shape {shape:?}: want X,Y,Z"))?;
-            let rate = match rate.as_str() {
-                "max" => None,
-                r => {
-                    Some(r.parse::<f64>().map_err(|_| anyhow::anyhow!("--rate {r:?}: use max or a number"))?)
-                }
-            };
-            let args = commands::bench::BenchArgs {
-                config: cfg,
-                shape,
-                voxels_decoded,
-                rank,
-                volumes,
-                ingest: commands::bench::Transport::parse(&ingest)?,
-                rate,
-                deadline_ms,
-                json,
-                plot,
-            };
-            let report = commands::bench::bench(&args, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
-            print!("{}", report.table());
-            Ok(())
-        }
-        Command::BenchDecode {
-            device,
-            voxels,
-            rank,
-            dtype,
-            latent_heads,
-            gallery,
-            trials,
-            compare_cpu,
-            tolerance,
-            json,
-        } => {
-            let rank = match rank.as_str() {
-                "full" => None,
-                r => Some(r.parse().map_err(|_| anyhow::anyhow!("--rank {r:?}: use a number or full"))?),
-            };
-            let args = commands::bench_decode::DecodeBenchArgs {
-                device,
-                voxels,
-                rank,
-                weight_dtype: mirage_rt::decode::WeightDtype::parse(&dtype)?,
-                latent_heads: match latent_heads.as_slice() {
-                    [all] if all == "all" => mirage_rt::decode::synthetic::MIRAGE_HEADS
-                        .iter()
-                        .map(|(n, _)| n.to_string())
-                        .collect(),
-                    _ => latent_heads,
-                },
-                gallery,
-                trials,
-                compare_cpu,
-                tolerance,
-                json,
-            };
-            print!("{}", commands::bench_decode::bench_decode(&args)?.table());
-            Ok(())
-        }
+        Command::Decode(a) => decode(a),
+        Command::Calibrate(a) => calibrate(a),
+        Command::Bench(a) => bench(a),
+        Command::BenchDecode(a) => bench_decode(a),
         Command::Protocol { file, out } => commands::calibrate::protocol(&file, out.as_deref()),
         Command::Eval { pred, truth, conditions, out } => {
             commands::decode::eval(&pred, &truth, conditions.as_deref(), &out).map(|_| ())
         }
         Command::Check { config } => commands::check(config.as_deref()),
     }
+}
+
+fn simulate(a: SimulateCmd) -> anyhow::Result<()> {
+    let SimulateCmd {
+        config,
+        seed,
+        volumes,
+        tr,
+        shape,
+        anatomy,
+        condition,
+        set,
+        out,
+        stream,
+        speed,
+        timeout,
+    } = a;
+    let mut sim = commands::load_config(config.as_deref())?.sim;
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut add = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            pairs.push((k.to_string(), v));
+        }
+    };
+    add("seed", seed.map(|s| s.to_string()));
+    add("volumes", volumes.map(|s| s.to_string()));
+    add("tr", tr.map(|s| s.to_string()));
+    add("shape", shape);
+    add("anatomy", anatomy.map(|p| p.display().to_string()));
+    add("condition", condition);
+    for kv in set {
+        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {kv:?}: write KEY=VALUE"))?;
+        pairs.push((k.to_string(), v.to_string()));
+    }
+    for (k, v) in pairs {
+        sim.set(&k, &v).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let target = match (out, stream) {
+        (Some(dir), _) => SimTarget::Folder(dir),
+        (None, Some(uri)) => SimTarget::Stream { uri, speed, timeout },
+        (None, None) => anyhow::bail!("give --out DIR or --stream URI"),
+    };
+    commands::simulate::simulate(&sim, &target)
+}
+
+fn scanner(a: ScannerCmd) -> anyhow::Result<()> {
+    let ScannerCmd {
+        watch,
+        vendor,
+        to,
+        tr,
+        poll,
+        settle,
+        reorder,
+        give_up,
+        timeout,
+        stop_after,
+        idle_exit,
+        no_events,
+    } = a;
+    let watch_cfg = WatchConfig { vendor, settle_s: settle, reorder_s: reorder, give_up_s: give_up };
+    let args = ScannerArgs {
+        watch,
+        to,
+        watch_cfg,
+        tr,
+        poll_s: poll,
+        timeout_s: timeout,
+        stop_after,
+        idle_exit_s: idle_exit,
+        no_events,
+    };
+    commands::scanner::scanner(&args, &commands::scanner::stop_on_signal()).map(|_| ())
+}
+
+fn decode(a: DecodeCmd) -> anyhow::Result<()> {
+    let DecodeCmd { model, betas, out, renorm, device, align, run_stats } = a;
+    commands::decode::decode(&model, &betas, &out, renorm, &device, &align, run_stats)
+}
+
+fn calibrate(a: CalibrateCmd) -> anyhow::Result<()> {
+    let CalibrateCmd { model, betas, targets, trials, out, config, set, device, report } = a;
+    let mut cfg = match &config {
+        Some(path) => mirage_rt::config::Config::load(path)?,
+        None => mirage_rt::config::Config::default(),
+    };
+    for s in &set {
+        cfg.set(&format!("calibrate.{s}"))?;
+    }
+    let problems = cfg.calibrate.validate();
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("\n"));
+    }
+    let trials = commands::calibrate::parse_trials(&trials)?;
+    let args = commands::calibrate::CalibrateArgs {
+        model,
+        betas,
+        targets,
+        trials,
+        out,
+        device,
+        cfg: cfg.calibrate,
+        progress: true,
+    };
+    let r = commands::calibrate::calibrate(&args)?;
+    eprintln!("{}", commands::calibrate::summary(&r, &args.out));
+    if let Some(path) = report {
+        std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
+    }
+    Ok(())
+}
+
+fn bench(a: BenchCmd) -> anyhow::Result<()> {
+    let BenchCmd { config, shape, voxels_decoded, rank, volumes, ingest, rate, deadline_ms, json, plot, set } =
+        a;
+    let mut cfg = commands::load_config(config.as_deref())?;
+    for s in &set {
+        cfg.set(s)?;
+    }
+    let args = commands::bench::BenchArgs {
+        config: cfg,
+        shape,
+        voxels_decoded,
+        rank,
+        volumes,
+        ingest,
+        rate: rate.0,
+        deadline_ms,
+        json,
+        plot,
+    };
+    let report = commands::bench::bench(&args, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+    print!("{}", report.table());
+    Ok(())
+}
+
+fn bench_decode(a: BenchDecodeCmd) -> anyhow::Result<()> {
+    let BenchDecodeCmd {
+        device,
+        voxels,
+        rank,
+        dtype,
+        latent_heads,
+        gallery,
+        trials,
+        compare_cpu,
+        tolerance,
+        json,
+    } = a;
+    let args = commands::bench_decode::DecodeBenchArgs {
+        device,
+        voxels,
+        rank: rank.0,
+        weight_dtype: dtype,
+        latent_heads: match latent_heads.as_slice() {
+            [all] if all == "all" => {
+                mirage_rt::decode::synthetic::MIRAGE_HEADS.iter().map(|(n, _)| n.to_string()).collect()
+            }
+            _ => latent_heads,
+        },
+        gallery,
+        trials,
+        compare_cpu,
+        tolerance,
+        json,
+    };
+    print!("{}", commands::bench_decode::bench_decode(&args)?.table());
+    Ok(())
 }
 
 fn main() -> ExitCode {

@@ -183,18 +183,13 @@ fn c(e: candle_core::Error) -> CalibrateError {
     CalibrateError::Compute(e.to_string())
 }
 
-/// Fits an alignment head for `decoder` on `set`; `progress` hears every step.
-pub fn fit(
+/// One loss term per head with targets and a non-zero weight.
+fn target_terms(
     decoder: &Decoder,
     set: &CalibrationSet,
     cfg: &CalibrateConfig,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<(AlignmentHead, FitReport), CalibrateError> {
-    let start = std::time::Instant::now();
-    let n = set.len();
-    let v = decoder.cfg.n_voxels;
-    set.check(decoder, cfg.min_trials)?;
-    let dev = &decoder.device;
+) -> Result<Vec<Term>, CalibrateError> {
+    let (n, dev) = (set.len(), &decoder.device);
     let mut terms = Vec::new();
     for (name, values) in &set.targets {
         let Some(hi) = decoder.heads.iter().position(|h| &h.cfg.name == name) else { continue };
@@ -218,7 +213,13 @@ pub fn fit(
     if terms.is_empty() {
         return Err(CalibrateError::Input("no head has targets (and a non-zero weight)".into()));
     }
-    let coral: Vec<usize> = if cfg.coral_heads.is_empty() {
+    Ok(terms)
+}
+
+/// The heads whose latents are moment-aligned: those named, else the fusion's image head
+/// (else the first).
+fn coral_heads(decoder: &Decoder, cfg: &CalibrateConfig) -> Result<Vec<usize>, CalibrateError> {
+    let heads: Vec<usize> = if cfg.coral_heads.is_empty() {
         let image = decoder.cfg.fusion.image_head.as_ref();
         vec![decoder.heads.iter().position(|h| Some(&h.cfg.name) == image).unwrap_or(0)]
     } else {
@@ -231,6 +232,62 @@ pub fn fit(
             })
             .collect::<Result<_, _>>()?
     };
+    Ok(heads)
+}
+
+/// Held-out loss and 2-way per step (one fold's, pooled): the step count with the lowest mean
+/// held-out loss, with the loss and 2-way at identity and at that step.
+type Selection = (usize, Option<(f64, f64)>, Option<(f64, f64)>);
+
+fn choose_steps(obj: &Objective, curves: &[FoldCurve], steps: usize) -> Result<Selection, CalibrateError> {
+    let scored = obj.coral[0];
+    let at = |v: &[f64], t: usize| v[t.min(v.len() - 1)];
+    Ok(if curves.is_empty() {
+        (steps, None, None)
+    } else {
+        let len = curves.iter().map(|f| f.loss.len()).max().unwrap_or(1);
+        let mean = |t: usize| curves.iter().map(|f| at(&f.loss, t)).sum::<f64>() / curves.len() as f64;
+        let best = (0..len).filter(|&t| mean(t).is_finite()).min_by(|&a, &b| mean(a).total_cmp(&mean(b)));
+        let best = best.unwrap_or(0);
+        // Cross-validated 2-way: every trial predicted by the fold that held it out.
+        let truth_of = |i: u32| -> Result<Vec<f32>, CalibrateError> {
+            let t = obj.terms.iter().find(|t| t.head == scored);
+            match t {
+                Some(t) => t.targets.get(i as usize).and_then(|x| x.to_vec1::<f32>()).map_err(c),
+                None => Ok(Vec::new()),
+            }
+        };
+        let pooled = |t: usize| -> Result<f64, CalibrateError> {
+            let (mut pred, mut truth) = (Vec::new(), Vec::new());
+            for f in curves {
+                let p = &f.predictions[t.min(f.predictions.len() - 1)];
+                for (row, &i) in p.iter().zip(&f.held) {
+                    pred.push(row.clone());
+                    truth.push(truth_of(i)?);
+                }
+            }
+            Ok(two_way(&pred, &truth))
+        };
+        let scored_has_targets = obj.terms.iter().any(|t| t.head == scored);
+        let score = if scored_has_targets { Some((pooled(0)?, pooled(best)?)) } else { None };
+        (best, Some((mean(0), mean(best))), score)
+    })
+}
+
+/// Fits an alignment head for `decoder` on `set`; `progress` hears every step.
+pub fn fit(
+    decoder: &Decoder,
+    set: &CalibrationSet,
+    cfg: &CalibrateConfig,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(AlignmentHead, FitReport), CalibrateError> {
+    let start = std::time::Instant::now();
+    let n = set.len();
+    let v = decoder.cfg.n_voxels;
+    set.check(decoder, cfg.min_trials)?;
+    let dev = &decoder.device;
+    let terms = target_terms(decoder, set, cfg)?;
+    let coral = coral_heads(decoder, cfg)?;
     let xs = Tensor::from_slice(&set.betas, (n, v), dev).map_err(c)?;
     let z = decoder.normalise(&xs).map_err(c)?;
     let obj = Objective { decoder, z, terms, coral, cfg, n_voxels: v as f64 };
@@ -294,37 +351,7 @@ pub fn fit(
         rollbacks += descend(&obj, &p, &tr, cfg.steps, cfg.lr, &mut on_step)?;
         curves.push(FoldCurve { held, loss: curve, predictions: preds });
     }
-    let at = |v: &[f64], t: usize| v[t.min(v.len() - 1)];
-    let (steps, heldout_loss, heldout_two_way) = if curves.is_empty() {
-        (cfg.steps, None, None)
-    } else {
-        let len = curves.iter().map(|f| f.loss.len()).max().unwrap_or(1);
-        let mean = |t: usize| curves.iter().map(|f| at(&f.loss, t)).sum::<f64>() / curves.len() as f64;
-        let best = (0..len).filter(|&t| mean(t).is_finite()).min_by(|&a, &b| mean(a).total_cmp(&mean(b)));
-        let best = best.unwrap_or(0);
-        // Cross-validated 2-way: every trial predicted by the fold that held it out.
-        let truth_of = |i: u32| -> Result<Vec<f32>, CalibrateError> {
-            let t = obj.terms.iter().find(|t| t.head == scored);
-            match t {
-                Some(t) => t.targets.get(i as usize).and_then(|x| x.to_vec1::<f32>()).map_err(c),
-                None => Ok(Vec::new()),
-            }
-        };
-        let pooled = |t: usize| -> Result<f64, CalibrateError> {
-            let (mut pred, mut truth) = (Vec::new(), Vec::new());
-            for f in &curves {
-                let p = &f.predictions[t.min(f.predictions.len() - 1)];
-                for (row, &i) in p.iter().zip(&f.held) {
-                    pred.push(row.clone());
-                    truth.push(truth_of(i)?);
-                }
-            }
-            Ok(two_way(&pred, &truth))
-        };
-        let scored_has_targets = obj.terms.iter().any(|t| t.head == scored);
-        let score = if scored_has_targets { Some((pooled(0)?, pooled(best)?)) } else { None };
-        (best, Some((mean(0), mean(best))), score)
-    };
+    let (steps, heldout_loss, heldout_two_way) = choose_steps(&obj, &curves, cfg.steps)?;
     let p = Params::from_head(&identity).map_err(c)?;
     let all = to_t(&all_idx)?;
     let loss_of = |p: &Params| obj.target_loss(p, &all).and_then(|l| l.to_scalar::<f32>()).map_err(c);

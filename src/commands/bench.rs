@@ -19,12 +19,12 @@ use crate::decode::train::{write_model, NamedTensor};
 use crate::ingest::Speed;
 use crate::message::Received;
 use crate::metrics::thread_cpu_ms;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PipelineHandle};
 use crate::rng::Rng;
 use crate::sim::Simulator;
 
 /// How volumes reach the daemon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Transport {
     /// The daemon's own simulator source (no network).
     Inproc,
@@ -37,17 +37,6 @@ pub enum Transport {
 }
 
 impl Transport {
-    /// Reads `inproc`, `pyneal`, `zmq` or `lsl`.
-    pub fn parse(s: &str) -> anyhow::Result<Transport> {
-        Ok(match s {
-            "inproc" => Transport::Inproc,
-            "pyneal" => Transport::Pyneal,
-            "zmq" => Transport::Zmq,
-            "lsl" => Transport::Lsl,
-            _ => anyhow::bail!("--ingest {s:?}: use inproc, pyneal, zmq or lsl"),
-        })
-    }
-
     fn name(self) -> &'static str {
         match self {
             Transport::Inproc => "inproc",
@@ -163,9 +152,16 @@ fn write_random_model(dir: &Path, voxels: &[usize], rank: usize) -> anyhow::Resu
     Ok(model)
 }
 
-/// Runs the bench and returns its report (also written as JSON and SVG when asked).
-pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
-    let dir = tempfile_dir()?;
+/// The bench's configuration: the simulator's run, a mask, a random model when decoding, a
+/// free publish port and the transport's URI (none: the daemon's own simulator).
+struct Prepared {
+    cfg: Config,
+    speed: Speed,
+    send_uri: Option<String>,
+    pub_port: u16,
+}
+
+fn prepare(args: &BenchArgs, dir: &Path) -> anyhow::Result<Prepared> {
     let mut cfg = args.config.clone();
     cfg.sim.shape = Some(args.shape);
     cfg.sim.volumes = args.volumes;
@@ -177,7 +173,7 @@ pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
         None => Speed::Max,
     };
     let sim = Simulator::new(&cfg.sim)?;
-    let (mask, voxels) = write_mask(&dir, &sim, (args.voxels_decoded > 0).then_some(args.voxels_decoded))?;
+    let (mask, voxels) = write_mask(dir, &sim, (args.voxels_decoded > 0).then_some(args.voxels_decoded))?;
     cfg.glm.mask = mask.display().to_string();
     cfg.decode.gallery = None;
     cfg.decode.model = None;
@@ -186,7 +182,7 @@ pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
             "mirage bench: writing a random model ({} voxels, rank {})…",
             args.voxels_decoded, args.rank
         );
-        cfg.decode.model = Some(write_random_model(&dir, &voxels, args.rank)?);
+        cfg.decode.model = Some(write_random_model(dir, &voxels, args.rank)?);
     }
     let pub_port = free_port()?;
     cfg.publish.uri = Some(format!("tcp://127.0.0.1:{pub_port}"));
@@ -220,6 +216,66 @@ pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("\n"));
     }
+    Ok(Prepared { cfg, speed, send_uri, pub_port })
+}
+
+/// Waits for the pipeline to finish, sampling its threads' CPU time and showing its status
+/// line; stops it when nothing is published for [`IDLE_S`] after the sender is done.
+fn watch(
+    handle: &PipelineHandle,
+    sender_done: impl Fn() -> bool,
+    progress: bool,
+) -> BTreeMap<u64, (String, f64)> {
+    let mut threads: BTreeMap<u64, (String, f64)> = BTreeMap::new();
+    let mut ticks = 0;
+    // Once the sender is done, a pipeline that publishes nothing for IDLE_S has lost volumes
+    // on the way in (counted as missing); stop it rather than wait for ever.
+    let (mut last_published, mut since) = (0, clock::now());
+    while !handle.is_finished() {
+        std::thread::sleep(Duration::from_millis(50));
+        threads.extend(thread_cpu_ms());
+        ticks += 1;
+        let published = handle.metrics().published.load(Ordering::Relaxed);
+        if published != last_published {
+            (last_published, since) = (published, clock::now());
+        }
+        if sender_done() && clock::now() - since > IDLE_S {
+            tracing::warn!("bench: nothing published for {IDLE_S} s after the sender finished; stopping");
+            handle.request_stop();
+            since = f64::INFINITY;
+        }
+        if progress && ticks % 20 == 0 {
+            eprint!("\r\x1b[2K{}", handle.metrics().snapshot().status_line());
+        }
+    }
+    if progress {
+        eprintln!();
+    }
+    threads
+}
+
+/// CPU time per published volume, ms: the whole process, each pipeline thread and their sum.
+fn cpu_per_volume(
+    cpu_total: f64,
+    threads: &BTreeMap<u64, (String, f64)>,
+    published: u64,
+) -> BTreeMap<String, f64> {
+    let n = published.max(1) as f64;
+    let mut cpu: BTreeMap<String, f64> =
+        BTreeMap::from([("process (with simulator and subscriber)".to_string(), cpu_total / n)]);
+    for (name, ms) in threads.values() {
+        if name.starts_with("mirage/") {
+            *cpu.entry(name.clone()).or_default() += ms / n;
+            *cpu.entry("pipeline threads".to_string()).or_default() += ms / n;
+        }
+    }
+    cpu
+}
+
+/// Runs the bench and returns its report (also written as JSON and SVG when asked).
+pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
+    let dir = tempfile_dir()?;
+    let Prepared { cfg, speed, send_uri, pub_port } = prepare(args, &dir)?;
 
     let cpu_before = process_cpu_ms();
     let handle = Pipeline::build(&cfg).map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
@@ -252,32 +308,7 @@ pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
         }
         None => None,
     };
-    let mut threads: BTreeMap<u64, (String, f64)> = BTreeMap::new();
-    let mut ticks = 0;
-    // Once the sender is done, a pipeline that publishes nothing for IDLE_S has lost volumes
-    // on the way in (counted as missing); stop it rather than wait for ever.
-    let (mut last_published, mut since) = (0, clock::now());
-    while !handle.is_finished() {
-        std::thread::sleep(Duration::from_millis(50));
-        threads.extend(thread_cpu_ms());
-        ticks += 1;
-        let published = handle.metrics().published.load(Ordering::Relaxed);
-        if published != last_published {
-            (last_published, since) = (published, clock::now());
-        }
-        let sender_done = sender.as_ref().is_none_or(|t| t.is_finished());
-        if sender_done && clock::now() - since > IDLE_S {
-            tracing::warn!("bench: nothing published for {IDLE_S} s after the sender finished; stopping");
-            handle.request_stop();
-            since = f64::INFINITY;
-        }
-        if progress && ticks % 20 == 0 {
-            eprint!("\r\x1b[2K{}", handle.metrics().snapshot().status_line());
-        }
-    }
-    if progress {
-        eprintln!();
-    }
+    let threads = watch(&handle, || sender.as_ref().is_none_or(|t| t.is_finished()), progress);
     let sent = match sender {
         Some(t) => match t.join() {
             Ok(Ok((n, _))) => n as u64,
@@ -308,15 +339,7 @@ pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
         }
     }
 
-    let n = snap.published.max(1) as f64;
-    let mut cpu: BTreeMap<String, f64> =
-        BTreeMap::from([("process (with simulator and subscriber)".to_string(), cpu_total / n)]);
-    for (name, ms) in threads.values() {
-        if name.starts_with("mirage/") {
-            *cpu.entry(name.clone()).or_default() += ms / n;
-            *cpu.entry("pipeline threads".to_string()).or_default() += ms / n;
-        }
-    }
+    let cpu = cpu_per_volume(cpu_total, &threads, snap.published);
     let setup = BenchSetup {
         shape: args.shape,
         volumes: args.volumes,

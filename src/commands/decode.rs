@@ -160,7 +160,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
 }
 
 /// How `mirage decode` renormalises outputs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Renorm {
     /// With the statistics stored in the model (what the live stage does).
     Stored,
@@ -171,7 +171,7 @@ pub enum Renorm {
 }
 
 /// Where per-run statistics come from in an offline decode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum RunStatsFrom {
     /// Every row of the file (one run).
     All,

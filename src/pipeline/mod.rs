@@ -545,8 +545,12 @@ mod tests {
         }
     }
 
-    /// Flags of each index in turn (run `r1`, one grid), and the counters after them.
-    fn observe(indices: &[u64]) -> (Vec<(bool, u64, bool, bool)>, [u64; 3]) {
+    /// `(new_run, gap_before, out_of_order, duplicate)` of one volume.
+    type Flags = (bool, u64, bool, bool);
+
+    /// Flags of each index in turn (run `r1`, one grid), and the counters after them
+    /// (missing, out of order, duplicates).
+    fn observe(indices: &[u64]) -> (Vec<Flags>, [u64; 3]) {
         let (mut tracker, m) = (IndexTracker::default(), Metrics::new(0.0));
         let flags = indices
             .iter()
