@@ -368,7 +368,13 @@ impl Simulator {
         };
         let encoding = EncodingModel::build(&mut Rng::new(seed, 3), &stimuli, &roi_world, &params);
         let run_seed = cfg.run_seed.unwrap_or(seed);
-        let trials = schedule(&mut Rng::new(run_seed, 4), cfg);
+        let protocol = match &cfg.protocol {
+            Some(p) => Some(
+                crate::calibrate::protocol::Protocol::load(p).map_err(|e| SimError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let trials = schedule(&mut Rng::new(run_seed, 4), cfg, protocol.as_ref())?;
         let mut jitter_rng = Rng::new(run_seed, 5);
         let amplitudes = trials
             .iter()
@@ -532,18 +538,28 @@ impl Simulator {
 /// The calibration protocol's imagery cues first (when one is set), then onsets every
 /// `trial_interval` ± 1 s until 12 s before the run ends; stimuli in shuffled rounds;
 /// conditions per the run's setting.
-fn schedule(rng: &mut Rng, cfg: &SimConfig) -> Vec<Trial> {
+fn schedule(
+    rng: &mut Rng,
+    cfg: &SimConfig,
+    protocol: Option<&crate::calibrate::protocol::Protocol>,
+) -> Result<Vec<Trial>, SimError> {
     let run_len = cfg.volumes as f64 * cfg.tr;
     let mut trials = Vec::new();
     let mut onset = 4.0;
-    if let Some(p) = cfg.protocol.as_ref().and_then(|p| crate::calibrate::protocol::Protocol::load(p).ok()) {
+    if let Some(p) = protocol {
         for cue in p.schedule() {
             if cue.onset + cue.duration + 12.0 > run_len {
                 break;
             }
+            let stim = cue.stim.parse().ok().filter(|&s| s < cfg.n_stimuli).ok_or_else(|| {
+                SimError::Config(format!(
+                    "protocol stimulus {:?} is not a stimulus number below n_stimuli",
+                    cue.stim
+                ))
+            })?;
             trials.push(Trial {
                 id: trials.len(),
-                stim: cue.stim.parse().unwrap_or(0),
+                stim,
                 condition: TrialCondition::Imagery,
                 onset: cue.onset,
                 duration: cue.duration,
@@ -578,7 +594,7 @@ fn schedule(rng: &mut Rng, cfg: &SimConfig) -> Vec<Trial> {
         });
         onset += cfg.trial_interval + rng.range(-1.0, 1.0);
     }
-    trials
+    Ok(trials)
 }
 
 /// Head motion, zero at volume 0. Smooth: per parameter, three slow sinusoids scaled to a random
