@@ -304,7 +304,7 @@ def main():
         meta = {"seeds": seeds, "trials": counts, "methods": methods, "families": families,
                 "minutes": (time.time() - start) / 60,
                 "command": "benches/calibration_eval.py " + " ".join(sys.argv[1:])}
-        json.dump({"meta": meta, "table": table, "per_seed": results}, open(a.json, "w"), indent=1)
+        json.dump({"meta": meta, "table": table, "per_seed": results}, open(a.json, "w"))
 
 
 if __name__ == "__main__":

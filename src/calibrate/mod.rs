@@ -255,7 +255,8 @@ pub struct CalibrateConfig {
     pub modes: Vec<usize>,
     /// Penalties tried for each head's correction, relative to its Gram matrix's mean diagonal.
     pub alphas: Vec<f64>,
-    /// Level of the guard's one-sided paired t-test over held-out stimuli.
+    /// Level of the guard's one-sided paired t-test over held-out stimuli (the input
+    /// candidate, the best of several: this over their number).
     pub guard_p: f64,
     /// Fewest distinct stimuli with which anything is tested (else the baseline is kept).
     pub min_stimuli: usize,

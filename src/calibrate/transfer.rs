@@ -18,9 +18,10 @@
 //! other's), so the two are exchangeable and nothing fitted has seen either. Choices made
 //! inside (the penalty, the input candidate) are nested: made without the pair. A component's
 //! mean gain in identification margin over the pairs, with its jackknife standard error over
-//! stimuli, enters a one-sided t-test at `calibrate.guard_p`; a component is kept only where
-//! it passes, otherwise the baseline stays. The report gives those held-out estimates, never a score on the trials a
-//! choice was fitted on.
+//! stimuli, enters a one-sided t-test at `calibrate.guard_p` (the input candidate, the best of
+//! several, at `guard_p` over their number); a component is kept only where it passes,
+//! otherwise the baseline stays. The report gives those held-out estimates, never a score on
+//! the trials a choice was fitted on.
 //!
 //! All of it works on Gram matrices: the run's normalised betas (`N × N`) and, per head, the
 //! predictions of every run trial, of the zero input and every stimulus's target (`q × q`).
@@ -71,6 +72,9 @@ pub struct InputReport {
     pub kept: bool,
     /// The best candidate, kept or not.
     pub best: (InputNorm, usize),
+    /// Level of its one-sided test: `guard_p` over the candidates other than the baseline
+    /// (the best of several is what is tested).
+    pub level: f64,
     /// Held-out gain of the whole pipeline with the choice over the pipeline with the
     /// baseline, in identification margin (the choice itself nested).
     pub margin_gain: Estimate,
@@ -898,7 +902,10 @@ fn choose(p: &Problem, progress: &mut dyn FnMut(&Progress)) -> Result<Chosen, Ca
     };
     let (input_margin, input_two_way) = (gain(&|pl| &pl.margin), gain(&|pl| &pl.two_way));
     let best = best_without(&[]);
-    let kept = best != 0 && input_margin.reliable(cfg.guard_p);
+    // The best of several candidates is tested: Bonferroni over them, or a world with nothing
+    // to learn keeps one by chance (and with it corrections its own test would refuse).
+    let level = cfg.guard_p / (candidates.len() - 1).max(1) as f64;
+    let kept = best != 0 && input_margin.reliable(level);
     let chosen = if kept { best } else { 0 };
     let (input, k) = candidates[chosen];
     let input_report = InputReport {
@@ -907,6 +914,7 @@ fn choose(p: &Problem, progress: &mut dyn FnMut(&Progress)) -> Result<Chosen, Ca
         modes: k,
         kept,
         best: (cfg.inputs[candidates[best].0], candidates[best].1),
+        level,
         margin_gain: input_margin,
         two_way_gain: input_two_way,
     };
@@ -1214,6 +1222,8 @@ mod tests {
             assert!(report.heads.iter().all(|h| !h.kept), "seed {seed}: {report:?}");
             assert!(alignment.adjusts.iter().all(Option::is_none));
             let input = report.input.as_ref().unwrap();
+            // Seven candidates besides the baseline (two inputs × modes 0, 1, 2, 4).
+            assert!((input.level - CalibrateConfig::default().guard_p / 7.0).abs() < 1e-12, "{input:?}");
             let baseline = w.held_out_two_way(&decoder, &centred(&decoder));
             let calibrated = w.held_out_two_way(&decoder, &Adapter::Calibrated(alignment));
             if !input.kept {

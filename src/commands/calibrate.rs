@@ -146,11 +146,12 @@ fn closed_form_summary(r: &crate::calibrate::transfer::TransferReport, out: &Pat
     if let Some(i) = &r.input {
         let what = if i.kept { "kept" } else { "not kept: the baseline stays" };
         s.push_str(&format!(
-            "\nmirage: input {} with {} voxel modes removed (best candidate {} with {} modes, {what}); held-out 2-way {}",
+            "\nmirage: input {} with {} voxel modes removed (best candidate {} with {} modes, tested at p {:.3}, {what}); held-out 2-way {}",
             i.input.name(),
             i.modes,
             i.best.0.name(),
             i.best.1,
+            i.level,
             pct(&i.two_way_gain)
         ));
     }
