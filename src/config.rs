@@ -235,32 +235,13 @@ impl Config {
         toml::from_str(text).map_err(|e: toml::de::Error| e.message().trim().to_string())
     }
 
-    /// Applies one `section.key=value` override (the value read as TOML, else as a string),
-    /// e.g. `motion.enabled=false` or `publish.uri="tcp://127.0.0.1:6000"`.
+    /// Applies one `section.key=value` override ([`crate::settings`]: the value read as TOML,
+    /// else as a list or a string), e.g. `motion.enabled=false` or `calibrate.modes=0,1`.
     pub fn set(&mut self, assignment: &str) -> anyhow::Result<()> {
         let (path, raw) = assignment
             .split_once('=')
             .ok_or_else(|| anyhow::anyhow!("--set {assignment:?}: write SECTION.KEY=VALUE"))?;
-        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-        let mut root = toml::Value::try_from(&*self)?;
-        let mut node = &mut root;
-        let keys: Vec<&str> = path.split('.').collect();
-        for (i, key) in keys.iter().enumerate() {
-            let table =
-                node.as_table_mut().ok_or_else(|| anyhow::anyhow!("--set {path}: {key} is not a section"))?;
-            if i + 1 == keys.len() {
-                table.insert((*key).to_string(), value.clone());
-                break;
-            }
-            node = table.entry((*key).to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        }
-        *self = root
-            .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("--set {assignment}: {}", e.message().trim()))?;
-        Ok(())
+        crate::settings::set(self, path, raw).map_err(|e| anyhow::anyhow!("--set {e}"))
     }
 
     /// The parsed ingest URI.

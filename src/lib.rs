@@ -28,6 +28,7 @@ pub mod queue;
 pub mod rng;
 pub mod scanner;
 pub mod sender;
+pub mod settings;
 pub mod sim;
 pub mod volume;
 

@@ -325,7 +325,7 @@ mod tests {
             ("file://a.nii?speed=fast", "speed"),
             ("file://a.nii?delay=-1", "delay"),
             ("sim://?volumes=x", "volumes"),
-            ("sim://?colour=red", "unknown sim parameter"),
+            ("sim://?colour=red", "sim parameter colour=red: unknown field `colour`"),
             ("pyneal://127.0.0.1:5555?tr=500", "at most 60"),
             ("zmq://127.0.0.1:5555?speed=max", "only tr="),
         ] {

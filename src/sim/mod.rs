@@ -180,70 +180,11 @@ const PHANTOM_VOXEL_MM: [f64; 3] = [3.0, 3.0, 3.0];
 /// Absolute noise floor added to the baseline when scaling noise (background voxels).
 const NOISE_FLOOR: f64 = 20.0;
 
-fn parse_triple<T: std::str::FromStr>(v: &str) -> Option<[T; 3]> {
-    let parts: Vec<T> = v.split([',', 'x']).map(|p| p.trim().parse().ok()).collect::<Option<_>>()?;
-    <[T; 3]>::try_from(parts).ok()
-}
-
 impl SimConfig {
-    /// Sets one parameter from text, e.g. `("volumes", "120")` or `("shape", "64,64,36")`.
+    /// Sets one parameter from text, e.g. `("volumes", "120")` or `("shape", "64,64,36")`, in
+    /// the dialect of every `--set` ([`crate::settings`]).
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
-        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
-            v.parse().map_err(|_| format!("sim parameter {key}={v:?} is not a valid number"))
-        }
-        match key {
-            "seed" => self.seed = num(key, value)?,
-            "run_seed" => self.run_seed = Some(num(key, value)?),
-            "volumes" => self.volumes = num(key, value)?,
-            "tr" => self.tr = num(key, value)?,
-            "shape" => {
-                self.shape =
-                    Some(parse_triple(value).ok_or(format!("sim parameter shape={value:?}: want X,Y,Z"))?)
-            }
-            "voxel_mm" => {
-                self.voxel_mm =
-                    Some(parse_triple(value).ok_or(format!("sim parameter voxel_mm={value:?}: want X,Y,Z"))?)
-            }
-            "anatomy" => self.anatomy = Some(PathBuf::from(value)),
-            "run" => self.run = sanitize_run_id(value),
-            "condition" => {
-                self.condition = match value {
-                    "seen" => RunCondition::Seen,
-                    "imagery" => RunCondition::Imagery,
-                    "mixed" => RunCondition::Mixed,
-                    _ => {
-                        return Err(format!("sim parameter condition={value:?}: want seen, imagery or mixed"))
-                    }
-                }
-            }
-            "n_stimuli" => self.n_stimuli = num(key, value)?,
-            "picture_size" => self.picture_size = num(key, value)?,
-            "embedding_dim" => self.embedding_dim = num(key, value)?,
-            "trial_duration" => self.trial_duration = num(key, value)?,
-            "trial_interval" => self.trial_interval = num(key, value)?,
-            "signal_pct" => self.signal_pct = num(key, value)?,
-            "trial_jitter" => self.trial_jitter = num(key, value)?,
-            "noise_pct" => self.noise_pct = num(key, value)?,
-            "ar1" => self.ar1 = num(key, value)?,
-            "drift_pct" => self.drift_pct = num(key, value)?,
-            "motion_mm" => self.motion_mm = num(key, value)?,
-            "motion_deg" => self.motion_deg = num(key, value)?,
-            "motion_kind" => {
-                self.motion_kind = match value {
-                    "smooth" => MotionKind::Smooth,
-                    "random" => MotionKind::Random,
-                    _ => return Err(format!("sim parameter motion_kind={value:?}: want smooth or random")),
-                }
-            }
-            "imagery_lowlevel" => self.imagery_lowlevel = num(key, value)?,
-            "imagery_gain" => self.imagery_gain = num(key, value)?,
-            "imagery_shift_pct" => self.imagery_shift_pct = num(key, value)?,
-            "imagery_mixing" => self.imagery_mixing = num(key, value)?,
-            "protocol" => self.protocol = Some(PathBuf::from(value)),
-            "max_voxels" => self.max_voxels = num(key, value)?,
-            _ => return Err(format!("unknown sim parameter {key:?}")),
-        }
-        Ok(())
+        crate::settings::set(self, key, value).map_err(|e| format!("sim parameter {e}"))
     }
 
     /// Every problem with the parameters, each on its own line.
@@ -527,7 +468,7 @@ impl Simulator {
             dims,
             affine: self.anatomy.affine,
             index: index as u64,
-            run: self.cfg.run.clone(),
+            run: sanitize_run_id(&self.cfg.run),
             tr: Some(self.cfg.tr),
             acq_time: None,
             recv_time: 0.0,
@@ -695,8 +636,17 @@ mod tests {
         let mut cfg = SimConfig::default();
         assert!(cfg.set("volumes", "ten").is_err());
         assert!(cfg.set("bogus", "1").is_err());
-        cfg.set("shape", "10x10x10").unwrap();
+        cfg.set("shape", "10,10,10").unwrap();
         assert_eq!(cfg.shape, Some([10, 10, 10]));
+        let e = cfg.set("shape", "10x10x10").unwrap_err();
+        assert!(e.contains("shape=10x10x10"), "{e}");
+        assert_eq!(cfg.shape, Some([10, 10, 10]));
+        cfg.set("condition", "imagery").unwrap();
+        cfg.set("run", "a b").unwrap();
+        assert_eq!((cfg.condition, cfg.run.as_str()), (RunCondition::Imagery, "a b"));
+        // Volumes carry the run id sanitised, however it was set.
+        let mut sim = Simulator::new(&SimConfig { run: "a b/c".into(), ..small() }).unwrap();
+        assert_eq!(sim.next_volume().unwrap().run, sanitize_run_id("a b/c"));
         cfg.tr = -1.0;
         cfg.ar1 = 1.5;
         assert_eq!(cfg.validate().len(), 2);
