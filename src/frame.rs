@@ -85,6 +85,9 @@ pub struct Frame {
     pub flags: IngestFlags,
     /// Head motion, once the motion stage has estimated it.
     pub motion: Option<crate::motion::MotionEstimate>,
+    /// Live events (markers) that arrived before this volume, handed to the GLM stage by the
+    /// runner.
+    pub events: Vec<crate::glm::events::Event>,
     /// ROI feedback and closed trials, once the GLM stage has run.
     pub glm: Option<crate::glm::GlmOutput>,
     /// Trials decoded from this frame's closed trials.
@@ -108,6 +111,7 @@ impl Frame {
             volume,
             flags,
             motion: None,
+            events: Vec::new(),
             glm: None,
             decoded: Vec::new(),
             calibration: Vec::new(),

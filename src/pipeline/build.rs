@@ -42,6 +42,8 @@ fn one(e: impl ToString) -> Errors {
 struct Stages {
     motion: Box<dyn Stage>,
     glm: Box<dyn Stage>,
+    /// The live events the GLM stage takes (none without a GLM).
+    events: Option<crossbeam_channel::Receiver<Event>>,
     decoding: Option<(DecodeStageAdapter, rayon::ThreadPool)>,
 }
 
@@ -58,10 +60,10 @@ impl Stages {
         } else {
             Box::new(Identity("motion"))
         };
-        let glm: Box<dyn Stage> = if cfg.glm.enabled {
-            Box::new(GlmStage { glm: glm_estimator(cfg, uri).map_err(one)?, events })
+        let (glm, events): (Box<dyn Stage>, _) = if cfg.glm.enabled {
+            (Box::new(GlmStage(glm_estimator(cfg, uri).map_err(one)?)), Some(events))
         } else {
-            Box::new(Identity("glm"))
+            (Box::new(Identity("glm")), None)
         };
         let decoding = match &cfg.decode.model {
             Some(_) => {
@@ -69,6 +71,7 @@ impl Stages {
                 let calibration = live_calibration(cfg, &stage, session_dir).map_err(one)?;
                 let adapter = DecodeStageAdapter {
                     stage,
+                    now: clock::now,
                     budget_ms: cfg.decode.latency_budget_ms,
                     run_end: cfg.decode.decode_run_end,
                     calibration,
@@ -83,7 +86,7 @@ impl Stages {
             }
             None => None,
         };
-        Ok(Stages { motion, glm, decoding })
+        Ok(Stages { motion, glm, events, decoding })
     }
 }
 
@@ -283,13 +286,13 @@ impl Wiring<'_> {
             None => Box::new(Identity("decode")),
         };
         let slots: Vec<StageSlot> = vec![
-            (stages.motion, ingest.1, motion.0, Boundary::Motion),
-            (stages.glm, motion.1, glm.0, Boundary::Glm),
-            (decode_stage, glm.1, decode.0, Boundary::Decode),
+            (stages.motion, ingest.1, motion.0, Boundary::Motion, None),
+            (stages.glm, motion.1, glm.0, Boundary::Glm, stages.events),
+            (decode_stage, glm.1, decode.0, Boundary::Decode, None),
         ];
-        for (stage, rx, tx, boundary) in slots {
+        for (stage, rx, tx, boundary, events) in slots {
             let m = self.metrics.clone();
-            self.spawn(stage.name(), move || stage_loop(stage, rx, tx, boundary, &m));
+            self.spawn(stage.name(), move || stage_loop(stage, rx, tx, boundary, events, &m));
         }
 
         let (record_tx, record_rx) = record;

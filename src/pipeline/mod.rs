@@ -57,8 +57,10 @@ const LATE_QUEUE: usize = 256;
 /// Live events waiting for the GLM stage.
 const EVENT_QUEUE: usize = 4096;
 
-/// A stage with its input edge, output edge and the boundary stamped after it.
-type StageSlot = (Box<dyn Stage>, EdgeRx<Frame>, EdgeTx<Frame>, Boundary);
+/// A stage with its input edge, output edge, the boundary stamped after it and the live
+/// events it takes.
+type StageSlot =
+    (Box<dyn Stage>, EdgeRx<Frame>, EdgeTx<Frame>, Boundary, Option<crossbeam_channel::Receiver<Event>>);
 
 /// Entry point for building a running pipeline from a configuration.
 pub struct Pipeline;
@@ -287,17 +289,22 @@ fn wait_recorded(m: &Metrics, n: u64, seconds: f64) -> bool {
     true
 }
 
+/// Runs one stage on its thread: each frame from `rx` (with the live events waiting in
+/// `events`, when the stage takes them) through `process`, stamped at `boundary`, on to `tx`;
+/// `flush` when the input ends.
 fn stage_loop(
     mut stage: Box<dyn Stage>,
     mut rx: EdgeRx<Frame>,
     mut tx: EdgeTx<Frame>,
     boundary: Boundary,
+    events: Option<crossbeam_channel::Receiver<Event>>,
     m: &Metrics,
 ) {
     let mut last: Option<Frame> = None;
     loop {
         match rx.recv_timeout(POLL) {
             Recv::Msg(mut frame) => {
+                frame.events.extend(events.iter().flat_map(|e| e.try_iter()));
                 if let Err(e) = stage.process(&mut frame) {
                     m.count_error(e.reason);
                     tracing::warn!("volume {}: {e}", frame.volume.index);

@@ -64,14 +64,9 @@ impl Stage for MotionStage {
     }
 }
 
-/// The GLM stage in the pipeline: drains live events, fits, and attaches ROI feedback and
-/// closed trials to the frame.
-pub struct GlmStage {
-    /// The estimator.
-    pub glm: crate::glm::GlmEstimator,
-    /// Live events (markers) from ingest and marker sources.
-    pub events: crossbeam_channel::Receiver<crate::glm::events::Event>,
-}
+/// The GLM stage in the pipeline: takes the live events the runner attached to the frame,
+/// fits, and attaches ROI feedback and closed trials.
+pub struct GlmStage(pub crate::glm::GlmEstimator);
 
 impl Stage for GlmStage {
     fn name(&self) -> &'static str {
@@ -79,14 +74,14 @@ impl Stage for GlmStage {
     }
 
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
-        while let Ok(e) = self.events.try_recv() {
-            self.glm.add_event(e);
+        for e in std::mem::take(&mut frame.events) {
+            self.0.add_event(e);
         }
         if frame.end_of_run {
             return Ok(());
         }
         let out = self
-            .glm
+            .0
             .process(&frame.volume, frame.motion.as_ref(), frame.flags.new_run)
             .map_err(|e| StageError { stage: "glm", reason: e.reason(), message: e.to_string() })?;
         frame.glm = Some(out);
@@ -94,7 +89,7 @@ impl Stage for GlmStage {
     }
 
     fn flush(&mut self, last: &Frame) -> Option<Frame> {
-        let trials = self.glm.finish();
+        let trials = self.0.finish();
         if trials.is_empty() {
             return None;
         }
@@ -105,11 +100,13 @@ impl Stage for GlmStage {
 }
 
 /// The decode stage in the pipeline: decodes every trial the GLM closed in this frame and
-/// times each decode against the budget (the runner owns the clock); in calibration mode it
-/// also feeds the live calibration and switches to the fitted head when it is ready.
+/// times each decode against the budget with the clock the runner gives it; in calibration
+/// mode it also feeds the live calibration and switches to the fitted head when it is ready.
 pub struct DecodeStageAdapter {
     /// The loaded model and gallery.
     pub stage: crate::decode::DecodeStage,
+    /// The runner's clock (seconds), for each decode's latency.
+    pub now: fn() -> f64,
     /// Budget per trial, ms.
     pub budget_ms: f64,
     /// Also decode end-of-run estimates.
@@ -142,10 +139,10 @@ impl Stage for DecodeStageAdapter {
         let mut first_error = None;
         if let Some(glm) = &frame.glm {
             for t in glm.trials.iter().filter(|t| self.run_end || !t.at_run_end) {
-                let start = crate::clock::now();
+                let start = (self.now)();
                 match self.stage.decode(t) {
                     Ok(mut d) => {
-                        d.latency_ms = (crate::clock::now() - start) * 1e3;
+                        d.latency_ms = ((self.now)() - start) * 1e3;
                         d.over_budget = d.latency_ms > self.budget_ms;
                         d.closed_time = frame.stamps.get(crate::frame::Boundary::Glm);
                         frame.decoded.push(d);
