@@ -100,6 +100,8 @@ pub struct QueueSnapshot {
     pub depth: usize,
     /// Message capacity.
     pub capacity: usize,
+    /// What a producer does when it is full.
+    pub policy: crate::queue::WhenFull,
     /// Highest depth seen.
     pub max_depth: usize,
     /// Messages passed.
@@ -268,6 +270,7 @@ impl Metrics {
                     .iter()
                     .map(|s| QueueSnapshot {
                         name: s.name,
+                        policy: s.policy,
                         depth: s.depth.load(Ordering::Relaxed),
                         capacity: s.capacity,
                         max_depth: s.max_depth.load(Ordering::Relaxed),

@@ -38,6 +38,8 @@ pub struct EdgeStats {
     pub capacity: usize,
     /// Byte budget.
     pub byte_budget: usize,
+    /// What a producer does when it is full.
+    pub policy: WhenFull,
     /// Messages accepted.
     pub pushed: AtomicU64,
     /// Messages dropped because the edge was full.
@@ -90,6 +92,7 @@ pub fn edge<T: ByteSize>(
         name,
         capacity,
         byte_budget,
+        policy,
         pushed: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
         blocked: AtomicU64::new(0),

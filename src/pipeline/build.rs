@@ -107,15 +107,13 @@ impl Edges {
             metrics.add_edge(tx.stats());
             (tx, rx)
         };
+        let ingest = frame_edge("ingest->motion", WhenFull::Block);
+        let motion = frame_edge("motion->glm", WhenFull::Block);
+        let glm = frame_edge("glm->decode", WhenFull::Block);
+        let decode = frame_edge("decode->publish", p.publish_when_full);
         let record = edge::<RecordItem>("ingest->record", p.record_capacity, usize::MAX, WhenFull::Block);
         metrics.add_edge(record.0.stats());
-        Edges {
-            ingest: frame_edge("ingest->motion", WhenFull::Block),
-            motion: frame_edge("motion->glm", WhenFull::Block),
-            glm: frame_edge("glm->decode", WhenFull::Block),
-            decode: frame_edge("decode->publish", p.publish_when_full),
-            record,
-        }
+        Edges { ingest, motion, glm, decode, record }
     }
 }
 
@@ -541,4 +539,40 @@ fn known_tr(cfg: &Config, uri: &IngestUri) -> Option<f64> {
         _ => None,
     };
     configured_tr(cfg, uri).or(sim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::WhenFull;
+
+    #[test]
+    fn the_runner_wires_the_edges_the_architecture_names_and_every_volume_goes_through() {
+        let mut cfg = Config::default();
+        cfg.ingest.uri = "sim://?volumes=6&shape=12,12,6&speed=max".into();
+        cfg.publish.uri = None;
+        cfg.publish.lsl_feedback = None;
+        cfg.record.dir = None;
+        cfg.console.listen = None;
+        cfg.decode.model = None;
+        cfg.pipeline.publish_when_full = WhenFull::DropNewest;
+        let handle = Pipeline::build(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
+        let snap = handle.wait();
+        let edges: Vec<(&str, WhenFull, u64)> =
+            snap.queues.iter().map(|q| (q.name, q.policy, q.pushed)).collect();
+        assert_eq!(
+            edges,
+            [
+                ("ingest->motion", WhenFull::Block, 6),
+                ("motion->glm", WhenFull::Block, 6),
+                ("glm->decode", WhenFull::Block, 6),
+                ("decode->publish", WhenFull::DropNewest, 6),
+                // Not recording: the edge exists, nothing is pushed to it.
+                ("ingest->record", WhenFull::Block, 0),
+            ],
+            "{:?}",
+            snap.queues
+        );
+        assert_eq!(snap.received, 6);
+    }
 }
