@@ -114,6 +114,23 @@ pub struct QueueSnapshot {
     pub blocked_ms: f64,
 }
 
+/// A counter of something that went wrong or was dropped: its name (the `reason` label) and
+/// what it counts. Declared once beside the code that counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Reason {
+    /// Counter name, snake_case.
+    pub name: &'static str,
+    /// What it counts.
+    pub help: &'static str,
+}
+
+impl Reason {
+    /// A reason named `name` that counts `help`.
+    pub const fn new(name: &'static str, help: &'static str) -> Reason {
+        Reason { name, help }
+    }
+}
+
 /// A point-in-time copy of every counter.
 #[derive(Clone, Debug, Serialize)]
 pub struct MetricsSnapshot {
@@ -178,6 +195,7 @@ pub struct Metrics {
     /// Calibration mode's progress, for the status line.
     pub calibration: Mutex<Option<String>>,
     errors: Mutex<BTreeMap<String, u64>>,
+    reasons: Mutex<BTreeMap<&'static str, &'static str>>,
     latency: Mutex<LatencyBook>,
     edges: Mutex<Vec<Arc<EdgeStats>>>,
 }
@@ -198,6 +216,7 @@ impl Metrics {
             decoded: AtomicU64::new(0),
             calibration: Mutex::new(None),
             errors: Mutex::new(BTreeMap::new()),
+            reasons: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(LatencyBook {
                 stages: STAGES.iter().map(|_| histogram()).collect(),
                 total: histogram(),
@@ -209,7 +228,21 @@ impl Metrics {
         }
     }
 
-    /// Counts one error under `reason` (e.g. `bad_header`, `stage_motion`).
+    /// Counts one `reason`.
+    pub fn count(&self, reason: Reason) {
+        self.count_error(reason.name);
+    }
+
+    /// Registers counters up front: Prometheus exports each at 0 before it first happens,
+    /// with what it counts.
+    pub fn register(&self, reasons: &[Reason]) {
+        if let Ok(mut r) = self.reasons.lock() {
+            r.extend(reasons.iter().map(|x| (x.name, x.help)));
+        }
+    }
+
+    /// Counts one error under `reason` (e.g. `bad_header`, `stage_motion`): the typed errors'
+    /// own reasons; counters of the runner and sinks go through [`Metrics::count`].
     pub fn count_error(&self, reason: &str) {
         if let Ok(mut e) = self.errors.lock() {
             *e.entry(reason.to_string()).or_insert(0) += 1;
@@ -339,7 +372,13 @@ impl Metrics {
         }
         let _ =
             writeln!(s, "# HELP mirage_errors_total Errors by reason.\n# TYPE mirage_errors_total counter");
-        for (reason, v) in &snap.errors {
+        let registered = self.reasons.lock().map(|r| r.clone()).unwrap_or_default();
+        for (reason, help) in &registered {
+            let _ = writeln!(s, "# reason {reason}: {help}.");
+        }
+        let mut errors: BTreeMap<&str, u64> = registered.keys().map(|r| (*r, 0)).collect();
+        errors.extend(snap.errors.iter().map(|(k, v)| (k.as_str(), *v)));
+        for (reason, v) in &errors {
             let _ = writeln!(s, "mirage_errors_total{{reason=\"{reason}\"}} {v}");
         }
         for (name, help, f) in [

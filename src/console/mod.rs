@@ -20,7 +20,20 @@ use serde_json::{Map, Value};
 
 pub use self::state::{ConsoleInput, ConsoleState};
 use crate::decode::gallery::Gallery;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reason};
+
+/// The console's server failed to start or serve.
+pub const CONSOLE: Reason = Reason::new("console", "console server failures (runtime, bind, serve)");
+/// The offline report could not be written.
+pub const REPORT_IO: Reason = Reason::new("report_io", "report.html writes that failed");
+/// Page events a slow browser missed.
+pub const CONSOLE_LAGGED: Reason =
+    Reason::new("console_lagged", "page events a slow browser connection skipped");
+/// Events the console's queue had no room for.
+pub const CONSOLE_DROPPED: Reason =
+    Reason::new("console_dropped", "events dropped: the console's queue was full");
+/// What the console counts.
+pub const REASONS: &[Reason] = &[CONSOLE, REPORT_IO, CONSOLE_LAGGED, CONSOLE_DROPPED];
 
 /// The page: self-contained (no CDN: scanner networks are offline).
 pub const PAGE: &str = include_str!("page.html");
@@ -71,7 +84,7 @@ impl ConsoleFeed {
     /// Passes a published message on; a full feed drops it and counts `console_dropped`.
     pub fn push(&self, input: ConsoleInput) {
         if self.tx.try_send(input).is_err() {
-            self.metrics.count_error("console_dropped");
+            self.metrics.count(CONSOLE_DROPPED);
         }
     }
 }

@@ -40,7 +40,7 @@ pub(super) fn run(
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("console: {e}");
-            metrics.count_error("console");
+            metrics.count(super::CONSOLE);
             return;
         }
     };
@@ -63,7 +63,7 @@ pub(super) fn run(
                 }
                 Err(e) => {
                     tracing::error!("console: {e}");
-                    metrics.count_error("console");
+                    metrics.count(super::CONSOLE);
                 }
             }
         }
@@ -79,7 +79,7 @@ pub(super) fn run(
             if let Some(path) = &report {
                 if let Err(e) = std::fs::write(path, state.report_html(PAGE, Some(path))) {
                     tracing::error!("console: report {}: {e}", path.display());
-                    metrics.count_error("report_io");
+                    metrics.count(super::REPORT_IO);
                 }
             }
             let _ = shared.live.send(state.end_event(report.as_deref()));
@@ -103,7 +103,7 @@ async fn events(State(shared): State<Arc<Shared>>) -> Sse<impl Stream<Item = Res
             match rx.recv().await {
                 Ok(e) => return Some((e, (rx, metrics))),
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    (0..n).for_each(|_| metrics.count_error("console_lagged"));
+                    (0..n).for_each(|_| metrics.count(super::CONSOLE_LAGGED));
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }

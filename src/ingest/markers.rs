@@ -6,7 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use lsl::Pullable;
 
 use crate::glm::events::{parse_marker, Event};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reason};
+
+/// An LSL marker stream that could not be opened (retried).
+pub const MARKER_STREAM: Reason = Reason::new("marker_stream", "LSL marker streams that could not be opened");
+/// A marker that did not parse.
+pub const BAD_MARKER: Reason = Reason::new("bad_marker", "markers that did not parse as events");
+/// What the marker reader counts.
+pub const REASONS: &[Reason] = &[MARKER_STREAM, BAD_MARKER];
 
 /// Resolves the LSL stream `name` (again whenever it is lost) and forwards every marker,
 /// timestamped on the daemon's clock, until `stop` is set.
@@ -18,7 +25,7 @@ pub fn marker_loop(name: &str, events: &crossbeam_channel::Sender<Event>, stop: 
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!("markers: cannot open {name:?}: {e:?}");
-                m.count_error("marker_stream");
+                m.count(MARKER_STREAM);
                 std::thread::sleep(std::time::Duration::from_millis(500));
                 continue;
             }
@@ -34,12 +41,12 @@ pub fn marker_loop(name: &str, events: &crossbeam_channel::Sender<Event>, stop: 
                         match parse_marker(text, ts + offset) {
                             Ok(e) => {
                                 if events.try_send(e).is_err() {
-                                    m.count_error("events_dropped");
+                                    m.count(crate::glm::events::EVENTS_DROPPED);
                                 }
                             }
                             Err(e) => {
                                 tracing::warn!("{e}");
-                                m.count_error("bad_marker");
+                                m.count(BAD_MARKER);
                             }
                         }
                     }

@@ -162,6 +162,10 @@ impl Pipeline {
         warn_exposed(&[uri.bound_endpoint(), publish_ep.as_ref()]);
         let started = clock::now();
         let metrics = Arc::new(Metrics::new(started));
+        for reasons in [super::REASONS, crate::ingest::markers::REASONS, crate::console::REASONS] {
+            metrics.register(reasons);
+        }
+        metrics.register(&[crate::publish::results::BAD_REQUEST, crate::pipeline::stage::DECODE_DROPPED]);
         let mut handle = PipelineHandle {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
@@ -574,5 +578,36 @@ mod tests {
             snap.queues
         );
         assert_eq!(snap.received, 6);
+    }
+
+    #[test]
+    fn every_counter_is_named_once_explained_and_exported_before_it_happens() {
+        let all: Vec<crate::metrics::Reason> = [
+            super::super::REASONS,
+            crate::ingest::markers::REASONS,
+            crate::console::REASONS,
+            &[crate::publish::results::BAD_REQUEST, crate::pipeline::stage::DECODE_DROPPED],
+        ]
+        .concat();
+        let mut names: Vec<&str> = all.iter().map(|r| r.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "a counter name is declared twice: {all:?}");
+        for r in &all {
+            assert!(r.name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{r:?}");
+            assert!(!r.help.is_empty(), "{r:?}");
+        }
+        let m = Metrics::new(0.0);
+        m.register(&all);
+        let text = m.prometheus();
+        for r in &all {
+            assert!(text.contains(&format!("mirage_errors_total{{reason=\"{}\"}} 0", r.name)), "{}", r.name);
+            assert!(text.contains(&format!("# reason {}: {}.", r.name, r.help)), "{}", r.name);
+        }
+        m.count(super::super::RECORD_IO);
+        assert!(m.prometheus().contains("mirage_errors_total{reason=\"record_io\"} 1"));
+        assert_eq!(m.snapshot().errors.get("record_io"), Some(&1));
+        // The status keeps only what happened.
+        assert_eq!(m.snapshot().errors.len(), 1);
     }
 }

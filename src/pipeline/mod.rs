@@ -28,13 +28,44 @@ use crate::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use crate::glm::events::Event;
 use crate::ingest::{Ack, SourceEvent};
 use crate::io::session::SessionWriter;
-use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::metrics::{Metrics, MetricsSnapshot, Reason};
 use crate::publish::{
     betas_message, calibration_message, decode_message, motion_message, roi_message, status_message,
     volume_message, Publisher,
 };
 use crate::queue::{EdgeRx, EdgeTx, PushError, Recv};
 use crate::volume::Volume;
+
+/// The recorder's edge was closed under ingest.
+pub const RECORD_CLOSED: Reason =
+    Reason::new("record_closed", "volumes the recorder's closed edge could not take");
+/// A waiting sender was answered before its volume was on disk (after one TR).
+pub const ACK_BEFORE_RECORDED: Reason =
+    Reason::new("ack_before_recorded", "senders answered after one TR, before their volume was on disk");
+/// A volume sent after the run's STOP.
+pub const REFUSED_AFTER_STOP: Reason =
+    Reason::new("refused_after_stop", "volumes sent after the run was over, answered STOP");
+/// A session write or sync that failed.
+pub const RECORD_IO: Reason = Reason::new("record_io", "session folder writes or syncs that failed");
+/// Calibration mode ended without a fitted alignment.
+pub const CALIBRATION_FAILED: Reason =
+    Reason::new("calibration_failed", "calibrations that failed or ended incomplete");
+/// A trial whose decode took longer than `decode.latency_budget_ms`.
+pub const DECODE_OVER_BUDGET: Reason =
+    Reason::new("decode_over_budget", "trials decoded later than decode.latency_budget_ms");
+/// A message the publish socket could not send.
+pub const PUBLISH: Reason = Reason::new("publish", "messages the publish socket could not send");
+/// What the runner counts itself.
+pub const REASONS: &[Reason] = &[
+    crate::glm::events::EVENTS_DROPPED,
+    RECORD_CLOSED,
+    ACK_BEFORE_RECORDED,
+    REFUSED_AFTER_STOP,
+    RECORD_IO,
+    CALIBRATION_FAILED,
+    DECODE_OVER_BUDGET,
+    PUBLISH,
+];
 
 /// How long a stage thread waits on its input before checking for shutdown.
 const POLL: Duration = Duration::from_millis(100);
@@ -206,7 +237,7 @@ fn ingest_loop(
             SourceEvent::End => break,
             SourceEvent::Marker(e) => {
                 if events.try_send(e).is_err() {
-                    m.count_error("events_dropped");
+                    m.count(crate::glm::events::EVENTS_DROPPED);
                 }
             }
             SourceEvent::Rejected(e) => {
@@ -227,7 +258,7 @@ fn ingest_loop(
                     Some(r) => {
                         let pushed = r.push(RecordItem { seq, volume: volume.clone(), flags }).is_ok();
                         if !pushed {
-                            m.count_error("record_closed");
+                            m.count(RECORD_CLOSED);
                         }
                         pushed
                     }
@@ -243,7 +274,7 @@ fn ingest_loop(
                 // The volume path has the frame; a waiting sender hears back once the volume
                 // is on disk, or after one TR (counted) so that a slow disk never stalls it.
                 if recording && source.answers_sender() && !wait_recorded(m, seq + 1, tr.unwrap_or(1.0)) {
-                    m.count_error("ack_before_recorded");
+                    m.count(ACK_BEFORE_RECORDED);
                 }
                 // The last volume's answer tells the sender the run is over.
                 let last = closed || stop.load(Ordering::Acquire) || stop_after.is_some_and(|n| seq + 1 >= n);
@@ -272,7 +303,7 @@ fn answer_stop_while_draining(mut source: Box<dyn crate::ingest::Source>, tr: Op
             SourceEvent::Rejected(_) => None,
             _ => continue,
         };
-        m.count_error("refused_after_stop");
+        m.count(REFUSED_AFTER_STOP);
         source.acknowledge(Ack::Stopped { index });
     }
 }
@@ -392,7 +423,7 @@ fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metric
                         m.recorded.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
-                        m.count_error("record_io");
+                        m.count(RECORD_IO);
                         tracing::error!("{e}");
                     }
                 }
@@ -403,7 +434,7 @@ fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metric
         }
     }
     if let Err(e) = writer.sync() {
-        m.count_error("record_io");
+        m.count(RECORD_IO);
         tracing::error!("{e}");
     }
 }
@@ -424,7 +455,7 @@ fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
             *c = Some(progress);
         }
         if matches!(ev.phase, "failed" | "incomplete") {
-            m.count_error("calibration_failed");
+            m.count(CALIBRATION_FAILED);
             tracing::error!("calibration: {}", ev.error.as_deref().unwrap_or(ev.phase));
         }
     }
@@ -432,7 +463,7 @@ fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
         publisher.send(decode_message(d));
         m.decoded.fetch_add(1, Ordering::Relaxed);
         if d.over_budget {
-            m.count_error("decode_over_budget");
+            m.count(DECODE_OVER_BUDGET);
         }
     }
 }
@@ -515,7 +546,7 @@ fn publish_loop(
         }
         if publisher.send_errors() > reported_errors {
             for _ in reported_errors..publisher.send_errors() {
-                m.count_error("publish");
+                m.count(PUBLISH);
             }
             reported_errors = publisher.send_errors();
         }

@@ -185,6 +185,12 @@ impl DecodeStageAdapter {
     }
 }
 
+/// A trial whose decode was dropped because the decode worker was too far behind.
+pub const DECODE_DROPPED: crate::metrics::Reason = crate::metrics::Reason::new(
+    "decode_dropped",
+    "trials not decoded: the decode hand-off was full (the volume path never waits)",
+);
+
 /// The decode stage's place on the volume path: frames go on at once; a copy of each frame
 /// that closes trials goes to the decode worker, whose results reach publish on their own; a
 /// full hand-off drops the trial (counted), so volume feedback never waits for a decode.
@@ -208,7 +214,7 @@ impl Stage for DecodeDispatch {
                 Err(crate::queue::PushError::Dropped) => {
                     return Err(StageError {
                         stage: "decode",
-                        reason: "decode_dropped",
+                        reason: DECODE_DROPPED.name,
                         message:
                             "the decode worker is a full queue behind: this frame's trials are not decoded"
                                 .into(),

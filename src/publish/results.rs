@@ -15,7 +15,11 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Reason};
+
+/// A request the results server could not answer.
+pub const BAD_REQUEST: Reason =
+    Reason::new("results_bad_request", "results-server requests that were not a 4-digit volume index");
 
 /// Volumes kept for lookup; older ones of a longer run are forgotten.
 const MAX_VOLUMES: usize = 1 << 16;
@@ -152,7 +156,7 @@ fn answer(mut stream: TcpStream, board: &ResultsBoard, metrics: &Metrics) -> std
     let reply = match parse_request(&buf[..n]) {
         Ok(index) => board.lookup(index),
         Err(e) => {
-            metrics.count_error("results_bad_request");
+            metrics.count(BAD_REQUEST);
             json!({"foundResults": false, "error": e})
         }
     };
