@@ -25,6 +25,7 @@ pub mod motion;
 pub mod pipeline;
 pub mod publish;
 pub mod queue;
+pub mod reason;
 pub mod rng;
 pub mod scanner;
 pub mod sender;

@@ -114,22 +114,7 @@ pub struct QueueSnapshot {
     pub blocked_ms: f64,
 }
 
-/// A counter of something that went wrong or was dropped: its name (the `reason` label) and
-/// what it counts. Declared once beside the code that counts it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Reason {
-    /// Counter name, snake_case.
-    pub name: &'static str,
-    /// What it counts.
-    pub help: &'static str,
-}
-
-impl Reason {
-    /// A reason named `name` that counts `help`.
-    pub const fn new(name: &'static str, help: &'static str) -> Reason {
-        Reason { name, help }
-    }
-}
+pub use crate::reason::Reason;
 
 /// A point-in-time copy of every counter.
 #[derive(Clone, Debug, Serialize)]

@@ -178,8 +178,8 @@ pub fn parse_events_tsv(text: &str, source: &str) -> Result<Vec<Event>, EventErr
 }
 
 /// Live events the GLM's queue had no room for.
-pub const EVENTS_DROPPED: crate::metrics::Reason =
-    crate::metrics::Reason::new("events_dropped", "live events dropped: the GLM's queue was full");
+pub const EVENTS_DROPPED: crate::reason::Reason =
+    crate::reason::Reason::new("events_dropped", "live events dropped: the GLM's queue was full");
 
 #[cfg(test)]
 mod tests {
