@@ -24,6 +24,23 @@ use self::gallery::{Gallery, LatentIndex, Match};
 use self::model::Decoder;
 use crate::decode::align::{Adapter, RunStats};
 use crate::glm::TrialBetas;
+use crate::reason::Reason;
+
+/// Counted when: a model that could not be used.
+pub const DECODE_MODEL: Reason = Reason::new("decode_model", "a model that could not be used");
+/// Counted when: a gallery that could not be used.
+pub const DECODE_GALLERY: Reason = Reason::new("decode_gallery", "a gallery that could not be used");
+/// Counted when: trial betas the model cannot take.
+pub const DECODE_INPUT: Reason = Reason::new("decode_input", "trial betas the model cannot take");
+/// Counted when: a device that could not be used.
+pub const DECODE_DEVICE: Reason = Reason::new("decode_device", "a device that could not be used");
+/// Counted when: a decode that failed.
+pub const DECODE_COMPUTE: Reason = Reason::new("decode_compute", "a decode that failed");
+/// Counted when: a training that failed.
+pub const TRAIN: Reason = Reason::new("train", "a training that failed");
+/// What decoding counts.
+pub const REASONS: &[Reason] =
+    &[DECODE_MODEL, DECODE_GALLERY, DECODE_INPUT, DECODE_DEVICE, DECODE_COMPUTE, TRAIN];
 
 /// Why decoding failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,14 +68,14 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// Counter name of this kind of error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            DecodeError::Model(_) => "decode_model",
-            DecodeError::Gallery(_) => "decode_gallery",
-            DecodeError::Input(_) => "decode_input",
-            DecodeError::Device(_) => "decode_device",
-            DecodeError::Compute(_) => "decode_compute",
-            DecodeError::Train(_) => "train",
+            DecodeError::Model(_) => DECODE_MODEL,
+            DecodeError::Gallery(_) => DECODE_GALLERY,
+            DecodeError::Input(_) => DECODE_INPUT,
+            DecodeError::Device(_) => DECODE_DEVICE,
+            DecodeError::Compute(_) => DECODE_COMPUTE,
+            DecodeError::Train(_) => TRAIN,
         }
     }
 }

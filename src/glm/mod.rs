@@ -30,7 +30,15 @@ use self::design::{Column, RowInfo};
 use self::estimator::{Factor, OlsStats};
 use self::events::{Event, Onset};
 use crate::motion::MotionEstimate;
+use crate::reason::Reason;
 use crate::volume::Volume;
+
+/// Counted when: GLM settings that could not be used.
+pub const GLM_SETUP: Reason = Reason::new("glm_setup", "GLM settings that could not be used");
+/// Counted when: a volume the GLM could not take.
+pub const GLM_VOLUME: Reason = Reason::new("glm_volume", "a volume the GLM could not take");
+/// What the GLM stage counts.
+pub const REASONS: &[Reason] = &[GLM_SETUP, GLM_VOLUME];
 
 /// Why the GLM could not process a volume or start.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +54,10 @@ pub enum GlmError {
 
 impl GlmError {
     /// Counter name of this kind of error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            GlmError::Setup(_) => "glm_setup",
-            GlmError::Volume(_) => "glm_volume",
+            GlmError::Setup(_) => GLM_SETUP,
+            GlmError::Volume(_) => GLM_VOLUME,
         }
     }
 }

@@ -16,10 +16,23 @@ pub mod zmq;
 use std::time::Duration;
 
 use crate::io::nifti::NiftiError;
+use crate::reason::Reason;
 use crate::volume::Volume;
 
 pub use self::uri::{Endpoint, IngestUri, Playback, Speed};
 pub use self::wire::WireError;
+
+/// Counted when: a source socket that failed.
+pub const SOCKET: Reason = Reason::new("socket", "a source socket that failed");
+/// Counted when: an LSL stream that failed.
+pub const LSL_STREAM: Reason = Reason::new("lsl_stream", "an LSL stream that failed");
+/// Counted when: a replayed file that could not be read.
+pub const FILE: Reason = Reason::new("file", "a replayed file that could not be read");
+/// Counted when: a simulator that could not be made.
+pub const SIM: Reason = Reason::new("sim", "a simulator that could not be made");
+/// What ingest refuses or fails on (the wire's reasons included; bad markers are the marker reader's).
+/// (With the wire's, [`wire::REASONS`].)
+pub const REASONS: &[Reason] = &[SOCKET, LSL_STREAM, FILE, SIM];
 
 /// Why a message or a source failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +70,14 @@ pub enum IngestError {
 
 impl IngestError {
     /// Counter name of this kind of error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
             IngestError::Wire(w) => w.reason(),
-            IngestError::Socket { .. } => "socket",
-            IngestError::Lsl { .. } => "lsl_stream",
-            IngestError::File(_) => "file",
-            IngestError::Sim(_) => "sim",
-            IngestError::Marker(_) => "bad_marker",
+            IngestError::Socket { .. } => SOCKET,
+            IngestError::Lsl { .. } => LSL_STREAM,
+            IngestError::File(_) => FILE,
+            IngestError::Sim(_) => SIM,
+            IngestError::Marker(_) => markers::BAD_MARKER,
         }
     }
 }

@@ -13,10 +13,27 @@
 
 use serde_json::Value;
 
+use crate::reason::Reason;
 use crate::volume::{
     affine_det3, c_to_nifti_order_with, f32_le_bytes, nifti_to_c_order, sanitize_run_id, Affine, Dtype,
     Endian, Volume,
 };
+
+/// Counted when: a message whose header did not parse.
+pub const BAD_HEADER: Reason = Reason::new("bad_header", "a message whose header did not parse");
+/// Counted when: a volume of an unsupported dtype.
+pub const BAD_DTYPE: Reason = Reason::new("bad_dtype", "a volume of an unsupported dtype");
+/// Counted when: a volume over ingest.max_voxels.
+pub const TOO_LARGE: Reason = Reason::new("too_large", "a volume over ingest.max_voxels");
+/// Counted when: a payload whose size disagreed with its header.
+pub const PAYLOAD_SIZE: Reason =
+    Reason::new("payload_size", "a payload whose size disagreed with its header");
+/// Counted when: a message with the wrong number of frames.
+pub const BAD_FRAMES: Reason = Reason::new("bad_frames", "a message with the wrong number of frames");
+/// Counted when: a volume with an unusable affine.
+pub const BAD_AFFINE: Reason = Reason::new("bad_affine", "a volume with an unusable affine");
+/// What a message can be refused for at the wire.
+pub const REASONS: &[Reason] = &[BAD_HEADER, BAD_DTYPE, TOO_LARGE, PAYLOAD_SIZE, BAD_FRAMES, BAD_AFFINE];
 
 /// Why a message could not become a volume; `reason()` names the counter it bumps.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -54,14 +71,14 @@ pub enum WireError {
 
 impl WireError {
     /// Counter name of this kind of error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            WireError::Header(_) => "bad_header",
-            WireError::Dtype(_) => "bad_dtype",
-            WireError::TooLarge { .. } => "too_large",
-            WireError::PayloadSize { .. } => "payload_size",
-            WireError::Frames(_) => "bad_frames",
-            WireError::Affine(_) => "bad_affine",
+            WireError::Header(_) => BAD_HEADER,
+            WireError::Dtype(_) => BAD_DTYPE,
+            WireError::TooLarge { .. } => TOO_LARGE,
+            WireError::PayloadSize { .. } => PAYLOAD_SIZE,
+            WireError::Frames(_) => BAD_FRAMES,
+            WireError::Affine(_) => BAD_AFFINE,
         }
     }
 }
@@ -387,7 +404,7 @@ mod tests {
         ];
         for (h, reason) in cases {
             let err = parse_header(h.as_bytes(), 1 << 20).unwrap_err();
-            assert_eq!(err.reason(), reason, "{h}: {err}");
+            assert_eq!(err.reason().name, reason, "{h}: {err}");
         }
         let header = parse_header(format!(r#"{{{ok}, "dtype": "float32"}}"#).as_bytes(), 100).unwrap();
         let err = decode_volume(&header, &[0u8; 31], 0.0, "run").unwrap_err();

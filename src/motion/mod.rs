@@ -18,7 +18,20 @@ use serde::{Deserialize, Serialize};
 use self::register::{Fit, Optimiser, Reference};
 use self::rigid::{affine_inverse, mat_mul, resample_trilinear, RigidParams};
 use crate::io::nifti::read_nifti;
+use crate::reason::Reason;
 use crate::volume::{Affine, Volume, IDENTITY_AFFINE};
+
+/// Counted when: a volume whose grid the motion stage cannot use.
+pub const MOTION_SHAPE: Reason =
+    Reason::new("motion_shape", "a volume whose grid the motion stage cannot use");
+/// Counted when: a volume the registration could not fit.
+pub const MOTION_DEGENERATE: Reason =
+    Reason::new("motion_degenerate", "a volume the registration could not fit");
+/// Counted when: a reference file that could not be used.
+pub const MOTION_REFERENCE: Reason =
+    Reason::new("motion_reference", "a reference file that could not be used");
+/// What the motion stage counts.
+pub const REASONS: &[Reason] = &[MOTION_SHAPE, MOTION_DEGENERATE, MOTION_REFERENCE];
 
 /// Why a volume could not be realigned.
 #[derive(Debug, thiserror::Error)]
@@ -42,11 +55,11 @@ pub enum MotionError {
 
 impl MotionError {
     /// Counter name of this kind of error.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            MotionError::Shape(_) => "motion_shape",
-            MotionError::Degenerate(_) => "motion_degenerate",
-            MotionError::ReferenceFile { .. } => "motion_reference",
+            MotionError::Shape(_) => MOTION_SHAPE,
+            MotionError::Degenerate(_) => MOTION_DEGENERATE,
+            MotionError::ReferenceFile { .. } => MOTION_REFERENCE,
         }
     }
 }

@@ -162,7 +162,16 @@ impl Pipeline {
         warn_exposed(&[uri.bound_endpoint(), publish_ep.as_ref()]);
         let started = clock::now();
         let metrics = Arc::new(Metrics::new(started));
-        for reasons in [super::REASONS, crate::ingest::markers::REASONS, crate::console::REASONS] {
+        for reasons in [
+            super::REASONS,
+            crate::ingest::markers::REASONS,
+            crate::console::REASONS,
+            crate::ingest::wire::REASONS,
+            crate::ingest::REASONS,
+            crate::motion::REASONS,
+            crate::glm::REASONS,
+            crate::decode::REASONS,
+        ] {
             metrics.register(reasons);
         }
         metrics.register(&[crate::publish::results::BAD_REQUEST, crate::pipeline::stage::DECODE_DROPPED]);
@@ -586,6 +595,11 @@ mod tests {
             super::super::REASONS,
             crate::ingest::markers::REASONS,
             crate::console::REASONS,
+            crate::ingest::wire::REASONS,
+            crate::ingest::REASONS,
+            crate::motion::REASONS,
+            crate::glm::REASONS,
+            crate::decode::REASONS,
             &[crate::publish::results::BAD_REQUEST, crate::pipeline::stage::DECODE_DROPPED],
         ]
         .concat();
@@ -609,5 +623,67 @@ mod tests {
         assert_eq!(m.snapshot().errors.get("record_io"), Some(&1));
         // The status keeps only what happened.
         assert_eq!(m.snapshot().errors.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use crate::reason::Reason;
+
+    fn registered(r: Reason) -> bool {
+        [
+            crate::ingest::wire::REASONS,
+            crate::ingest::REASONS,
+            crate::ingest::markers::REASONS,
+            crate::motion::REASONS,
+            crate::glm::REASONS,
+            crate::decode::REASONS,
+        ]
+        .concat()
+        .contains(&r)
+    }
+
+    #[test]
+    fn every_typed_error_counts_under_a_registered_reason() {
+        use crate::decode::DecodeError as D;
+        use crate::glm::GlmError as G;
+        use crate::ingest::wire::WireError as W;
+        use crate::ingest::IngestError as I;
+        use crate::motion::MotionError as M;
+        let s = || String::from("x");
+        let wire = [
+            W::Header(s()),
+            W::Dtype(s()),
+            W::TooLarge { voxels: 1, limit: 0 },
+            W::PayloadSize { expected: 1, got: 0 },
+            W::Frames(3),
+            W::Affine(s()),
+        ];
+        let mut reasons: Vec<Reason> = wire.into_iter().map(|w| I::Wire(w).reason()).collect();
+        reasons.extend([
+            I::Socket { endpoint: s(), reason: s() }.reason(),
+            I::Lsl { name: s(), reason: s() }.reason(),
+            I::File(crate::io::nifti::NiftiError::Io {
+                path: "x".into(),
+                source: std::io::Error::other("x"),
+            })
+            .reason(),
+            I::Sim(crate::sim::SimError::Config(s())).reason(),
+            I::Marker(crate::glm::events::EventError::Marker { marker: s(), reason: s() }).reason(),
+            M::Shape(s()).reason(),
+            M::Degenerate(s()).reason(),
+            M::ReferenceFile { path: "x".into(), reason: s() }.reason(),
+            G::Setup(s()).reason(),
+            G::Volume(s()).reason(),
+            D::Model(s()).reason(),
+            D::Gallery(s()).reason(),
+            D::Input(s()).reason(),
+            D::Device(s()).reason(),
+            D::Compute(s()).reason(),
+            D::Train(s()).reason(),
+        ]);
+        for r in reasons {
+            assert!(registered(r), "{r:?} is counted but not registered");
+        }
     }
 }

@@ -242,7 +242,7 @@ fn ingest_loop(
             }
             SourceEvent::Rejected(e) => {
                 m.rejected.fetch_add(1, Ordering::Relaxed);
-                m.count_error(e.reason());
+                m.count(e.reason());
                 let text = e.to_string();
                 tracing::warn!("{text}");
                 source.acknowledge(Ack::Rejected { reason: &text });

@@ -53,7 +53,7 @@ impl Stage for MotionStage {
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
         let out = self.0.process(&frame.volume, frame.flags.new_run).map_err(|e| StageError {
             stage: "motion",
-            reason: e.reason(),
+            reason: e.reason().name,
             message: e.to_string(),
         })?;
         if let Some(r) = out {
@@ -83,7 +83,7 @@ impl Stage for GlmStage {
         let out = self
             .0
             .process(&frame.volume, frame.motion.as_ref(), frame.flags.new_run)
-            .map_err(|e| StageError { stage: "glm", reason: e.reason(), message: e.to_string() })?;
+            .map_err(|e| StageError { stage: "glm", reason: e.reason().name, message: e.to_string() })?;
         frame.glm = Some(out);
         Ok(())
     }
@@ -151,7 +151,7 @@ impl Stage for DecodeStageAdapter {
                         if first_error.is_none() {
                             first_error = Some(StageError {
                                 stage: "decode",
-                                reason: e.reason(),
+                                reason: e.reason().name,
                                 message: e.to_string(),
                             });
                         }
