@@ -225,7 +225,8 @@ pub struct Decoded {
     pub latency_ms: f64,
     /// When the GLM closed the trial, on the monotonic clock (set by the runner).
     pub closed_time: Option<f64>,
-    /// Whether the decode took longer than the budget (set by the runner).
+    /// Whether a live decode took longer than the budget (set by the runner; end-of-run
+    /// estimates never are).
     pub over_budget: bool,
 }
 

@@ -52,7 +52,7 @@ pub const CALIBRATION_FAILED: Reason =
     Reason::new("calibration_failed", "calibrations that failed or ended incomplete");
 /// A trial whose decode took longer than `decode.latency_budget_ms`.
 pub const DECODE_OVER_BUDGET: Reason =
-    Reason::new("decode_over_budget", "trials decoded later than decode.latency_budget_ms");
+    Reason::new("decode_over_budget", "live trials decoded later than decode.latency_budget_ms");
 /// A message the publish socket could not send.
 pub const PUBLISH: Reason = Reason::new("publish", "messages the publish socket could not send");
 /// What the runner counts itself.
