@@ -138,6 +138,23 @@ fn open_session(cfg: &Config, dir: Option<PathBuf>, started: f64) -> Result<Opti
     Ok(Some(Session { dir, writer, log }))
 }
 
+/// Every reason a run can count, registered up front: the runner's, the sinks', and the
+/// typed errors' of each stage.
+pub(super) fn counted_reasons() -> Vec<crate::reason::Reason> {
+    [
+        super::REASONS,
+        crate::ingest::markers::REASONS,
+        crate::console::REASONS,
+        crate::ingest::wire::REASONS,
+        crate::ingest::REASONS,
+        crate::motion::REASONS,
+        crate::glm::REASONS,
+        crate::decode::REASONS,
+        &[crate::publish::results::BAD_REQUEST, super::stage::DECODE_DROPPED],
+    ]
+    .concat()
+}
+
 /// Warns about every endpoint that listens beyond this machine.
 fn warn_exposed(endpoints: &[Option<&Endpoint>]) {
     for ep in endpoints.iter().flatten() {
@@ -162,19 +179,7 @@ impl Pipeline {
         warn_exposed(&[uri.bound_endpoint(), publish_ep.as_ref()]);
         let started = clock::now();
         let metrics = Arc::new(Metrics::new(started));
-        for reasons in [
-            super::REASONS,
-            crate::ingest::markers::REASONS,
-            crate::console::REASONS,
-            crate::ingest::wire::REASONS,
-            crate::ingest::REASONS,
-            crate::motion::REASONS,
-            crate::glm::REASONS,
-            crate::decode::REASONS,
-        ] {
-            metrics.register(reasons);
-        }
-        metrics.register(&[crate::publish::results::BAD_REQUEST, crate::pipeline::stage::DECODE_DROPPED]);
+        metrics.register(&counted_reasons());
         let mut handle = PipelineHandle {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
@@ -591,18 +596,7 @@ mod tests {
 
     #[test]
     fn every_counter_is_named_once_explained_and_exported_before_it_happens() {
-        let all: Vec<crate::metrics::Reason> = [
-            super::super::REASONS,
-            crate::ingest::markers::REASONS,
-            crate::console::REASONS,
-            crate::ingest::wire::REASONS,
-            crate::ingest::REASONS,
-            crate::motion::REASONS,
-            crate::glm::REASONS,
-            crate::decode::REASONS,
-            &[crate::publish::results::BAD_REQUEST, crate::pipeline::stage::DECODE_DROPPED],
-        ]
-        .concat();
+        let all = counted_reasons();
         let mut names: Vec<&str> = all.iter().map(|r| r.name).collect();
         names.sort_unstable();
         names.dedup();
@@ -631,16 +625,7 @@ mod reason_tests {
     use crate::reason::Reason;
 
     fn registered(r: Reason) -> bool {
-        [
-            crate::ingest::wire::REASONS,
-            crate::ingest::REASONS,
-            crate::ingest::markers::REASONS,
-            crate::motion::REASONS,
-            crate::glm::REASONS,
-            crate::decode::REASONS,
-        ]
-        .concat()
-        .contains(&r)
+        super::counted_reasons().contains(&r)
     }
 
     #[test]
