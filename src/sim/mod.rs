@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use self::anatomy::{world_of, Anatomy};
 use self::stimuli::{EncodingModel, EncodingParams, Stimuli, TrialCondition};
+use crate::calibrate::protocol::Protocol;
 use crate::glm::hrf::boxcar_response;
 use crate::motion::bspline;
 use crate::motion::rigid::{affine_inverse, mat_mul, RigidParams};
@@ -189,6 +190,32 @@ impl SimConfig {
 
     /// Every problem with the parameters, each on its own line.
     pub fn validate(&self) -> Vec<String> {
+        let mut errors = self.parameter_errors();
+        if let Err(e) = self.load_protocol() {
+            errors.push(e);
+        }
+        errors
+    }
+
+    /// The calibration protocol whose cues open the run, read and checked against the
+    /// stimuli (`None` when there is none).
+    fn load_protocol(&self) -> Result<Option<Protocol>, String> {
+        let Some(path) = &self.protocol else { return Ok(None) };
+        let p = Protocol::load(path).map_err(|e| format!("sim: {e}"))?;
+        let bad: Vec<&String> = p.stimuli.iter().filter(|s| self.stimulus_number(s).is_none()).collect();
+        if !bad.is_empty() {
+            return Err(format!("sim: protocol stimuli {bad:?} are not stimulus numbers below n_stimuli"));
+        }
+        Ok(Some(p))
+    }
+
+    /// The stimulus a protocol's id names: a number below `n_stimuli`.
+    fn stimulus_number(&self, id: &str) -> Option<usize> {
+        id.parse().ok().filter(|&s| s < self.n_stimuli)
+    }
+
+    /// Every problem with the parameters other than the protocol.
+    fn parameter_errors(&self) -> Vec<String> {
         let mut errors = Vec::new();
         let mut check = |ok: bool, msg: &str| {
             if !ok {
@@ -224,22 +251,6 @@ impl SimConfig {
             check(v.is_finite() && v >= 0.0, &format!("{name} must be a non-negative number"));
         }
         check((0.0..1.0).contains(&self.ar1), "ar1 must be in [0, 1)");
-        if let Some(p) = &self.protocol {
-            match crate::calibrate::protocol::Protocol::load(p) {
-                Ok(p) => {
-                    let bad: Vec<&String> = p
-                        .stimuli
-                        .iter()
-                        .filter(|s| !s.parse::<usize>().is_ok_and(|s| s < self.n_stimuli))
-                        .collect();
-                    check(
-                        bad.is_empty(),
-                        &format!("protocol stimuli {bad:?} are not stimulus numbers below n_stimuli"),
-                    )
-                }
-                Err(e) => errors.push(format!("sim: {e}")),
-            }
-        }
         errors
     }
 }
@@ -280,7 +291,12 @@ pub struct Simulator {
 impl Simulator {
     /// Builds the run: anatomy, stimuli, encoding model, schedule, motion and noise state.
     pub fn new(cfg: &SimConfig) -> Result<Simulator, SimError> {
-        let errors = cfg.validate();
+        // The protocol is read once, here, and checked with the parameters.
+        let mut errors = cfg.parameter_errors();
+        let protocol = cfg.load_protocol().unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
         if !errors.is_empty() {
             return Err(SimError::Config(errors.join("; ")));
         }
@@ -309,12 +325,6 @@ impl Simulator {
         };
         let encoding = EncodingModel::build(&mut Rng::new(seed, 3), &stimuli, &roi_world, &params);
         let run_seed = cfg.run_seed.unwrap_or(seed);
-        let protocol = match &cfg.protocol {
-            Some(p) => Some(
-                crate::calibrate::protocol::Protocol::load(p).map_err(|e| SimError::Config(e.to_string()))?,
-            ),
-            None => None,
-        };
         let trials = schedule(&mut Rng::new(run_seed, 4), cfg, protocol.as_ref())?;
         let mut jitter_rng = Rng::new(run_seed, 5);
         let amplitudes = trials
@@ -479,11 +489,7 @@ impl Simulator {
 /// The calibration protocol's imagery cues first (when one is set), then onsets every
 /// `trial_interval` ± 1 s until 12 s before the run ends; stimuli in shuffled rounds;
 /// conditions per the run's setting.
-fn schedule(
-    rng: &mut Rng,
-    cfg: &SimConfig,
-    protocol: Option<&crate::calibrate::protocol::Protocol>,
-) -> Result<Vec<Trial>, SimError> {
+fn schedule(rng: &mut Rng, cfg: &SimConfig, protocol: Option<&Protocol>) -> Result<Vec<Trial>, SimError> {
     let run_len = cfg.volumes as f64 * cfg.tr;
     let mut trials = Vec::new();
     let mut onset = 4.0;
@@ -492,7 +498,7 @@ fn schedule(
             if cue.onset + cue.duration + 12.0 > run_len {
                 break;
             }
-            let stim = cue.stim.parse().ok().filter(|&s| s < cfg.n_stimuli).ok_or_else(|| {
+            let stim = cfg.stimulus_number(&cue.stim).ok_or_else(|| {
                 SimError::Config(format!(
                     "protocol stimulus {:?} is not a stimulus number below n_stimuli",
                     cue.stim
