@@ -26,7 +26,8 @@ pub fn set<T: Serialize + DeserializeOwned>(target: &mut T, path: &str, raw: &st
         return Err(format!("{path:?}: write KEY=VALUE (SECTION.KEY=VALUE for a section's key)"));
     }
     for (i, key) in keys.iter().enumerate() {
-        let table = node.as_table_mut().ok_or_else(|| format!("{path}: {} is not a section", keys[i - 1]))?;
+        let parent = i.checked_sub(1).map_or("the settings", |j| keys[j]);
+        let table = node.as_table_mut().ok_or_else(|| format!("{path}: {parent} is not a section"))?;
         if i + 1 == keys.len() {
             table.insert((*key).to_string(), parse_value(raw));
             break;
@@ -101,5 +102,9 @@ mod tests {
             assert!(e.contains(says), "{path}={raw}: {e}");
             assert_eq!(o, before);
         }
+        // A value with no keys at all is refused, not indexed.
+        let mut n = 5u64;
+        assert!(set(&mut n, "rank", "4").unwrap_err().contains("the settings is not a section"));
+        assert_eq!(n, 5);
     }
 }
