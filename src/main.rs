@@ -184,8 +184,8 @@ struct SimulateCmd {
     #[arg(long)]
     tr: Option<f64>,
     /// Grid X,Y,Z.
-    #[arg(long)]
-    shape: Option<String>,
+    #[arg(long, value_parser = parse_shape)]
+    shape: Option<[usize; 3]>,
     /// A NIfTI whose first volume is the head image.
     #[arg(long)]
     anatomy: Option<PathBuf>,
@@ -498,24 +498,16 @@ fn simulate(a: SimulateCmd) -> anyhow::Result<()> {
         timeout,
     } = a;
     let mut sim = commands::load_config(config.as_deref())?.sim;
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    let mut add = |k: &str, v: Option<String>| {
-        if let Some(v) = v {
-            pairs.push((k.to_string(), v));
-        }
-    };
-    add("seed", seed.map(|s| s.to_string()));
-    add("volumes", volumes.map(|s| s.to_string()));
-    add("tr", tr.map(|s| s.to_string()));
-    add("shape", shape);
-    add("anatomy", anatomy.map(|p| p.display().to_string()));
-    add("condition", condition);
-    for kv in set {
+    // The typed flags first, then --set (which wins).
+    sim.seed = seed.unwrap_or(sim.seed);
+    sim.volumes = volumes.unwrap_or(sim.volumes);
+    sim.tr = tr.unwrap_or(sim.tr);
+    sim.shape = shape.or(sim.shape);
+    sim.anatomy = anatomy.or(sim.anatomy);
+    let condition = condition.map(|c| format!("condition={c}"));
+    for kv in condition.iter().chain(&set) {
         let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {kv:?}: write KEY=VALUE"))?;
-        pairs.push((k.to_string(), v.to_string()));
-    }
-    for (k, v) in pairs {
-        sim.set(&k, &v).map_err(|e| anyhow::anyhow!("{e}"))?;
+        sim.set(k, v).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let target = match (out, stream) {
         (Some(dir), _) => SimTarget::Folder(dir),

@@ -2,9 +2,9 @@
 //! trained on seen images works on this participant's imagery today.
 //!
 //! [`transfer`] is the default fit: closed form, cross-validated over stimuli and guarded, its
-//! result an [`Alignment`](crate::decode::align::Alignment). [`fit`](mod@fit) is the older gradient fit
-//! of a voxel-space head ([`AlignmentHead`](crate::decode::align::AlignmentHead)), kept as
-//! `calibrate.method = "gradient"`; [`protocol`] reads the cue schedules of
+//! result an [`Alignment`](crate::decode::align::Alignment). [`fit`](mod@fit) is the older
+//! gradient fit of a voxel-space head ([`AlignmentHead`](crate::decode::align::AlignmentHead)),
+//! kept as `calibrate.method = "gradient"`; [`protocol`] reads the cue schedules of
 //! `calibration/*.toml`. What they fit is read, written and applied by `crate::decode::align`.
 
 pub mod fit;

@@ -618,15 +618,6 @@ mod tests {
         // The status keeps only what happened.
         assert_eq!(m.snapshot().errors.len(), 1);
     }
-}
-
-#[cfg(test)]
-mod reason_tests {
-    use crate::reason::Reason;
-
-    fn registered(r: Reason) -> bool {
-        super::counted_reasons().contains(&r)
-    }
 
     #[test]
     fn every_typed_error_counts_under_a_registered_reason() {
@@ -644,7 +635,7 @@ mod reason_tests {
             W::Frames(3),
             W::Affine(s()),
         ];
-        let mut reasons: Vec<Reason> = wire.into_iter().map(|w| I::Wire(w).reason()).collect();
+        let mut reasons: Vec<crate::reason::Reason> = wire.into_iter().map(|w| I::Wire(w).reason()).collect();
         reasons.extend([
             I::Socket { endpoint: s(), reason: s() }.reason(),
             I::Lsl { name: s(), reason: s() }.reason(),
@@ -668,7 +659,7 @@ mod reason_tests {
             D::Train(s()).reason(),
         ]);
         for r in reasons {
-            assert!(registered(r), "{r:?} is counted but not registered");
+            assert!(counted_reasons().contains(&r), "{r:?} is counted but not registered");
         }
     }
 }

@@ -6,10 +6,11 @@
 //! ```
 //!
 //! Each box is a named thread (`mirage/motion`, …) joined by bounded SPSC edges
-//! ([`crate::queue`]). Edges up to decode block when full (lossless backpressure, counted); the edge
-//! into publish follows `pipeline.publish_when_full`; the recorder edge always blocks. Stamps
-//! are taken at every boundary ([`crate::frame::Boundary`]). [`Pipeline::build`] gathers every setup
-//! error before anything runs; [`PipelineHandle`] stops and joins on drop.
+//! ([`crate::queue`]). Edges up to decode block when full (lossless backpressure, counted);
+//! the edge into publish follows `pipeline.publish_when_full`; the recorder edge always
+//! blocks. Stamps are taken at every boundary ([`crate::frame::Boundary`]).
+//! [`Pipeline::build`] gathers every setup error before anything runs; [`PipelineHandle`]
+//! stops and joins on drop.
 
 mod build;
 pub mod calibration;
@@ -50,7 +51,7 @@ pub const RECORD_IO: Reason = Reason::new("record_io", "session folder writes or
 /// Calibration mode ended without a fitted alignment.
 pub const CALIBRATION_FAILED: Reason =
     Reason::new("calibration_failed", "calibrations that failed or ended incomplete");
-/// A trial whose decode took longer than `decode.latency_budget_ms`.
+/// A live trial whose decode took longer than `decode.latency_budget_ms`.
 pub const DECODE_OVER_BUDGET: Reason =
     Reason::new("decode_over_budget", "live trials decoded later than decode.latency_budget_ms");
 /// A message the publish socket could not send.
