@@ -62,7 +62,7 @@ impl Stamps {
 }
 
 /// How a volume's index relates to the ones before it in its run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IngestFlags {
     /// The index was already seen in this run (e.g. Siemens PACE resends).
     pub duplicate: bool,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{free_port, python, run_with_timeout, shared_data, Daemon, Subscriber};
 use mirage_rt::io::nifti::read_nifti;
+use mirage_rt::topic::{self, VolumeHeader};
 
 /// What nibabel reads from `file`: (shape [x,y,z,t], affine, orientation, data x-fastest).
 fn nibabel(file: &std::path::Path) -> (Vec<usize>, [[f64; 4]; 4], String, Vec<f32>) {
@@ -76,13 +77,13 @@ fn replay_of_las_int16_series_publishes_nibabel_values_and_affine() {
     assert_eq!(msgs.len(), 2, "{}", daemon.log());
     let n = shape[0] * shape[1] * shape[2];
     for (t, m) in msgs.iter().enumerate() {
-        assert_eq!(m.header["index"], t as u64);
-        assert_eq!(m.header["shape"], serde_json::json!(shape[..3]));
-        let got: [[f64; 4]; 4] = serde_json::from_value(m.header["affine"].clone()).unwrap();
-        assert!(close(&got, &affine));
+        let h: VolumeHeader = topic::read(&m.topic, &m.header).unwrap();
+        assert_eq!(h.index, t as u64);
+        assert_eq!(h.shape[..], shape[..3]);
+        assert!(close(&h.affine, &affine));
         assert_eq!(m.f32_payload("data").unwrap(), data[t * n..(t + 1) * n].to_vec(), "volume {t}");
         // The header's TR of 2000 "s" is implausible and read as 2 s.
-        assert_eq!(m.header["tr"], 2.0);
+        assert_eq!(h.tr, Some(2.0));
     }
     let (status, log) = daemon.wait(Duration::from_secs(30));
     assert!(status.success(), "{log}");

@@ -115,12 +115,12 @@ fn online_betas_after_the_last_volume_equal_the_offline_fit() {
     let msgs = sub.collect(2 * events, Duration::from_secs(60));
     let (status, log) = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "{log}");
-    let finals: Vec<_> = msgs.iter().filter(|m| m.header["at_run_end"] == true).collect();
+    let finals: Vec<_> = msgs.iter().filter(|m| betas_header(m).trial.at_run_end).collect();
     assert_eq!(finals.len(), events, "{log}");
     let offline = read_nifti(fit.join("betas.nii.gz"), 1 << 24).unwrap();
     let names = design_names(&fit);
     for m in finals {
-        let trial = m.header["trial"].as_u64().unwrap();
+        let trial = betas_header(m).trial.trial;
         let col = names.iter().position(|n| *n == format!("trial_{trial:04}")).unwrap();
         let voxels = m.u32_payload("voxels").unwrap();
         let online = m.f32_payload("betas").unwrap();
@@ -260,7 +260,7 @@ fn offline_glm_with_the_motion_parameters_reproduces_the_live_estimate() {
     let (status, log) = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{log}");
     let betas = sub.collect(published(&session, "betas").len(), Duration::from_secs(30));
-    let finals: Vec<_> = betas.iter().filter(|b| b.header["at_run_end"] == true).collect();
+    let finals: Vec<_> = betas.iter().filter(|b| betas_header(b).trial.at_run_end).collect();
     assert!(finals.len() >= 4, "{log}");
     // Offline: realign, then fit the realigned series with its parameters.
     let (realigned, params) = (d.join("realigned.nii.gz"), d.join("params.tsv"));
@@ -293,7 +293,7 @@ fn offline_glm_with_the_motion_parameters_reproduces_the_live_estimate() {
     let worst = |names: &[String], offline: &mirage_rt::io::nifti::NiftiImage| {
         let mut worst = 0f64;
         for b in &finals {
-            let trial = b.header["trial"].as_u64().unwrap();
+            let trial = betas_header(b).trial.trial;
             let col = names.iter().position(|n| *n == format!("trial_{trial:04}")).unwrap();
             let (voxels, live) = (b.u32_payload("voxels").unwrap(), b.f32_payload("betas").unwrap());
             let scale = live.iter().fold(0f64, |a, x| a.max(x.abs() as f64));
@@ -308,4 +308,9 @@ fn offline_glm_with_the_motion_parameters_reproduces_the_live_estimate() {
     eprintln!("live vs offline, relative: with --motion {e_motion:.2e}, without {e_plain:.2e}");
     assert!(e_motion <= 1e-4, "with --motion: {e_motion}");
     assert!(e_plain > 10.0 * e_motion.max(1e-6), "without --motion the fit should differ: {e_plain}");
+}
+
+/// A received `betas` message's header, read as its type.
+fn betas_header(m: &mirage_rt::message::Received) -> mirage_rt::topic::BetasHeader {
+    mirage_rt::topic::read(&m.topic, &m.header).unwrap_or_else(|e| panic!("{e}"))
 }

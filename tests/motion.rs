@@ -9,6 +9,7 @@ use common::{free_port, mirage, published, run_with_timeout, Daemon};
 use mirage_rt::motion::rigid::{mean_displacement, RigidParams};
 use mirage_rt::motion::{MotionConfig, MotionCorrector};
 use mirage_rt::sim::{SimConfig, Simulator};
+use mirage_rt::topic::{MotionHeader, VolumeHeader};
 use mirage_rt::volume::IDENTITY_AFFINE;
 
 /// The accuracy protocol: a real EPI (FSL's example_func) as anatomy, random rigid motion up
@@ -258,17 +259,17 @@ fn the_daemon_publishes_motion_and_survives_a_volume_it_cannot_realign() {
     }
     let (status, log) = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "{log}");
-    let motion = published(&session, "motion");
-    let indices: Vec<u64> = motion.iter().map(|h| h["index"].as_u64().unwrap()).collect();
+    let motion = common::published_as::<MotionHeader>(&session);
+    let indices: Vec<u64> = motion.iter().map(|h| h.index).collect();
     assert_eq!(indices, vec![0, 2, 3]);
     for h in &motion[1..] {
-        let t = h["index"].as_u64().unwrap() as usize - 1;
-        assert!((h["trans_x"].as_f64().unwrap() - truth[t].trans[0]).abs() < 0.05, "{h}");
-        assert!(h["converged"].as_bool().unwrap());
+        let t = h.index as usize - 1;
+        assert!((h.trans_x - truth[t].trans[0]).abs() < 0.05, "{h:?}");
+        assert!(h.converged);
     }
-    let volumes = published(&session, "volume");
+    let volumes = common::published_as::<VolumeHeader>(&session);
     assert_eq!(volumes.len(), 4, "every volume is published, realigned or not");
-    assert!(volumes[1]["stage_errors"][0].as_str().unwrap().contains("constant"), "{}", volumes[1]);
+    assert!(volumes[1].stage_errors[0].contains("constant"), "{:?}", volumes[1]);
     let status = published(&session, "status").pop().expect("a status message");
     assert_eq!(status["errors"]["motion_degenerate"], 1);
 }

@@ -28,12 +28,12 @@ pub struct VolumeSeen {
 impl VolumeSeen {
     /// Reads a received `volume` message.
     pub fn from_message(m: &Received, recv_time: f64) -> Option<VolumeSeen> {
-        let h = &m.header;
+        let h = crate::topic::read::<crate::topic::VolumeHeader>(&m.topic, &m.header).ok()?;
         Some(VolumeSeen {
-            index: h["index"].as_u64()?,
-            acq_time: h["acq_time"].as_f64(),
+            index: h.index,
+            acq_time: h.acq_time,
             recv_time,
-            stage_ms: STAGES.iter().map(|s| h["latency_ms"][*s].as_f64().unwrap_or(f64::NAN)).collect(),
+            stage_ms: STAGES.iter().map(|s| h.latency_ms.get(*s).copied().unwrap_or(f64::NAN)).collect(),
         })
     }
 

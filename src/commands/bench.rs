@@ -399,11 +399,12 @@ fn subscribe(endpoint: &str, stop: &AtomicBool, seen: &Mutex<Seen>) {
         let Ok(mut s) = seen.lock() else { return };
         match m.topic.as_str() {
             "volume" => s.volumes.extend(VolumeSeen::from_message(&m, now)),
-            "decode" if m.header["at_run_end"] == false => {
-                let closed = m.header["closed_time"].as_f64();
-                let compute = m.header["latency_ms"].as_f64().unwrap_or(f64::NAN);
-                s.decodes.push((closed.map_or(f64::NAN, |c| (now - c) * 1e3), compute));
-            }
+            "decode" => match crate::topic::read::<crate::topic::DecodeHeader>(&m.topic, &m.header) {
+                Ok(d) if !d.trial.at_run_end => {
+                    s.decodes.push((d.closed_time.map_or(f64::NAN, |c| (now - c) * 1e3), d.latency_ms));
+                }
+                _ => {}
+            },
             _ => {}
         }
     }

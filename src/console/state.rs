@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use crate::decode::gallery::Gallery;
 use crate::decode::metrics::{pearson, ssim};
 use crate::message::Payload;
-use crate::motion::rigid::PARAM_NAMES;
+use crate::topic::{self, DecodeHeader};
 
 /// Events kept for late-joining pages and the report; older ones are dropped first.
 pub const MAX_HISTORY: usize = 200_000;
@@ -101,10 +101,6 @@ pub fn png_data_url(bytes: &[u8]) -> String {
     format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
-fn pick(header: &Value, keys: &[&str]) -> Map<String, Value> {
-    keys.iter().filter_map(|k| header.get(*k).map(|v| ((*k).to_string(), v.clone()))).collect()
-}
-
 fn payload_f32(payloads: &[Payload], name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
     let p = payloads.iter().find(|p| p.name == name && p.dtype == "float32")?;
     let values = p.bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
@@ -151,51 +147,27 @@ impl ConsoleState {
     }
 
     /// Turns one published message into the page events it gives (none for volumes), and
-    /// keeps them in the history.
+    /// keeps them in the history. A page event is the topic's header (`crate::topic`), the
+    /// decode's with its picture, truth and scores added.
     pub fn process(&mut self, input: &ConsoleInput) -> Vec<Arc<str>> {
         let h = &input.header;
+        let fields = || h.as_object().cloned().unwrap_or_default();
         let mut out = Vec::new();
         match input.topic {
-            "motion" => {
-                let mut keys = vec!["index", "run", "framewise_displacement", "fd_exceeded"];
-                keys.extend(PARAM_NAMES);
-                out.push(self.event("motion", pick(h, &keys), true));
-            }
-            "roi" => out.push(self.event("roi", pick(h, &["index", "run", "rois"]), true)),
-            "betas" => {
-                let keys = [
-                    "run",
-                    "trial",
-                    "stim",
-                    "condition",
-                    "onset",
-                    "duration",
-                    "index",
-                    "tr",
-                    "estimable",
-                    "at_run_end",
-                ];
-                out.push(self.event("betas", pick(h, &keys), true));
-            }
-            "calibration" => {
-                let mut fields = h.as_object().cloned().unwrap_or_default();
-                fields.remove("payloads");
-                out.push(self.event("calibration", fields, true));
-            }
-            "decode" => {
-                let (fields, scores) = self.decode_event(h, &input.payloads);
-                out.push(self.event("decode", fields, true));
-                let live = h.get("at_run_end").and_then(Value::as_bool) != Some(true);
-                if let (Some(s), true) = (scores, live) {
-                    let condition = h.get("condition").and_then(Value::as_str).unwrap_or("task");
-                    let alignment = h.get("alignment").and_then(Value::as_str).unwrap_or("none");
-                    self.quality.entry((condition.to_string(), alignment.to_string())).or_default().add(&s);
-                    out.push(self.event("summary", self.summary(), true));
+            "motion" | "roi" | "betas" | "calibration" => out.push(self.event(input.topic, fields(), true)),
+            "decode" => match topic::read::<DecodeHeader>(input.topic, h) {
+                Ok(d) => {
+                    let (fields, scores) = self.decode_event(fields(), &d, &input.payloads);
+                    out.push(self.event("decode", fields, true));
+                    if let (Some(s), false) = (scores, d.trial.at_run_end) {
+                        self.quality.entry((d.trial.condition, d.alignment)).or_default().add(&s);
+                        out.push(self.event("summary", self.summary(), true));
+                    }
                 }
-            }
+                Err(e) => tracing::warn!("console: {e}"),
+            },
             "status" => {
-                let mut fields = h.as_object().cloned().unwrap_or_default();
-                fields.remove("payloads");
+                let fields = fields();
                 // The history keeps what the latency plot needs; the page's counts come from
                 // the latest status, sent after the history.
                 let mut compact = Map::new();
@@ -222,45 +194,22 @@ impl ConsoleState {
         e
     }
 
-    /// The `decode` page event (the reconstruction and thumbnails as data URLs, the truth and
-    /// the trial's scores) and the scores, when the truth is known.
-    fn decode_event(&self, h: &Value, payloads: &[Payload]) -> (Map<String, Value>, Option<TrialScores>) {
-        let keys = [
-            "run",
-            "trial",
-            "stim",
-            "condition",
-            "onset",
-            "alignment",
-            "device",
-            "latency_ms",
-            "over_budget",
-            "at_run_end",
-            "top",
-        ];
-        let mut fields = pick(h, &keys);
+    /// The `decode` page event (the header with the reconstruction and thumbnails as data URLs,
+    /// the truth and the trial's scores) and the scores, when the truth is known.
+    fn decode_event(
+        &self,
+        mut fields: Map<String, Value>,
+        d: &DecodeHeader,
+        payloads: &[Payload],
+    ) -> (Map<String, Value>, Option<TrialScores>) {
         let png = payloads.iter().find(|p| p.name == "pixels_png").map(|p| png_data_url(&p.bytes));
         fields.insert("pixels".into(), json!(png));
-        let top: Vec<(usize, String)> = h
-            .get("top")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|m| {
-                        Some((m.get("index")?.as_u64()? as usize, m.get("id")?.as_str()?.to_string()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let top: Vec<(usize, String)> = d.top.iter().map(|m| (m.index, m.id.clone())).collect();
         let Some(truth) = &self.truth else {
             fields.insert("truth".into(), Value::Null);
             return (fields, None);
         };
-        let stim = h.get("stim").and_then(|s| match s {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        });
+        let stim = d.trial.stim.map(|s| s.to_string());
         let truth_index = stim.and_then(|s| truth.gallery.items.iter().position(|i| i.id == s));
         let mut thumbs = Map::new();
         for &i in top.iter().map(|(i, _)| i).chain(truth_index.iter()) {
@@ -412,8 +361,33 @@ mod tests {
         let pixels = g.thumbnails.as_ref().unwrap().1[stim * 256..(stim + 1) * 256].to_vec();
         ConsoleInput {
             topic: "decode",
-            header: json!({"trial": 1, "stim": stim.to_string(), "condition": condition, "alignment": "none",
-                "at_run_end": false, "top": [{"index": best, "id": best.to_string(), "label": "x", "score": 0.9}]}),
+            header: serde_json::to_value(DecodeHeader {
+                trial: crate::topic::TrialHeader {
+                    run: "r".into(),
+                    trial: 1,
+                    stim: Some(stim as u64),
+                    condition: condition.into(),
+                    onset: 0.0,
+                    duration: 2.0,
+                    n_volumes: 4,
+                    estimable: true,
+                    at_run_end: false,
+                },
+                top: vec![crate::decode::gallery::Match {
+                    index: best,
+                    id: best.to_string(),
+                    label: "x".into(),
+                    score: 0.9,
+                }],
+                heads: Vec::new(),
+                latents: Vec::new(),
+                device: "cpu".into(),
+                alignment: "none".into(),
+                latency_ms: 1.0,
+                over_budget: false,
+                closed_time: None,
+            })
+            .unwrap(),
             payloads: vec![
                 Payload::f32("image", vec![8], "C", &image),
                 Payload::f32("pixels", vec![1, 16, 16], "C", &pixels),

@@ -38,7 +38,7 @@ struct Index {
 }
 
 /// A ranked candidate.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Match {
     /// Position in the gallery.
     pub index: usize,

@@ -30,11 +30,9 @@ use crate::glm::events::Event;
 use crate::ingest::{Ack, SourceEvent};
 use crate::io::session::SessionWriter;
 use crate::metrics::{Metrics, MetricsSnapshot, Reason};
-use crate::publish::{
-    betas_message, calibration_message, decode_message, motion_message, roi_message, status_message,
-    volume_message, Publisher,
-};
+use crate::publish::{betas_message, decode_message, motion_message, roi_message, volume_message, Publisher};
 use crate::queue::{EdgeRx, EdgeTx, PushError, Recv};
+use crate::topic::Topic;
 use crate::volume::Volume;
 
 /// The recorder's edge was closed under ingest.
@@ -443,7 +441,7 @@ fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metric
 /// Publishes a frame's calibration events and decoded trials.
 fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
     for ev in &frame.calibration {
-        publisher.send(calibration_message(ev));
+        publisher.send(ev.message(Vec::new()));
         let progress = match (ev.phase, ev.step) {
             ("collecting", _) => format!("collecting {}/{}", ev.collected, ev.needed),
             ("fitting", Some((step, steps))) => match &ev.fit_stage {
@@ -552,18 +550,18 @@ fn publish_loop(
             reported_errors = publisher.send_errors();
         }
         if clock::now() >= next_status {
-            publisher.send(status_message(&m.snapshot()));
+            publisher.send(m.snapshot().message(Vec::new()));
             next_status += status_interval_s;
         }
     }
     while !recorded_all.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(10));
         if clock::now() >= next_status {
-            publisher.send(status_message(&m.snapshot()));
+            publisher.send(m.snapshot().message(Vec::new()));
             next_status += status_interval_s;
         }
     }
-    publisher.send(status_message(&m.snapshot()));
+    publisher.send(m.snapshot().message(Vec::new()));
     publisher.close();
 }
 

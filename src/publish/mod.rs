@@ -16,7 +16,7 @@ pub mod listener;
 pub mod prometheus;
 pub mod results;
 
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use crate::clock;
 use crate::console::{ConsoleFeed, ConsoleInput};
@@ -26,9 +26,11 @@ use crate::glm::{RoiValue, TrialBetas};
 use crate::ingest::Endpoint;
 use crate::io::session::MessageLog;
 use crate::message::{Message, Payload};
-use crate::metrics::MetricsSnapshot;
-use crate::motion::rigid::PARAM_NAMES;
 use crate::motion::MotionEstimate;
+use crate::topic::{
+    BetasHeader, DecodeHeader, HeadShape, MotionHeader, RoiHeader, RoiReading, Topic, TrialHeader,
+    VolumeHeader,
+};
 
 /// Why publishing could not start or a message could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -55,108 +57,120 @@ pub enum PublishError {
 /// Builds the `volume` message of a frame.
 pub fn volume_message(frame: &Frame) -> Message {
     let v = &frame.volume;
-    let mut latency = Map::new();
-    for (name, ms) in STAGES.iter().zip(frame.stamps.stage_ms()) {
-        if let Some(ms) = ms {
-            latency.insert((*name).into(), json!(ms));
-        }
-    }
-    let mut header = Map::new();
-    header.insert("seq".into(), json!(frame.seq));
-    header.insert("index".into(), json!(v.index));
-    header.insert("run".into(), json!(v.run));
-    header.insert("shape".into(), json!(v.dims));
-    header.insert("affine".into(), json!(v.affine));
-    header.insert("voxel_size".into(), json!(v.voxel_size()));
-    header.insert("tr".into(), json!(v.tr));
-    header.insert("acq_time".into(), json!(v.acq_time));
-    header.insert("recv_time".into(), json!(v.recv_time));
-    header.insert("flags".into(), json!(frame.flags));
-    header.insert("stage_errors".into(), json!(frame.stage_errors));
-    header.insert("latency_ms".into(), Value::Object(latency));
-    Message { topic: "volume", header, payloads: vec![Payload::f32("data", v.dims.to_vec(), "F", &v.data)] }
+    let latency_ms = STAGES
+        .iter()
+        .zip(frame.stamps.stage_ms())
+        .filter_map(|(name, ms)| Some(((*name).to_string(), ms?)))
+        .collect();
+    let header = VolumeHeader {
+        seq: frame.seq,
+        index: v.index,
+        run: v.run.clone(),
+        shape: v.dims,
+        affine: v.affine,
+        voxel_size: v.voxel_size(),
+        tr: v.tr,
+        acq_time: v.acq_time,
+        recv_time: v.recv_time,
+        flags: frame.flags,
+        stage_errors: frame.stage_errors.clone(),
+        latency_ms,
+    };
+    header.message(vec![Payload::f32("data", v.dims.to_vec(), "F", &v.data)])
+}
+
+/// A value JSON can carry: NaN and infinities become null.
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
 }
 
 /// Builds the `motion` message of a realigned frame: the six parameters (fMRIPrep names),
 /// the world matrix, framewise displacement and the optimiser's report.
 pub fn motion_message(frame: &Frame, m: &MotionEstimate) -> Message {
-    let mut header = Map::new();
-    header.insert("seq".into(), json!(frame.seq));
-    header.insert("index".into(), json!(frame.volume.index));
-    header.insert("run".into(), json!(frame.volume.run));
-    header.insert("acq_time".into(), json!(frame.volume.acq_time));
-    for (name, v) in PARAM_NAMES.iter().zip(m.params.to_array()) {
-        header.insert((*name).into(), json!(v));
-    }
-    header.insert("matrix".into(), json!(m.matrix));
-    header.insert("framewise_displacement".into(), json!(m.framewise_displacement));
-    header.insert("fd_exceeded".into(), json!(m.fd_exceeded));
-    header.insert("iterations".into(), json!(m.iterations));
-    header.insert("cost".into(), json!(if m.cost.is_finite() { Some(m.cost) } else { None }));
-    header.insert("converged".into(), json!(m.converged));
-    header.insert("reference_index".into(), json!(m.reference_index));
-    Message { topic: "motion", header, payloads: Vec::new() }
+    let [trans_x, trans_y, trans_z, rot_x, rot_y, rot_z] = m.params.to_array();
+    let header = MotionHeader {
+        seq: frame.seq,
+        index: frame.volume.index,
+        run: frame.volume.run.clone(),
+        acq_time: frame.volume.acq_time,
+        trans_x,
+        trans_y,
+        trans_z,
+        rot_x,
+        rot_y,
+        rot_z,
+        matrix: m.matrix,
+        framewise_displacement: m.framewise_displacement,
+        fd_exceeded: m.fd_exceeded,
+        iterations: m.iterations,
+        cost: finite(m.cost),
+        converged: m.converged,
+        reference_index: m.reference_index,
+    };
+    header.message(Vec::new())
 }
 
 /// Builds the `roi` message: each ROI's mean and detrended percent signal change.
 pub fn roi_message(frame: &Frame, rois: &[RoiValue]) -> Message {
-    let mut header = Map::new();
-    header.insert("seq".into(), json!(frame.seq));
-    header.insert("index".into(), json!(frame.volume.index));
-    header.insert("run".into(), json!(frame.volume.run));
-    header.insert("acq_time".into(), json!(frame.volume.acq_time));
-    let values: Vec<Value> = rois
-        .iter()
-        .map(|r| json!({"name": r.name, "mean": if r.mean.is_finite() { Some(r.mean) } else { None }, "psc": r.psc}))
-        .collect();
-    header.insert("rois".into(), Value::Array(values));
-    Message { topic: "roi", header, payloads: Vec::new() }
+    let header = RoiHeader {
+        seq: frame.seq,
+        index: frame.volume.index,
+        run: frame.volume.run.clone(),
+        acq_time: frame.volume.acq_time,
+        rois: rois
+            .iter()
+            .map(|r| RoiReading { name: r.name.clone(), mean: finite(r.mean), psc: r.psc })
+            .collect(),
+    };
+    header.message(Vec::new())
 }
 
-/// The header fields that describe a trial, shared by the `betas` and `decode` topics.
-fn trial_header(t: &TrialBetas) -> Map<String, Value> {
-    let mut header = Map::new();
-    header.insert("run".into(), json!(t.run));
-    header.insert("trial".into(), json!(t.trial));
-    header.insert("stim".into(), json!(t.stim));
-    header.insert("condition".into(), json!(t.condition));
-    header.insert("onset".into(), json!(t.onset));
-    header.insert("duration".into(), json!(t.duration));
-    header.insert("n_volumes".into(), json!(t.n_volumes));
-    header.insert("estimable".into(), json!(t.estimable));
-    header.insert("at_run_end".into(), json!(t.at_run_end));
-    header
+/// The fields that describe a trial, shared by the `betas` and `decode` topics.
+fn trial_header(t: &TrialBetas) -> TrialHeader {
+    TrialHeader {
+        run: t.run.clone(),
+        trial: t.trial,
+        stim: t.stim,
+        condition: t.condition.clone(),
+        onset: t.onset,
+        duration: t.duration,
+        n_volumes: t.n_volumes,
+        estimable: t.estimable,
+        at_run_end: t.at_run_end,
+    }
 }
 
 /// Builds the `betas` message of one trial: its description and, as payloads, one beta per
 /// mask voxel (`betas`, float32) and the voxels' grid indices (`voxels`, uint32, x fastest).
 pub fn betas_message(frame: &Frame, t: &TrialBetas) -> Message {
-    let mut header = trial_header(t);
-    header.insert("index".into(), json!(frame.volume.index));
-    header.insert("tr".into(), json!(frame.volume.tr));
-    header.insert("shape".into(), json!(frame.volume.dims));
-    let payloads =
-        vec![Payload::f32("betas", vec![t.betas.len()], "C", &t.betas), Payload::u32("voxels", &t.voxels)];
-    Message { topic: "betas", header, payloads }
+    let header = BetasHeader {
+        trial: trial_header(t),
+        index: frame.volume.index,
+        tr: frame.volume.tr,
+        shape: frame.volume.dims,
+    };
+    header.message(vec![
+        Payload::f32("betas", vec![t.betas.len()], "C", &t.betas),
+        Payload::u32("voxels", &t.voxels),
+    ])
 }
 
 /// Builds the `decode` message of a decoded trial: top gallery matches and timing in the
 /// header; each head's output (or `NAME.latent` for a head decoded to its latent), the fusion
 /// mix and the pixel picture (float32 and PNG) as payloads.
 pub fn decode_message(d: &Decoded) -> Message {
-    let mut header = trial_header(&d.trial);
-    header.insert("top".into(), json!(d.top));
-    header.insert(
-        "heads".into(),
-        json!(d.heads.iter().map(|(n, s, _)| json!({"name": n, "shape": s})).collect::<Vec<_>>()),
-    );
-    // Always present (empty unless `decode.latent_heads` names heads): one schema per topic.
-    header.insert("latents".into(), json!(d.latents.iter().map(|(n, _)| n).collect::<Vec<_>>()));
-    header.insert("device".into(), json!(d.device));
-    header.insert("alignment".into(), json!(d.alignment));
-    header.insert("latency_ms".into(), json!(d.latency_ms));
-    header.insert("over_budget".into(), json!(d.over_budget));
-    header.insert("closed_time".into(), json!(d.closed_time));
+    let header = DecodeHeader {
+        trial: trial_header(&d.trial),
+        top: d.top.clone(),
+        heads: d.heads.iter().map(|(n, s, _)| HeadShape { name: n.clone(), shape: s.clone() }).collect(),
+        // Always present (empty unless `decode.latent_heads` names heads): one schema per topic.
+        latents: d.latents.iter().map(|(n, _)| n.clone()).collect(),
+        device: d.device.clone(),
+        alignment: d.alignment.to_string(),
+        latency_ms: d.latency_ms,
+        over_budget: d.over_budget,
+        closed_time: d.closed_time,
+    };
     let mut payloads: Vec<Payload> =
         d.heads.iter().map(|(n, s, v)| Payload::f32(n, s.clone(), "C", v)).collect();
     payloads
@@ -174,25 +188,7 @@ pub fn decode_message(d: &Decoded) -> Message {
             bytes: png.clone(),
         });
     }
-    Message { topic: "decode", header, payloads }
-}
-
-/// Builds the `calibration` message: the event's fields as the header.
-pub fn calibration_message(ev: &crate::calibrate::CalibrationEvent) -> Message {
-    let header = match serde_json::to_value(ev) {
-        Ok(Value::Object(m)) => m,
-        _ => Map::new(),
-    };
-    Message { topic: "calibration", header, payloads: Vec::new() }
-}
-
-/// Builds the `status` message from a metrics snapshot.
-pub fn status_message(s: &MetricsSnapshot) -> Message {
-    let header = match serde_json::to_value(s) {
-        Ok(Value::Object(m)) => m,
-        _ => Map::new(),
-    };
-    Message { topic: "status", header, payloads: Vec::new() }
+    header.message(payloads)
 }
 
 /// The LSL feedback outlet: one float32 sample per volume, `volume_index`, `latency_ms`, then

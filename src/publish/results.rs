@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use crate::metrics::{Metrics, Reason};
+use crate::topic::{self, BetasHeader, DecodeHeader, MotionHeader, RoiHeader, Topic, VolumeHeader};
 
 /// A request the results server could not answer.
 pub const BAD_REQUEST: Reason =
@@ -54,48 +55,49 @@ impl Board {
 }
 
 impl ResultsBoard {
-    /// Takes what a client may ask for from a published message's header.
+    /// Takes what a client may ask for from a published message's header (read as its
+    /// topic's type; a header that does not read is skipped).
     pub fn record(&self, topic: &str, header: &Value) {
         let Ok(mut b) = self.inner.lock() else { return };
-        let run = header.get("run").and_then(Value::as_str).unwrap_or_default().to_string();
-        let index = header.get("index").and_then(Value::as_u64);
-        match (topic, index) {
-            ("motion", Some(i)) => {
-                let e = b.entry(&run, i);
-                for key in crate::motion::rigid::PARAM_NAMES.iter().chain(["framewise_displacement"].iter()) {
-                    e.insert((*key).into(), header.get(*key).cloned().unwrap_or(Value::Null));
+        match topic {
+            MotionHeader::NAME => {
+                let Ok(m) = topic::read::<MotionHeader>(topic, header) else { return };
+                let e = b.entry(&m.run, m.index);
+                for (key, v) in crate::motion::rigid::PARAM_NAMES.iter().zip(m.params()) {
+                    e.insert((*key).into(), json!(v));
+                }
+                e.insert("framewise_displacement".into(), json!(m.framewise_displacement));
+            }
+            RoiHeader::NAME => {
+                let Ok(r) = topic::read::<RoiHeader>(topic, header) else { return };
+                let e = b.entry(&r.run, r.index);
+                for roi in r.rois {
+                    e.insert(format!("{}_psc", roi.name), json!(roi.psc));
+                    e.insert(roi.name, json!(roi.mean));
                 }
             }
-            ("roi", Some(i)) => {
-                let e = b.entry(&run, i);
-                for r in header.get("rois").and_then(Value::as_array).into_iter().flatten() {
-                    if let Some(name) = r.get("name").and_then(Value::as_str) {
-                        e.insert(name.into(), r.get("mean").cloned().unwrap_or(Value::Null));
-                        e.insert(format!("{name}_psc"), r.get("psc").cloned().unwrap_or(Value::Null));
-                    }
-                }
+            VolumeHeader::NAME => {
+                let Ok(v) = topic::read::<VolumeHeader>(topic, header) else { return };
+                b.entry(&v.run, v.index).insert("published".into(), json!(true));
             }
-            ("volume", Some(i)) => {
-                b.entry(&run, i).insert("published".into(), json!(true));
+            BetasHeader::NAME => {
+                let Ok(t) = topic::read::<BetasHeader>(topic, header) else { return };
+                b.entry(&t.trial.run, t.index);
+                b.closed_by.insert((t.trial.run, t.trial.trial), t.index);
             }
-            ("betas", Some(i)) => {
-                if let Some(trial) = header.get("trial").and_then(Value::as_u64) {
-                    b.entry(&run, i);
-                    b.closed_by.insert((run, trial), i);
-                }
-            }
-            ("decode", _) => {
-                let trial = header.get("trial").and_then(Value::as_u64);
-                let Some(i) = trial.and_then(|t| b.closed_by.get(&(run.clone(), t)).copied()) else { return };
-                let top = header.get("top").and_then(|t| t.get(0));
+            DecodeHeader::NAME => {
+                let Ok(d) = topic::read::<DecodeHeader>(topic, header) else { return };
+                let t = &d.trial;
+                let Some(i) = b.closed_by.get(&(t.run.clone(), t.trial)).copied() else { return };
+                let top = d.top.first();
                 let decode = json!({
-                    "trial": trial,
-                    "stim": header.get("stim"),
-                    "condition": header.get("condition"),
-                    "top_id": top.and_then(|t| t.get("id")),
-                    "top_score": top.and_then(|t| t.get("score")),
+                    "trial": t.trial,
+                    "stim": t.stim,
+                    "condition": t.condition,
+                    "top_id": top.map(|m| &m.id),
+                    "top_score": top.map(|m| m.score),
                 });
-                b.entry(&run, i).insert("decode".into(), decode);
+                b.entry(&t.run, i).insert("decode".into(), decode);
             }
             _ => {}
         }
@@ -168,22 +170,77 @@ fn answer(mut stream: TcpStream, board: &ResultsBoard, metrics: &Metrics) -> std
 mod tests {
     use super::*;
 
+    const EYE: crate::volume::Affine =
+        [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]];
+
+    /// A header as publish sends it.
+    fn sent<T: Topic>(h: T) -> (&'static str, Value) {
+        (T::NAME, h.message(Vec::new()).full_header())
+    }
+
+    fn volume(run: &str, index: u64) -> (&'static str, Value) {
+        sent(VolumeHeader {
+            seq: index,
+            index,
+            run: run.into(),
+            shape: [2, 2, 2],
+            affine: EYE,
+            voxel_size: [1.0; 3],
+            tr: Some(2.0),
+            acq_time: None,
+            recv_time: 0.0,
+            flags: Default::default(),
+            stage_errors: Vec::new(),
+            latency_ms: Default::default(),
+        })
+    }
+
+    fn trial() -> topic::TrialHeader {
+        topic::TrialHeader {
+            run: "r".into(),
+            trial: 7,
+            stim: Some(2),
+            condition: "imagery".into(),
+            onset: 0.0,
+            duration: 2.0,
+            n_volumes: 4,
+            estimable: true,
+            at_run_end: false,
+        }
+    }
+
     #[test]
     fn a_volume_is_found_once_published_with_its_trial_decode() {
         let board = ResultsBoard::default();
+        let record = |(topic, header): (&str, Value)| board.record(topic, &header);
         assert_eq!(board.lookup(3), json!({"foundResults": false}));
-        board.record(
-            "motion",
-            &json!({"run": "r", "index": 3, "trans_x": 0.1, "framewise_displacement": 0.2}),
-        );
-        board.record(
-            "roi",
-            &json!({"run": "r", "index": 3, "rois": [{"name": "visual", "mean": 5.0, "psc": null}]}),
-        );
-        board.record("betas", &json!({"run": "r", "index": 3, "trial": 7}));
-        // Not yet published: not found.
+        record(sent(MotionHeader {
+            seq: 3,
+            index: 3,
+            run: "r".into(),
+            acq_time: None,
+            trans_x: 0.1,
+            trans_y: 0.0,
+            trans_z: 0.0,
+            rot_x: 0.0,
+            rot_y: 0.0,
+            rot_z: 0.0,
+            matrix: EYE,
+            framewise_displacement: 0.2,
+            fd_exceeded: false,
+            iterations: 3,
+            cost: None,
+            converged: true,
+            reference_index: Some(0),
+        }));
+        let rois = vec![topic::RoiReading { name: "visual".into(), mean: Some(5.0), psc: None }];
+        record(sent(RoiHeader { seq: 3, index: 3, run: "r".into(), acq_time: None, rois }));
+        record(sent(BetasHeader { trial: trial(), index: 3, tr: Some(2.0), shape: [2, 2, 2] }));
+        // Not yet published: not found; a header of the wrong shape changes nothing.
         assert_eq!(board.lookup(3)["foundResults"], false);
         board.record("volume", &json!({"run": "r", "index": 3}));
+        assert_eq!(board.lookup(3)["foundResults"], false);
+        record(volume("r", 3));
         let r = board.lookup(3);
         assert_eq!(
             (r["foundResults"].clone(), r["visual"].clone(), r["visual_psc"].clone()),
@@ -191,10 +248,26 @@ mod tests {
         );
         assert_eq!((r["trans_x"].clone(), r["framewise_displacement"].clone()), (json!(0.1), json!(0.2)));
         assert!(r.get("decode").is_none());
-        board.record("decode", &json!({"run": "r", "trial": 7, "stim": 2, "condition": "imagery", "top": [{"id": "s2", "score": 0.5}]}));
+        let top = vec![crate::decode::gallery::Match {
+            index: 2,
+            id: "s2".into(),
+            label: "two".into(),
+            score: 0.5,
+        }];
+        record(sent(DecodeHeader {
+            trial: trial(),
+            top,
+            heads: Vec::new(),
+            latents: Vec::new(),
+            device: "cpu".into(),
+            alignment: "none".into(),
+            latency_ms: 1.0,
+            over_budget: false,
+            closed_time: None,
+        }));
         assert_eq!(board.lookup(3)["decode"]["top_id"], "s2");
         // A new run starts over.
-        board.record("volume", &json!({"run": "r2", "index": 0}));
+        record(volume("r2", 0));
         assert_eq!(board.lookup(3)["foundResults"], false);
         assert_eq!(board.lookup(0)["foundResults"], true);
     }

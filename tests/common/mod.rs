@@ -32,14 +32,36 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// The headers of the messages a session folder recorded under `topic`, in publish order.
+/// The headers of the messages a session folder recorded under `topic`, in publish order;
+/// each header of a typed topic is checked to read back as its type (`mirage_rt::topic`).
 pub fn published(session: &Path, topic: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(session.join("messages.jsonl"))
+    use mirage_rt::topic::{self, BetasHeader, DecodeHeader, MotionHeader, RoiHeader, VolumeHeader};
+    let headers: Vec<serde_json::Value> = std::fs::read_to_string(session.join("messages.jsonl"))
         .unwrap_or_else(|e| panic!("{}: {e}", session.display()))
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|m| m["topic"] == topic)
         .map(|m| m["header"].clone())
+        .collect();
+    for h in &headers {
+        let typed = match topic {
+            "volume" => topic::read::<VolumeHeader>(topic, h).map(drop),
+            "motion" => topic::read::<MotionHeader>(topic, h).map(drop),
+            "roi" => topic::read::<RoiHeader>(topic, h).map(drop),
+            "betas" => topic::read::<BetasHeader>(topic, h).map(drop),
+            "decode" => topic::read::<DecodeHeader>(topic, h).map(drop),
+            _ => Ok(()),
+        };
+        typed.unwrap_or_else(|e| panic!("{e}: {h}"));
+    }
+    headers
+}
+
+/// The headers a session folder recorded under `T`'s topic, read as `T`.
+pub fn published_as<T: mirage_rt::topic::Topic + serde::de::DeserializeOwned>(session: &Path) -> Vec<T> {
+    published(session, T::NAME)
+        .iter()
+        .map(|h| mirage_rt::topic::read::<T>(T::NAME, h).unwrap_or_else(|e| panic!("{e}: {h}")))
         .collect()
 }
 
