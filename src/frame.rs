@@ -1,63 +1,129 @@
 //! What travels between stages: a volume, what each stage added to it, and its timestamps.
 
+use std::any::{Any, TypeId};
 use std::sync::Arc;
 
 use crate::queue::ByteSize;
 use crate::volume::Volume;
 
-/// A point on a frame's path where the runner takes a timestamp.
+/// A point on a frame's path where the runner takes a timestamp: received, ingested, after
+/// each stage of the volume path in order, then published.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Boundary {
+pub struct Boundary(usize);
+
+impl Boundary {
     /// The last byte arrived (or the file/simulator produced the volume).
-    Received = 0,
+    pub const RECEIVED: Boundary = Boundary(0);
     /// Validated, recorded and queued by ingest.
-    Ingested = 1,
-    /// Out of the motion stage.
-    Motion = 2,
-    /// Out of the GLM stage.
-    Glm = 3,
-    /// Out of the decode stage.
-    Decode = 4,
-    /// Handed to the publish sockets.
-    Published = 5,
+    pub const INGESTED: Boundary = Boundary(1);
+
+    /// Out of stage `i` (0-based) of the volume path.
+    pub const fn after_stage(i: usize) -> Boundary {
+        Boundary(2 + i)
+    }
 }
 
-/// Stage names in path order; stage `i` spans boundary `i` to `i + 1`.
+/// Stage names of the default volume path, in order: what `latency_ms` and the status
+/// report by default (a pipeline built with other stages names its own).
 pub const STAGES: [&str; 5] = ["ingest", "motion", "glm", "decode", "publish"];
 
-/// Monotonic timestamps (seconds on [`crate::clock::now`]) at each [`Boundary`].
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Stamps([f64; 6]);
+/// Monotonic timestamps (seconds on [`crate::clock::now`]) at each [`Boundary`] of a path of
+/// `n` stages, then at publish: `n + 3` points, spanning ingest, the `n` stages and publish.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stamps(Vec<f64>);
 
 impl Default for Stamps {
+    /// Stamps for the default path (three stages).
     fn default() -> Stamps {
-        Stamps([f64::NAN; 6])
+        Stamps::new(STAGES.len() - 2)
     }
 }
 
 impl Stamps {
-    /// Records `t` at boundary `b`.
+    /// No stamps yet, for a path of `n_stages` stages.
+    pub fn new(n_stages: usize) -> Stamps {
+        Stamps(vec![f64::NAN; n_stages + 3])
+    }
+
+    /// Records `t` at boundary `b` (ignored past the path's end).
     pub fn set(&mut self, b: Boundary, t: f64) {
-        self.0[b as usize] = t;
+        if let Some(x) = self.0.get_mut(b.0) {
+            *x = t;
+        }
     }
 
     /// The time at boundary `b`, if reached.
     pub fn get(&self, b: Boundary) -> Option<f64> {
-        let t = self.0[b as usize];
-        t.is_finite().then_some(t)
+        self.0.get(b.0).copied().filter(|t| t.is_finite())
     }
 
-    /// Milliseconds spent in each of [`STAGES`] (queue wait included), where both ends are set.
-    pub fn stage_ms(&self) -> [Option<f64>; 5] {
-        std::array::from_fn(|i| {
-            let (a, b) = (self.0[i], self.0[i + 1]);
-            (a.is_finite() && b.is_finite()).then_some((b - a) * 1e3)
-        })
+    /// Records `t` as the moment the frame was handed to the publish sockets.
+    pub fn set_published(&mut self, t: f64) {
+        if let Some(x) = self.0.last_mut() {
+            *x = t;
+        }
+    }
+
+    /// The latest time stamped so far (e.g. when the trials a frame carries were closed).
+    pub fn latest(&self) -> Option<f64> {
+        self.0.iter().copied().filter(|t| t.is_finite()).reduce(f64::max)
+    }
+
+    /// Milliseconds spent in ingest, each stage and publish (queue wait included), where both
+    /// ends are set.
+    pub fn stage_ms(&self) -> Vec<Option<f64>> {
+        self.0
+            .windows(2)
+            .map(|w| (w[0].is_finite() && w[1].is_finite()).then(|| (w[1] - w[0]) * 1e3))
+            .collect()
     }
 
     /// Milliseconds from receipt to publish.
     pub fn total_ms(&self) -> Option<f64> {
-        Some((self.get(Boundary::Published)? - self.get(Boundary::Received)?) * 1e3)
+        let (first, last) = (self.0.first()?, self.0.last()?);
+        (first.is_finite() && last.is_finite()).then(|| (last - first) * 1e3)
+    }
+}
+
+/// What stages added to a frame, one value per type: a stage puts its output, a later stage or
+/// publish reads it by type, so the frame names no stage and a new stage adds nothing here.
+#[derive(Clone, Default)]
+pub struct Outputs(Vec<(TypeId, &'static str, Arc<dyn Any + Send + Sync>)>);
+
+impl Outputs {
+    /// Puts `value`, replacing one of the same type.
+    pub fn insert<T: Any + Send + Sync>(&mut self, value: T) {
+        self.remove::<T>();
+        self.0.push((TypeId::of::<T>(), std::any::type_name::<T>(), Arc::new(value)));
+    }
+
+    /// The value of type `T`, if a stage put one.
+    pub fn get<T: Any + Send + Sync>(&self) -> Option<&T> {
+        self.0.iter().find(|(id, _, _)| *id == TypeId::of::<T>()).and_then(|(_, _, v)| v.downcast_ref())
+    }
+
+    /// Takes the value of type `T` out (a copy when another frame shares it).
+    pub fn take<T: Any + Send + Sync + Clone>(&mut self) -> Option<T> {
+        let v = self.remove::<T>()?.downcast::<T>().ok()?;
+        Some(Arc::try_unwrap(v).unwrap_or_else(|shared| (*shared).clone()))
+    }
+
+    /// Changes the value of type `T` in place, starting from its default when there is none.
+    pub fn update<T: Any + Send + Sync + Clone + Default>(&mut self, f: impl FnOnce(&mut T)) {
+        let mut v = self.take::<T>().unwrap_or_default();
+        f(&mut v);
+        self.insert(v);
+    }
+
+    fn remove<T: Any>(&mut self) -> Option<Arc<dyn Any + Send + Sync>> {
+        let i = self.0.iter().position(|(id, _, _)| *id == TypeId::of::<T>())?;
+        Some(self.0.remove(i).2)
+    }
+}
+
+impl std::fmt::Debug for Outputs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(_, name, _)| name)).finish()
     }
 }
 
@@ -83,17 +149,9 @@ pub struct Frame {
     pub volume: Arc<Volume>,
     /// Index bookkeeping from ingest.
     pub flags: IngestFlags,
-    /// Head motion, once the motion stage has estimated it.
-    pub motion: Option<crate::motion::MotionEstimate>,
-    /// Live events (markers) that arrived before this volume, handed to the GLM stage by the
-    /// runner.
-    pub events: Vec<crate::glm::events::Event>,
-    /// ROI feedback and closed trials, once the GLM stage has run.
-    pub glm: Option<crate::glm::GlmOutput>,
-    /// Trials decoded from this frame's closed trials.
-    pub decoded: Vec<crate::decode::Decoded>,
-    /// Calibration-mode events raised while this frame was decoded.
-    pub calibration: Vec<crate::calibrate::CalibrationEvent>,
+    /// What the stages added (head motion, ROI feedback and closed trials, decoded trials,
+    /// calibration events, the live events handed to the GLM), by type.
+    pub outputs: Outputs,
     /// A frame a stage emitted when its input ended: it carries results, not a new volume
     /// (`volume` is the run's last one).
     pub end_of_run: bool,
@@ -110,11 +168,7 @@ impl Frame {
             seq,
             volume,
             flags,
-            motion: None,
-            events: Vec::new(),
-            glm: None,
-            decoded: Vec::new(),
-            calibration: Vec::new(),
+            outputs: Outputs::default(),
             end_of_run: false,
             stage_errors: Vec::new(),
             stamps,
@@ -125,7 +179,7 @@ impl Frame {
     pub fn end_of_run_after(last: &Frame) -> Frame {
         Frame {
             end_of_run: true,
-            ..Frame::new(last.seq, last.volume.clone(), IngestFlags::default(), last.stamps)
+            ..Frame::new(last.seq, last.volume.clone(), IngestFlags::default(), last.stamps.clone())
         }
     }
 }
@@ -159,16 +213,35 @@ mod tests {
 
     #[test]
     fn stage_latencies_from_stamps() {
-        let mut s = Stamps::default();
-        s.set(Boundary::Received, 10.0);
-        s.set(Boundary::Ingested, 10.001);
-        s.set(Boundary::Motion, 10.004);
+        let mut s = Stamps::new(3);
+        s.set(Boundary::RECEIVED, 10.0);
+        s.set(Boundary::INGESTED, 10.001);
+        s.set(Boundary::after_stage(0), 10.004);
         let ms = s.stage_ms();
+        assert_eq!(ms.len(), STAGES.len());
         assert!((ms[0].unwrap() - 1.0).abs() < 1e-9);
         assert!((ms[1].unwrap() - 3.0).abs() < 1e-9);
         assert_eq!(ms[2], None);
         assert_eq!(s.total_ms(), None);
-        s.set(Boundary::Published, 10.010);
+        assert_eq!(s.latest(), Some(10.004));
+        s.set_published(10.010);
         assert!((s.total_ms().unwrap() - 10.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn outputs_are_found_by_type_and_shared_ones_are_copied_on_take() {
+        let mut o = Outputs::default();
+        assert!(o.get::<u32>().is_none());
+        o.insert(3u32);
+        o.insert(String::from("a"));
+        o.insert(4u32);
+        assert_eq!((o.get::<u32>(), o.get::<String>().map(String::as_str)), (Some(&4), Some("a")));
+        let shared = o.clone();
+        o.update::<Vec<u8>>(|v| v.push(1));
+        o.update::<String>(|s| s.push('b'));
+        assert_eq!(o.take::<String>().as_deref(), Some("ab"));
+        assert_eq!(shared.get::<String>().map(String::as_str), Some("a"), "a copy is not changed");
+        assert_eq!(o.get::<Vec<u8>>(), Some(&vec![1]));
+        assert_eq!(format!("{o:?}"), "[\"u32\", \"alloc::vec::Vec<u8>\"]");
     }
 }

@@ -31,6 +31,7 @@ pub mod scanner;
 pub mod sender;
 pub mod settings;
 pub mod sim;
+pub mod stage;
 pub mod topic;
 pub mod volume;
 

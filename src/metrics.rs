@@ -14,12 +14,14 @@ use crate::queue::EdgeStats;
 /// Latency histograms, in microseconds.
 #[derive(Debug)]
 struct LatencyBook {
+    /// Ingest, the volume path's stages and publish, in path order.
+    names: Vec<&'static str>,
     stages: Vec<Histogram<u64>>,
     total: Histogram<u64>,
     acquisition: Histogram<u64>,
     trial_decode: Histogram<u64>,
     /// The last [`ROLLING`] volumes: per-stage latencies then end to end, ms.
-    recent: std::collections::VecDeque<[f64; STAGES.len() + 1]>,
+    recent: std::collections::VecDeque<Vec<f64>>,
 }
 
 /// Volumes the rolling percentiles of the status topic cover.
@@ -95,7 +97,7 @@ impl LatencySummary {
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueSnapshot {
     /// Edge name.
-    pub name: &'static str,
+    pub name: String,
     /// Messages queued now.
     pub depth: usize,
     /// Message capacity.
@@ -141,6 +143,8 @@ pub struct MetricsSnapshot {
     pub calibration: Option<String>,
     /// Errors by counter name.
     pub errors: BTreeMap<String, u64>,
+    /// The stages latencies are kept for, in path order (ingest … publish).
+    pub stages: Vec<&'static str>,
     /// Queue states, in path order.
     pub queues: Vec<QueueSnapshot>,
     /// Latency per stage, ms (queue wait included).
@@ -186,8 +190,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Fresh counters; `started` is the pipeline's start on [`crate::clock::now`].
+    /// Fresh counters for the default volume path ([`STAGES`]); `started` is the pipeline's
+    /// start on [`crate::clock::now`].
     pub fn new(started: f64) -> Metrics {
+        Metrics::with_stages(started, STAGES.to_vec())
+    }
+
+    /// Fresh counters for a path whose stages (ingest … publish) are `names`.
+    pub fn with_stages(started: f64, names: Vec<&'static str>) -> Metrics {
         Metrics {
             started,
             received: AtomicU64::new(0),
@@ -203,7 +213,8 @@ impl Metrics {
             errors: Mutex::new(BTreeMap::new()),
             reasons: Mutex::new(BTreeMap::new()),
             latency: Mutex::new(LatencyBook {
-                stages: STAGES.iter().map(|_| histogram()).collect(),
+                stages: names.iter().map(|_| histogram()).collect(),
+                names,
                 total: histogram(),
                 acquisition: histogram(),
                 trial_decode: histogram(),
@@ -234,6 +245,11 @@ impl Metrics {
         }
     }
 
+    /// Ingest, the volume path's stages and publish, in path order.
+    pub fn stage_names(&self) -> Vec<&'static str> {
+        self.latency.lock().map(|b| b.names.clone()).unwrap_or_default()
+    }
+
     /// Registers an edge so its state appears in snapshots.
     pub fn add_edge(&self, stats: Arc<EdgeStats>) {
         if let Ok(mut e) = self.edges.lock() {
@@ -255,11 +271,10 @@ impl Metrics {
         if let Some(ms) = stamps.total_ms() {
             book.total.saturating_record(us(ms));
         }
-        let mut row = [f64::NAN; STAGES.len() + 1];
-        for (r, ms) in row.iter_mut().zip(stamps.stage_ms()) {
-            *r = ms.unwrap_or(f64::NAN);
-        }
-        row[STAGES.len()] = stamps.total_ms().unwrap_or(f64::NAN);
+        let n = book.names.len();
+        let mut row: Vec<f64> = stamps.stage_ms().into_iter().map(|ms| ms.unwrap_or(f64::NAN)).collect();
+        row.resize(n, f64::NAN);
+        row.push(stamps.total_ms().unwrap_or(f64::NAN));
         if book.recent.len() == ROLLING {
             book.recent.pop_front();
         }
@@ -287,7 +302,7 @@ impl Metrics {
                 edges
                     .iter()
                     .map(|s| QueueSnapshot {
-                        name: s.name,
+                        name: s.name.clone(),
                         policy: s.policy,
                         depth: s.depth.load(Ordering::Relaxed),
                         capacity: s.capacity,
@@ -300,14 +315,15 @@ impl Metrics {
                     .collect()
             })
             .unwrap_or_default();
-        let (stage_latency_ms, end_to_end_ms, acquisition_to_publish_ms, trial_decode_ms, rolling_ms) =
+        let (stages, stage_latency_ms, end_to_end_ms, acquisition_to_publish_ms, trial_decode_ms, rolling_ms) =
             match self.latency.lock() {
                 Ok(book) => (
-                    STAGES.iter().zip(&book.stages).map(|(n, h)| (*n, LatencySummary::of(h))).collect(),
+                    book.names.clone(),
+                    book.names.iter().zip(&book.stages).map(|(n, h)| (*n, LatencySummary::of(h))).collect(),
                     LatencySummary::of(&book.total),
                     LatencySummary::of(&book.acquisition),
                     LatencySummary::of(&book.trial_decode),
-                    STAGES
+                    book.names
                         .iter()
                         .copied()
                         .chain(["end_to_end"])
@@ -329,6 +345,7 @@ impl Metrics {
             decoded: get(&self.decoded),
             calibration: self.calibration.lock().ok().and_then(|c| c.clone()),
             errors,
+            stages,
             queues,
             stage_latency_ms,
             end_to_end_ms,
@@ -388,7 +405,8 @@ impl Metrics {
             s,
             "# HELP mirage_latency_seconds Latency per stage (queue wait included), end to end, and trial decode.\n# TYPE mirage_latency_seconds histogram"
         );
-        let all = STAGES
+        let all = book
+            .names
             .iter()
             .copied()
             .zip(&book.stages)
@@ -459,7 +477,7 @@ impl MetricsSnapshot {
             let _ =
                 writeln!(s, "{:<22} {:>8} {:>10.3} {:>10.3} {:>10.3}", name, l.count, l.p50, l.p99, l.max);
         };
-        for name in STAGES {
+        for name in &self.stages {
             if let Some(l) = self.stage_latency_ms.get(name) {
                 row(&mut s, name, l);
             }

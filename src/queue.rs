@@ -33,7 +33,7 @@ pub trait ByteSize {
 #[derive(Debug)]
 pub struct EdgeStats {
     /// Edge name, e.g. `ingest->motion`.
-    pub name: &'static str,
+    pub name: String,
     /// Message capacity.
     pub capacity: usize,
     /// Byte budget.
@@ -81,7 +81,7 @@ pub struct EdgeRx<T> {
 /// Creates an edge holding at most `capacity` messages and `byte_budget` bytes (a single
 /// message larger than the budget still passes when the edge is empty).
 pub fn edge<T: ByteSize>(
-    name: &'static str,
+    name: impl Into<String>,
     capacity: usize,
     byte_budget: usize,
     policy: WhenFull,
@@ -89,7 +89,7 @@ pub fn edge<T: ByteSize>(
     let capacity = capacity.max(1);
     let (prod, cons) = HeapRb::<T>::new(capacity).split();
     let stats = Arc::new(EdgeStats {
-        name,
+        name: name.into(),
         capacity,
         byte_budget,
         policy,

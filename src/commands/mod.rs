@@ -11,7 +11,7 @@ pub mod scanner;
 pub mod sim_model;
 pub mod simulate;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 
@@ -23,14 +23,27 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     }
 }
 
-/// `mirage check`: validates a configuration without starting anything.
+/// `mirage check`: validates a configuration and loads every input it names (model, gallery,
+/// masks, protocol, simulator) without starting anything.
 pub fn check(config: Option<&Path>) -> anyhow::Result<()> {
     let cfg = load_config(config)?;
     let errors = cfg.validate();
-    if errors.is_empty() {
-        println!("configuration is valid; ingest {}", cfg.ingest.uri);
-        Ok(())
-    } else {
-        anyhow::bail!("{}", errors.join("\n"))
+    if !errors.is_empty() {
+        anyhow::bail!("{}", errors.join("\n"));
+    }
+    // The simulator's own model is made when a run starts (`sim_model`), not here.
+    let sim = Some(PathBuf::from(sim_model::SIM));
+    let mut inputs = cfg.clone();
+    if inputs.decode.model == sim || inputs.decode.gallery == sim {
+        inputs.decode.model = None;
+        inputs.decode.gallery = None;
+        inputs.decode.mode = crate::decode::Mode::Decode;
+    }
+    match crate::pipeline::resolve::Resolved::new(&inputs) {
+        Ok(_) => {
+            println!("configuration is valid; ingest {}", cfg.ingest.uri);
+            Ok(())
+        }
+        Err(errors) => anyhow::bail!("{}", errors.join("\n")),
     }
 }

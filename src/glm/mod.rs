@@ -21,6 +21,7 @@ pub mod design;
 pub mod estimator;
 pub mod events;
 pub mod hrf;
+pub mod stage;
 
 use std::path::PathBuf;
 

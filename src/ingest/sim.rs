@@ -21,12 +21,13 @@ pub struct SimSource {
 impl SimSource {
     /// Builds the simulated run.
     pub fn new(cfg: &SimConfig, playback: Playback) -> Result<SimSource, IngestError> {
-        let sim = Simulator::new(cfg)?;
-        Ok(SimSource {
-            pacer: Pacer::new(playback.speed.interval(cfg.tr), playback.delay),
-            sim,
-            next_marker: 0,
-        })
+        Ok(SimSource::with_simulator(Simulator::new(cfg)?, playback))
+    }
+
+    /// Plays a simulated run already made.
+    pub fn with_simulator(sim: Simulator, playback: Playback) -> SimSource {
+        let tr = sim.config().tr;
+        SimSource { pacer: Pacer::new(playback.speed.interval(tr), playback.delay), sim, next_marker: 0 }
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod bspline;
 pub mod register;
 pub mod rigid;
+pub mod stage;
 
 use std::path::PathBuf;
 

@@ -6,13 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::calibration::LiveCalibration;
-use super::stage::{DecodeDispatch, DecodeStageAdapter, GlmStage, Identity, MotionStage, Stage};
+use super::resolve::Resolved;
+use super::stage::{DecodeDispatch, DecodeStageAdapter};
 use super::{
     answer_stop_while_draining, decode_worker, ingest_loop, lower_priority, publish_loop, record_loop, spawn,
-    stage_loop, Pipeline, PipelineHandle, RunOverrides, SetOnDrop, StageSlot, DECODE_NICE, EVENT_QUEUE,
-    LATE_QUEUE,
+    stage_loop, IngestPlan, Pipeline, PipelineHandle, SetOnDrop, DECODE_NICE, EVENT_QUEUE, LATE_QUEUE,
 };
-use crate::calibrate::protocol::Protocol;
 use crate::clock;
 use crate::config::Config;
 use crate::console::{ConsoleFeed, ConsoleSetup};
@@ -20,15 +19,15 @@ use crate::decode::gallery::Gallery;
 use crate::decode::DecodeStage;
 use crate::frame::{Boundary, Frame, RecordItem};
 use crate::glm::events::Event;
-use crate::glm::{GlmEstimator, SIM_ROI};
-use crate::ingest::uri::parse_publish_uri;
+use crate::ingest::sim::SimSource;
 use crate::ingest::{open_source, Endpoint, IngestUri, SourceLimits};
 use crate::io::session::{MessageLog, SessionWriter};
 use crate::metrics::Metrics;
-use crate::motion::MotionCorrector;
 use crate::publish::results::ResultsBoard;
 use crate::publish::Publisher;
 use crate::queue::{edge, EdgeRx, EdgeTx, WhenFull};
+use crate::sim::Simulator;
+use crate::stage::{Identity, Stage};
 
 /// Setup errors, every one of them (the user fixes all at once).
 type Errors = Vec<String>;
@@ -37,38 +36,32 @@ fn one(e: impl ToString) -> Errors {
     vec![e.to_string()]
 }
 
-/// The stages before their threads: motion, GLM, and decoding with its pool (none without a
-/// model).
+/// A stage of the volume path with the live events it takes (the GLM's).
+type PathStage = (Box<dyn Stage>, Option<crossbeam_channel::Receiver<Event>>);
+
+/// The stages before their threads: the volume path's, then decoding with its pool (none
+/// without a model).
 struct Stages {
-    motion: Box<dyn Stage>,
-    glm: Box<dyn Stage>,
-    /// The live events the GLM stage takes (none without a GLM).
-    events: Option<crossbeam_channel::Receiver<Event>>,
+    path: Vec<PathStage>,
     decoding: Option<(DecodeStageAdapter, rayon::ThreadPool)>,
 }
 
 impl Stages {
-    fn build(
-        cfg: &Config,
-        uri: &IngestUri,
-        gallery: Option<Arc<Gallery>>,
-        session_dir: Option<&Path>,
-        events: crossbeam_channel::Receiver<Event>,
-    ) -> Result<Stages, Errors> {
-        let motion: Box<dyn Stage> = if cfg.motion.enabled {
-            Box::new(MotionStage(MotionCorrector::new(&cfg.motion).map_err(one)?))
-        } else {
-            Box::new(Identity("motion"))
-        };
-        let (glm, events): (Box<dyn Stage>, _) = if cfg.glm.enabled {
-            (Box::new(GlmStage(glm_estimator(cfg, uri).map_err(one)?)), Some(events))
-        } else {
-            (Box::new(Identity("glm")), None)
-        };
-        let decoding = match &cfg.decode.model {
-            Some(_) => {
-                let stage = DecodeStage::new(&cfg.decode, gallery).map_err(one)?;
-                let calibration = live_calibration(cfg, &stage, session_dir).map_err(one)?;
+    /// The stages `r` resolved (taken out of it); the live events go to the `glm` stage.
+    fn build(r: &mut Resolved, events: crossbeam_channel::Receiver<Event>) -> Result<Stages, Errors> {
+        let mut events = Some(events);
+        let path = std::mem::take(&mut r.stages)
+            .into_iter()
+            .map(|stage| {
+                let takes_events = r.cfg.glm.enabled && stage.name() == "glm";
+                let rx = if takes_events { events.take() } else { None };
+                (stage, rx)
+            })
+            .collect();
+        let decoding = match r.decode.take() {
+            Some(stage) => {
+                let calibration = live_calibration(r, &stage).map_err(one)?;
+                let cfg = &r.cfg;
                 let adapter = DecodeStageAdapter {
                     stage,
                     now: clock::now,
@@ -86,34 +79,39 @@ impl Stages {
             }
             None => None,
         };
-        Ok(Stages { motion, glm, events, decoding })
+        Ok(Stages { path, decoding })
+    }
+
+    /// Every stage's name in path order: ingest, the volume path, decode, publish.
+    fn names(&self) -> Vec<&'static str> {
+        let path = self.path.iter().map(|(s, _)| s.name());
+        ["ingest"].into_iter().chain(path).chain(["decode", "publish"]).collect()
     }
 }
 
-/// The bounded edges between the threads, each registered with the metrics.
+/// The bounded edges between the threads, each registered with the metrics: one into each
+/// stage of `names` (ingest … publish) from the one before, and the recorder's.
 struct Edges {
-    ingest: (EdgeTx<Frame>, EdgeRx<Frame>),
-    motion: (EdgeTx<Frame>, EdgeRx<Frame>),
-    glm: (EdgeTx<Frame>, EdgeRx<Frame>),
-    decode: (EdgeTx<Frame>, EdgeRx<Frame>),
+    frames: Vec<(EdgeTx<Frame>, EdgeRx<Frame>)>,
     record: (EdgeTx<RecordItem>, EdgeRx<RecordItem>),
 }
 
 impl Edges {
-    fn new(cfg: &Config, metrics: &Metrics) -> Edges {
+    fn new(cfg: &Config, names: &[&str], metrics: &Metrics) -> Edges {
         let p = &cfg.pipeline;
-        let frame_edge = |name: &'static str, policy: WhenFull| {
-            let (tx, rx) = edge::<Frame>(name, p.queue_capacity, p.queue_bytes, policy);
-            metrics.add_edge(tx.stats());
-            (tx, rx)
-        };
-        let ingest = frame_edge("ingest->motion", WhenFull::Block);
-        let motion = frame_edge("motion->glm", WhenFull::Block);
-        let glm = frame_edge("glm->decode", WhenFull::Block);
-        let decode = frame_edge("decode->publish", p.publish_when_full);
+        let frames = names
+            .windows(2)
+            .map(|w| {
+                let policy = if w[1] == "publish" { p.publish_when_full } else { WhenFull::Block };
+                let (tx, rx) =
+                    edge::<Frame>(format!("{}->{}", w[0], w[1]), p.queue_capacity, p.queue_bytes, policy);
+                metrics.add_edge(tx.stats());
+                (tx, rx)
+            })
+            .collect();
         let record = edge::<RecordItem>("ingest->record", p.record_capacity, usize::MAX, WhenFull::Block);
         metrics.add_edge(record.0.stats());
-        Edges { ingest, motion, glm, decode, record }
+        Edges { frames, record }
     }
 }
 
@@ -165,20 +163,23 @@ fn warn_exposed(endpoints: &[Option<&Endpoint>]) {
 }
 
 impl Pipeline {
-    /// Validates `cfg`, opens every socket, file and outlet, and starts the threads. Returns
-    /// every error found, not just the first.
+    /// Validates `cfg`, loads every input it names, opens every socket, file and outlet, and
+    /// starts the threads. Returns every error found, not just the first.
     pub fn build(cfg: &Config) -> Result<PipelineHandle, Vec<String>> {
-        let errors = cfg.validate();
-        if !errors.is_empty() {
-            return Err(errors);
-        }
+        Pipeline::start(Resolved::new(cfg)?)
+    }
+
+    /// Starts a pipeline from a resolved configuration: the stages first, then the session
+    /// folder (so that a setup error leaves none), the console and the threads.
+    pub fn start(mut r: Resolved) -> Result<PipelineHandle, Vec<String>> {
         // Before any thread of ours starts: candle sizes its pool from the environment once.
-        crate::decode::limit_candle_threads(cfg.decode.threads);
-        let uri = cfg.ingest_uri().map_err(one)?;
-        let publish_ep = cfg.publish.uri.as_deref().map(parse_publish_uri).transpose().map_err(one)?;
-        warn_exposed(&[uri.bound_endpoint(), publish_ep.as_ref()]);
+        crate::decode::limit_candle_threads(r.cfg.decode.threads);
+        warn_exposed(&[r.uri.bound_endpoint(), r.publish.as_ref()]);
+        let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(EVENT_QUEUE);
+        let stages = Stages::build(&mut r, events_rx)?;
+        let names = stages.names();
         let started = clock::now();
-        let metrics = Arc::new(Metrics::new(started));
+        let metrics = Arc::new(Metrics::with_stages(started, names.clone()));
         metrics.register(&counted_reasons());
         let mut handle = PipelineHandle {
             stop: Arc::new(AtomicBool::new(false)),
@@ -187,25 +188,13 @@ impl Pipeline {
             session_dir: None,
             source: String::new(),
         };
-
-        // Every stage is made before the session folder, so that a setup error leaves none.
-        let session_dir = cfg
-            .record
-            .dir
-            .as_ref()
-            .map(|d| PathBuf::from(d.replace("{time}", &clock::utc_label(clock::unix_now()))));
-        // Loaded once: the decode stage ranks against it, the console scores against it.
-        let gallery = match &cfg.decode.gallery {
-            Some(dir) if cfg.decode.model.is_some() => Some(Arc::new(Gallery::load(dir).map_err(one)?)),
-            _ => None,
-        };
-        let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(EVENT_QUEUE);
-        let stages = Stages::build(cfg, &uri, gallery.clone(), session_dir.as_deref(), events_rx)?;
-        let session = open_session(cfg, session_dir, started)?;
+        let session = open_session(&r.cfg, r.session_dir.clone(), started)?;
         handle.session_dir = session.as_ref().map(|s| s.dir.clone());
-        let console = start_console(cfg, &metrics, gallery, &mut handle)?;
-        let edges = Edges::new(cfg, &metrics);
-        let mut wiring = Wiring { cfg, uri, metrics, handle, errors: Vec::new() };
+        let console = start_console(&r, &metrics, &mut handle)?;
+        let edges = Edges::new(&r.cfg, &names, &metrics);
+        let publish_ep = r.publish.take();
+        let simulator = r.simulator.take();
+        let mut wiring = Wiring { r: &r, simulator, metrics, handle, errors: Vec::new() };
         wiring.start(stages, edges, session, console, publish_ep, events_tx)?;
         let Wiring { handle, errors, .. } = wiring;
         if errors.is_empty() {
@@ -219,12 +208,12 @@ impl Pipeline {
 
 /// The console's page or report, started; `None` when the configuration asks for neither.
 fn start_console(
-    cfg: &Config,
+    r: &Resolved,
     metrics: &Arc<Metrics>,
-    gallery: Option<Arc<Gallery>>,
     handle: &mut PipelineHandle,
 ) -> Result<Option<ConsoleFeed>, Errors> {
-    let Some(setup) = console_setup(cfg, handle.session_dir.as_deref(), gallery).map_err(one)? else {
+    let Some(setup) = console_setup(&r.cfg, handle.session_dir.as_deref(), r.gallery.clone()).map_err(one)?
+    else {
         return Ok(None);
     };
     let (feed, thread) = crate::console::start(setup, metrics.clone()).map_err(one)?;
@@ -234,8 +223,9 @@ fn start_console(
 
 /// Starting the threads: what they share, and the errors of those that could not start.
 struct Wiring<'a> {
-    cfg: &'a Config,
-    uri: IngestUri,
+    r: &'a Resolved,
+    /// The simulated run the ingest thread plays (`sim://`).
+    simulator: Option<Simulator>,
     metrics: Arc<Metrics>,
     handle: PipelineHandle,
     errors: Errors,
@@ -273,7 +263,13 @@ impl Wiring<'_> {
             Some(s) => (Some(s.writer), Some(s.log)),
             None => (None, None),
         };
-        let Edges { ingest, motion, glm, decode, record } = edges;
+        let Edges { frames, record } = edges;
+        let mut frames = frames.into_iter();
+        let Some(ingest) = frames.next() else { return Err(one("the volume path has no edge")) };
+        // Each stage's input is the previous edge's receiver, its output the next's sender.
+        let mut input = ingest.1;
+        let mut outputs: Vec<(EdgeTx<Frame>, EdgeRx<Frame>)> = frames.collect();
+        let Some(decode) = outputs.pop() else { return Err(one("the volume path has no edge into publish")) };
         // Decoded trials reach publish off the volume path, from the decode worker.
         let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
         let waker = decode.1.waker();
@@ -289,26 +285,28 @@ impl Wiring<'_> {
                 let (worker_tx, worker_rx) = edge::<Frame>(
                     "decode hand-off",
                     LATE_QUEUE,
-                    self.cfg.pipeline.queue_bytes,
+                    self.r.cfg.pipeline.queue_bytes,
                     WhenFull::DropNewest,
                 );
                 self.metrics.add_edge(worker_tx.stats());
                 let m = self.metrics.clone();
-                let work = move || decode_worker(adapter, worker_rx, late_tx, waker, &m);
+                let boundary = Boundary::after_stage(stages.path.len());
+                let work = move || decode_worker(adapter, boundary, worker_rx, late_tx, waker, &m);
                 let thread = spawn("decoder", move || pool.install(work)).map_err(|e| vec![e])?;
                 self.handle.threads.push(thread);
                 Box::new(DecodeDispatch { worker: worker_tx })
             }
             None => Box::new(Identity("decode")),
         };
-        let slots: Vec<StageSlot> = vec![
-            (stages.motion, ingest.1, motion.0, Boundary::Motion, None),
-            (stages.glm, motion.1, glm.0, Boundary::Glm, stages.events),
-            (decode_stage, glm.1, decode.0, Boundary::Decode, None),
-        ];
-        for (stage, rx, tx, boundary, events) in slots {
-            let m = self.metrics.clone();
+        let mut path = stages.path;
+        path.push((decode_stage, None));
+        let txs = outputs.into_iter().map(|(tx, rx)| (tx, Some(rx))).chain([(decode.0, None)]);
+        for (i, ((stage, events), (tx, next))) in path.into_iter().zip(txs).enumerate() {
+            let (m, rx) = (self.metrics.clone(), input);
+            let boundary = Boundary::after_stage(i);
             self.spawn(stage.name(), move || stage_loop(stage, rx, tx, boundary, events, &m));
+            let Some(next) = next else { break };
+            input = next;
         }
 
         let (record_tx, record_rx) = record;
@@ -320,7 +318,7 @@ impl Wiring<'_> {
                 record_loop(writer, record_rx, &m);
             });
         }
-        if let Some(markers) = self.cfg.glm.markers.as_deref().and_then(|m| m.strip_prefix("lsl://")) {
+        if let Some(markers) = self.r.cfg.glm.markers.as_deref().and_then(|m| m.strip_prefix("lsl://")) {
             let (name, tx) = (markers.to_string(), events_tx.clone());
             let (s, m) = (self.handle.stop.clone(), self.metrics.clone());
             self.spawn("markers", move || crate::ingest::markers::marker_loop(&name, &tx, &s, &m));
@@ -356,7 +354,7 @@ impl Wiring<'_> {
         &mut self,
         published_all: &Arc<AtomicBool>,
     ) -> Result<Option<Arc<ResultsBoard>>, Errors> {
-        if let Some(addr) = &self.cfg.publish.metrics {
+        if let Some(addr) = &self.r.cfg.publish.metrics {
             let listener = crate::publish::prometheus::bind(addr).map_err(one)?;
             let (m, done) = (self.metrics.clone(), published_all.clone());
             let thread = spawn("metrics", move || crate::publish::prometheus::serve(listener, m, done))
@@ -364,7 +362,7 @@ impl Wiring<'_> {
             self.handle.threads.push(thread);
             tracing::info!("metrics: http://{addr}/metrics");
         }
-        let Some(addr) = &self.cfg.publish.results else { return Ok(None) };
+        let Some(addr) = &self.r.cfg.publish.results else { return Ok(None) };
         let listener = crate::publish::results::bind(addr).map_err(one)?;
         let board = Arc::new(ResultsBoard::default());
         let (b, m, done) = (board.clone(), self.metrics.clone(), published_all.clone());
@@ -386,7 +384,7 @@ impl Wiring<'_> {
         recorded_all: Arc<AtomicBool>,
         ready: crossbeam_channel::Sender<Result<String, String>>,
     ) {
-        let cfg = self.cfg;
+        let cfg = &self.r.cfg;
         let feedback = cfg.publish.lsl_feedback.clone().map(|name| crate::publish::FeedbackOutlet {
             name,
             rois: if cfg.glm.enabled {
@@ -394,7 +392,7 @@ impl Wiring<'_> {
             } else {
                 Vec::new()
             },
-            tr: known_tr(cfg, &self.uri),
+            tr: self.r.known_tr(),
         });
         let lsl_wait_s = cfg.publish.lsl_wait_s;
         let (hwm, interval) = (cfg.publish.send_hwm, cfg.publish.status_interval_s);
@@ -442,16 +440,25 @@ impl Wiring<'_> {
         events: crossbeam_channel::Sender<Event>,
         ready: crossbeam_channel::Sender<Result<String, String>>,
     ) {
-        let cfg = self.cfg;
+        let cfg = &self.r.cfg;
         let limits = SourceLimits { max_voxels: cfg.ingest.max_voxels };
         let run = crate::volume::sanitize_run_id(&cfg.ingest.run);
         // The URI's `?tr=` wins over `ingest.tr`, which wins over the sender's headers.
-        let overrides = RunOverrides { stop_after: cfg.ingest.stop_after, tr: configured_tr(cfg, &self.uri) };
-        let (uri, m, s) = (self.uri.clone(), self.metrics.clone(), self.handle.stop.clone());
-        self.spawn("ingest", move || match open_source(&uri, limits, &run) {
+        let n_stages = self.metrics.stage_names().len() - 2;
+        let plan = IngestPlan { stop_after: cfg.ingest.stop_after, tr: self.r.configured_tr(), n_stages };
+        let (uri, m, s) = (self.r.uri.clone(), self.metrics.clone(), self.handle.stop.clone());
+        // The simulated run resolved once is the one played.
+        let simulator = self.simulator.take();
+        let open = move || match (simulator, &uri) {
+            (Some(sim), IngestUri::Sim { playback, .. }) => {
+                Ok(Box::new(SimSource::with_simulator(sim, *playback)) as Box<dyn crate::ingest::Source>)
+            }
+            _ => open_source(&uri, limits, &run),
+        };
+        self.spawn("ingest", move || match open() {
             Ok(source) => {
                 let _ = ready.send(Ok(source.describe()));
-                let (source, last_tr) = ingest_loop(source, out, record, &events, &m, &s, overrides);
+                let (source, last_tr) = ingest_loop(source, out, record, &events, &m, &s, plan);
                 // Ingest is over: helpers such as the marker reader stop too.
                 s.store(true, Ordering::Release);
                 answer_stop_while_draining(source, last_tr, &m);
@@ -473,48 +480,15 @@ struct PublishSink {
 
 /// Calibration mode's state, when `decode.mode = "calibrate"`: the protocol checked against
 /// the model and gallery, and where the head will be saved.
-fn live_calibration(
-    cfg: &Config,
-    stage: &DecodeStage,
-    session_dir: Option<&std::path::Path>,
-) -> Result<Option<LiveCalibration>, String> {
-    if cfg.decode.mode != crate::decode::Mode::Calibrate {
+fn live_calibration(r: &Resolved, stage: &DecodeStage) -> Result<Option<LiveCalibration>, String> {
+    if r.cfg.decode.mode != crate::decode::Mode::Calibrate {
         return Ok(None);
     }
-    let path = cfg.calibrate.protocol.as_ref().ok_or("calibration mode needs calibrate.protocol")?;
-    let protocol = Protocol::load(path).map_err(|e| e.to_string())?;
-    let out = match (&cfg.calibrate.out, session_dir, &cfg.decode.model) {
-        (Some(out), _, _) => out.clone(),
-        (None, Some(dir), _) => dir.join("alignment.safetensors"),
-        (None, None, Some(model)) => {
-            model.join(format!("alignment-{}.safetensors", clock::utc_label(clock::unix_now())))
-        }
-        (None, None, None) => return Err("calibration mode needs decode.model".into()),
-    };
-    LiveCalibration::new(protocol, cfg.calibrate.clone(), out, stage.decoder(), stage.gallery())
+    let protocol = r.protocol.clone().ok_or("calibration mode needs calibrate.protocol")?;
+    let out = r.alignment_out().ok_or("calibration mode needs decode.model")?;
+    LiveCalibration::new(protocol, r.cfg.calibrate.clone(), out, stage.decoder(), stage.gallery())
         .map(Some)
         .map_err(|e| e.to_string())
-}
-
-/// Builds the GLM estimator, resolving `glm.mask = "sim"` to the simulator's visual ROI.
-fn glm_estimator(cfg: &Config, uri: &IngestUri) -> Result<GlmEstimator, String> {
-    let mut est = GlmEstimator::new(&cfg.glm).map_err(|e| e.to_string())?;
-    let sim_rois: Vec<&str> =
-        cfg.glm.rois.iter().filter(|r| r.path == Path::new(SIM_ROI)).map(|r| r.name.as_str()).collect();
-    if cfg.glm.mask != "sim" && sim_rois.is_empty() {
-        return Ok(est);
-    }
-    let IngestUri::Sim { sim, .. } = uri else {
-        return Err("glm.mask or glm.rois = \"sim\" needs sim:// ingest; give a mask file".into());
-    };
-    let s = crate::sim::Simulator::new(sim).map_err(|e| e.to_string())?;
-    for name in sim_rois {
-        est = est.with_roi(name, s.dims(), &s.anatomy().roi);
-    }
-    if cfg.glm.mask == "sim" {
-        est = est.with_mask(s.dims(), s.anatomy().roi.clone());
-    }
-    Ok(est)
 }
 
 /// The console's setup: a page when `console.listen` is set, a report when recording with
@@ -545,20 +519,6 @@ fn console_setup(
     Ok(Some(ConsoleSetup { listen: cfg.console.listen.clone(), hello, gallery, report }))
 }
 
-/// The TR the configuration sets over the sender's headers: the URI's `?tr=`, else `ingest.tr`.
-fn configured_tr(cfg: &Config, uri: &IngestUri) -> Option<f64> {
-    uri.tr().or(cfg.ingest.tr)
-}
-
-/// The repetition time known before any volume: the configured one, else the simulator's.
-fn known_tr(cfg: &Config, uri: &IngestUri) -> Option<f64> {
-    let sim = match uri {
-        IngestUri::Sim { sim, .. } => Some(sim.tr),
-        _ => None,
-    };
-    configured_tr(cfg, uri).or(sim)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,7 +537,7 @@ mod tests {
         let handle = Pipeline::build(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
         let snap = handle.wait();
         let edges: Vec<(&str, WhenFull, u64)> =
-            snap.queues.iter().map(|q| (q.name, q.policy, q.pushed)).collect();
+            snap.queues.iter().map(|q| (q.name.as_str(), q.policy, q.pushed)).collect();
         assert_eq!(
             edges,
             [
@@ -592,6 +552,64 @@ mod tests {
             snap.queues
         );
         assert_eq!(snap.received, 6);
+    }
+
+    /// A stage the built-in path does not have: it counts the frames it sees and what the
+    /// stages before and after it have added to them.
+    struct Probe {
+        seen: Arc<[std::sync::atomic::AtomicU64; 3]>,
+    }
+
+    impl Stage for Probe {
+        fn name(&self) -> &'static str {
+            "probe"
+        }
+
+        fn process(&mut self, frame: &mut Frame) -> Result<(), crate::stage::StageError> {
+            let [all, motion, glm] = &*self.seen;
+            all.fetch_add(1, Ordering::Relaxed);
+            if frame.outputs.get::<crate::motion::MotionEstimate>().is_some() {
+                motion.fetch_add(1, Ordering::Relaxed);
+            }
+            if frame.outputs.get::<crate::glm::GlmOutput>().is_some() {
+                glm.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stage_added_to_the_topology_gets_its_thread_edges_stamps_and_place() {
+        let mut cfg = Config::default();
+        cfg.ingest.uri = "sim://?volumes=6&shape=12,12,6&speed=max".into();
+        cfg.publish.uri = None;
+        cfg.publish.lsl_feedback = None;
+        cfg.record.dir = None;
+        cfg.console.listen = None;
+        cfg.decode.model = None;
+        let mut r = Resolved::new(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
+        let seen: Arc<[std::sync::atomic::AtomicU64; 3]> = Arc::default();
+        // Between motion and the GLM: one line, as in the topology.
+        r.stages.insert(1, Box::new(Probe { seen: seen.clone() }));
+        let snap = Pipeline::start(r).unwrap_or_else(|e| panic!("{e:?}")).wait();
+        let edges: Vec<(&str, u64)> = snap.queues.iter().map(|q| (q.name.as_str(), q.pushed)).collect();
+        assert_eq!(
+            edges,
+            [
+                ("ingest->motion", 6),
+                ("motion->probe", 6),
+                ("probe->glm", 6),
+                ("glm->decode", 6),
+                ("decode->publish", 6),
+                ("ingest->record", 0)
+            ]
+        );
+        assert_eq!(snap.stages, ["ingest", "motion", "probe", "glm", "decode", "publish"]);
+        assert_eq!(snap.stage_latency_ms["probe"].count, 6, "{:?}", snap.stage_latency_ms);
+        let [all, motion, glm] = seen.each_ref().map(|a| a.load(Ordering::Relaxed));
+        // Every frame, after motion realigned it and before the GLM saw it.
+        assert_eq!((all, motion, glm), (6, 6, 0));
+        assert_eq!(snap.published, 6);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 
 mod build;
 pub mod calibration;
+pub mod resolve;
 pub mod stage;
 
 use std::collections::HashSet;
@@ -23,15 +24,21 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use self::stage::{DecodeStageAdapter, Stage};
+use self::stage::DecodeStageAdapter;
+use crate::calibrate::CalibrationEvent;
 use crate::clock;
+use crate::decode::Decoded;
 use crate::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use crate::glm::events::Event;
+use crate::glm::stage::LiveEvents;
+use crate::glm::GlmOutput;
 use crate::ingest::{Ack, SourceEvent};
 use crate::io::session::SessionWriter;
 use crate::metrics::{Metrics, MetricsSnapshot, Reason};
+use crate::motion::MotionEstimate;
 use crate::publish::{betas_message, decode_message, motion_message, roi_message, volume_message, Publisher};
 use crate::queue::{EdgeRx, EdgeTx, PushError, Recv};
+use crate::stage::Stage;
 use crate::topic::Topic;
 use crate::volume::Volume;
 
@@ -86,11 +93,6 @@ const LATE_QUEUE: usize = 256;
 
 /// Live events waiting for the GLM stage.
 const EVENT_QUEUE: usize = 4096;
-
-/// A stage with its input edge, output edge, the boundary stamped after it and the live
-/// events it takes.
-type StageSlot =
-    (Box<dyn Stage>, EdgeRx<Frame>, EdgeTx<Frame>, Boundary, Option<crossbeam_channel::Receiver<Event>>);
 
 /// Entry point for building a running pipeline from a configuration.
 pub struct Pipeline;
@@ -211,10 +213,12 @@ impl IndexTracker {
     }
 }
 
-/// What the configuration imposes on the run over its sender: its length and its TR.
-struct RunOverrides {
+/// What ingest takes from the configuration: the run's length and TR over its sender's, and
+/// the number of stages its frames' stamps span.
+struct IngestPlan {
     stop_after: Option<u64>,
     tr: Option<f64>,
+    n_stages: usize,
 }
 
 fn ingest_loop(
@@ -224,7 +228,7 @@ fn ingest_loop(
     events: &crossbeam_channel::Sender<Event>,
     m: &Metrics,
     stop: &AtomicBool,
-    RunOverrides { stop_after, tr }: RunOverrides,
+    IngestPlan { stop_after, tr, n_stages }: IngestPlan,
 ) -> (Box<dyn crate::ingest::Source>, Option<f64>) {
     tracing::info!("ingest: {}", source.describe());
     let mut last_tr = tr;
@@ -265,9 +269,9 @@ fn ingest_loop(
                 };
                 let tr = volume.tr;
                 last_tr = tr.or(last_tr);
-                let mut stamps = Stamps::default();
-                stamps.set(Boundary::Received, volume.recv_time);
-                stamps.set(Boundary::Ingested, clock::now());
+                let mut stamps = Stamps::new(n_stages);
+                stamps.set(Boundary::RECEIVED, volume.recv_time);
+                stamps.set(Boundary::INGESTED, clock::now());
                 let frame = Frame::new(seq, volume, flags, stamps);
                 let closed = out.push(frame) == Err(PushError::Closed);
                 // The volume path has the frame; a waiting sender hears back once the volume
@@ -334,7 +338,12 @@ fn stage_loop(
     loop {
         match rx.recv_timeout(POLL) {
             Recv::Msg(mut frame) => {
-                frame.events.extend(events.iter().flat_map(|e| e.try_iter()));
+                if let Some(e) = &events {
+                    let live: Vec<Event> = e.try_iter().collect();
+                    if !live.is_empty() {
+                        frame.outputs.update::<LiveEvents>(|l| l.0.extend(live));
+                    }
+                }
                 if let Err(e) = stage.process(&mut frame) {
                     m.count_error(e.reason);
                     tracing::warn!("volume {}: {e}", frame.volume.index);
@@ -363,6 +372,7 @@ fn stage_loop(
 /// of `decode.threads`, which candle's matrix products then use.
 fn decode_worker(
     mut adapter: DecodeStageAdapter,
+    boundary: Boundary,
     mut rx: EdgeRx<Frame>,
     tx: crossbeam_channel::Sender<Frame>,
     waker: crate::queue::Waker,
@@ -386,7 +396,7 @@ fn decode_worker(
                     m.count_error(e.reason);
                     tracing::warn!("volume {}: {e}", frame.volume.index);
                 }
-                frame.stamps.set(Boundary::Decode, clock::now());
+                frame.stamps.set(boundary, clock::now());
                 last = Some(Frame::end_of_run_after(&frame));
                 send(frame);
             }
@@ -440,7 +450,7 @@ fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metric
 
 /// Publishes a frame's calibration events and decoded trials.
 fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
-    for ev in &frame.calibration {
+    for ev in frame.outputs.get::<Vec<CalibrationEvent>>().into_iter().flatten() {
         publisher.send(ev.message(Vec::new()));
         let progress = match (ev.phase, ev.step) {
             ("collecting", _) => format!("collecting {}/{}", ev.collected, ev.needed),
@@ -458,7 +468,7 @@ fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
             tracing::error!("calibration: {}", ev.error.as_deref().unwrap_or(ev.phase));
         }
     }
-    for d in &frame.decoded {
+    for d in frame.outputs.get::<Vec<Decoded>>().into_iter().flatten() {
         publisher.send(decode_message(d));
         m.decoded.fetch_add(1, Ordering::Relaxed);
         if d.over_budget {
@@ -470,10 +480,9 @@ fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
 /// Publishes one frame of late results (decoded trials, calibration events).
 fn publish_late(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
     publish_results(publisher, frame, m);
-    if let Some(closed) = frame.stamps.get(Boundary::Glm) {
-        if !frame.decoded.is_empty() {
-            m.record_trial_decode((clock::now() - closed) * 1e3);
-        }
+    let decoded = frame.outputs.get::<Vec<Decoded>>().map(Vec::as_slice).unwrap_or_default();
+    if let Some(closed) = decoded.first().and_then(|d| d.closed_time) {
+        m.record_trial_decode((clock::now() - closed) * 1e3);
     }
 }
 
@@ -487,6 +496,7 @@ fn publish_loop(
 ) {
     let mut next_status = clock::now() + status_interval_s;
     let mut reported_errors = 0;
+    let stage_names = m.stage_names();
     loop {
         if let Some(late) = &late {
             for f in late.try_iter() {
@@ -496,8 +506,9 @@ fn publish_loop(
         let wait = Duration::from_secs_f64((next_status - clock::now()).clamp(0.0, POLL.as_secs_f64()));
         match rx.recv_timeout(wait) {
             Recv::Msg(mut frame) => {
-                frame.stamps.set(Boundary::Published, clock::now());
-                if let Some(g) = &frame.glm {
+                frame.stamps.set_published(clock::now());
+                let glm = frame.outputs.get::<GlmOutput>();
+                if let Some(g) = glm {
                     for t in &g.trials {
                         publisher.send(betas_message(&frame, t));
                     }
@@ -513,16 +524,16 @@ fn publish_loop(
                 if frame.end_of_run {
                     continue;
                 }
-                if let Some(mo) = &frame.motion {
+                if let Some(mo) = frame.outputs.get::<MotionEstimate>() {
                     publisher.send(motion_message(&frame, mo));
                 }
-                let roi = frame.glm.as_ref().map(|g| g.roi.as_slice()).unwrap_or_default();
+                let roi = glm.map(|g| g.roi.as_slice()).unwrap_or_default();
                 if !roi.is_empty() {
                     publisher.send(roi_message(&frame, roi));
                 }
-                publisher.send(volume_message(&frame));
+                publisher.send(volume_message(&frame, &stage_names));
                 let done = clock::now();
-                frame.stamps.set(Boundary::Published, done);
+                frame.stamps.set_published(done);
                 let acq = frame.volume.acq_time;
                 m.record_latency(&frame.stamps, acq.map(|a| (done - a) * 1e3));
                 m.published.fetch_add(1, Ordering::Relaxed);

@@ -1,103 +1,11 @@
-//! The interface the runner drives: a stage is a plain struct with a pure `process`.
+//! The decode stage's two halves on the runner's side: the dispatch on the volume path, which
+//! hands closed trials to the decode worker's thread, and the adapter that thread runs.
 
+use crate::calibrate::CalibrationEvent;
+use crate::decode::Decoded;
 use crate::frame::Frame;
-
-/// A per-frame failure; the runner logs it, counts it under `reason` and passes the frame on.
-#[derive(Debug, thiserror::Error)]
-#[error("{stage}: {message}")]
-pub struct StageError {
-    /// Stage name.
-    pub stage: &'static str,
-    /// Counter name.
-    pub reason: &'static str,
-    /// What happened.
-    pub message: String,
-}
-
-/// A processing step with no I/O, threads or clocks: time arrives in the frame.
-pub trait Stage: Send {
-    /// Stage name (`motion`, `glm`, `decode`).
-    fn name(&self) -> &'static str;
-    /// Transforms the frame in place.
-    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError>;
-
-    /// Called once when the input ends, with the last frame seen: a stage holding results
-    /// for the end of a run returns them in a frame (see [`Frame::end_of_run_after`]).
-    fn flush(&mut self, _last: &Frame) -> Option<Frame> {
-        None
-    }
-}
-
-/// A stage that passes frames on unchanged, standing in for a step that is not built yet.
-#[derive(Clone, Copy, Debug)]
-pub struct Identity(pub &'static str);
-
-impl Stage for Identity {
-    fn name(&self) -> &'static str {
-        self.0
-    }
-
-    fn process(&mut self, _frame: &mut Frame) -> Result<(), StageError> {
-        Ok(())
-    }
-}
-
-/// The motion stage in the pipeline: realigns `frame.volume` and records its motion.
-pub struct MotionStage(pub crate::motion::MotionCorrector);
-
-impl Stage for MotionStage {
-    fn name(&self) -> &'static str {
-        "motion"
-    }
-
-    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
-        let out = self.0.process(&frame.volume, frame.flags.new_run).map_err(|e| StageError {
-            stage: "motion",
-            reason: e.reason().name,
-            message: e.to_string(),
-        })?;
-        if let Some(r) = out {
-            frame.volume = std::sync::Arc::new(r.volume);
-            frame.motion = Some(r.estimate);
-        }
-        Ok(())
-    }
-}
-
-/// The GLM stage in the pipeline: takes the live events the runner attached to the frame,
-/// fits, and attaches ROI feedback and closed trials.
-pub struct GlmStage(pub crate::glm::GlmEstimator);
-
-impl Stage for GlmStage {
-    fn name(&self) -> &'static str {
-        "glm"
-    }
-
-    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
-        for e in std::mem::take(&mut frame.events) {
-            self.0.add_event(e);
-        }
-        if frame.end_of_run {
-            return Ok(());
-        }
-        let out = self
-            .0
-            .process(&frame.volume, frame.motion.as_ref(), frame.flags.new_run)
-            .map_err(|e| StageError { stage: "glm", reason: e.reason().name, message: e.to_string() })?;
-        frame.glm = Some(out);
-        Ok(())
-    }
-
-    fn flush(&mut self, last: &Frame) -> Option<Frame> {
-        let trials = self.0.finish();
-        if trials.is_empty() {
-            return None;
-        }
-        let mut f = Frame::end_of_run_after(last);
-        f.glm = Some(crate::glm::GlmOutput { trials, ..Default::default() });
-        Some(f)
-    }
-}
+use crate::glm::GlmOutput;
+use crate::stage::{Stage, StageError};
 
 /// The decode stage in the pipeline: decodes every trial the GLM closed in this frame and
 /// times each decode against the budget with the clock the runner gives it; in calibration
@@ -119,13 +27,11 @@ impl DecodeStageAdapter {
     fn poll_calibration(&mut self, frame: &mut Frame, wait: bool) {
         let Some(c) = &mut self.calibration else { return };
         let (event, adapter) = c.poll(wait, self.stage.decoder());
-        frame.calibration.extend(event);
+        let finished = if wait { c.finish() } else { None };
+        frame.outputs.update::<Vec<CalibrationEvent>>(|v| v.extend(event.into_iter().chain(finished)));
         if let Some(adapter) = adapter {
             tracing::info!("calibration: switching to the fitted alignment");
             self.stage.set_adapter(adapter);
-        }
-        if wait {
-            frame.calibration.extend(c.finish());
         }
     }
 }
@@ -137,7 +43,10 @@ impl Stage for DecodeStageAdapter {
 
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
         let mut first_error = None;
-        if let Some(glm) = &frame.glm {
+        let (mut decoded, mut events) = (Vec::new(), Vec::new());
+        // When the trials were closed: the last stamp before the decode stage.
+        let closed_time = frame.stamps.latest();
+        if let Some(glm) = frame.outputs.get::<GlmOutput>() {
             for t in glm.trials.iter().filter(|t| self.run_end || !t.at_run_end) {
                 let start = (self.now)();
                 match self.stage.decode(t) {
@@ -145,8 +54,8 @@ impl Stage for DecodeStageAdapter {
                         d.latency_ms = ((self.now)() - start) * 1e3;
                         // The budget is the live loop's: end-of-run estimates are not held to it.
                         d.over_budget = !t.at_run_end && d.latency_ms > self.budget_ms;
-                        d.closed_time = frame.stamps.get(crate::frame::Boundary::Glm);
-                        frame.decoded.push(d);
+                        d.closed_time = closed_time;
+                        decoded.push(d);
                     }
                     Err(e) => {
                         if first_error.is_none() {
@@ -159,9 +68,15 @@ impl Stage for DecodeStageAdapter {
                     }
                 }
                 if let Some(c) = &mut self.calibration {
-                    frame.calibration.extend(c.observe(t, self.stage.decoder()));
+                    events.extend(c.observe(t, self.stage.decoder()));
                 }
             }
+        }
+        if !decoded.is_empty() {
+            frame.outputs.update::<Vec<Decoded>>(|v| v.extend(decoded));
+        }
+        if !events.is_empty() {
+            frame.outputs.update::<Vec<CalibrationEvent>>(|v| v.extend(events));
         }
         let end = frame.end_of_run;
         self.poll_calibration(frame, end);
@@ -171,7 +86,7 @@ impl Stage for DecodeStageAdapter {
     fn flush(&mut self, last: &Frame) -> Option<Frame> {
         let mut f = Frame::end_of_run_after(last);
         self.poll_calibration(&mut f, true);
-        (!f.calibration.is_empty()).then_some(f)
+        f.outputs.get::<Vec<CalibrationEvent>>().is_some_and(|v| !v.is_empty()).then_some(f)
     }
 }
 
@@ -182,7 +97,7 @@ impl DecodeStageAdapter {
         let mut f = Frame::end_of_run_after(last);
         f.end_of_run = false;
         self.poll_calibration(&mut f, false);
-        (!f.calibration.is_empty()).then_some(f)
+        f.outputs.get::<Vec<CalibrationEvent>>().is_some_and(|v| !v.is_empty()).then_some(f)
     }
 }
 
@@ -206,10 +121,11 @@ impl Stage for DecodeDispatch {
     }
 
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
-        let has_trials = frame.glm.as_ref().is_some_and(|g| !g.trials.is_empty());
-        if has_trials || frame.end_of_run {
+        let trials = frame.outputs.get::<GlmOutput>().map(|g| g.trials.clone()).unwrap_or_default();
+        if !trials.is_empty() || frame.end_of_run {
+            // The worker needs the trials, not the volume's ROI feedback.
             let mut copy = frame.clone();
-            copy.glm.iter_mut().for_each(|g| g.roi.clear());
+            copy.outputs.insert(GlmOutput { trials, ..Default::default() });
             match self.worker.push(copy) {
                 Ok(()) => {}
                 Err(crate::queue::PushError::Dropped) => {
@@ -267,7 +183,7 @@ mod tests {
             betas: vec![1.0; 8],
             voxels: (0..8).collect(),
         };
-        f.glm = Some(GlmOutput { trials: vec![t], ..Default::default() });
+        f.outputs.insert(GlmOutput { trials: vec![t], ..Default::default() });
         f
     }
 
@@ -289,12 +205,11 @@ mod tests {
             DecodeStageAdapter { stage, now: slow_clock, budget_ms: 10.0, run_end: true, calibration: None };
         let mut live = frame_with_trial(1);
         let mut end = frame_with_trial(2);
-        if let Some(g) = end.glm.as_mut() {
-            g.trials[0].at_run_end = true;
-        }
+        end.outputs.update::<GlmOutput>(|g| g.trials[0].at_run_end = true);
         adapter.process(&mut live).unwrap();
         adapter.process(&mut end).unwrap();
-        let (l, e) = (&live.decoded[0], &end.decoded[0]);
+        let decoded = |f: &Frame| f.outputs.get::<Vec<Decoded>>().unwrap()[0].clone();
+        let (l, e) = (&decoded(&live), &decoded(&end));
         assert!(
             (l.latency_ms - 40.0).abs() < 1e-6 && (e.latency_ms - 40.0).abs() < 1e-6,
             "{} {}",
@@ -305,7 +220,7 @@ mod tests {
         adapter.budget_ms = 100.0;
         let mut again = frame_with_trial(3);
         adapter.process(&mut again).unwrap();
-        assert!(!again.decoded[0].over_budget);
+        assert!(!decoded(&again).over_budget);
     }
 
     #[test]
@@ -323,12 +238,12 @@ mod tests {
         // The worker then gets the two that fit, in order; a frame without trials is not handed over.
         for want in 0..2 {
             match rx.recv_timeout(std::time::Duration::from_secs(1)) {
-                Recv::Msg(f) => assert_eq!(f.glm.unwrap().trials[0].trial, want),
+                Recv::Msg(f) => assert_eq!(f.outputs.get::<GlmOutput>().unwrap().trials[0].trial, want),
                 other => panic!("{other:?}"),
             }
         }
         let mut empty = frame_with_trial(9);
-        empty.glm = None;
+        empty.outputs = Default::default();
         assert!(dispatch.process(&mut empty).is_ok());
         assert!(matches!(rx.recv_timeout(std::time::Duration::from_millis(50)), Recv::Timeout));
     }

@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::clock;
 use crate::console::{ConsoleFeed, ConsoleInput};
 use crate::decode::Decoded;
-use crate::frame::{Frame, STAGES};
+use crate::frame::Frame;
 use crate::glm::{RoiValue, TrialBetas};
 use crate::ingest::Endpoint;
 use crate::io::session::MessageLog;
@@ -54,10 +54,10 @@ pub enum PublishError {
     },
 }
 
-/// Builds the `volume` message of a frame.
-pub fn volume_message(frame: &Frame) -> Message {
+/// Builds the `volume` message of a frame whose path's stages (ingest … publish) are `stages`.
+pub fn volume_message(frame: &Frame, stages: &[&str]) -> Message {
     let v = &frame.volume;
-    let latency_ms = STAGES
+    let latency_ms = stages
         .iter()
         .zip(frame.stamps.stage_ms())
         .filter_map(|(name, ms)| Some(((*name).to_string(), ms?)))

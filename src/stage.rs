@@ -1,0 +1,45 @@
+//! The interface the runner drives: a stage is a plain struct with a pure `process`. Each
+//! stage folder implements it (`motion::stage`, `glm::stage`); the runner knows only boxes.
+
+use crate::frame::Frame;
+
+/// A per-frame failure; the runner logs it, counts it under `reason` and passes the frame on.
+#[derive(Debug, thiserror::Error)]
+#[error("{stage}: {message}")]
+pub struct StageError {
+    /// Stage name.
+    pub stage: &'static str,
+    /// Counter name.
+    pub reason: &'static str,
+    /// What happened.
+    pub message: String,
+}
+
+/// A processing step with no I/O, threads or clocks: time arrives in the frame.
+pub trait Stage: Send {
+    /// Stage name (`motion`, `glm`, `decode`): its thread, its edges and its latency key.
+    fn name(&self) -> &'static str;
+    /// Transforms the frame in place.
+    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError>;
+
+    /// Called once when the input ends, with the last frame seen: a stage holding results
+    /// for the end of a run returns them in a frame (see [`Frame::end_of_run_after`]).
+    fn flush(&mut self, _last: &Frame) -> Option<Frame> {
+        None
+    }
+}
+
+/// A stage that passes frames on unchanged: a step switched off keeps its place (its thread,
+/// edges and latency key), so every run publishes the same schema.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity(pub &'static str);
+
+impl Stage for Identity {
+    fn name(&self) -> &'static str {
+        self.0
+    }
+
+    fn process(&mut self, _frame: &mut Frame) -> Result<(), StageError> {
+        Ok(())
+    }
+}
