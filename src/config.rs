@@ -40,6 +40,17 @@ pub struct Config {
     pub record: RecordConfig,
     /// The operator's web console and the end-of-run report.
     pub console: crate::console::ConsoleConfig,
+    /// Access to the listeners exposed beyond loopback.
+    pub security: SecurityConfig,
+}
+
+/// `[security]`
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// The token the console and the metrics endpoint require when they listen beyond
+    /// loopback (`None`: `MIRAGE_TOKEN`, else one made at start and printed in the URL).
+    pub token: Option<String>,
 }
 
 /// `[ingest]`
@@ -57,6 +68,9 @@ pub struct IngestConfig {
     /// Repetition time in seconds, over whatever the sender's headers say (`None`: the
     /// headers', milliseconds above 60 read as such).
     pub tr: Option<f64>,
+    /// Senders a listening ingest lets in: addresses and CIDR ranges, or `["*"]` for anyone
+    /// on purpose. Required when it (or the results server) listens beyond loopback.
+    pub allow: Vec<String>,
 }
 
 impl Default for IngestConfig {
@@ -67,6 +81,7 @@ impl Default for IngestConfig {
             stop_after: None,
             run: "run".into(),
             tr: None,
+            allow: Vec::new(),
         }
     }
 }
@@ -249,6 +264,35 @@ impl Config {
         IngestUri::parse(&self.ingest.uri, &self.sim)
     }
 
+    /// `ingest.allow` that does not parse, and listeners beyond loopback that it does not guard:
+    /// a sender there would push volumes into the closed loop.
+    fn exposure_errors(&self) -> Vec<String> {
+        if let Err(e) = crate::ingest::allow::Allowlist::parse(&self.ingest.allow) {
+            return vec![e];
+        }
+        if !self.ingest.allow.is_empty() {
+            return Vec::new();
+        }
+        let mut exposed = Vec::new();
+        if let Some(ep) =
+            self.ingest_uri().ok().as_ref().and_then(IngestUri::bound_endpoint).filter(|e| e.is_exposed())
+        {
+            exposed.push(format!("ingest.uri ({})", ep.zmq_address()));
+        }
+        if let Some(addr) = self.publish.results.as_deref().filter(|a| beyond_loopback(a)) {
+            exposed.push(format!("publish.results ({addr})"));
+        }
+        exposed
+            .into_iter()
+            .map(|what| {
+                format!(
+                    "{what} listens beyond loopback: set ingest.allow to the senders' addresses or \
+                     ranges (e.g. [\"10.0.0.5\", \"192.168.1.0/24\"]), or [\"*\"] to let anyone in on purpose"
+                )
+            })
+            .collect()
+    }
+
     /// Every problem with the configuration, each naming its field.
     pub fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
@@ -267,6 +311,7 @@ impl Config {
         {
             errors.push("ingest.tr must be a repetition time in seconds, above 0 and at most 60".into());
         }
+        errors.extend(self.exposure_errors());
         errors.extend(self.motion.validate());
         errors.extend(self.glm.validate());
         errors.extend(self.decode.validate());
@@ -321,6 +366,11 @@ impl Config {
         }
         errors
     }
+}
+
+/// Whether a listener at `addr` (`IP:PORT`) is reachable beyond this machine.
+pub fn beyond_loopback(addr: &str) -> bool {
+    !addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
 }
 
 #[cfg(test)]

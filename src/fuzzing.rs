@@ -70,11 +70,35 @@ pub fn nifti_header(data: &[u8]) {
     }
 }
 
+/// `ingest.allow` entries (one per line), then a ZAP request (frames after a blank line,
+/// separated by 0x1f) checked against them.
+pub fn allowlist(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (entries, request) = text.split_once("\n\n").unwrap_or((&text, ""));
+    let entries: Vec<String> = entries.lines().map(str::to_string).collect();
+    if let Ok(allow) = crate::ingest::allow::Allowlist::parse(&entries) {
+        let frames: Vec<Vec<u8>> = request.split('\u{1f}').map(|f| f.as_bytes().to_vec()).collect();
+        let _ = crate::ingest::zap::answer(&frames, &allow);
+    }
+}
+
+/// A web request's query (first line) and `Authorization` header (second), checked against
+/// a token.
+pub fn web_token(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.splitn(2, '\n');
+    let (query, auth) = (lines.next(), lines.next());
+    if let Ok(t) = crate::access::Token::new("0123456789abcdef") {
+        let _ = t.check(query, auth);
+    }
+    let _ = crate::access::Token::new(&text);
+}
+
 /// One fuzz target: arbitrary bytes in, nothing out.
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 10] = [
     ("wire_message", wire_message),
     ("lsl_geometry", lsl_geometry),
     ("marker", marker),
@@ -83,4 +107,6 @@ pub const TARGETS: [(&str, Target); 8] = [
     ("uri", uri),
     ("nifti_header", nifti_header),
     ("results_request", results_request),
+    ("allowlist", allowlist),
+    ("web_token", web_token),
 ];

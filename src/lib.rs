@@ -7,6 +7,7 @@
 // Geometry code indexes 3x3 and 4x4 matrices by row and column; iterators would hide that.
 #![allow(clippy::needless_range_loop)]
 
+pub mod access;
 pub mod bench;
 pub mod calibrate;
 pub mod clock;

@@ -22,6 +22,12 @@ pub trait Stage: Send {
     /// Transforms the frame in place.
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError>;
 
+    /// Whether the runner should put the live events (markers) that arrived before each frame
+    /// in it (`glm::stage::LiveEvents`); one stage of a path takes them.
+    fn takes_live_events(&self) -> bool {
+        false
+    }
+
     /// Called once when the input ends, with the last frame seen: a stage holding results
     /// for the end of a run returns them in a frame (see [`Frame::end_of_run_after`]).
     fn flush(&mut self, _last: &Frame) -> Option<Frame> {

@@ -235,21 +235,53 @@ impl Topic for crate::metrics::MetricsSnapshot {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn trial() -> TrialHeader {
+impl TrialHeader {
+    /// A live trial of run `r` showing `stim` under `condition`, for tests.
+    pub(crate) fn sample(trial: u64, stim: u64, condition: &str) -> TrialHeader {
         TrialHeader {
             run: "r".into(),
-            trial: 3,
-            stim: Some(7),
-            condition: "imagery".into(),
+            trial,
+            stim: Some(stim),
+            condition: condition.into(),
             onset: 12.0,
             duration: 4.0,
             n_volumes: 9,
             estimable: true,
             at_run_end: false,
         }
+    }
+}
+
+#[cfg(test)]
+impl DecodeHeader {
+    /// A CPU decode of `trial` with no alignment whose best match is gallery item `best`,
+    /// for tests.
+    pub(crate) fn sample(trial: TrialHeader, best: usize, score: f64) -> DecodeHeader {
+        DecodeHeader {
+            trial,
+            top: vec![crate::decode::gallery::Match {
+                index: best,
+                id: best.to_string(),
+                label: format!("stimulus {best}"),
+                score,
+            }],
+            heads: vec![HeadShape { name: "image".into(), shape: vec![4] }],
+            latents: Vec::new(),
+            device: "cpu".into(),
+            alignment: "none".into(),
+            latency_ms: 3.0,
+            over_budget: false,
+            closed_time: Some(1.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial() -> TrialHeader {
+        TrialHeader::sample(3, 7, "imagery")
     }
 
     /// A header as its topic and JSON.
@@ -301,22 +333,7 @@ mod tests {
                 rois: vec![RoiReading { name: "v1".into(), mean: Some(1.0), psc: None }],
             }),
             s(BetasHeader { trial: trial(), index: 9, tr: Some(2.0), shape: [2, 2, 2] }),
-            s(DecodeHeader {
-                trial: trial(),
-                top: vec![crate::decode::gallery::Match {
-                    index: 0,
-                    id: "7".into(),
-                    label: "seven".into(),
-                    score: 0.5,
-                }],
-                heads: vec![HeadShape { name: "image".into(), shape: vec![4] }],
-                latents: Vec::new(),
-                device: "cpu".into(),
-                alignment: "none".into(),
-                latency_ms: 3.0,
-                over_budget: false,
-                closed_time: Some(1.0),
-            }),
+            s(DecodeHeader::sample(trial(), 7, 0.5)),
             s(crate::calibrate::CalibrationEvent { phase: "collecting", ..Default::default() }),
             s(crate::metrics::Metrics::new(0.0).snapshot()),
         ]

@@ -103,7 +103,10 @@ impl RunOptions {
 pub fn run(mut cfg: Config, opts: &RunOptions) -> anyhow::Result<MetricsSnapshot> {
     opts.apply(&mut cfg)?;
     super::sim_model::resolve(&mut cfg, std::io::stderr().is_terminal() && !opts.quiet)?;
-    let handle = Pipeline::build(&cfg).map_err(|errors| anyhow::anyhow!("{}", errors.join("\n")))?;
+    let fail = |errors: Vec<String>| anyhow::anyhow!("{}", errors.join("\n"));
+    let resolved = crate::pipeline::resolve::Resolved::new(&cfg).map_err(fail)?;
+    let token = resolved.web_token.clone();
+    let handle = Pipeline::start(resolved).map_err(fail)?;
     let signalled = watch_signals(handle.stop_flag())?;
     eprintln!("mirage: ingest {} ", handle.source());
     if let Some(ep) = &cfg.publish.uri {
@@ -115,8 +118,13 @@ pub fn run(mut cfg: Config, opts: &RunOptions) -> anyhow::Result<MetricsSnapshot
     if let Some(addr) = &cfg.publish.results {
         eprintln!("mirage: results server at {addr} (send a volume index as 4 digits, e.g. 0024)");
     }
+    // The token is printed once, here, inside the URLs that need it.
+    let query = token.as_ref().map(|t| format!("?token={}", t.as_str())).unwrap_or_default();
     if let Some(addr) = &cfg.console.listen {
-        eprintln!("mirage: console at http://{addr}/ (open it in a browser)");
+        eprintln!("mirage: console at http://{addr}/{query} (open it in a browser)");
+    }
+    if let (Some(addr), Some(_)) = (&cfg.publish.metrics, &token) {
+        eprintln!("mirage: metrics at http://{addr}/metrics{query} (or send Authorization: Bearer TOKEN)");
     }
     let report = cfg.console.report_path(handle.session_dir().map(|d| d.as_path()));
     let tty = std::io::stderr().is_terminal();

@@ -99,6 +99,8 @@ pub struct ConsoleSetup {
     pub gallery: Option<std::sync::Arc<Gallery>>,
     /// Where to write the report at the end.
     pub report: Option<PathBuf>,
+    /// The token every request must present (when the page listens beyond loopback).
+    pub token: Option<crate::access::Token>,
 }
 
 /// Binds the page's address (so a busy port is an error at start) and starts the console
@@ -116,10 +118,10 @@ pub fn start(setup: ConsoleSetup, metrics: Arc<Metrics>) -> Result<(ConsoleFeed,
     let (tx, rx) = tokio::sync::mpsc::channel(FEED_CAPACITY);
     let feed = ConsoleFeed { tx, metrics: metrics.clone() };
     let state = ConsoleState::new(setup.hello, setup.gallery);
-    let report = setup.report;
+    let (report, token) = (setup.report, setup.token);
     let thread = std::thread::Builder::new()
         .name("mirage/console".into())
-        .spawn(move || server::run(listener, state, rx, report, &metrics))
+        .spawn(move || server::run(listener, state, rx, report, token, &metrics))
         .map_err(|e| format!("console thread: {e}"))?;
     Ok((feed, thread))
 }

@@ -6,15 +6,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::Html;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::broadcast;
 
 use super::{ConsoleInput, ConsoleState, PAGE};
+use crate::access::{Denied, Token};
 use crate::metrics::Metrics;
 
 /// Page events a slow page may fall behind by before it skips some (counted).
@@ -34,6 +38,7 @@ pub(super) fn run(
     state: ConsoleState,
     mut feed: tokio::sync::mpsc::Receiver<ConsoleInput>,
     report: Option<PathBuf>,
+    token: Option<Token>,
     metrics: &Arc<Metrics>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -54,6 +59,10 @@ pub(super) fn run(
                     let app = Router::new()
                         .route("/", get(|| async { Html(PAGE) }))
                         .route("/events", get(events))
+                        .layer(middleware::from_fn(move |req: Request, next: Next| {
+                            let token = token.clone();
+                            async move { guard(token.as_ref(), req, next).await }
+                        }))
                         .with_state(shared.clone());
                     tokio::spawn(async move {
                         if let Err(e) = axum::serve(l, app).await {
@@ -88,6 +97,20 @@ pub(super) fn run(
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
+}
+
+/// Serves `req` only with the run's token, when it has one: 401 without, 403 with another.
+async fn guard(token: Option<&Token>, req: Request, next: Next) -> Response {
+    let Some(token) = token else { return next.run(req).await };
+    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match token.check(req.uri().query(), auth) {
+        Ok(()) => next.run(req).await,
+        Err(Denied::Missing) => {
+            (StatusCode::UNAUTHORIZED, "this console needs its token: open the URL mirage printed\n")
+                .into_response()
+        }
+        Err(Denied::Wrong) => (StatusCode::FORBIDDEN, "wrong token\n").into_response(),
+    }
 }
 
 /// `/events`: the backlog, then live events, as server-sent events.

@@ -361,32 +361,11 @@ mod tests {
         let pixels = g.thumbnails.as_ref().unwrap().1[stim * 256..(stim + 1) * 256].to_vec();
         ConsoleInput {
             topic: "decode",
-            header: serde_json::to_value(DecodeHeader {
-                trial: crate::topic::TrialHeader {
-                    run: "r".into(),
-                    trial: 1,
-                    stim: Some(stim as u64),
-                    condition: condition.into(),
-                    onset: 0.0,
-                    duration: 2.0,
-                    n_volumes: 4,
-                    estimable: true,
-                    at_run_end: false,
-                },
-                top: vec![crate::decode::gallery::Match {
-                    index: best,
-                    id: best.to_string(),
-                    label: "x".into(),
-                    score: 0.9,
-                }],
-                heads: Vec::new(),
-                latents: Vec::new(),
-                device: "cpu".into(),
-                alignment: "none".into(),
-                latency_ms: 1.0,
-                over_budget: false,
-                closed_time: None,
-            })
+            header: serde_json::to_value(DecodeHeader::sample(
+                crate::topic::TrialHeader::sample(1, stim as u64, condition),
+                best,
+                0.9,
+            ))
             .unwrap(),
             payloads: vec![
                 Payload::f32("image", vec![8], "C", &image),

@@ -21,6 +21,10 @@ impl Stage for GlmStage {
         "glm"
     }
 
+    fn takes_live_events(&self) -> bool {
+        true
+    }
+
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
         for e in frame.outputs.take::<LiveEvents>().unwrap_or_default().0 {
             self.0.add_event(e);

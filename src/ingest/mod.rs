@@ -4,6 +4,7 @@
 //! socket or file and is driven by the runner's ingest thread through [`Source`]. Sources do
 //! no recording and keep no queues: the runner records every volume before it acknowledges it.
 
+pub mod allow;
 pub mod file;
 pub mod lsl;
 pub mod markers;
@@ -11,6 +12,7 @@ pub mod pacer;
 pub mod sim;
 pub mod uri;
 pub mod wire;
+pub mod zap;
 pub mod zmq;
 
 use std::time::Duration;
@@ -30,9 +32,12 @@ pub const LSL_STREAM: Reason = Reason::new("lsl_stream", "an LSL stream that fai
 pub const FILE: Reason = Reason::new("file", "a replayed file that could not be read");
 /// Counted when: a simulator that could not be made.
 pub const SIM: Reason = Reason::new("sim", "a simulator that could not be made");
+/// Counted when: a sender outside `ingest.allow` tried to connect (refused before any data).
+pub const SENDER_REFUSED: Reason =
+    Reason::new("sender_refused", "connections from senders outside ingest.allow, refused");
 /// What ingest refuses or fails on (the wire's reasons included; bad markers are the marker reader's).
 /// (With the wire's, [`wire::REASONS`].)
-pub const REASONS: &[Reason] = &[SOCKET, LSL_STREAM, FILE, SIM];
+pub const REASONS: &[Reason] = &[SOCKET, LSL_STREAM, FILE, SIM, SENDER_REFUSED];
 
 /// Why a message or a source failed.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +100,9 @@ pub enum SourceEvent {
     End,
     /// A trial event (a marker) for the GLM.
     Marker(crate::glm::events::Event),
+    /// Senders outside `ingest.allow` were refused this many connections (nothing of theirs
+    /// was read).
+    Refused(u64),
 }
 
 /// The runner's verdict on the last event, for protocols that answer their sender.
@@ -162,15 +170,20 @@ impl SourceLimits {
     }
 }
 
-/// Opens the source a URI names. Call on the thread that will drive it (LSL handles are not
-/// `Send`).
-pub fn open_source(uri: &IngestUri, limits: SourceLimits, run: &str) -> Result<Box<dyn Source>, IngestError> {
+/// Opens the source a URI names, letting in only the senders `allow` names where it listens.
+/// Call on the thread that will drive it (LSL handles are not `Send`).
+pub fn open_source(
+    uri: &IngestUri,
+    limits: SourceLimits,
+    run: &str,
+    allow: &allow::Allowlist,
+) -> Result<Box<dyn Source>, IngestError> {
     Ok(match uri {
         IngestUri::Pyneal { endpoint, .. } => {
-            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Pyneal, endpoint, limits, run)?)
+            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Pyneal, endpoint, limits, run, allow)?)
         }
         IngestUri::Zmq { endpoint, .. } => {
-            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Native, endpoint, limits, run)?)
+            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Native, endpoint, limits, run, allow)?)
         }
         IngestUri::Lsl { name, .. } => Box::new(lsl::LslReceiver::new(name, limits, run)),
         IngestUri::File { path, playback, tr } => {

@@ -40,6 +40,8 @@ pub struct ZmqReceiver {
     limits: SourceLimits,
     run: String,
     last_index: Option<u64>,
+    /// The handler letting in only `ingest.allow` (none when anyone may connect).
+    zap: Option<super::zap::ZapGuard>,
     _ctx: zmq::Context,
 }
 
@@ -50,10 +52,16 @@ impl ZmqReceiver {
         endpoint: &Endpoint,
         limits: SourceLimits,
         run: &str,
+        allow: &super::allow::Allowlist,
     ) -> Result<ZmqReceiver, IngestError> {
         let address = endpoint.zmq_address();
         let err = |reason: String| IngestError::Socket { endpoint: address.clone(), reason };
         let ctx = zmq::Context::new();
+        // The handler is up before the socket binds, so no peer connects unchecked.
+        let zap = match allow.is_anyone() {
+            true => None,
+            false => Some(super::zap::ZapGuard::start(&ctx, allow.clone()).map_err(err)?),
+        };
         let kind = match protocol {
             Protocol::Pyneal => zmq::PAIR,
             Protocol::Native => zmq::PULL,
@@ -62,6 +70,9 @@ impl ZmqReceiver {
         socket.set_maxmsgsize(limits.max_message_bytes()).map_err(|e| err(e.to_string()))?;
         socket.set_linger(1000).map_err(|e| err(e.to_string()))?;
         socket.set_rcvhwm(64).map_err(|e| err(e.to_string()))?;
+        if zap.is_some() {
+            socket.set_zap_domain(super::zap::DOMAIN).map_err(|e| err(e.to_string()))?;
+        }
         socket.bind(&address).map_err(|e| err(format!("cannot bind: {e}")))?;
         Ok(ZmqReceiver {
             protocol,
@@ -70,6 +81,7 @@ impl ZmqReceiver {
             limits,
             run: run.to_string(),
             last_index: None,
+            zap,
             _ctx: ctx,
         })
     }
@@ -113,6 +125,9 @@ fn marker(frame: &[u8], recv_time: f64) -> Result<crate::glm::events::Event, Ing
 
 impl Source for ZmqReceiver {
     fn next(&mut self, timeout: Duration) -> SourceEvent {
+        if let Some(n) = self.zap.as_mut().map(|z| z.newly_refused()).filter(|n| *n > 0) {
+            return SourceEvent::Refused(n);
+        }
         let parts = match self.recv_message(timeout) {
             Ok(Some(p)) => p,
             Ok(None) => return SourceEvent::Idle,

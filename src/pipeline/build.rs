@@ -47,14 +47,14 @@ struct Stages {
 }
 
 impl Stages {
-    /// The stages `r` resolved (taken out of it); the live events go to the `glm` stage.
+    /// The stages `r` resolved (taken out of it); the live events go to the first stage that
+    /// takes them.
     fn build(r: &mut Resolved, events: crossbeam_channel::Receiver<Event>) -> Result<Stages, Errors> {
         let mut events = Some(events);
         let path = std::mem::take(&mut r.stages)
             .into_iter()
             .map(|stage| {
-                let takes_events = r.cfg.glm.enabled && stage.name() == "glm";
-                let rx = if takes_events { events.take() } else { None };
+                let rx = if stage.takes_live_events() { events.take() } else { None };
                 (stage, rx)
             })
             .collect();
@@ -148,7 +148,11 @@ pub(super) fn counted_reasons() -> Vec<crate::reason::Reason> {
         crate::motion::REASONS,
         crate::glm::REASONS,
         crate::decode::REASONS,
-        &[crate::publish::results::BAD_REQUEST, super::stage::DECODE_DROPPED],
+        &[
+            crate::publish::results::BAD_REQUEST,
+            crate::publish::results::REFUSED,
+            super::stage::DECODE_DROPPED,
+        ],
     ]
     .concat()
 }
@@ -212,10 +216,12 @@ fn start_console(
     metrics: &Arc<Metrics>,
     handle: &mut PipelineHandle,
 ) -> Result<Option<ConsoleFeed>, Errors> {
-    let Some(setup) = console_setup(&r.cfg, handle.session_dir.as_deref(), r.gallery.clone()).map_err(one)?
+    let Some(mut setup) =
+        console_setup(&r.cfg, handle.session_dir.as_deref(), r.gallery.clone()).map_err(one)?
     else {
         return Ok(None);
     };
+    setup.token = r.web_token.clone();
     let (feed, thread) = crate::console::start(setup, metrics.clone()).map_err(one)?;
     handle.threads.push(thread);
     Ok(Some(feed))
@@ -356,18 +362,20 @@ impl Wiring<'_> {
     ) -> Result<Option<Arc<ResultsBoard>>, Errors> {
         if let Some(addr) = &self.r.cfg.publish.metrics {
             let listener = crate::publish::prometheus::bind(addr).map_err(one)?;
-            let (m, done) = (self.metrics.clone(), published_all.clone());
-            let thread = spawn("metrics", move || crate::publish::prometheus::serve(listener, m, done))
-                .map_err(one)?;
+            let (m, done, token) = (self.metrics.clone(), published_all.clone(), self.r.web_token.clone());
+            let thread =
+                spawn("metrics", move || crate::publish::prometheus::serve(listener, m, done, token))
+                    .map_err(one)?;
             self.handle.threads.push(thread);
             tracing::info!("metrics: http://{addr}/metrics");
         }
         let Some(addr) = &self.r.cfg.publish.results else { return Ok(None) };
         let listener = crate::publish::results::bind(addr).map_err(one)?;
         let board = Arc::new(ResultsBoard::default());
-        let (b, m, done) = (board.clone(), self.metrics.clone(), published_all.clone());
-        let thread =
-            spawn("results", move || crate::publish::results::serve(listener, b, m, done)).map_err(one)?;
+        let (b, m, done, allow) =
+            (board.clone(), self.metrics.clone(), published_all.clone(), self.r.allow.clone());
+        let thread = spawn("results", move || crate::publish::results::serve(listener, b, m, done, allow))
+            .map_err(one)?;
         self.handle.threads.push(thread);
         tracing::info!("results server: {addr}");
         Ok(Some(board))
@@ -447,13 +455,14 @@ impl Wiring<'_> {
         let n_stages = self.metrics.stage_names().len() - 2;
         let plan = IngestPlan { stop_after: cfg.ingest.stop_after, tr: self.r.configured_tr(), n_stages };
         let (uri, m, s) = (self.r.uri.clone(), self.metrics.clone(), self.handle.stop.clone());
+        let allow = self.r.allow.clone();
         // The simulated run resolved once is the one played.
         let simulator = self.simulator.take();
         let open = move || match (simulator, &uri) {
             (Some(sim), IngestUri::Sim { playback, .. }) => {
                 Ok(Box::new(SimSource::with_simulator(sim, *playback)) as Box<dyn crate::ingest::Source>)
             }
-            _ => open_source(&uri, limits, &run),
+            _ => open_source(&uri, limits, &run, &allow),
         };
         self.spawn("ingest", move || match open() {
             Ok(source) => {
@@ -516,7 +525,7 @@ fn console_setup(
     let rois: Vec<serde_json::Value> = cfg.glm.rois.iter().map(|r| r.name.clone().into()).collect();
     hello.insert("rois".into(), rois.into());
     hello.insert("report".into(), false.into());
-    Ok(Some(ConsoleSetup { listen: cfg.console.listen.clone(), hello, gallery, report }))
+    Ok(Some(ConsoleSetup { listen: cfg.console.listen.clone(), hello, gallery, report, token: None }))
 }
 
 #[cfg(test)]
@@ -526,13 +535,7 @@ mod tests {
 
     #[test]
     fn the_runner_wires_the_edges_the_architecture_names_and_every_volume_goes_through() {
-        let mut cfg = Config::default();
-        cfg.ingest.uri = "sim://?volumes=6&shape=12,12,6&speed=max".into();
-        cfg.publish.uri = None;
-        cfg.publish.lsl_feedback = None;
-        cfg.record.dir = None;
-        cfg.console.listen = None;
-        cfg.decode.model = None;
+        let mut cfg = super::super::quiet::sim_config(6);
         cfg.pipeline.publish_when_full = WhenFull::DropNewest;
         let handle = Pipeline::build(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
         let snap = handle.wait();
@@ -580,13 +583,7 @@ mod tests {
 
     #[test]
     fn a_stage_added_to_the_topology_gets_its_thread_edges_stamps_and_place() {
-        let mut cfg = Config::default();
-        cfg.ingest.uri = "sim://?volumes=6&shape=12,12,6&speed=max".into();
-        cfg.publish.uri = None;
-        cfg.publish.lsl_feedback = None;
-        cfg.record.dir = None;
-        cfg.console.listen = None;
-        cfg.decode.model = None;
+        let cfg = super::super::quiet::sim_config(6);
         let mut r = Resolved::new(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
         let seen: Arc<[std::sync::atomic::AtomicU64; 3]> = Arc::default();
         // Between motion and the GLM: one line, as in the topology.

@@ -14,6 +14,8 @@
 
 mod build;
 pub mod calibration;
+#[cfg(test)]
+mod quiet;
 pub mod resolve;
 pub mod stage;
 
@@ -238,6 +240,7 @@ fn ingest_loop(
         match source.next(POLL) {
             SourceEvent::Idle => {}
             SourceEvent::End => break,
+            SourceEvent::Refused(n) => (0..n).for_each(|_| m.count(crate::ingest::SENDER_REFUSED)),
             SourceEvent::Marker(e) => {
                 if events.try_send(e).is_err() {
                     m.count(crate::glm::events::EVENTS_DROPPED);

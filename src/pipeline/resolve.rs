@@ -5,11 +5,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::access::Token;
 use crate::calibrate::protocol::Protocol;
 use crate::clock;
 use crate::config::Config;
 use crate::decode::gallery::Gallery;
 use crate::decode::DecodeStage;
+use crate::ingest::allow::Allowlist;
 use crate::ingest::uri::parse_publish_uri;
 use crate::ingest::{Endpoint, IngestUri};
 use crate::sim::Simulator;
@@ -23,6 +25,10 @@ pub struct Resolved {
     pub uri: IngestUri,
     /// The PUB address, when publishing.
     pub publish: Option<Endpoint>,
+    /// The senders (and results clients) let in (`ingest.allow`).
+    pub allow: Allowlist,
+    /// The token the web endpoints require, when one of them listens beyond loopback.
+    pub web_token: Option<Token>,
     /// The session folder, `{time}` filled in (made only once every input has loaded).
     pub session_dir: Option<PathBuf>,
     /// The simulated run of `sim://` ingest, made once: the source plays it, and `"sim"` masks
@@ -49,6 +55,12 @@ impl Resolved {
         }
         let mut errors = Vec::new();
         let uri = keep(&mut errors, cfg.ingest_uri().map_err(|e| e.to_string()));
+        let allow = keep(&mut errors, Allowlist::parse(&cfg.ingest.allow)).unwrap_or_default();
+        let exposed = |a: &Option<String>| a.as_deref().is_some_and(crate::config::beyond_loopback);
+        let web_token = match exposed(&cfg.console.listen) || exposed(&cfg.publish.metrics) {
+            true => keep(&mut errors, Token::resolve(cfg.security.token.as_deref())),
+            false => None,
+        };
         let publish = keep(
             &mut errors,
             cfg.publish.uri.as_deref().map(parse_publish_uri).transpose().map_err(|e| e.to_string()),
@@ -99,6 +111,8 @@ impl Resolved {
             cfg: cfg.clone(),
             uri,
             publish,
+            allow,
+            web_token,
             session_dir,
             simulator,
             stages,
@@ -150,8 +164,7 @@ mod tests {
     #[test]
     fn every_input_error_is_reported_at_once_and_nothing_is_made() {
         let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::default();
-        cfg.ingest.uri = "sim://?volumes=4&shape=12,12,6&speed=max".into();
+        let mut cfg = super::super::quiet::sim_config(4);
         cfg.record.dir = Some(dir.path().join("session").display().to_string());
         // Both pass validation (the files exist) and fail to load.
         let model = dir.path().join("model");
@@ -169,10 +182,7 @@ mod tests {
 
     #[test]
     fn a_simulated_run_is_made_once_and_the_volume_path_built_from_the_stage_folders() {
-        let mut cfg = Config::default();
-        cfg.ingest.uri = "sim://?volumes=4&shape=12,12,6&speed=max".into();
-        cfg.record.dir = None;
-        cfg.decode.model = None;
+        let mut cfg = super::super::quiet::sim_config(4);
         cfg.glm.mask = crate::glm::SIM_ROI.into();
         let r = Resolved::new(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
         let sim = r.simulator.as_ref().expect("sim:// ingest makes its simulator once");

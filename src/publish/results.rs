@@ -15,12 +15,16 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::ingest::allow::Allowlist;
 use crate::metrics::{Metrics, Reason};
 use crate::topic::{self, BetasHeader, DecodeHeader, MotionHeader, RoiHeader, Topic, VolumeHeader};
 
 /// A request the results server could not answer.
 pub const BAD_REQUEST: Reason =
     Reason::new("results_bad_request", "results-server requests that were not a 4-digit volume index");
+/// A results client outside `ingest.allow`.
+pub const REFUSED: Reason =
+    Reason::new("results_refused", "results-server connections from outside ingest.allow, closed unanswered");
 
 /// Volumes kept for lookup; older ones of a longer run are forgotten.
 const MAX_VOLUMES: usize = 1 << 16;
@@ -127,9 +131,22 @@ pub fn bind(addr: &str) -> Result<TcpListener, String> {
 }
 
 /// Answers requests until `done` is set; a malformed request is answered with an error line
-/// and counted (`results_bad_request`).
-pub fn serve(listener: TcpListener, board: Arc<ResultsBoard>, metrics: Arc<Metrics>, done: Arc<AtomicBool>) {
-    super::listener::serve(listener, "results server", &done, |stream| answer(stream, &board, &metrics));
+/// and counted (`results_bad_request`); a client outside `allow` is closed unanswered and
+/// counted (`results_refused`).
+pub fn serve(
+    listener: TcpListener,
+    board: Arc<ResultsBoard>,
+    metrics: Arc<Metrics>,
+    done: Arc<AtomicBool>,
+    allow: Allowlist,
+) {
+    super::listener::serve(listener, "results server", &done, |stream| match stream.peer_addr() {
+        Ok(peer) if allow.allows(peer.ip()) => answer(stream, &board, &metrics),
+        _ => {
+            metrics.count(REFUSED);
+            Ok(())
+        }
+    });
 }
 
 /// A request's volume index: four ASCII digits (pyneal's `str(volIdx).zfill(4)`; longer
@@ -195,20 +212,6 @@ mod tests {
         })
     }
 
-    fn trial() -> topic::TrialHeader {
-        topic::TrialHeader {
-            run: "r".into(),
-            trial: 7,
-            stim: Some(2),
-            condition: "imagery".into(),
-            onset: 0.0,
-            duration: 2.0,
-            n_volumes: 4,
-            estimable: true,
-            at_run_end: false,
-        }
-    }
-
     #[test]
     fn a_volume_is_found_once_published_with_its_trial_decode() {
         let board = ResultsBoard::default();
@@ -235,7 +238,12 @@ mod tests {
         }));
         let rois = vec![topic::RoiReading { name: "visual".into(), mean: Some(5.0), psc: None }];
         record(sent(RoiHeader { seq: 3, index: 3, run: "r".into(), acq_time: None, rois }));
-        record(sent(BetasHeader { trial: trial(), index: 3, tr: Some(2.0), shape: [2, 2, 2] }));
+        record(sent(BetasHeader {
+            trial: topic::TrialHeader::sample(7, 2, "imagery"),
+            index: 3,
+            tr: Some(2.0),
+            shape: [2, 2, 2],
+        }));
         // Not yet published: not found; a header of the wrong shape changes nothing.
         assert_eq!(board.lookup(3)["foundResults"], false);
         board.record("volume", &json!({"run": "r", "index": 3}));
@@ -248,24 +256,8 @@ mod tests {
         );
         assert_eq!((r["trans_x"].clone(), r["framewise_displacement"].clone()), (json!(0.1), json!(0.2)));
         assert!(r.get("decode").is_none());
-        let top = vec![crate::decode::gallery::Match {
-            index: 2,
-            id: "s2".into(),
-            label: "two".into(),
-            score: 0.5,
-        }];
-        record(sent(DecodeHeader {
-            trial: trial(),
-            top,
-            heads: Vec::new(),
-            latents: Vec::new(),
-            device: "cpu".into(),
-            alignment: "none".into(),
-            latency_ms: 1.0,
-            over_budget: false,
-            closed_time: None,
-        }));
-        assert_eq!(board.lookup(3)["decode"]["top_id"], "s2");
+        record(sent(DecodeHeader::sample(topic::TrialHeader::sample(7, 2, "imagery"), 2, 0.5)));
+        assert_eq!(board.lookup(3)["decode"]["top_id"], "2");
         // A new run starts over.
         record(volume("r2", 0));
         assert_eq!(board.lookup(3)["foundResults"], false);
