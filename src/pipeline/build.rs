@@ -129,11 +129,21 @@ fn open_session(cfg: &Config, dir: Option<PathBuf>, started: f64) -> Result<Opti
         "started_unix": clock::unix_now(),
         "started_monotonic": started,
         "ingest": cfg.ingest.uri,
-        "config": cfg,
+        "config": recorded_config(cfg),
     });
     let writer = SessionWriter::create(&dir, &meta, cfg.record.sync).map_err(one)?;
     let log = MessageLog::open(&dir).map_err(one)?;
     Ok(Some(Session { dir, writer, log }))
+}
+
+/// The configuration as the session folder records it: everything but the web token, which
+/// would let whoever reads the folder into a later run's console.
+fn recorded_config(cfg: &Config) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    if cfg.security.token.is_some() {
+        v["security"]["token"] = serde_json::json!("(set; not recorded)");
+    }
+    v
 }
 
 /// Every reason a run can count, registered up front: the runner's, the sinks', and the
@@ -607,6 +617,15 @@ mod tests {
         // Every frame, after motion realigned it and before the GLM saw it.
         assert_eq!((all, motion, glm), (6, 6, 0));
         assert_eq!(snap.published, 6);
+    }
+
+    #[test]
+    fn the_session_records_the_configuration_but_not_the_web_token() {
+        let mut cfg = Config::default();
+        cfg.security.token = Some("0123456789abcdef-secret".into());
+        let text = recorded_config(&cfg).to_string();
+        assert!(!text.contains("secret") && text.contains("not recorded"), "{text}");
+        assert_eq!(recorded_config(&cfg)["ingest"], serde_json::to_value(&cfg.ingest).unwrap());
     }
 
     #[test]
