@@ -306,12 +306,12 @@ fn calibration_mode_collects_the_protocol_fits_and_switches_without_a_restart() 
 
     // Trials closed after the switch are decoded with the fitted alignment; those before
     // without. The fitted alignment remembers the condition it was fitted on.
-    let decoded = published(&session, "decode");
-    let live: Vec<&serde_json::Value> = decoded.iter().filter(|h| h["at_run_end"] == false).collect();
-    let first_head = live.iter().position(|h| h["alignment"] == "head").unwrap_or_else(|| panic!("{log}"));
+    let decoded = common::published_as::<mirage_rt::topic::DecodeHeader>(&session);
+    let live: Vec<_> = decoded.iter().filter(|h| !h.trial.at_run_end).collect();
+    let first_head = live.iter().position(|h| h.alignment == "head").unwrap_or_else(|| panic!("{log}"));
     assert!(first_head >= 12, "decoded with the alignment from trial {first_head}");
-    assert!(live[..first_head].iter().all(|h| h["alignment"] == "none"));
-    assert!(live[first_head..].iter().all(|h| h["alignment"] == "head"));
+    assert!(live[..first_head].iter().all(|h| h.alignment == "none"));
+    assert!(live[first_head..].iter().all(|h| h.alignment == "head"));
     assert!(live.len() - first_head >= 3, "{} trials after the switch", live.len() - first_head);
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();

@@ -54,10 +54,10 @@ fn pyneals_simulated_sender_with_its_tr_in_milliseconds_gives_estimable_trial_be
     assert_eq!(rec.entries.len(), 80);
     assert!(rec.entries.iter().all(|e| e.tr == Some(0.5)), "{:?}", rec.entries.first().map(|e| e.tr));
     // Trials closed during the run with estimable betas.
-    let betas = published(&session, "betas");
-    let live: Vec<&serde_json::Value> = betas.iter().filter(|b| b["at_run_end"] == false).collect();
+    let betas = common::published_as::<mirage_rt::topic::BetasHeader>(&session);
+    let live: Vec<_> = betas.iter().filter(|b| !b.trial.at_run_end).collect();
     assert!(live.len() >= 3, "{} trials closed live:\n{log}", live.len());
-    assert!(live.iter().all(|b| b["estimable"] == true && b["tr"] == 0.5), "{live:?}");
+    assert!(live.iter().all(|b| b.trial.estimable && b.tr == Some(0.5)), "{live:?}");
 }
 
 #[test]
