@@ -99,10 +99,13 @@ struct Edges {
 impl Edges {
     fn new(cfg: &Config, names: &[&str], metrics: &Metrics) -> Edges {
         let p = &cfg.pipeline;
+        let last = names.len().saturating_sub(2);
         let frames = names
             .windows(2)
-            .map(|w| {
-                let policy = if w[1] == "publish" { p.publish_when_full } else { WhenFull::Block };
+            .enumerate()
+            .map(|(k, w)| {
+                // Only the edge into publish may drop; the volume path before it is lossless.
+                let policy = if k == last { p.publish_when_full } else { WhenFull::Block };
                 let (tx, rx) =
                     edge::<Frame>(format!("{}->{}", w[0], w[1]), p.queue_capacity, p.queue_bytes, policy);
                 metrics.add_edge(tx.stats());
@@ -279,19 +282,20 @@ impl Wiring<'_> {
             Some(s) => (Some(s.writer), Some(s.log)),
             None => (None, None),
         };
+        // Edge k runs from stage k to stage k + 1 of ingest, the path, decode, publish: ingest
+        // sends on the first, publish reads the last, stage k of the path reads k, sends k + 1.
         let Edges { frames, record } = edges;
-        let mut frames = frames.into_iter();
-        let Some(ingest) = frames.next() else { return Err(one("the volume path has no edge")) };
-        // Each stage's input is the previous edge's receiver, its output the next's sender.
-        let mut input = ingest.1;
-        let mut outputs: Vec<(EdgeTx<Frame>, EdgeRx<Frame>)> = frames.collect();
-        let Some(decode) = outputs.pop() else { return Err(one("the volume path has no edge into publish")) };
+        let (txs, mut rxs): (Vec<EdgeTx<Frame>>, Vec<EdgeRx<Frame>>) = frames.into_iter().unzip();
+        let mut txs = txs.into_iter();
+        let (Some(ingest_tx), Some(publish_rx)) = (txs.next(), rxs.pop()) else {
+            return Err(one("the volume path has no edges"));
+        };
         // Decoded trials reach publish off the volume path, from the decode worker.
         let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
-        let waker = decode.1.waker();
+        let waker = publish_rx.waker();
         let sink = PublishSink { endpoint: publish_ep, log, console, results };
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<String, String>>(1);
-        self.start_publish(sink, decode.1, late_rx, published_all, recorded_all, ready_tx.clone());
+        self.start_publish(sink, publish_rx, late_rx, published_all, recorded_all, ready_tx.clone());
         self.await_ready(&ready_rx, "publish");
 
         let decode_stage: Box<dyn Stage> = match stages.decoding {
@@ -316,13 +320,9 @@ impl Wiring<'_> {
         };
         let mut path = stages.path;
         path.push((decode_stage, None));
-        let txs = outputs.into_iter().map(|(tx, rx)| (tx, Some(rx))).chain([(decode.0, None)]);
-        for (i, ((stage, events), (tx, next))) in path.into_iter().zip(txs).enumerate() {
-            let (m, rx) = (self.metrics.clone(), input);
-            let boundary = Boundary::after_stage(i);
+        for (i, ((stage, events), (rx, tx))) in path.into_iter().zip(rxs.into_iter().zip(txs)).enumerate() {
+            let (m, boundary) = (self.metrics.clone(), Boundary::after_stage(i));
             self.spawn(stage.name(), move || stage_loop(stage, rx, tx, boundary, events, &m));
-            let Some(next) = next else { break };
-            input = next;
         }
 
         let (record_tx, record_rx) = record;
@@ -339,7 +339,7 @@ impl Wiring<'_> {
             let (s, m) = (self.handle.stop.clone(), self.metrics.clone());
             self.spawn("markers", move || crate::ingest::markers::marker_loop(&name, &tx, &s, &m));
         }
-        self.start_ingest(ingest.0, recording.then_some(record_tx), events_tx, ready_tx);
+        self.start_ingest(ingest_tx, recording.then_some(record_tx), events_tx, ready_tx);
         if let Some(desc) = self.await_ready(&ready_rx, "ingest") {
             self.handle.source = desc;
         }
