@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Installs what building and testing mirage-rt needs on a fresh Debian machine that has Rust
-# and Python: cmake (liblsl is built from source by the lsl crate) and, with --tests, the peers the
-# tests talk to (pyzmq, pylsl, nibabel, numpy, scipy, nilearn, scikit-learn, scikit-image,
-# selenium with Debian's chromium for the console's browser test, pydicom and Debian's dcm2niix
-# for the scanner readers). Idempotent and quiet when all is present.
+# and Python: cmake (liblsl is built from source by the lsl crate), libsodium-dev and pkg-config
+# (ZeroMQ's CURVE) and, with --tests, the peers the tests talk to (pyzmq, pylsl, nibabel, numpy,
+# scipy, nilearn, scikit-learn, scikit-image, selenium with Debian's chromium for the console's
+# browser test, pydicom and Debian's dcm2niix for the scanner readers, the npm BIDS validator).
+# Idempotent and quiet when all is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; then
+# libsodium-dev (found by pkg-config): the vendored libzmq links it for CURVE.
+if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1 \
+    || ! pkg-config --exists libsodium 2>/dev/null; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    echo "setup: installing cmake and g++ with apt-get" >&2
+    echo "setup: installing cmake, g++, pkg-config and libsodium-dev with apt-get" >&2
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ pkg-config libsodium-dev >/dev/null
 fi
 # Running the daemon needs no more; the tests (--tests) need their outside peers too.
 [ "${1:-}" = "--tests" ] || exit 0
@@ -23,6 +26,19 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
         "(the scanner readers' reference) with apt-get" >&2
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver dcm2niix >/dev/null
+fi
+# The official BIDS validator (npm bids-validator, pinned in tools/bids-validator), judge of
+# `mirage export`; node and npm from Debian.
+if ! command -v npm >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "setup: installing nodejs and npm with apt-get (the BIDS validator)" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+if [ ! -x tools/bids-validator/node_modules/.bin/bids-validator ]; then
+    echo "setup: installing the BIDS validator (tools/bids-validator, npm ci)" >&2
+    npm ci --prefix tools/bids-validator --no-audit --no-fund --loglevel=error >/dev/null
 fi
 if ! python3 -c "import zmq, pylsl, nibabel, numpy, scipy, nilearn, sklearn, skimage, selenium, pydicom, yaml" \
     >/dev/null 2>&1; then

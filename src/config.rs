@@ -69,8 +69,11 @@ pub struct IngestConfig {
     /// headers', milliseconds above 60 read as such).
     pub tr: Option<f64>,
     /// Senders a listening ingest lets in: addresses and CIDR ranges, or `["*"]` for anyone
-    /// on purpose. Required when it (or the results server) listens beyond loopback.
+    /// on purpose. Required when it (or the results server) listens beyond loopback, unless
+    /// `ingest.curve` guards the ingest.
     pub allow: Vec<String>,
+    /// ZeroMQ CURVE on a listening ingest: encrypted, only the listed senders' keys let in.
+    pub curve: crate::curve::CurveConfig,
 }
 
 impl Default for IngestConfig {
@@ -82,6 +85,7 @@ impl Default for IngestConfig {
             run: "run".into(),
             tr: None,
             allow: Vec::new(),
+            curve: Default::default(),
         }
     }
 }
@@ -136,6 +140,8 @@ pub struct PublishConfig {
     /// out), or `"none"`.
     #[serde(with = "none_string")]
     pub results: Option<String>,
+    /// ZeroMQ CURVE on the PUB socket: encrypted, only the listed subscribers' keys let in.
+    pub curve: crate::curve::CurveConfig,
 }
 
 impl Default for PublishConfig {
@@ -148,6 +154,7 @@ impl Default for PublishConfig {
             send_hwm: 1000,
             metrics: None,
             results: None,
+            curve: Default::default(),
         }
     }
 }
@@ -274,8 +281,12 @@ impl Config {
             return Vec::new();
         }
         let mut exposed = Vec::new();
-        if let Some(ep) =
-            self.ingest_uri().ok().as_ref().and_then(IngestUri::bound_endpoint).filter(|e| e.is_exposed())
+        if let Some(ep) = self
+            .ingest_uri()
+            .ok()
+            .as_ref()
+            .and_then(IngestUri::bound_endpoint)
+            .filter(|e| e.is_exposed() && !self.ingest.curve.enabled())
         {
             exposed.push(format!("ingest.uri ({})", ep.zmq_address()));
         }
@@ -287,7 +298,8 @@ impl Config {
             .map(|what| {
                 format!(
                     "{what} listens beyond loopback: set ingest.allow to the senders' addresses or \
-                     ranges (e.g. [\"10.0.0.5\", \"192.168.1.0/24\"]), or [\"*\"] to let anyone in on purpose"
+                     ranges (e.g. [\"10.0.0.5\", \"192.168.1.0/24\"]), or [\"*\"] to let anyone in on purpose \
+                     (or, for the ingest, ingest.curve)"
                 )
             })
             .collect()

@@ -71,14 +71,18 @@ pub fn nifti_header(data: &[u8]) {
 }
 
 /// `ingest.allow` entries (one per line), then a ZAP request (frames after a blank line,
-/// separated by 0x1f) checked against them.
+/// separated by 0x1f) checked against them, without and with a CURVE whose one client key is
+/// 32 bytes of 0x37 (`7`).
 pub fn allowlist(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let (entries, request) = text.split_once("\n\n").unwrap_or((&text, ""));
     let entries: Vec<String> = entries.lines().map(str::to_string).collect();
     if let Ok(allow) = crate::ingest::allow::Allowlist::parse(&entries) {
         let frames: Vec<Vec<u8>> = request.split('\u{1f}').map(|f| f.as_bytes().to_vec()).collect();
-        let _ = crate::ingest::zap::answer(&frames, &allow);
+        let mut policy = crate::ingest::zap::Policy { allow, curve: None };
+        let _ = crate::ingest::zap::answer(&frames, &policy);
+        policy.curve = Some(crate::curve::Curve::from_keys([1; 32], String::new(), [[b'7'; 32]]));
+        let _ = crate::ingest::zap::answer(&frames, &policy);
     }
 }
 

@@ -9,11 +9,13 @@
 
 pub mod access;
 pub mod bench;
+pub mod bids;
 pub mod calibrate;
 pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod console;
+pub mod curve;
 pub mod decode;
 pub mod frame;
 pub mod fuzzing;

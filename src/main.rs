@@ -166,6 +166,59 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Export a session folder as BIDS: raw BOLD per run with sidecar and events, and
+    /// derivatives/mirage-rt/ (motion confounds, latency summary).
+    Export {
+        /// The session folder.
+        #[arg(value_name = "SESSION")]
+        dir: PathBuf,
+        /// The BIDS dataset to write (made, or added to).
+        #[arg(long)]
+        bids: PathBuf,
+        /// Participant label.
+        #[arg(long, default_value = "01")]
+        subject: String,
+        /// BIDS session label (none: no ses- level).
+        #[arg(long)]
+        session: Option<String>,
+        /// Task label.
+        #[arg(long, default_value = "rt")]
+        task: String,
+        /// The first run's number.
+        #[arg(long, default_value_t = 1)]
+        run: u32,
+        /// Replace files that exist.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make a CURVE key pair: PREFIX.key (public, for peers and `clients` lists) and
+    /// PREFIX.key_secret (owner-only), ZeroMQ certificates as pyzmq's zmq.auth reads them.
+    Keygen {
+        /// Path prefix of the two files (e.g. keys/scanner).
+        prefix: PathBuf,
+    },
+}
+
+/// CURVE keys of a sender to a daemon whose ingest has `ingest.curve`.
+#[derive(clap::Args)]
+struct CurveArgs {
+    /// The daemon's public certificate (its NAME.key).
+    #[arg(long, requires = "curve_key")]
+    curve_server: Option<PathBuf>,
+    /// This sender's secret certificate (NAME.key_secret, made by `mirage keygen`).
+    #[arg(long, requires = "curve_server")]
+    curve_key: Option<PathBuf>,
+}
+
+impl CurveArgs {
+    fn load(&self) -> anyhow::Result<Option<mirage_rt::curve::ClientCurve>> {
+        match (&self.curve_server, &self.curve_key) {
+            (Some(server), Some(own)) => {
+                Ok(Some(mirage_rt::curve::ClientCurve::load(server, own).map_err(anyhow::Error::msg)?))
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 /// `mirage simulate`'s arguments.
@@ -207,6 +260,8 @@ struct SimulateCmd {
     /// Seconds to wait for the daemon.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
+    #[command(flatten)]
+    curve: CurveArgs,
 }
 
 /// `mirage scanner`'s arguments.
@@ -248,6 +303,8 @@ struct ScannerCmd {
     /// Only poll the folder (a network share whose change events never come).
     #[arg(long)]
     no_events: bool,
+    #[command(flatten)]
+    curve: CurveArgs,
 }
 
 /// `mirage decode`'s arguments.
@@ -479,6 +536,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             commands::decode::eval(&pred, &truth, conditions.as_deref(), &out).map(|_| ())
         }
         Command::Check { config } => commands::check(config.as_deref()),
+        Command::Keygen { prefix } => commands::keygen(&prefix),
+        Command::Export { dir, bids, subject, session, task, run, force } => {
+            let opts = mirage_rt::bids::ExportOptions { subject, session, task, first_run: run, force };
+            commands::export(&dir, &bids, &opts)
+        }
     }
 }
 
@@ -496,6 +558,7 @@ fn simulate(a: SimulateCmd) -> anyhow::Result<()> {
         stream,
         speed,
         timeout,
+        curve,
     } = a;
     let mut sim = commands::load_config(config.as_deref())?.sim;
     // The typed flags first, then --set (which wins).
@@ -511,7 +574,7 @@ fn simulate(a: SimulateCmd) -> anyhow::Result<()> {
     }
     let target = match (out, stream) {
         (Some(dir), _) => SimTarget::Folder(dir),
-        (None, Some(uri)) => SimTarget::Stream { uri, speed, timeout },
+        (None, Some(uri)) => SimTarget::Stream { uri, speed, timeout, curve: curve.load()? },
         (None, None) => anyhow::bail!("give --out DIR or --stream URI"),
     };
     commands::simulate::simulate(&sim, &target)
@@ -531,6 +594,7 @@ fn scanner(a: ScannerCmd) -> anyhow::Result<()> {
         stop_after,
         idle_exit,
         no_events,
+        curve,
     } = a;
     let watch_cfg = WatchConfig { vendor, settle_s: settle, reorder_s: reorder, give_up_s: give_up };
     let args = ScannerArgs {
@@ -543,6 +607,7 @@ fn scanner(a: ScannerCmd) -> anyhow::Result<()> {
         stop_after,
         idle_exit_s: idle_exit,
         no_events,
+        curve: curve.load()?,
     };
     commands::scanner::scanner(&args, &commands::scanner::stop_on_signal()).map(|_| ())
 }

@@ -88,6 +88,16 @@ pub enum VolumeSender {
 impl VolumeSender {
     /// Connects to `uri`; `timeout` bounds every wait for the daemon, in seconds.
     pub fn connect(uri: &IngestUri, timeout: f64) -> Result<VolumeSender, SendError> {
+        VolumeSender::connect_with(uri, timeout, None)
+    }
+
+    /// Connects to `uri`, over CURVE when `curve` is given (ZeroMQ destinations only).
+    pub fn connect_with(
+        uri: &IngestUri,
+        timeout: f64,
+        curve: Option<&crate::curve::ClientCurve>,
+    ) -> Result<VolumeSender, SendError> {
+        let secure = |socket: &zmq::Socket| curve.map_or(Ok(()), |c| c.apply(socket));
         match uri {
             IngestUri::Pyneal { endpoint: ep, .. } => {
                 let address = ep.zmq_address();
@@ -96,6 +106,7 @@ impl VolumeSender {
                 let socket = ctx.socket(zmq::PAIR).map_err(zerr)?;
                 socket.set_rcvtimeo((timeout * 1e3) as i32).map_err(zerr)?;
                 socket.set_linger(1000).map_err(zerr)?;
+                secure(&socket).map_err(zerr)?;
                 socket.connect(&address).map_err(zerr)?;
                 let greeting = "hello from mirage-rt scanner";
                 socket.send(greeting, 0).map_err(zerr)?;
@@ -116,8 +127,12 @@ impl VolumeSender {
                 let socket = ctx.socket(zmq::PUSH).map_err(zerr)?;
                 socket.set_sndtimeo((timeout * 1e3) as i32).map_err(zerr)?;
                 socket.set_linger((timeout * 1e3) as i32).map_err(zerr)?;
+                secure(&socket).map_err(zerr)?;
                 socket.connect(&address).map_err(zerr)?;
                 Ok(VolumeSender::Native { socket, ctx, address })
+            }
+            IngestUri::Lsl { .. } if curve.is_some() => {
+                Err(SendError::Uri("CURVE is ZeroMQ's: lsl:// has no encryption".into()))
             }
             IngestUri::Lsl { name, .. } => {
                 Ok(VolumeSender::Lsl { name: name.clone(), outlet: None, wait_consumer: timeout })

@@ -253,6 +253,32 @@ impl TrialHeader {
 }
 
 #[cfg(test)]
+impl MotionHeader {
+    /// Volume 0 of run `r`, not moved, for tests.
+    pub(crate) fn sample() -> MotionHeader {
+        MotionHeader {
+            seq: 0,
+            index: 0,
+            run: "r".into(),
+            acq_time: None,
+            trans_x: 0.0,
+            trans_y: 0.0,
+            trans_z: 0.0,
+            rot_x: 0.0,
+            rot_y: 0.0,
+            rot_z: 0.0,
+            matrix: crate::volume::IDENTITY_AFFINE,
+            framewise_displacement: 0.0,
+            fd_exceeded: false,
+            iterations: 0,
+            cost: None,
+            converged: true,
+            reference_index: Some(0),
+        }
+    }
+}
+
+#[cfg(test)]
 impl DecodeHeader {
     /// A CPU decode of `trial` with no alignment whose best match is gallery item `best`,
     /// for tests.

@@ -1,12 +1,14 @@
 //! Exposed listeners: a sender outside `ingest.allow` is refused before any of its data is
-//! read, and a listener beyond loopback without an allowlist does not start. Loopback only:
-//! the refused sender connects from 127.0.0.2.
+//! read, and a listener beyond loopback without an allowlist does not start; with CURVE only
+//! the listed keys get in, on the ingest and the PUB socket. Loopback only: the refused sender
+//! connects from 127.0.0.2.
 
 mod common;
 
 use std::time::Duration;
 
 use common::{as_strs, free_port, published, pyneal_daemon_args, run_with_timeout, Daemon};
+use mirage_rt::curve::Certificate;
 use mirage_rt::ingest::IngestUri;
 use mirage_rt::sender::VolumeSender;
 use mirage_rt::sim::{SimConfig, Simulator};
@@ -152,4 +154,150 @@ fn web_endpoints_beyond_loopback_serve_only_the_token_printed_in_their_url() {
     daemon.terminate();
     let (status, log) = daemon.wait(Duration::from_secs(30));
     assert!(status.success(), "{log}");
+}
+
+/// `mirage keygen NAME` in `dir`: (public, secret) certificate paths.
+fn keygen(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let prefix = dir.join("keys").join(name);
+    common::run(common::mirage().arg("keygen").arg(&prefix));
+    (prefix.with_extension("key"), prefix.with_extension("key_secret"))
+}
+
+#[test]
+fn curve_lets_in_only_the_listed_senders_and_subscribers_with_pyzmqs_own_key_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let [daemon_keys, scanner, laptop, stranger] =
+        ["daemon", "scanner", "laptop", "stranger"].map(|n| keygen(dir.path(), n));
+    let (ingest, publish) = (free_port(), free_port());
+    let session = dir.path().join("session");
+    let quoted = |p: &std::path::Path| format!("\"{}\"", p.display());
+    std::fs::create_dir(dir.path().join("subscribers")).unwrap();
+    std::fs::copy(&laptop.0, dir.path().join("subscribers/laptop.key")).unwrap();
+    let settings = [
+        format!("ingest.curve.secret={}", quoted(&daemon_keys.1)),
+        format!("ingest.curve.clients=[{}]", quoted(&scanner.0)),
+        format!("publish.curve.secret={}", quoted(&daemon_keys.1)),
+        // A folder of public certificates, as pyzmq's configure_curve(location=…) takes.
+        format!("publish.curve.clients=[{}]", quoted(&dir.path().join("subscribers"))),
+    ];
+    let mut args = vec![
+        "--ingest".to_string(),
+        format!("zmq://127.0.0.1:{ingest}"),
+        "--publish".into(),
+        format!("tcp://127.0.0.1:{publish}"),
+        "--record".into(),
+        session.display().to_string(),
+        "--no-lsl".into(),
+        "--stop-after".into(),
+        "3".into(),
+        "--set".into(),
+        "glm.enabled=false".into(),
+    ];
+    for s in &settings {
+        args.extend(["--set".to_string(), s.clone()]);
+    }
+    let mut daemon = Daemon::start(&as_strs(&args), dir.path());
+    daemon.wait_for_log("publishing on", Duration::from_secs(60));
+
+    // Subscribers (pyzmq, keys read by zmq.auth.load_certificate): listed, plain, unlisted.
+    let address = format!("tcp://127.0.0.1:{publish}");
+    let sub = |keys: &[&std::path::Path]| {
+        let mut c = common::python("curve_peer.py");
+        c.args(["sub", &address, "12"]).args(keys).stdout(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let subscribers = [sub(&[&daemon_keys.0, &laptop.1]), sub(&[]), sub(&[&daemon_keys.0, &stranger.1])];
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Senders: an unlisted key, then a listed one wrongly given the stranger's key as the
+    // daemon's (its handshake fails), then `mirage simulate` with the scanner's keys.
+    let target = format!("tcp://127.0.0.1:{ingest}");
+    for (server, own) in [(&daemon_keys.0, &stranger.1), (&stranger.0, &scanner.1)] {
+        let mut push = common::python("curve_peer.py");
+        push.args(["push", &target]).arg(server).arg(own);
+        let out = common::run(&mut push);
+        assert_eq!(out.trim(), "{\"sent\": false}", "{out}\n{}", daemon.log());
+    }
+    let mut sim = common::mirage();
+    sim.args(["simulate", "--stream", &format!("zmq://127.0.0.1:{ingest}"), "--volumes", "3"]);
+    sim.args(["--shape", "12,12,6", "--speed", "2"]).arg("--curve-server").arg(&daemon_keys.0);
+    sim.arg("--curve-key").arg(&scanner.1);
+    common::run(&mut sim);
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "refused a sender at 127.0.0.1: CURVE key {}",
+            Certificate::read(&stranger.0).unwrap().public
+        )),
+        "{log}"
+    );
+    let st = published(&session, "status").pop().expect("a status message");
+    assert_eq!(
+        (st["received"].as_u64(), st["recorded"].as_u64(), st["rejected"].as_u64()),
+        (Some(3), Some(3), Some(0)),
+        "{st}"
+    );
+    assert!(st["errors"]["sender_refused"].as_u64() >= Some(1), "{st}");
+    assert!(st["errors"]["subscriber_refused"].as_u64() >= Some(1), "{st}");
+
+    let counts: Vec<serde_json::Value> = subscribers
+        .into_iter()
+        .map(|c| {
+            let out = c.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+        })
+        .collect();
+    assert_eq!(counts[0]["topics"]["volume"].as_u64(), Some(3), "the listed subscriber: {counts:?}");
+    assert_eq!(counts[1]["topics"], serde_json::json!({}), "a plain subscriber reads nothing: {counts:?}");
+    assert_eq!(counts[2]["topics"], serde_json::json!({}), "an unlisted key reads nothing: {counts:?}");
+}
+
+#[test]
+fn curve_settings_are_checked_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (public, secret) = keygen(dir.path(), "daemon");
+    let port = free_port();
+    for (settings, expect) in [
+        (vec![format!("ingest.curve.secret=\"{}\"", secret.display())], "ingest.curve.clients: no client"),
+        (
+            vec![
+                format!("publish.curve.secret=\"{}\"", public.display()),
+                format!("publish.curve.clients=[\"{}\"]", public.display()),
+            ],
+            "publish.curve.secret",
+        ),
+    ] {
+        let mut cmd = common::mirage();
+        cmd.args([
+            "run",
+            "--no-lsl",
+            "--quiet",
+            "--record",
+            "none",
+            "--ingest",
+            &format!("zmq://127.0.0.1:{port}"),
+        ]);
+        for s in settings {
+            cmd.args(["--set", &s]);
+        }
+        let (status, out) = run_with_timeout(cmd.current_dir(dir.path()), Duration::from_secs(30));
+        assert_eq!(status.code(), Some(2), "{out}");
+        assert!(out.contains(expect), "{out}");
+    }
+    // Guarded by CURVE alone, an exposed ingest is valid (no ingest.allow needed).
+    let mut cmd = common::mirage();
+    cmd.args(["check", "--config"]).arg(dir.path().join("exposed.toml"));
+    std::fs::write(
+        dir.path().join("exposed.toml"),
+        format!(
+            "[ingest]\nuri = \"zmq://*:{port}\"\n[ingest.curve]\nsecret = \"{}\"\nclients = [\"{}\"]\n",
+            secret.display(),
+            public.display()
+        ),
+    )
+    .unwrap();
+    let out = common::run(&mut cmd);
+    assert!(out.contains("configuration is valid"), "{out}");
 }

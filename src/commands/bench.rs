@@ -303,7 +303,15 @@ pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
                         a.insert(index, acq);
                     }
                 };
-                crate::commands::simulate::stream(volumes.into_iter(), &[], 1.0, &uri, speed, 30.0, record)
+                crate::commands::simulate::stream(
+                    volumes.into_iter(),
+                    &[],
+                    1.0,
+                    &uri,
+                    speed,
+                    (30.0, None),
+                    record,
+                )
             })?)
         }
         None => None,

@@ -23,6 +23,41 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     }
 }
 
+/// `mirage export SESSION --bids DIR`: the session as a BIDS dataset.
+pub fn export(session: &Path, bids: &Path, opts: &crate::bids::ExportOptions) -> anyhow::Result<()> {
+    let runs = crate::bids::export(session, bids, opts)?;
+    for r in &runs {
+        let missing = match r.missing.len() {
+            0 => String::new(),
+            n => format!(" ({n} never received: {:?})", r.missing),
+        };
+        println!(
+            "run {:?} -> run-{}: {} volumes{missing}, {} trials, {}",
+            r.run,
+            r.number,
+            r.volumes,
+            r.trials,
+            r.bold.display()
+        );
+    }
+    Ok(())
+}
+
+/// `mirage keygen PREFIX`: a CURVE key pair as `PREFIX.key` and `PREFIX.key_secret`.
+pub fn keygen(prefix: &Path) -> anyhow::Result<()> {
+    if !crate::curve::available() {
+        anyhow::bail!("this build's libzmq has no CURVE: run scripts/setup.sh (libsodium-dev), then `cargo clean -p zmq-sys` and rebuild");
+    }
+    if let Some(parent) = prefix.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let cert = crate::curve::Certificate::generate().map_err(anyhow::Error::msg)?;
+    let (public, secret) = cert.write(prefix).map_err(anyhow::Error::msg)?;
+    println!("public key {} in {} (give it to peers)", cert.public, public.display());
+    println!("secret key in {} (keep it here)", secret.display());
+    Ok(())
+}
+
 /// `mirage check`: validates a configuration and loads every input it names (model, gallery,
 /// masks, protocol, simulator) without starting anything.
 pub fn check(config: Option<&Path>) -> anyhow::Result<()> {

@@ -38,6 +38,8 @@ pub struct ScannerArgs {
     pub idle_exit_s: Option<f64>,
     /// Only poll, as on a network share where change events never come.
     pub no_events: bool,
+    /// CURVE keys, for a daemon whose ingest has `ingest.curve`.
+    pub curve: Option<crate::curve::ClientCurve>,
 }
 
 /// Lists the candidate files of `dir`.
@@ -86,7 +88,7 @@ pub fn scanner(args: &ScannerArgs, stop: &AtomicBool) -> anyhow::Result<u64> {
     if !args.watch.is_dir() {
         anyhow::bail!("--watch {}: not a folder", args.watch.display());
     }
-    let mut sender = VolumeSender::connect(&uri, args.timeout_s)?;
+    let mut sender = VolumeSender::connect_with(&uri, args.timeout_s, args.curve.as_ref())?;
     let mut events = if args.no_events { None } else { Inotify::new(&args.watch) };
     if events.is_none() {
         tracing::info!("no change events for {}: polling every {} s", args.watch.display(), args.poll_s);

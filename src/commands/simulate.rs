@@ -23,6 +23,8 @@ pub enum SimTarget {
         speed: Speed,
         /// Seconds to wait for the daemon.
         timeout: f64,
+        /// CURVE keys, for a daemon whose ingest has `ingest.curve`.
+        curve: Option<crate::curve::ClientCurve>,
     },
 }
 
@@ -41,11 +43,12 @@ pub fn simulate(cfg: &SimConfig, target: &SimTarget) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        SimTarget::Stream { uri, speed, timeout } => {
+        SimTarget::Stream { uri, speed, timeout, curve } => {
             let (trials, tr) = (sim.trials().to_vec(), sim.config().tr);
             let mut sim = sim;
             let volumes = std::iter::from_fn(|| sim.next_volume());
-            let (sent, markers) = stream(volumes, &trials, tr, uri, *speed, *timeout, &mut |_, _| {})?;
+            let (sent, markers) =
+                stream(volumes, &trials, tr, uri, *speed, (*timeout, curve.as_ref()), &mut |_, _| {})?;
             eprintln!("mirage: streamed {sent} volumes and {markers} trial markers to {uri}");
             Ok(())
         }
@@ -64,11 +67,11 @@ pub fn stream(
     tr: f64,
     uri: &str,
     speed: Speed,
-    timeout: f64,
+    (timeout, curve): (f64, Option<&crate::curve::ClientCurve>),
     on_send: &mut dyn FnMut(u64, f64),
 ) -> anyhow::Result<(usize, usize)> {
     let dest = IngestUri::parse(uri, &SimConfig::default()).map_err(|e| anyhow::anyhow!("--stream: {e}"))?;
-    let mut sender = VolumeSender::connect(&dest, timeout)?;
+    let mut sender = VolumeSender::connect_with(&dest, timeout, curve)?;
     let mut pacer = Pacer::new(speed.interval(tr), 0.0);
     let (mut sent, mut markers, mut next_marker) = (0, 0, 0);
     for (i, mut v) in volumes.enumerate() {

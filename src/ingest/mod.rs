@@ -170,20 +170,20 @@ impl SourceLimits {
     }
 }
 
-/// Opens the source a URI names, letting in only the senders `allow` names where it listens.
+/// Opens the source a URI names, letting in only the senders `policy` names where it listens.
 /// Call on the thread that will drive it (LSL handles are not `Send`).
 pub fn open_source(
     uri: &IngestUri,
     limits: SourceLimits,
     run: &str,
-    allow: &allow::Allowlist,
+    policy: &zap::Policy,
 ) -> Result<Box<dyn Source>, IngestError> {
     Ok(match uri {
         IngestUri::Pyneal { endpoint, .. } => {
-            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Pyneal, endpoint, limits, run, allow)?)
+            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Pyneal, endpoint, limits, run, policy)?)
         }
         IngestUri::Zmq { endpoint, .. } => {
-            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Native, endpoint, limits, run, allow)?)
+            Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Native, endpoint, limits, run, policy)?)
         }
         IngestUri::Lsl { name, .. } => Box::new(lsl::LslReceiver::new(name, limits, run)),
         IngestUri::File { path, playback, tr } => {

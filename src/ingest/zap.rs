@@ -1,6 +1,7 @@
-//! ZeroMQ's authentication hook (ZAP, RFC 27) for a bound ingest socket: libzmq asks this
-//! handler about every connecting peer before the connection is accepted, and a peer outside
-//! `ingest.allow` is refused then, so nothing it sends reaches the pipeline.
+//! ZeroMQ's authentication hook (ZAP, RFC 27) for a bound socket (the ingest, the PUB socket):
+//! libzmq asks this handler about every connecting peer before the connection is accepted, and
+//! a peer outside `ingest.allow`, or whose CURVE key the config does not list, is refused then,
+//! so nothing it sends reaches the pipeline and nothing published reaches it.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::allow::Allowlist;
+use crate::curve::Curve;
 
 /// Where libzmq sends its requests (fixed by the RFC), in the guarded socket's context.
 const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
@@ -16,6 +18,22 @@ const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
 /// The ZAP domain set on guarded sockets: with a domain, libzmq consults the handler even for
 /// the NULL mechanism senders use.
 pub const DOMAIN: &str = "mirage-ingest";
+
+/// Who a guarded socket lets in: peer addresses, and with CURVE the peers' public keys.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Addresses let in.
+    pub allow: Allowlist,
+    /// The socket's CURVE (its clients' keys), when it has one.
+    pub curve: Option<Curve>,
+}
+
+impl Policy {
+    /// Whether anyone may connect (no handler needed).
+    pub fn is_open(&self) -> bool {
+        self.allow.is_anyone() && self.curve.is_none()
+    }
+}
 
 /// The handler's thread, stopped and joined on drop.
 pub struct ZapGuard {
@@ -27,8 +45,8 @@ pub struct ZapGuard {
 
 impl ZapGuard {
     /// Starts the handler in `ctx`; call it before binding the socket it guards (which then
-    /// needs `set_zap_domain(DOMAIN)`).
-    pub fn start(ctx: &zmq::Context, allow: Allowlist) -> Result<ZapGuard, String> {
+    /// needs `set_zap_domain(DOMAIN)`). `peers` names the peers in its log (`a sender`).
+    pub fn start(ctx: &zmq::Context, policy: Policy, peers: &'static str) -> Result<ZapGuard, String> {
         let socket = ctx.socket(zmq::REP).map_err(|e| format!("ZAP handler: {e}"))?;
         socket.bind(ZAP_ENDPOINT).map_err(|e| format!("ZAP handler: cannot bind: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -36,7 +54,7 @@ impl ZapGuard {
         let (s, r) = (stop.clone(), refused.clone());
         let thread = std::thread::Builder::new()
             .name("mirage/zap".into())
-            .spawn(move || serve(socket, &allow, &s, &r))
+            .spawn(move || serve(socket, &policy, peers, &s, &r))
             .map_err(|e| format!("ZAP handler: {e}"))?;
         Ok(ZapGuard { stop, refused, reported: 0, thread: Some(thread) })
     }
@@ -59,9 +77,9 @@ impl Drop for ZapGuard {
     }
 }
 
-/// Answers requests until `stop`: 200 for an allowed peer, 400 otherwise (each refused
-/// address logged once).
-fn serve(socket: zmq::Socket, allow: &Allowlist, stop: &AtomicBool, refused: &AtomicU64) {
+/// Answers requests until `stop`: 200 for an allowed peer, 400 otherwise (each refused peer
+/// logged once).
+fn serve(socket: zmq::Socket, policy: &Policy, peers: &str, stop: &AtomicBool, refused: &AtomicU64) {
     let mut logged = HashSet::new();
     while !stop.load(Ordering::Acquire) {
         match socket.poll(zmq::POLLIN, 100) {
@@ -73,11 +91,11 @@ fn serve(socket: zmq::Socket, allow: &Allowlist, stop: &AtomicBool, refused: &At
             }
         }
         let Ok(request) = socket.recv_multipart(0) else { continue };
-        let (reply, peer) = answer(&request, allow);
-        if let Some(peer) = peer {
+        let (reply, why) = answer(&request, policy);
+        if let Some(why) = why {
             refused.fetch_add(1, Ordering::Relaxed);
-            if logged.insert(peer.clone()) {
-                tracing::warn!("ingest: refused a sender at {peer}: not in ingest.allow");
+            if logged.insert(why.clone()) {
+                tracing::warn!("refused {peers} at {why}");
             }
         }
         if let Err(e) = socket.send_multipart(reply, 0) {
@@ -86,14 +104,33 @@ fn serve(socket: zmq::Socket, allow: &Allowlist, stop: &AtomicBool, refused: &At
     }
 }
 
-/// The reply to one ZAP request, and the peer's address when it is refused.
-pub fn answer(request: &[Vec<u8>], allow: &Allowlist) -> (Vec<Vec<u8>>, Option<String>) {
+/// The reply to one ZAP request, and when it is refused the peer's address and why.
+pub fn answer(request: &[Vec<u8>], policy: &Policy) -> (Vec<Vec<u8>>, Option<String>) {
     let frame = |i: usize| request.get(i).cloned().unwrap_or_default();
     let address = String::from_utf8_lossy(&frame(3)).into_owned();
-    let ok = frame(0) == b"1.0" && address.parse::<IpAddr>().is_ok_and(|ip| allow.allows(ip));
-    let (code, text) = if ok { ("200", "OK") } else { ("400", "address not allowed") };
+    let refusal = if frame(0) != b"1.0" {
+        Some("not a ZAP 1.0 request")
+    } else if !address.parse::<IpAddr>().is_ok_and(|ip| policy.allow.allows(ip)) {
+        Some("address not in ingest.allow")
+    } else {
+        match &policy.curve {
+            Some(_) if frame(5) != b"CURVE" => Some("no CURVE"),
+            Some(curve) if !curve.lets_in(&frame(6)) => Some("CURVE key not among the clients"),
+            _ => None,
+        }
+    };
+    let (code, text) = match refusal {
+        None => ("200", "OK"),
+        Some(why) => ("400", why),
+    };
     let reply = vec![b"1.0".to_vec(), frame(1), code.into(), text.into(), Vec::new(), Vec::new()];
-    (reply, (!ok).then_some(address))
+    let why = refusal.map(|why| match (why, zmq::z85_encode(&frame(6))) {
+        ("CURVE key not among the clients", Ok(key)) => {
+            format!("{address}: CURVE key {key} not among the clients")
+        }
+        _ => format!("{address}: {why}"),
+    });
+    (reply, why)
 }
 
 #[cfg(test)]
@@ -104,22 +141,44 @@ mod tests {
         ["1.0", "7", DOMAIN, address, "", "NULL"].iter().map(|s| s.as_bytes().to_vec()).collect()
     }
 
-    /// The vendored libzmq has no CURVE (zmq-sys builds it without libsodium): the README's
-    /// Security section says so, and this fails first if that changes.
     #[test]
-    fn the_vendored_libzmq_has_no_curve() {
-        assert_eq!(zmq::has("curve"), Some(false));
+    fn a_peer_in_the_list_is_let_in_and_others_are_refused_with_the_request_id() {
+        let policy = Policy { allow: Allowlist::parse(&["127.0.0.1".to_string()]).unwrap(), curve: None };
+        let (ok, none) = answer(&request("127.0.0.1"), &policy);
+        assert_eq!((ok[1].as_slice(), ok[2].as_slice(), none), (&b"7"[..], &b"200"[..], None));
+        let (no, why) = answer(&request("127.0.0.2"), &policy);
+        assert_eq!(
+            (no[2].as_slice(), why.as_deref()),
+            (&b"400"[..], Some("127.0.0.2: address not in ingest.allow"))
+        );
+        // Malformed requests are refused, never a panic.
+        assert_eq!(answer(&[], &policy).0[2], b"400");
+        assert_eq!(answer(&request("not an address"), &policy).0[2], b"400");
     }
 
     #[test]
-    fn a_peer_in_the_list_is_let_in_and_others_are_refused_with_the_request_id() {
-        let allow = Allowlist::parse(&["127.0.0.1".to_string()]).unwrap();
-        let (ok, none) = answer(&request("127.0.0.1"), &allow);
-        assert_eq!((ok[1].as_slice(), ok[2].as_slice(), none), (&b"7"[..], &b"200"[..], None));
-        let (no, peer) = answer(&request("127.0.0.2"), &allow);
-        assert_eq!((no[2].as_slice(), peer.as_deref()), (&b"400"[..], Some("127.0.0.2")));
-        // Malformed requests are refused, never a panic.
-        assert_eq!(answer(&[], &allow).0[2], b"400");
-        assert_eq!(answer(&request("not an address"), &allow).0[2], b"400");
+    fn with_curve_only_listed_keys_are_let_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let (daemon, client) =
+            (crate::curve::Certificate::generate().unwrap(), crate::curve::Certificate::generate().unwrap());
+        let (_, secret) = daemon.write(&dir.path().join("daemon")).unwrap();
+        let (public, _) = client.write(&dir.path().join("client")).unwrap();
+        let cfg = crate::curve::CurveConfig { secret: Some(secret), clients: vec![public] };
+        let policy =
+            Policy { allow: Allowlist::default(), curve: Curve::load(&cfg, "ingest.curve").unwrap() };
+        let curve_request = |key: Vec<u8>| {
+            let mut r = request("127.0.0.1");
+            r[5] = b"CURVE".to_vec();
+            r.push(key);
+            r
+        };
+        let listed = zmq::z85_decode(&client.public).unwrap();
+        assert_eq!(answer(&curve_request(listed), &policy).0[2], b"200");
+        let other = zmq::z85_decode(&daemon.public).unwrap();
+        let (no, why) = answer(&curve_request(other), &policy);
+        assert_eq!(no[2], b"400");
+        assert!(why.unwrap().contains(&format!("CURVE key {} not among the clients", daemon.public)));
+        assert_eq!(answer(&request("127.0.0.1"), &policy).1.as_deref(), Some("127.0.0.1: no CURVE"));
+        assert_eq!(answer(&curve_request(Vec::new()), &policy).0[2], b"400");
     }
 }

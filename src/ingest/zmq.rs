@@ -40,7 +40,8 @@ pub struct ZmqReceiver {
     limits: SourceLimits,
     run: String,
     last_index: Option<u64>,
-    /// The handler letting in only `ingest.allow` (none when anyone may connect).
+    /// The handler letting in only `ingest.allow` and `ingest.curve.clients` (none when anyone
+    /// may connect).
     zap: Option<super::zap::ZapGuard>,
     _ctx: zmq::Context,
 }
@@ -52,15 +53,15 @@ impl ZmqReceiver {
         endpoint: &Endpoint,
         limits: SourceLimits,
         run: &str,
-        allow: &super::allow::Allowlist,
+        policy: &super::zap::Policy,
     ) -> Result<ZmqReceiver, IngestError> {
         let address = endpoint.zmq_address();
         let err = |reason: String| IngestError::Socket { endpoint: address.clone(), reason };
         let ctx = zmq::Context::new();
         // The handler is up before the socket binds, so no peer connects unchecked.
-        let zap = match allow.is_anyone() {
+        let zap = match policy.is_open() {
             true => None,
-            false => Some(super::zap::ZapGuard::start(&ctx, allow.clone()).map_err(err)?),
+            false => Some(super::zap::ZapGuard::start(&ctx, policy.clone(), "a sender").map_err(err)?),
         };
         let kind = match protocol {
             Protocol::Pyneal => zmq::PAIR,
@@ -72,6 +73,9 @@ impl ZmqReceiver {
         socket.set_rcvhwm(64).map_err(|e| err(e.to_string()))?;
         if zap.is_some() {
             socket.set_zap_domain(super::zap::DOMAIN).map_err(|e| err(e.to_string()))?;
+        }
+        if let Some(curve) = &policy.curve {
+            curve.serve(&socket).map_err(|e| err(format!("CURVE: {e}")))?;
         }
         socket.bind(&address).map_err(|e| err(format!("cannot bind: {e}")))?;
         Ok(ZmqReceiver {

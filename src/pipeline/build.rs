@@ -129,6 +129,7 @@ fn open_session(cfg: &Config, dir: Option<PathBuf>, started: f64) -> Result<Opti
     let Some(dir) = dir else { return Ok(None) };
     let meta = serde_json::json!({
         "mirage_version": env!("CARGO_PKG_VERSION"),
+        "mirage_commit": env!("MIRAGE_COMMIT"),
         "started_unix": clock::unix_now(),
         "started_monotonic": started,
         "ingest": cfg.ingest.uri,
@@ -293,7 +294,8 @@ impl Wiring<'_> {
         // Decoded trials reach publish off the volume path, from the decode worker.
         let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
         let waker = publish_rx.waker();
-        let sink = PublishSink { endpoint: publish_ep, log, console, results };
+        let curve = self.r.publish_curve.clone();
+        let sink = PublishSink { endpoint: publish_ep, curve, log, console, results };
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<String, String>>(1);
         self.start_publish(sink, publish_rx, late_rx, published_all, recorded_all, ready_tx.clone());
         self.await_ready(&ready_rx, "publish");
@@ -419,14 +421,15 @@ impl Wiring<'_> {
         let published_all = SetOnDrop(published_all);
         self.spawn("publish", move || {
             let _done = published_all;
-            let PublishSink { endpoint, log, console, results } = sink;
-            let publisher = match Publisher::new(endpoint.as_ref(), hwm, feedback.as_ref(), log) {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = ready.send(Err(e.to_string()));
-                    return;
-                }
-            };
+            let PublishSink { endpoint, curve, log, console, results } = sink;
+            let publisher =
+                match Publisher::new(endpoint.as_ref(), curve.as_ref(), hwm, feedback.as_ref(), log) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = ready.send(Err(e.to_string()));
+                        return;
+                    }
+                };
             if let Some(f) = feedback.as_ref().filter(|_| lsl_wait_s > 0.0) {
                 tracing::info!(
                     "waiting up to {lsl_wait_s} s for an LSL consumer of {:?} (publish.lsl_wait_s)",
@@ -465,14 +468,15 @@ impl Wiring<'_> {
         let n_stages = self.metrics.stage_names().len() - 2;
         let plan = IngestPlan { stop_after: cfg.ingest.stop_after, tr: self.r.configured_tr(), n_stages };
         let (uri, m, s) = (self.r.uri.clone(), self.metrics.clone(), self.handle.stop.clone());
-        let allow = self.r.allow.clone();
+        let policy =
+            crate::ingest::zap::Policy { allow: self.r.allow.clone(), curve: self.r.ingest_curve.clone() };
         // The simulated run resolved once is the one played.
         let simulator = self.simulator.take();
         let open = move || match (simulator, &uri) {
             (Some(sim), IngestUri::Sim { playback, .. }) => {
                 Ok(Box::new(SimSource::with_simulator(sim, *playback)) as Box<dyn crate::ingest::Source>)
             }
-            _ => open_source(&uri, limits, &run, &allow),
+            _ => open_source(&uri, limits, &run, &policy),
         };
         self.spawn("ingest", move || match open() {
             Ok(source) => {
@@ -492,6 +496,7 @@ impl Wiring<'_> {
 /// What the publish thread writes to besides its edge.
 struct PublishSink {
     endpoint: Option<Endpoint>,
+    curve: Option<crate::curve::Curve>,
     log: Option<MessageLog>,
     console: Option<ConsoleFeed>,
     results: Option<Arc<ResultsBoard>>,
@@ -622,9 +627,9 @@ mod tests {
     #[test]
     fn the_session_records_the_configuration_but_not_the_web_token() {
         let mut cfg = Config::default();
-        cfg.security.token = Some("0123456789abcdef-secret".into());
+        cfg.security.token = Some("0123456789abcdef-token-value".into());
         let text = recorded_config(&cfg).to_string();
-        assert!(!text.contains("secret") && text.contains("not recorded"), "{text}");
+        assert!(!text.contains("token-value") && text.contains("not recorded"), "{text}");
         assert_eq!(recorded_config(&cfg)["ingest"], serde_json::to_value(&cfg.ingest).unwrap());
     }
 

@@ -63,6 +63,9 @@ pub const DECODE_OVER_BUDGET: Reason =
     Reason::new("decode_over_budget", "live trials decoded later than decode.latency_budget_ms");
 /// A message the publish socket could not send.
 pub const PUBLISH: Reason = Reason::new("publish", "messages the publish socket could not send");
+/// Counted when: a subscriber whose CURVE key is not in `publish.curve.clients` tried to connect.
+pub const SUBSCRIBER_REFUSED: Reason =
+    Reason::new("subscriber_refused", "PUB connections refused: CURVE key not in publish.curve.clients");
 /// What the runner counts itself.
 pub const REASONS: &[Reason] = &[
     crate::glm::events::EVENTS_DROPPED,
@@ -73,6 +76,7 @@ pub const REASONS: &[Reason] = &[
     CALIBRATION_FAILED,
     DECODE_OVER_BUDGET,
     PUBLISH,
+    SUBSCRIBER_REFUSED,
 ];
 
 /// How long a stage thread waits on its input before checking for shutdown.
@@ -557,6 +561,7 @@ fn publish_loop(
                 break;
             }
         }
+        (0..publisher.newly_refused()).for_each(|_| m.count(SUBSCRIBER_REFUSED));
         if publisher.send_errors() > reported_errors {
             for _ in reported_errors..publisher.send_errors() {
                 m.count(PUBLISH);

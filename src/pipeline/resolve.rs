@@ -9,6 +9,7 @@ use crate::access::Token;
 use crate::calibrate::protocol::Protocol;
 use crate::clock;
 use crate::config::Config;
+use crate::curve::Curve;
 use crate::decode::gallery::Gallery;
 use crate::decode::DecodeStage;
 use crate::ingest::allow::Allowlist;
@@ -29,6 +30,10 @@ pub struct Resolved {
     pub allow: Allowlist,
     /// The token the web endpoints require, when one of them listens beyond loopback.
     pub web_token: Option<Token>,
+    /// The ingest's CURVE (`ingest.curve`), loaded.
+    pub ingest_curve: Option<Curve>,
+    /// The PUB socket's CURVE (`publish.curve`), loaded.
+    pub publish_curve: Option<Curve>,
     /// The session folder, `{time}` filled in (made only once every input has loaded).
     pub session_dir: Option<PathBuf>,
     /// The simulated run of `sim://` ingest, made once: the source plays it, and `"sim"` masks
@@ -61,6 +66,8 @@ impl Resolved {
             true => keep(&mut errors, Token::resolve(cfg.security.token.as_deref())),
             false => None,
         };
+        let ingest_curve = keep(&mut errors, Curve::load(&cfg.ingest.curve, "ingest.curve")).flatten();
+        let publish_curve = keep(&mut errors, Curve::load(&cfg.publish.curve, "publish.curve")).flatten();
         let publish = keep(
             &mut errors,
             cfg.publish.uri.as_deref().map(parse_publish_uri).transpose().map_err(|e| e.to_string()),
@@ -113,6 +120,8 @@ impl Resolved {
             publish,
             allow,
             web_token,
+            ingest_curve,
+            publish_curve,
             session_dir,
             simulator,
             stages,

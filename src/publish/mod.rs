@@ -245,7 +245,9 @@ impl FeedbackOutlet {
 
 /// The sinks of one pipeline; lives on the publish thread (LSL outlets are not `Send`).
 pub struct Publisher {
-    socket: Option<(zmq::Socket, zmq::Context)>,
+    /// The PUB socket, its CURVE handler (dropped before the context, which waits for it) and
+    /// its context.
+    socket: Option<(zmq::Socket, Option<crate::ingest::zap::ZapGuard>, zmq::Context)>,
     outlet: Option<lsl::StreamOutlet>,
     log: Option<MessageLog>,
     console: Option<ConsoleFeed>,
@@ -254,9 +256,11 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Binds the PUB socket (if any), creates the feedback outlet (if any) and opens the log.
+    /// Binds the PUB socket (if any; a CURVE server letting in only `curve`'s clients when
+    /// given), creates the feedback outlet (if any) and opens the log.
     pub fn new(
         endpoint: Option<&Endpoint>,
+        curve: Option<&crate::curve::Curve>,
         send_hwm: i32,
         feedback: Option<&FeedbackOutlet>,
         log: Option<MessageLog>,
@@ -269,8 +273,21 @@ impl Publisher {
                 let s = ctx.socket(zmq::PUB).map_err(|e| err(e.to_string()))?;
                 s.set_sndhwm(send_hwm).map_err(|e| err(e.to_string()))?;
                 s.set_linger(500).map_err(|e| err(e.to_string()))?;
+                // The handler is up before the socket binds, so no subscriber connects unchecked.
+                let zap = match curve {
+                    Some(c) => {
+                        let policy =
+                            crate::ingest::zap::Policy { curve: Some(c.clone()), ..Default::default() };
+                        let guard =
+                            crate::ingest::zap::ZapGuard::start(&ctx, policy, "a subscriber").map_err(err)?;
+                        s.set_zap_domain(crate::ingest::zap::DOMAIN).map_err(|e| err(e.to_string()))?;
+                        c.serve(&s).map_err(|e| err(format!("CURVE: {e}")))?;
+                        Some(guard)
+                    }
+                    None => None,
+                };
                 s.bind(&address).map_err(|e| err(format!("cannot bind: {e}")))?;
-                Some((s, ctx))
+                Some((s, zap, ctx))
             }
             None => None,
         };
@@ -309,7 +326,7 @@ impl Publisher {
         if let Some(board) = &self.results {
             board.record(topic, &header);
         }
-        if let Some((s, _)) = &self.socket {
+        if let Some((s, _, _)) = &self.socket {
             if let Err(e) = s.send_multipart(frames, zmq::DONTWAIT) {
                 self.send_errors += 1;
                 tracing::warn!("publish: {topic}: {e}");
@@ -353,6 +370,11 @@ impl Publisher {
         if self.outlet.as_ref().is_some_and(|o| o.have_consumers()) {
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
+    }
+
+    /// Subscribers refused by the PUB socket's CURVE handler since the last call.
+    pub fn newly_refused(&mut self) -> u64 {
+        self.socket.as_mut().and_then(|(_, zap, _)| zap.as_mut()).map_or(0, |z| z.newly_refused())
     }
 
     /// Messages that could not be sent or logged so far.

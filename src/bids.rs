@@ -1,0 +1,474 @@
+//! A session folder exported as BIDS: each run's BOLD series as received, with its sidecar and
+//! events, and `derivatives/mirage-rt/` with what the daemon computed live (motion confounds
+//! under fMRIPrep's column names, the latency summary).
+//!
+//! ```text
+//! OUT/dataset_description.json, participants.tsv, README
+//! OUT/sub-S[/ses-SES]/func/sub-S[_ses-SES]_task-T_run-R_bold.nii.gz (+ .json, _events.tsv)
+//! OUT/derivatives/mirage-rt/dataset_description.json
+//! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-confounds_timeseries.tsv (+ .json)
+//! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-latency_summary.json
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::io::nifti::NiftiWriter;
+use crate::io::session::{IndexEntry, SessionReader, MESSAGES_LOG};
+use crate::topic::{BetasHeader, MotionHeader, Topic};
+
+/// What to call the exported data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// Participant label (`sub-…`).
+    pub subject: String,
+    /// Session label (`ses-…`), if any.
+    pub session: Option<String>,
+    /// Task label (`task-…`).
+    pub task: String,
+    /// The first run's number; later runs of the session count up from it.
+    pub first_run: u32,
+    /// Replace files that exist.
+    pub force: bool,
+}
+
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    /// The session folder could not be read.
+    #[error("{0}")]
+    Session(#[from] crate::io::session::SessionError),
+    /// A label is not BIDS (letters and digits only).
+    #[error("--{what} {label:?}: a BIDS label is letters and digits only")]
+    Label {
+        /// Which option.
+        what: &'static str,
+        /// The label.
+        label: String,
+    },
+    /// The session holds nothing to export.
+    #[error("{0}: the session holds no volumes")]
+    Empty(PathBuf),
+    /// A run cannot be one BIDS series.
+    #[error("run {run:?}: {reason}")]
+    Run {
+        /// The run id.
+        run: String,
+        /// Why.
+        reason: String,
+    },
+    /// An output exists and `--force` was not given.
+    #[error("{0} exists; give --force to replace it")]
+    Exists(PathBuf),
+    /// Writing failed.
+    #[error("{path}: {reason}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One run as exported.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunExport {
+    /// The run id in the session.
+    pub run: String,
+    /// Its BIDS run number.
+    pub number: u32,
+    /// Volumes in the series.
+    pub volumes: usize,
+    /// Sender indices missing from the series (never received).
+    pub missing: Vec<u64>,
+    /// Trials in the events file.
+    pub trials: usize,
+    /// The raw BOLD file.
+    pub bold: PathBuf,
+}
+
+/// Every message of `messages.jsonl` as (topic, header), a torn last line ignored.
+fn read_messages(dir: &Path) -> Result<Vec<(String, Value)>, ExportError> {
+    let path = dir.join(MESSAGES_LOG);
+    let Ok(file) = std::fs::File::open(&path) else { return Ok(Vec::new()) };
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        let line = line.map_err(|e| ExportError::Write { path: path.clone(), reason: e.to_string() })?;
+        let Ok(v) = serde_json::from_slice::<Value>(&line) else { break };
+        if let (Some(topic), Some(header)) = (v["topic"].as_str(), v.get("header")) {
+            out.push((topic.to_string(), header.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// The run ids in order of their first volume, each with its entries (sender index order, the
+/// first arrival of a resent index kept).
+fn runs(reader: &SessionReader) -> Vec<(String, Vec<usize>)> {
+    let mut order: Vec<String> = Vec::new();
+    let mut by_run: BTreeMap<String, BTreeMap<u64, usize>> = BTreeMap::new();
+    for (i, e) in reader.entries.iter().enumerate() {
+        if !by_run.contains_key(&e.run) {
+            order.push(e.run.clone());
+        }
+        by_run.entry(e.run.clone()).or_default().entry(e.index).or_insert(i);
+    }
+    order.into_iter().map(|r| (r.clone(), by_run[&r].values().copied().collect())).collect()
+}
+
+fn check_label(what: &'static str, label: &str) -> Result<(), ExportError> {
+    if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(ExportError::Label { what, label: label.to_string() });
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` (making its folder), refusing to replace it unless `force`.
+fn write_file(path: &Path, text: &str, force: bool) -> Result<(), ExportError> {
+    let werr = |e: std::io::Error| ExportError::Write { path: path.to_path_buf(), reason: e.to_string() };
+    if path.exists() && !force {
+        return Err(ExportError::Exists(path.to_path_buf()));
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(werr)?;
+    }
+    std::fs::write(path, text).map_err(werr)
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
+}
+
+/// A TSV cell: the number, or `n/a`.
+fn cell(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite()).map_or_else(|| "n/a".to_string(), |x| format!("{x}"))
+}
+
+/// The motion confounds of a run's volumes in fMRIPrep's layout: the six parameters, their
+/// backward differences (`_derivative1`, `n/a` first) and `framewise_displacement` (`n/a`
+/// first); a volume without a motion message has `n/a`.
+pub fn confounds_tsv(motion: &[Option<&MotionHeader>]) -> String {
+    const PARAMS: [&str; 6] = crate::motion::rigid::PARAM_NAMES;
+    let value = |m: &MotionHeader, k: usize| m.params()[k];
+    let mut header: Vec<String> = PARAMS.iter().map(|p| p.to_string()).collect();
+    header.extend(PARAMS.iter().map(|p| format!("{p}_derivative1")));
+    header.push("framewise_displacement".into());
+    let mut out = header.join("\t") + "\n";
+    for (i, m) in motion.iter().enumerate() {
+        let prev = if i == 0 { None } else { motion[i - 1] };
+        let mut row: Vec<String> = (0..6).map(|k| cell(m.map(|m| value(m, k)))).collect();
+        row.extend((0..6).map(|k| cell(m.zip(prev).map(|(m, p)| value(m, k) - value(p, k)))));
+        row.push(cell(m.filter(|_| i > 0).map(|m| m.framewise_displacement)));
+        out += &(row.join("\t") + "\n");
+    }
+    out
+}
+
+/// The confounds file's column descriptions (units as the live `motion` topic).
+fn confounds_json() -> Value {
+    let mut cols = serde_json::Map::new();
+    for axis in ["x", "y", "z"] {
+        cols.insert(format!("trans_{axis}"), json!({"Description": format!("translation along {axis}, live online realignment"), "Units": "mm"}));
+        cols.insert(
+            format!("rot_{axis}"),
+            json!({"Description": format!("rotation about {axis}, live online realignment"), "Units": "rad"}),
+        );
+    }
+    cols.insert(
+        "framewise_displacement".into(),
+        json!({"Description": "framewise displacement (Power et al. 2012, 50 mm sphere), live", "Units": "mm"}),
+    );
+    Value::Object(cols)
+}
+
+/// The events of a run from its `betas` messages: one row per trial (its live estimate's, else
+/// its end-of-run estimate's), by onset.
+pub fn events_tsv(betas: &[&BetasHeader]) -> (String, usize) {
+    let mut trials: BTreeMap<u64, &BetasHeader> = BTreeMap::new();
+    for b in betas {
+        let keep = trials.get(&b.trial.trial).is_none_or(|t| t.trial.at_run_end && !b.trial.at_run_end);
+        if keep {
+            trials.insert(b.trial.trial, b);
+        }
+    }
+    let mut rows: Vec<&BetasHeader> = trials.into_values().collect();
+    rows.sort_by(|a, b| a.trial.onset.total_cmp(&b.trial.onset));
+    let mut out = "onset\tduration\ttrial_type\tstimulus\ttrial\n".to_string();
+    for b in &rows {
+        let t = &b.trial;
+        let stim = t.stim.map_or_else(|| "n/a".to_string(), |s| s.to_string());
+        out += &format!("{}\t{}\t{}\t{stim}\t{}\n", t.onset, t.duration, t.condition, t.trial);
+    }
+    (out, rows.len())
+}
+
+/// Exports the session folder `dir` into the BIDS dataset `out` (made or added to).
+pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExport>, ExportError> {
+    check_label("subject", &opts.subject)?;
+    check_label("task", &opts.task)?;
+    if let Some(s) = &opts.session {
+        check_label("session", s)?;
+    }
+    let reader = SessionReader::open(dir)?;
+    if reader.entries.is_empty() {
+        return Err(ExportError::Empty(dir.to_path_buf()));
+    }
+    let messages = read_messages(dir)?;
+    let motion: Vec<MotionHeader> = typed(&messages);
+    let betas: Vec<BetasHeader> = typed(&messages);
+    let version = reader.meta["mirage_version"].as_str().unwrap_or("unknown").to_string();
+    let commit = reader.meta["mirage_commit"].as_str().unwrap_or("unknown").to_string();
+
+    let sub = format!("sub-{}", opts.subject);
+    let ses = opts.session.as_ref().map(|s| format!("ses-{s}"));
+    let rel: PathBuf =
+        [Some(sub.clone()), ses.clone()].into_iter().flatten().collect::<PathBuf>().join("func");
+    let deriv = out.join("derivatives").join("mirage-rt");
+    let mut exported = Vec::new();
+    for (k, (run, idx)) in runs(&reader).into_iter().enumerate() {
+        let number = opts.first_run + k as u32;
+        let stem = [
+            Some(sub.clone()),
+            ses.clone(),
+            Some(format!("task-{}", opts.task)),
+            Some(format!("run-{number}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("_");
+        let entries: Vec<&IndexEntry> = idx.iter().map(|&i| &reader.entries[i]).collect();
+        let first = entries[0];
+        if let Some(e) = entries.iter().find(|e| e.dims != first.dims) {
+            return Err(ExportError::Run {
+                run,
+                reason: format!("its grid changes from {:?} to {:?}", first.dims, e.dims),
+            });
+        }
+        let tr = entries.iter().find_map(|e| e.tr).or_else(|| reader.meta["config"]["ingest"]["tr"].as_f64());
+        let Some(tr) = tr.filter(|t| *t > 0.0) else {
+            return Err(ExportError::Run {
+                run,
+                reason: "no repetition time in its headers or ingest.tr".into(),
+            });
+        };
+        let (lo, hi) = (first.index, entries[entries.len() - 1].index);
+        let present: std::collections::BTreeSet<u64> = entries.iter().map(|e| e.index).collect();
+        let missing: Vec<u64> = (lo..=hi).filter(|i| !present.contains(i)).collect();
+
+        // Raw: the series as received.
+        let bold = out.join(&rel).join(format!("{stem}_bold.nii.gz"));
+        if bold.exists() && !opts.force {
+            return Err(ExportError::Exists(bold));
+        }
+        std::fs::create_dir_all(out.join(&rel))
+            .map_err(|e| ExportError::Write { path: out.join(&rel), reason: e.to_string() })?;
+        let werr = |e: crate::io::nifti::NiftiError| ExportError::Write {
+            path: bold.clone(),
+            reason: e.to_string(),
+        };
+        let mut w =
+            NiftiWriter::create(&bold, first.dims, idx.len(), &first.affine, Some(tr)).map_err(werr)?;
+        for &i in &idx {
+            w.write_volume(&reader.volume(i)?.data).map_err(werr)?;
+        }
+        w.finish().map_err(werr)?;
+        let sidecar = json!({
+            "RepetitionTime": tr,
+            "TaskName": opts.task,
+            "MirageRunId": run,
+            "MirageFirstVolumeIndex": lo,
+            "MirageMissingVolumes": missing,
+            "MirageTimeSource": "acquisition times from the sender's headers where sent, else receive times (daemon clock)",
+            "MirageVolumeTimes": entries.iter().map(|e| e.acq_time.unwrap_or(e.recv_time)).collect::<Vec<_>>(),
+        });
+        write_file(&out.join(&rel).join(format!("{stem}_bold.json")), &pretty(&sidecar), opts.force)?;
+        let run_betas: Vec<&BetasHeader> = betas.iter().filter(|b| b.trial.run == run).collect();
+        let (events, trials) = events_tsv(&run_betas);
+        write_file(&out.join(&rel).join(format!("{stem}_events.tsv")), &events, opts.force)?;
+
+        // Derivatives: what ran live.
+        let by_index: BTreeMap<u64, &MotionHeader> =
+            motion.iter().filter(|m| m.run == run).map(|m| (m.index, m)).collect();
+        let rows: Vec<Option<&MotionHeader>> =
+            entries.iter().map(|e| by_index.get(&e.index).copied()).collect();
+        let drel = deriv.join(&rel);
+        write_file(
+            &drel.join(format!("{stem}_desc-confounds_timeseries.tsv")),
+            &confounds_tsv(&rows),
+            opts.force,
+        )?;
+        write_file(
+            &drel.join(format!("{stem}_desc-confounds_timeseries.json")),
+            &pretty(&confounds_json()),
+            opts.force,
+        )?;
+        let latency =
+            messages.iter().rev().find(|(t, _)| t == crate::metrics::MetricsSnapshot::NAME).map(|(_, h)| h);
+        if let Some(status) = latency {
+            let summary = json!({
+                "Description": "the session's last status message: per-stage latency percentiles (ms) and counts",
+                "latency_ms": status["latency_ms"],
+                "trigger_to_feedback_ms": status["trigger_to_feedback_ms"],
+                "received": status["received"],
+                "recorded": status["recorded"],
+                "errors": status["errors"],
+            });
+            write_file(
+                &drel.join(format!("{stem}_desc-latency_summary.json")),
+                &pretty(&summary),
+                opts.force,
+            )?;
+        }
+        exported.push(RunExport { run, number, volumes: idx.len(), missing, trials, bold });
+    }
+
+    // Dataset files: made when absent, added to (participants) when present.
+    let generated = json!([{"Name": "mirage-rt", "Version": version, "CodeURL": "https://github.com/mirage-rt/mirage-rt", "Commit": commit}]);
+    let raw = json!({
+        "Name": "mirage-rt session export",
+        "BIDSVersion": "1.8.0",
+        "DatasetType": "raw",
+        "GeneratedBy": generated,
+    });
+    write_if_absent(&out.join("dataset_description.json"), &pretty(&raw))?;
+    write_if_absent(&out.join("README"), README)?;
+    let columns = json!({
+        "trial_type": {"Description": "the trial's condition as the live GLM modelled it (e.g. seen, imagery)"},
+        "stimulus": {"Description": "the stimulus number the trial's event named (n/a: none)"},
+        "trial": {"Description": "the trial's number in the run, as in the live betas and decode messages"},
+    });
+    write_if_absent(&out.join(format!("task-{}_events.json", opts.task)), &pretty(&columns))?;
+    add_participant(&out.join("participants.tsv"), &sub)?;
+    let mut gen = generated.clone();
+    gen[0]["Configuration"] = reader.meta["config"].clone();
+    let derived = json!({
+        "Name": "mirage-rt live derivatives",
+        "BIDSVersion": "1.8.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": gen,
+        "SourceDatasets": [{"URL": "../../"}],
+    });
+    write_file(&deriv.join("dataset_description.json"), &pretty(&derived), true)?;
+    Ok(exported)
+}
+
+/// The dataset's README.
+const README: &str = "Real-time fMRI sessions recorded by mirage-rt (a closed-loop decoding daemon) and \
+exported with `mirage export`. Each run's BOLD series is as the daemon received it, in sender \
+index order; its events are the trials the live GLM estimated. derivatives/mirage-rt/ holds what \
+ran live: the online realignment's motion confounds (fMRIPrep's column names) and the latency \
+summary, with the version, commit and configuration that made them in its dataset_description.\n";
+
+/// Every message of topic `T` that parses as `T`.
+fn typed<T: Topic + serde::de::DeserializeOwned>(messages: &[(String, Value)]) -> Vec<T> {
+    messages.iter().filter_map(|(t, h)| crate::topic::read::<T>(t, h).ok()).collect()
+}
+
+fn write_if_absent(path: &Path, text: &str) -> Result<(), ExportError> {
+    if path.exists() {
+        return Ok(());
+    }
+    write_file(path, text, false)
+}
+
+/// Adds `sub` to `participants.tsv` (made with its header when absent).
+fn add_participant(path: &Path, sub: &str) -> Result<(), ExportError> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|_| "participant_id\n".to_string());
+    if text.lines().skip(1).any(|l| l.split('\t').next() == Some(sub)) {
+        return Ok(());
+    }
+    write_file(path, &format!("{text}{sub}\n"), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::session::{SessionWriter, SyncPolicy};
+    use crate::volume::{Volume, IDENTITY_AFFINE};
+
+    fn vol(run: &str, index: u64) -> Volume {
+        Volume {
+            data: (0..24).map(|i| (i * 7 + index as usize) as f32 * 0.5).collect(),
+            dims: [2, 3, 4],
+            affine: IDENTITY_AFFINE,
+            index,
+            run: run.into(),
+            tr: Some(2.0),
+            acq_time: None,
+            recv_time: index as f64,
+        }
+    }
+
+    fn opts() -> ExportOptions {
+        ExportOptions {
+            subject: "01".into(),
+            session: None,
+            task: "imagery".into(),
+            first_run: 1,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn each_run_is_one_bids_run_in_index_order_and_nothing_is_overwritten_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().join("s");
+        let mut w = SessionWriter::create(&s, &json!({"mirage_version": "0.1.0"}), SyncPolicy::Os).unwrap();
+        // Run a: 0, 2, 1, a resend of 1, then 4 (3 never came); run b: 0, 1.
+        for (seq, (run, i)) in
+            [("a", 0), ("a", 2), ("a", 1), ("a", 1), ("b", 0), ("a", 4), ("b", 1)].into_iter().enumerate()
+        {
+            w.append(seq as u64, &vol(run, i), Value::Null).unwrap();
+        }
+        drop(w);
+        let out = dir.path().join("bids");
+        let runs = export(&s, &out, &opts()).unwrap();
+        let summary: Vec<(&str, u32, usize, Vec<u64>)> =
+            runs.iter().map(|r| (r.run.as_str(), r.number, r.volumes, r.missing.clone())).collect();
+        assert_eq!(summary, [("a", 1, 4, vec![3]), ("b", 2, 2, vec![])]);
+        let img = crate::io::nifti::read_nifti(&runs[0].bold, 1 << 20).unwrap();
+        let expect: Vec<Vec<f32>> = [0, 1, 2, 4].iter().map(|&i| vol("a", i).data).collect();
+        assert_eq!(img.volumes, expect);
+        assert_eq!(img.header.tr_seconds(), Some(2.0));
+        assert!(out.join("sub-01/func/sub-01_task-imagery_run-2_bold.json").exists());
+        assert_eq!(
+            std::fs::read_to_string(out.join("participants.tsv")).unwrap(),
+            "participant_id\nsub-01\n"
+        );
+
+        assert!(matches!(export(&s, &out, &opts()), Err(ExportError::Exists(p)) if p == runs[0].bold));
+        export(&s, &out, &ExportOptions { force: true, ..opts() }).unwrap();
+        export(&s, &out, &ExportOptions { subject: "02".into(), ..opts() }).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("participants.tsv")).unwrap(),
+            "participant_id\nsub-01\nsub-02\n"
+        );
+        assert!(matches!(
+            export(&s, &out, &ExportOptions { task: "a_b".into(), ..opts() }),
+            Err(ExportError::Label { .. })
+        ));
+    }
+
+    #[test]
+    fn confounds_follow_fmripreps_columns_with_backward_differences() {
+        let m = |x: f64, fd: f64| MotionHeader {
+            trans_x: x,
+            framewise_displacement: fd,
+            ..crate::topic::MotionHeader::sample()
+        };
+        let (a, b) = (m(0.0, 0.0), m(0.5, 0.7));
+        let tsv = confounds_tsv(&[Some(&a), Some(&b), None]);
+        let lines: Vec<Vec<&str>> = tsv.lines().map(|l| l.split('\t').collect()).collect();
+        assert_eq!(lines[0][..2], ["trans_x", "trans_y"]);
+        assert_eq!(lines[0][6], "trans_x_derivative1");
+        assert_eq!(lines[0][12], "framewise_displacement");
+        assert_eq!((lines[1][0], lines[1][6], lines[1][12]), ("0", "n/a", "n/a"));
+        assert_eq!((lines[2][0], lines[2][6], lines[2][12]), ("0.5", "0.5", "0.7"));
+        assert!(lines[3].iter().all(|c| *c == "n/a"));
+    }
+}
