@@ -187,7 +187,7 @@ fn bad_settings_and_input_are_refused_clearly_and_fits_are_deterministic() {
     let four: Vec<&str> = rows.split(',').take(4).collect();
     run(calibrate(&p, &four.join(","), &few).arg("--report").arg(&few_report));
     let fit = read_json(&few_report);
-    assert!(fit["note"].as_str().unwrap().contains("at least 5"), "{fit}");
+    assert!(fit["note"].as_str().unwrap().contains("at least 10"), "{fit}");
     assert!(fit["heads"].as_array().unwrap().iter().all(|h| h["kept"] == false), "{fit}");
 
     // Deterministic: the same fit twice gives the same tensors and decisions.

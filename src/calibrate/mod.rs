@@ -301,7 +301,7 @@ impl Default for CalibrateConfig {
             modes: vec![0, 1, 2, 4],
             alphas: vec![10.0, 3.0, 1.0, 0.3, 0.1, 0.03],
             guard_p: 0.15,
-            min_stimuli: 5,
+            min_stimuli: 10,
             rank: 8,
             steps: 600,
             lr: 0.003,
