@@ -79,7 +79,7 @@ fn bench(c: &mut Criterion) {
         let mut seq = 0;
         g.bench_with_input(BenchmarkId::new("record_append_os_sync", &label), &v, |b, v| {
             b.iter(|| {
-                writer.append(seq, v, serde_json::Value::Null).unwrap();
+                writer.append(seq, v, serde_json::Value::Null, &[]).unwrap();
                 seq += 1;
             })
         });

@@ -40,7 +40,7 @@ if [ ! -x tools/bids-validator/node_modules/.bin/bids-validator ]; then
     echo "setup: installing the BIDS validator (tools/bids-validator, npm ci)" >&2
     npm ci --prefix tools/bids-validator --no-audit --no-fund --loglevel=error >/dev/null
 fi
-if ! python3 -c "import zmq, pylsl, nibabel, numpy, scipy, nilearn, sklearn, skimage, selenium, pydicom, yaml" \
+if ! python3 -c "import zmq, pylsl, nibabel, numpy, scipy, nilearn, sklearn, skimage, selenium, pydicom, yaml, bids" \
     >/dev/null 2>&1; then
     echo "setup: installing the Python test peers (tests/python/requirements.txt)" >&2
     python3 -m pip install -q -r tests/python/requirements.txt

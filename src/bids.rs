@@ -423,7 +423,7 @@ mod tests {
         for (seq, (run, i)) in
             [("a", 0), ("a", 2), ("a", 1), ("a", 1), ("b", 0), ("a", 4), ("b", 1)].into_iter().enumerate()
         {
-            w.append(seq as u64, &vol(run, i), Value::Null).unwrap();
+            w.append(seq as u64, &vol(run, i), Value::Null, &[]).unwrap();
         }
         drop(w);
         let out = dir.path().join("bids");

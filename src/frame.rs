@@ -199,6 +199,8 @@ pub struct RecordItem {
     pub volume: Arc<Volume>,
     /// Index bookkeeping.
     pub flags: IngestFlags,
+    /// The markers (trial events, as JSON) received since the previous volume.
+    pub markers: Vec<serde_json::Value>,
 }
 
 impl ByteSize for RecordItem {

@@ -16,7 +16,7 @@
 use std::path::Path;
 
 /// When an event starts.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Onset {
     /// Seconds after the acquisition of the run's first volume.
     Relative(f64),
@@ -25,7 +25,7 @@ pub enum Onset {
 }
 
 /// One trial (or any event to model).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     /// Trial id (`None`: numbered in arrival order).
     pub trial: Option<u64>,

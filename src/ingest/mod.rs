@@ -9,6 +9,7 @@ pub mod file;
 pub mod lsl;
 pub mod markers;
 pub mod pacer;
+pub mod replay;
 pub mod sim;
 pub mod uri;
 pub mod wire;
@@ -65,6 +66,9 @@ pub enum IngestError {
     /// A replayed file could not be read.
     #[error("ingest: {0}")]
     File(#[from] NiftiError),
+    /// A replayed session folder could not be read.
+    #[error("ingest: {0}")]
+    Session(#[from] crate::io::session::SessionError),
     /// The simulator could not be built.
     #[error("ingest: {0}")]
     Sim(#[from] crate::sim::SimError),
@@ -80,7 +84,7 @@ impl IngestError {
             IngestError::Wire(w) => w.reason(),
             IngestError::Socket { .. } => SOCKET,
             IngestError::Lsl { .. } => LSL_STREAM,
-            IngestError::File(_) => FILE,
+            IngestError::File(_) | IngestError::Session(_) => FILE,
             IngestError::Sim(_) => SIM,
             IngestError::Marker(_) => markers::BAD_MARKER,
         }
@@ -186,6 +190,9 @@ pub fn open_source(
             Box::new(zmq::ZmqReceiver::bind(zmq::Protocol::Native, endpoint, limits, run, policy)?)
         }
         IngestUri::Lsl { name, .. } => Box::new(lsl::LslReceiver::new(name, limits, run)),
+        IngestUri::File { path, playback, tr } if path.is_dir() => {
+            Box::new(replay::SessionReplay::open(path, *playback, *tr, limits)?)
+        }
         IngestUri::File { path, playback, tr } => {
             Box::new(file::FileReplay::open(path, *playback, *tr, limits, run)?)
         }

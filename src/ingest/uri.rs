@@ -142,7 +142,8 @@ pub enum IngestUri {
         /// TR in seconds over the stream's description.
         tr: Option<f64>,
     },
-    /// `file://PATH?speed=…&delay=…&tr=…`: replay of a 4-D NIfTI.
+    /// `file://PATH?speed=…&delay=…&tr=…`: replay of a 4-D NIfTI, or of a recorded session
+    /// folder (every volume as it arrived).
     File {
         /// The series.
         path: PathBuf,
@@ -160,7 +161,8 @@ pub enum IngestUri {
     },
 }
 
-const SCHEMES: &str = "pyneal://HOST:PORT, zmq://HOST:PORT, lsl://NAME, file://PATH.nii.gz or sim://?seed=1";
+const SCHEMES: &str =
+    "pyneal://HOST:PORT, zmq://HOST:PORT, lsl://NAME, file://PATH.nii.gz, file://SESSION_DIR or sim://?seed=1";
 
 fn split_query(rest: &str) -> (&str, Vec<(&str, &str)>) {
     match rest.split_once('?') {

@@ -5,7 +5,8 @@
 //! DIR/session.json      what ran: version, start time, configuration
 //! DIR/volumes.f32       voxel data, one record per volume (little-endian f32, x fastest)
 //! DIR/volumes.jsonl     one line per volume: seq, index, run, dims, affine, tr, times,
-//!                       byte offset and length in volumes.f32, CRC-32 of those bytes
+//!                       byte offset and length in volumes.f32, CRC-32 of those bytes, the
+//!                       markers received since the previous volume
 //! DIR/messages.jsonl    one line per published message: time, topic, JSON header
 //! ```
 //!
@@ -86,6 +87,9 @@ pub struct IndexEntry {
     /// Duplicate / gap / order flags at arrival.
     #[serde(default)]
     pub flags: serde_json::Value,
+    /// The markers (trial events) received since the previous volume, in arrival order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub markers: Vec<serde_json::Value>,
 }
 
 /// When the recorder forces data to disk.
@@ -143,8 +147,14 @@ impl SessionWriter {
         &self.dir
     }
 
-    /// Appends one volume: data, then its index line.
-    pub fn append(&mut self, seq: u64, v: &Volume, flags: serde_json::Value) -> Result<(), SessionError> {
+    /// Appends one volume: data, then its index line (with the markers received before it).
+    pub fn append(
+        &mut self,
+        seq: u64,
+        v: &Volume,
+        flags: serde_json::Value,
+        markers: &[serde_json::Value],
+    ) -> Result<(), SessionError> {
         let bytes = f32_le_view(&v.data);
         let data_path = self.dir.join(VOLUMES_DATA);
         self.data.write_all(&bytes).map_err(io_err(&data_path))?;
@@ -161,6 +171,7 @@ impl SessionWriter {
             nbytes: bytes.len() as u64,
             crc32: crc32fast::hash(&bytes),
             flags,
+            markers: markers.to_vec(),
         };
         self.offset += bytes.len() as u64;
         let mut line = serde_json::to_string(&entry).unwrap_or_default();
@@ -296,7 +307,7 @@ mod tests {
         let s = dir.path().join("s");
         let mut w = SessionWriter::create(&s, &serde_json::json!({"k": 1}), SyncPolicy::Os).unwrap();
         for i in 0..3 {
-            w.append(i, &vol(i), serde_json::Value::Null).unwrap();
+            w.append(i, &vol(i), serde_json::Value::Null, &[]).unwrap();
         }
         drop(w);
         // A crash mid-append: extra data bytes and half an index line.
@@ -320,7 +331,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = dir.path().join("s");
         let mut w = SessionWriter::create(&s, &serde_json::json!({}), SyncPolicy::EveryVolume).unwrap();
-        w.append(0, &vol(0), serde_json::Value::Null).unwrap();
+        w.append(0, &vol(0), serde_json::Value::Null, &[]).unwrap();
         let mut bytes = std::fs::read(s.join(VOLUMES_DATA)).unwrap();
         bytes[5] ^= 0xff;
         std::fs::write(s.join(VOLUMES_DATA), bytes).unwrap();

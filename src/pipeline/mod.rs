@@ -240,12 +240,17 @@ fn ingest_loop(
     let mut last_tr = tr;
     let mut tracker = IndexTracker::default();
     let mut seq = 0u64;
+    // Markers since the last volume, recorded with the next one (a replay plays them there).
+    let mut markers = Vec::new();
     while !stop.load(Ordering::Acquire) && stop_after.is_none_or(|n| seq < n) {
         match source.next(POLL) {
             SourceEvent::Idle => {}
             SourceEvent::End => break,
             SourceEvent::Refused(n) => (0..n).for_each(|_| m.count(crate::ingest::SENDER_REFUSED)),
             SourceEvent::Marker(e) => {
+                if record.is_some() {
+                    markers.push(serde_json::to_value(&e).unwrap_or_default());
+                }
                 if events.try_send(e).is_err() {
                     m.count(crate::glm::events::EVENTS_DROPPED);
                 }
@@ -266,7 +271,13 @@ fn ingest_loop(
                 let volume = Arc::new(v);
                 let recording = match record.as_mut() {
                     Some(r) => {
-                        let pushed = r.push(RecordItem { seq, volume: volume.clone(), flags }).is_ok();
+                        let item = RecordItem {
+                            seq,
+                            volume: volume.clone(),
+                            flags,
+                            markers: std::mem::take(&mut markers),
+                        };
+                        let pushed = r.push(item).is_ok();
                         if !pushed {
                             m.count(RECORD_CLOSED);
                         }
@@ -434,7 +445,7 @@ fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metric
         match rx.recv_timeout(POLL) {
             Recv::Msg(item) => {
                 let flags = serde_json::to_value(item.flags).unwrap_or_default();
-                match writer.append(item.seq, &item.volume, flags) {
+                match writer.append(item.seq, &item.volume, flags, &item.markers) {
                     Ok(()) => {
                         m.recorded.fetch_add(1, Ordering::Relaxed);
                     }
