@@ -204,7 +204,7 @@ impl Config {
     }
 
     /// Makes the relative paths of input files (models, masks, events, protocols, a `file://`
-    /// series) relative to `base`, the config file's folder, so a config runs from any folder.
+    /// series, CURVE certificates) relative to `base`, the config file's folder, so a config runs from any folder.
     /// Outputs (`record.dir`, `calibrate.out`, `console.report`) stay relative to the working
     /// directory, like `--set` values.
     pub fn resolve_inputs_against(&mut self, base: &Path) {
@@ -247,6 +247,9 @@ impl Config {
         }
         for r in &mut self.glm.rois {
             fix(&mut r.path);
+        }
+        for curve in [&mut self.ingest.curve, &mut self.publish.curve] {
+            curve.secret.iter_mut().chain(curve.clients.iter_mut()).for_each(fix);
         }
         fix_string(&mut self.glm.mask);
         fix_string(&mut self.decode.alignment);

@@ -286,15 +286,15 @@ fn curve_settings_are_checked_before_anything_starts() {
         assert_eq!(status.code(), Some(2), "{out}");
         assert!(out.contains(expect), "{out}");
     }
-    // Guarded by CURVE alone, an exposed ingest is valid (no ingest.allow needed).
+    // Guarded by CURVE alone, an exposed ingest is valid (no ingest.allow needed); the
+    // certificates are read relative to the config file, wherever it runs from.
     let mut cmd = common::mirage();
-    cmd.args(["check", "--config"]).arg(dir.path().join("exposed.toml"));
+    cmd.args(["check", "--config"]).arg(dir.path().join("exposed.toml")).current_dir("/");
+    assert!(secret.starts_with(dir.path()) && public.starts_with(dir.path()));
     std::fs::write(
         dir.path().join("exposed.toml"),
         format!(
-            "[ingest]\nuri = \"zmq://*:{port}\"\n[ingest.curve]\nsecret = \"{}\"\nclients = [\"{}\"]\n",
-            secret.display(),
-            public.display()
+            "[ingest]\nuri = \"zmq://*:{port}\"\n[ingest.curve]\nsecret = \"keys/daemon.key_secret\"\nclients = [\"keys/daemon.key\"]\n"
         ),
     )
     .unwrap();
