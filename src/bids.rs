@@ -6,6 +6,8 @@
 //! OUT/dataset_description.json, participants.tsv, README
 //! OUT/sub-S[/ses-SES]/func/sub-S[_ses-SES]_task-T_run-R_bold.nii.gz (+ .json, _events.tsv)
 //! OUT/derivatives/mirage-rt/dataset_description.json
+//! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-realigned_bold.nii.gz (+ .json)
+//! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-realigned_bold.nii.gz (+ .json)
 //! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-confounds_timeseries.tsv (+ .json)
 //! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-latency_summary.json
 //! ```
@@ -297,6 +299,23 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
         let rows: Vec<Option<&MotionHeader>> =
             entries.iter().map(|e| by_index.get(&e.index).copied()).collect();
         let drel = deriv.join(&rel);
+        if rows.iter().any(Option::is_some) {
+            let path = drel.join(format!("{stem}_desc-realigned_bold.nii.gz"));
+            write_realigned(&reader, &idx, &rows, &path, tr, opts.force)?;
+            let sidecar = json!({
+                "RepetitionTime": tr,
+                "TaskName": opts.task,
+                "Description": "the live online realignment reproduced: each volume resliced (trilinear) onto its \
+                                reference volume's grid through the matrix its motion message recorded; volumes \
+                                before the reference, or without a message, as received",
+                "Sources": [format!("bids:raw:{}", rel.join(format!("{stem}_bold.nii.gz")).display())],
+            });
+            write_file(
+                &drel.join(format!("{stem}_desc-realigned_bold.json")),
+                &pretty(&sidecar),
+                opts.force,
+            )?;
+        }
         write_file(
             &drel.join(format!("{stem}_desc-confounds_timeseries.tsv")),
             &confounds_tsv(&rows),
@@ -363,6 +382,47 @@ exported with `mirage export`. Each run's BOLD series is as the daemon received 
 index order; its events are the trials the live GLM estimated. derivatives/mirage-rt/ holds what \
 ran live: the online realignment's motion confounds (fMRIPrep's column names) and the latency \
 summary, with the version, commit and configuration that made them in its dataset_description.\n";
+
+/// Writes a run's realigned series: each volume resliced as the live motion stage did, onto
+/// the grid of the reference volume its message names, through its recorded matrix.
+fn write_realigned(
+    reader: &SessionReader,
+    idx: &[usize],
+    motion: &[Option<&MotionHeader>],
+    path: &Path,
+    tr: f64,
+    force: bool,
+) -> Result<(), ExportError> {
+    let werr = |reason: String| ExportError::Write { path: path.to_path_buf(), reason };
+    if path.exists() && !force {
+        return Err(ExportError::Exists(path.to_path_buf()));
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| werr(e.to_string()))?;
+    }
+    let volumes: Vec<crate::volume::Volume> =
+        idx.iter().map(|&i| reader.volume(i)).collect::<Result<_, _>>()?;
+    let grid_of = |reference: Option<u64>| {
+        let r = reference.and_then(|k| volumes.iter().find(|v| v.index == k)).unwrap_or(&volumes[0]);
+        (r.dims, r.affine)
+    };
+    let (dims, affine) = grid_of(motion.iter().flatten().find_map(|m| m.reference_index));
+    let mut w =
+        NiftiWriter::create(path, dims, volumes.len(), &affine, Some(tr)).map_err(|e| werr(e.to_string()))?;
+    for (v, m) in volumes.iter().zip(motion) {
+        let out = match m {
+            Some(m) if m.reference_index != Some(v.index) => {
+                let (dims, affine) = grid_of(m.reference_index);
+                crate::motion::reslice_onto(v, dims, &affine, &m.matrix)
+                    .map_err(|e| werr(e.to_string()))?
+                    .data
+            }
+            _ => v.data.clone(),
+        };
+        w.write_volume(&out).map_err(|e| werr(e.to_string()))?;
+    }
+    w.finish().map_err(|e| werr(e.to_string()))
+}
 
 /// Every message of topic `T` that parses as `T`.
 fn typed<T: Topic + serde::de::DeserializeOwned>(messages: &[(String, Value)]) -> Vec<T> {

@@ -43,10 +43,19 @@ fn validate(dir: &Path) -> (Vec<String>, Vec<String>) {
 fn a_simulated_session_exports_as_valid_bids_equal_to_what_was_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let session = dir.path().join("session");
-    let mut daemon = common::mirage();
-    daemon.args(["run", "--ingest", "sim://?volumes=48&shape=16,16,10&speed=max", "--publish", "none"]);
-    daemon.args(["--no-lsl", "--quiet", "--console", "none", "--record"]).arg(&session);
-    run(daemon.current_dir(dir.path()));
+    let port = common::free_port();
+    let (uri, publish) =
+        ("sim://?volumes=48&shape=16,16,10&speed=max&delay=2", format!("tcp://127.0.0.1:{port}"));
+    let sub = common::Subscriber::connect(port, "volume");
+    let s = session.display().to_string();
+    let daemon = common::Daemon::start(
+        &["--ingest", uri, "--publish", &publish, "--no-lsl", "--quiet", "--console", "none", "--record", &s],
+        dir.path(),
+    );
+    // The realigned volumes as the live run published them.
+    let live = sub.collect(48, Duration::from_secs(120));
+    let (status, log) = daemon.wait(Duration::from_secs(120));
+    assert!(status.success() && live.len() == 48, "{} volumes received\n{log}", live.len());
 
     let bids = dir.path().join("bids");
     let export = |extra: &[&str]| {
@@ -77,10 +86,23 @@ fn a_simulated_session_exports_as_valid_bids_equal_to_what_was_recorded() {
     let expect = serde_json::json!({
         "subjects": ["01"], "tasks": ["imagery"], "runs": [1],
         "bold": [format!("{stem}_bold.nii.gz")], "events": [format!("{stem}_events.tsv")],
+        "realigned": [format!("{deriv}_desc-realigned_bold.nii.gz")],
         "confounds": [format!("{deriv}_desc-confounds_timeseries.tsv")],
         "latency": [format!("{deriv}_desc-latency_summary.json")], "repetition_time": 1.0,
     });
     assert_eq!(found, expect);
+
+    // The realigned series reproduces the live one from the raw volumes and the recorded
+    // motion matrices, value for value.
+    let realigned = bids.join("derivatives/mirage-rt").join(format!("{stem}_desc-realigned_bold.nii.gz"));
+    let img = mirage_rt::io::nifti::read_nifti(&realigned, 1 << 24).unwrap();
+    assert_eq!(img.volumes.len(), 48);
+    for (t, (got, msg)) in img.volumes.iter().zip(&live).enumerate() {
+        let (_, _, bytes) = &msg.payloads[0];
+        let want: Vec<f32> =
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        assert!(got == &want, "volume {t}: the exported realigned volume differs from the live one");
+    }
 
     // The derivatives name the version, commit and configuration that made them.
     let desc: serde_json::Value = serde_json::from_slice(
@@ -91,7 +113,7 @@ fn a_simulated_session_exports_as_valid_bids_equal_to_what_was_recorded() {
     let generated = &desc["GeneratedBy"][0];
     assert_eq!(generated["Version"], env!("CARGO_PKG_VERSION"));
     assert!(generated["Commit"].as_str().is_some_and(|c| !c.is_empty()), "{desc}");
-    assert_eq!(generated["Configuration"]["ingest"]["uri"], "sim://?volumes=48&shape=16,16,10&speed=max");
+    assert_eq!(generated["Configuration"]["ingest"]["uri"], uri);
 
     // Never overwritten without --force; with it, replaced.
     let (status, out) = run_with_timeout(&mut export(&[]), Duration::from_secs(60));

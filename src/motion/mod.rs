@@ -283,12 +283,23 @@ impl MotionCorrector {
 
 /// `v` resampled onto the reference grid through `m` (`out(p) = v(M · p)`); outside is 0.
 pub fn reslice(v: &Volume, reference: &Reference, m: &Affine) -> Result<Volume, MotionError> {
+    reslice_onto(v, reference.dims, &reference.affine, m)
+}
+
+/// `v` resampled onto the grid `dims` / `affine` through `m`: the live stage's reslicing, for
+/// whoever holds the matrix but not the prepared reference (the BIDS export).
+pub fn reslice_onto(
+    v: &Volume,
+    dims: [usize; 3],
+    affine: &Affine,
+    m: &Affine,
+) -> Result<Volume, MotionError> {
     let inv = affine_inverse(&v.affine)
         .ok_or_else(|| MotionError::Degenerate("the volume's affine is singular".into()))?;
-    let k = mat_mul(&inv, &mat_mul(m, &reference.affine));
-    let mut data = vec![0f32; reference.dims.iter().product()];
-    resample_trilinear(&v.data, v.dims, &k, 0.0, &mut data, reference.dims);
-    Ok(Volume { data, dims: reference.dims, affine: reference.affine, ..v.clone_meta() })
+    let k = mat_mul(&inv, &mat_mul(m, affine));
+    let mut data = vec![0f32; dims.iter().product()];
+    resample_trilinear(&v.data, v.dims, &k, 0.0, &mut data, dims);
+    Ok(Volume { data, dims, affine: *affine, ..v.clone_meta() })
 }
 
 #[cfg(test)]

@@ -17,13 +17,14 @@ def main():
     root = sys.argv[1]
     layout = BIDSLayout(root, derivatives=True)
     rel = lambda files: sorted(os.path.relpath(f, root) for f in files)
-    bold = layout.get(suffix="bold", extension=".nii.gz", return_type="filename")
+    bold = layout.get(suffix="bold", extension=".nii.gz", scope="raw", return_type="filename")
     out = {
         "subjects": layout.get_subjects(),
         "tasks": layout.get_tasks(),
         "runs": layout.get_runs(),
         "bold": rel(bold),
         "events": rel(layout.get(suffix="events", extension=".tsv", return_type="filename")),
+        "realigned": rel(layout.get(desc="realigned", suffix="bold", extension=".nii.gz", return_type="filename")),
         "confounds": rel(layout.get(desc="confounds", suffix="timeseries", extension=".tsv", return_type="filename")),
         "latency": rel(layout.get(desc="latency", suffix="summary", return_type="filename")),
         "repetition_time": layout.get_metadata(bold[0]).get("RepetitionTime") if bold else None,
