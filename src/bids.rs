@@ -129,16 +129,25 @@ fn check_label(what: &'static str, label: &str) -> Result<(), ExportError> {
     Ok(())
 }
 
-/// Writes `text` to `path` (making its folder), refusing to replace it unless `force`.
-fn write_file(path: &Path, text: &str, force: bool) -> Result<(), ExportError> {
-    let werr = |e: std::io::Error| ExportError::Write { path: path.to_path_buf(), reason: e.to_string() };
+fn write_error(path: &Path, e: impl std::fmt::Display) -> ExportError {
+    ExportError::Write { path: path.to_path_buf(), reason: e.to_string() }
+}
+
+/// Makes `path`'s folder, refusing an existing `path` unless `force`.
+fn prepare_output(path: &Path, force: bool) -> Result<(), ExportError> {
     if path.exists() && !force {
         return Err(ExportError::Exists(path.to_path_buf()));
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(werr)?;
+        std::fs::create_dir_all(parent).map_err(|e| write_error(parent, e))?;
     }
-    std::fs::write(path, text).map_err(werr)
+    Ok(())
+}
+
+/// Writes `text` to `path` (making its folder), refusing to replace it unless `force`.
+fn write_file(path: &Path, text: &str, force: bool) -> Result<(), ExportError> {
+    prepare_output(path, force)?;
+    std::fs::write(path, text).map_err(|e| write_error(path, e))
 }
 
 fn pretty(v: &Value) -> String {
@@ -230,6 +239,17 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
     let rel: PathBuf =
         [Some(sub.clone()), ses.clone()].into_iter().flatten().collect::<PathBuf>().join("func");
     let deriv = out.join("derivatives").join("mirage-rt");
+    // The session's last status: one latency summary, written beside each run.
+    let latency = messages.iter().rev().find(|(t, _)| t == crate::metrics::MetricsSnapshot::NAME).map(|(_, status)| {
+        json!({
+            "Description": "the session's last status message: per-stage latency percentiles (ms) and counts",
+            "latency_ms": status["latency_ms"],
+            "trigger_to_feedback_ms": status["trigger_to_feedback_ms"],
+            "received": status["received"],
+            "recorded": status["recorded"],
+            "errors": status["errors"],
+        })
+    });
     let mut exported = Vec::new();
     for (k, (run, idx)) in runs(&reader).into_iter().enumerate() {
         let number = opts.first_run + k as u32;
@@ -262,23 +282,16 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
         let present: std::collections::BTreeSet<u64> = entries.iter().map(|e| e.index).collect();
         let missing: Vec<u64> = (lo..=hi).filter(|i| !present.contains(i)).collect();
 
-        // Raw: the series as received.
+        // The series as received and, where motion ran, as it realigned them.
+        let by_index: BTreeMap<u64, &MotionHeader> =
+            motion.iter().filter(|m| m.run == run).map(|m| (m.index, m)).collect();
+        let rows: Vec<Option<&MotionHeader>> =
+            entries.iter().map(|e| by_index.get(&e.index).copied()).collect();
+        let drel = deriv.join(&rel);
         let bold = out.join(&rel).join(format!("{stem}_bold.nii.gz"));
-        if bold.exists() && !opts.force {
-            return Err(ExportError::Exists(bold));
-        }
-        std::fs::create_dir_all(out.join(&rel))
-            .map_err(|e| ExportError::Write { path: out.join(&rel), reason: e.to_string() })?;
-        let werr = |e: crate::io::nifti::NiftiError| ExportError::Write {
-            path: bold.clone(),
-            reason: e.to_string(),
-        };
-        let mut w =
-            NiftiWriter::create(&bold, first.dims, idx.len(), &first.affine, Some(tr)).map_err(werr)?;
-        for &i in &idx {
-            w.write_volume(&reader.volume(i)?.data).map_err(werr)?;
-        }
-        w.finish().map_err(werr)?;
+        let realigned =
+            rows.iter().any(Option::is_some).then(|| drel.join(format!("{stem}_desc-realigned_bold.nii.gz")));
+        write_series(&reader, &idx, &rows, (&bold, realigned.as_deref()), tr, opts.force)?;
         let sidecar = json!({
             "RepetitionTime": tr,
             "TaskName": opts.task,
@@ -294,14 +307,7 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
         write_file(&out.join(&rel).join(format!("{stem}_events.tsv")), &events, opts.force)?;
 
         // Derivatives: what ran live.
-        let by_index: BTreeMap<u64, &MotionHeader> =
-            motion.iter().filter(|m| m.run == run).map(|m| (m.index, m)).collect();
-        let rows: Vec<Option<&MotionHeader>> =
-            entries.iter().map(|e| by_index.get(&e.index).copied()).collect();
-        let drel = deriv.join(&rel);
-        if rows.iter().any(Option::is_some) {
-            let path = drel.join(format!("{stem}_desc-realigned_bold.nii.gz"));
-            write_realigned(&reader, &idx, &rows, &path, tr, opts.force)?;
+        if realigned.is_some() {
             let sidecar = json!({
                 "RepetitionTime": tr,
                 "TaskName": opts.task,
@@ -326,20 +332,10 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
             &pretty(&confounds_json()),
             opts.force,
         )?;
-        let latency =
-            messages.iter().rev().find(|(t, _)| t == crate::metrics::MetricsSnapshot::NAME).map(|(_, h)| h);
-        if let Some(status) = latency {
-            let summary = json!({
-                "Description": "the session's last status message: per-stage latency percentiles (ms) and counts",
-                "latency_ms": status["latency_ms"],
-                "trigger_to_feedback_ms": status["trigger_to_feedback_ms"],
-                "received": status["received"],
-                "recorded": status["recorded"],
-                "errors": status["errors"],
-            });
+        if let Some(summary) = &latency {
             write_file(
                 &drel.join(format!("{stem}_desc-latency_summary.json")),
-                &pretty(&summary),
+                &pretty(summary),
                 opts.force,
             )?;
         }
@@ -383,45 +379,53 @@ index order; its events are the trials the live GLM estimated. derivatives/mirag
 ran live: the online realignment's motion confounds (fMRIPrep's column names) and the latency \
 summary, with the version, commit and configuration that made them in its dataset_description.\n";
 
-/// Writes a run's realigned series: each volume resliced as the live motion stage did, onto
-/// the grid of the reference volume its message names, through its recorded matrix.
-fn write_realigned(
+/// Writes a run's series as received to `raw` and, when given, as the live motion stage
+/// realigned it to `realigned` (each volume resliced onto its reference volume's grid through
+/// the matrix its message recorded), reading each volume once.
+fn write_series(
     reader: &SessionReader,
     idx: &[usize],
     motion: &[Option<&MotionHeader>],
-    path: &Path,
+    (raw, realigned): (&Path, Option<&Path>),
     tr: f64,
     force: bool,
 ) -> Result<(), ExportError> {
-    let werr = |reason: String| ExportError::Write { path: path.to_path_buf(), reason };
-    if path.exists() && !force {
-        return Err(ExportError::Exists(path.to_path_buf()));
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| werr(e.to_string()))?;
-    }
-    let volumes: Vec<crate::volume::Volume> =
-        idx.iter().map(|&i| reader.volume(i)).collect::<Result<_, _>>()?;
+    let entries: Vec<&IndexEntry> = idx.iter().map(|&i| &reader.entries[i]).collect();
     let grid_of = |reference: Option<u64>| {
-        let r = reference.and_then(|k| volumes.iter().find(|v| v.index == k)).unwrap_or(&volumes[0]);
-        (r.dims, r.affine)
+        let e = reference.and_then(|k| entries.iter().find(|e| e.index == k)).unwrap_or(&entries[0]);
+        (e.dims, e.affine)
     };
-    let (dims, affine) = grid_of(motion.iter().flatten().find_map(|m| m.reference_index));
-    let mut w =
-        NiftiWriter::create(path, dims, volumes.len(), &affine, Some(tr)).map_err(|e| werr(e.to_string()))?;
-    for (v, m) in volumes.iter().zip(motion) {
-        let out = match m {
+    let open = |path: &Path, (dims, affine): ([usize; 3], crate::volume::Affine)| {
+        prepare_output(path, force)?;
+        NiftiWriter::create(path, dims, idx.len(), &affine, Some(tr)).map_err(|e| write_error(path, e))
+    };
+    let mut raw_out = open(raw, grid_of(None))?;
+    let mut realigned_out = match realigned {
+        Some(path) => {
+            Some((path, open(path, grid_of(motion.iter().flatten().find_map(|m| m.reference_index)))?))
+        }
+        None => None,
+    };
+    for (&i, m) in idx.iter().zip(motion) {
+        let v = reader.volume(i)?;
+        raw_out.write_volume(&v.data).map_err(|e| write_error(raw, e))?;
+        let Some((path, out)) = realigned_out.as_mut() else { continue };
+        let written = match m {
             Some(m) if m.reference_index != Some(v.index) => {
                 let (dims, affine) = grid_of(m.reference_index);
-                crate::motion::reslice_onto(v, dims, &affine, &m.matrix)
-                    .map_err(|e| werr(e.to_string()))?
-                    .data
+                let moved = crate::motion::reslice_onto(&v, dims, &affine, &m.matrix)
+                    .map_err(|e| write_error(path, e))?;
+                out.write_volume(&moved.data)
             }
-            _ => v.data.clone(),
+            _ => out.write_volume(&v.data),
         };
-        w.write_volume(&out).map_err(|e| werr(e.to_string()))?;
+        written.map_err(|e| write_error(path, e))?;
     }
-    w.finish().map_err(|e| werr(e.to_string()))
+    raw_out.finish().map_err(|e| write_error(raw, e))?;
+    match realigned_out {
+        Some((path, out)) => out.finish().map_err(|e| write_error(path, e)),
+        None => Ok(()),
+    }
 }
 
 /// Every message of topic `T` that parses as `T`.

@@ -30,6 +30,16 @@ pub fn available() -> bool {
     zmq::has("curve") == Some(true)
 }
 
+/// CURVE, or what to do to get it.
+pub fn require() -> Result<(), String> {
+    match available() {
+        true => Ok(()),
+        false => Err("this build's libzmq has no CURVE (libsodium-dev was missing when it was built): run \
+                      scripts/setup.sh, then `cargo clean -p zmq-sys` and rebuild"
+            .into()),
+    }
+}
+
 /// A key pair in Z85 text, as certificate files hold it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Certificate {
@@ -80,6 +90,15 @@ impl Certificate {
             key_bytes(s).map_err(|e| err(format!("secret-key: {e}")))?;
         }
         Ok(Certificate { public, secret })
+    }
+
+    /// The secret key's 32 bytes; `path` (the file read) names it in the error.
+    fn secret_key(&self, path: &Path) -> Result<[u8; 32], String> {
+        let secret = self
+            .secret
+            .as_deref()
+            .ok_or_else(|| format!("{} holds no secret-key (give the .key_secret file)", path.display()))?;
+        key_bytes(secret)
     }
 
     /// A new key pair from libzmq (libsodium's generator).
@@ -146,20 +165,10 @@ impl Curve {
     /// Loads `cfg` (`what` names its section in errors); `None` when it asks for no CURVE.
     pub fn load(cfg: &CurveConfig, what: &str) -> Result<Option<Curve>, String> {
         let Some(secret_path) = &cfg.secret else { return Ok(None) };
-        if !available() {
-            return Err(format!(
-                "{what}.secret: this build's libzmq has no CURVE (libsodium-dev was missing when it was \
-                 built): run scripts/setup.sh, then `cargo clean -p zmq-sys` and rebuild"
-            ));
-        }
-        let cert = Certificate::read(secret_path).map_err(|e| format!("{what}.secret: {e}"))?;
-        let secret = cert.secret.as_deref().ok_or_else(|| {
-            format!(
-                "{what}.secret: {} holds no secret-key (give the .key_secret file)",
-                secret_path.display()
-            )
-        })?;
-        let secret = key_bytes(secret).map_err(|e| format!("{what}.secret: {e}"))?;
+        let secret_err = |e: String| format!("{what}.secret: {e}");
+        require().map_err(secret_err)?;
+        let cert = Certificate::read(secret_path).map_err(secret_err)?;
+        let secret = cert.secret_key(secret_path).map_err(secret_err)?;
         let mut clients = BTreeSet::new();
         for path in &cfg.clients {
             for file in certificate_files(path).map_err(|e| format!("{what}.clients: {e}"))? {
@@ -210,18 +219,10 @@ impl std::fmt::Debug for ClientCurve {
 impl ClientCurve {
     /// Loads the daemon's public certificate `server` and the peer's secret certificate `own`.
     pub fn load(server: &Path, own: &Path) -> Result<ClientCurve, String> {
-        if !available() {
-            return Err(
-                "this build's libzmq has no CURVE (libsodium-dev was missing when it was built)".into()
-            );
-        }
+        require()?;
         let server = key_bytes(&Certificate::read(server)?.public)?;
         let own_cert = Certificate::read(own)?;
-        let secret = own_cert
-            .secret
-            .as_deref()
-            .ok_or_else(|| format!("{}: holds no secret-key (give the .key_secret file)", own.display()))?;
-        Ok(ClientCurve { server, public: key_bytes(&own_cert.public)?, secret: key_bytes(secret)? })
+        Ok(ClientCurve { server, public: key_bytes(&own_cert.public)?, secret: own_cert.secret_key(own)? })
     }
 
     /// Makes `socket` a CURVE client of the daemon (before it connects).

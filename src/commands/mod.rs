@@ -45,9 +45,7 @@ pub fn export(session: &Path, bids: &Path, opts: &crate::bids::ExportOptions) ->
 
 /// `mirage keygen PREFIX`: a CURVE key pair as `PREFIX.key` and `PREFIX.key_secret`.
 pub fn keygen(prefix: &Path) -> anyhow::Result<()> {
-    if !crate::curve::available() {
-        anyhow::bail!("this build's libzmq has no CURVE: run scripts/setup.sh (libsodium-dev), then `cargo clean -p zmq-sys` and rebuild");
-    }
+    crate::curve::require().map_err(anyhow::Error::msg)?;
     if let Some(parent) = prefix.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }

@@ -44,9 +44,9 @@ pub struct ZapGuard {
 }
 
 impl ZapGuard {
-    /// Starts the handler in `ctx`; call it before binding the socket it guards (which then
-    /// needs `set_zap_domain(DOMAIN)`). `peers` names the peers in its log (`a sender`).
-    pub fn start(ctx: &zmq::Context, policy: Policy, peers: &'static str) -> Result<ZapGuard, String> {
+    /// Starts the handler in `ctx`, before the socket it guards binds (that socket needs
+    /// `set_zap_domain(DOMAIN)`: [`ZapGuard::protect`]). `peers` names the peers in its log.
+    fn start(ctx: &zmq::Context, policy: Policy, peers: &'static str) -> Result<ZapGuard, String> {
         let socket = ctx.socket(zmq::REP).map_err(|e| format!("ZAP handler: {e}"))?;
         socket.bind(ZAP_ENDPOINT).map_err(|e| format!("ZAP handler: cannot bind: {e}"))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -57,6 +57,26 @@ impl ZapGuard {
             .spawn(move || serve(socket, &policy, peers, &s, &r))
             .map_err(|e| format!("ZAP handler: {e}"))?;
         Ok(ZapGuard { stop, refused, reported: 0, thread: Some(thread) })
+    }
+
+    /// Guards `socket` (not yet bound) in `ctx` by `policy`: unless anyone may connect, starts
+    /// the handler, sets the socket's ZAP domain and, with CURVE, makes it a CURVE server.
+    /// The ingest and the PUB socket both come through here.
+    pub fn protect(
+        ctx: &zmq::Context,
+        socket: &zmq::Socket,
+        policy: &Policy,
+        peers: &'static str,
+    ) -> Result<Option<ZapGuard>, String> {
+        if policy.is_open() {
+            return Ok(None);
+        }
+        let guard = ZapGuard::start(ctx, policy.clone(), peers)?;
+        socket.set_zap_domain(DOMAIN).map_err(|e| format!("ZAP domain: {e}"))?;
+        if let Some(curve) = &policy.curve {
+            curve.serve(socket).map_err(|e| format!("CURVE: {e}"))?;
+        }
+        Ok(Some(guard))
     }
 
     /// Connections refused since the last call.

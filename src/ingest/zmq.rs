@@ -58,11 +58,6 @@ impl ZmqReceiver {
         let address = endpoint.zmq_address();
         let err = |reason: String| IngestError::Socket { endpoint: address.clone(), reason };
         let ctx = zmq::Context::new();
-        // The handler is up before the socket binds, so no peer connects unchecked.
-        let zap = match policy.is_open() {
-            true => None,
-            false => Some(super::zap::ZapGuard::start(&ctx, policy.clone(), "a sender").map_err(err)?),
-        };
         let kind = match protocol {
             Protocol::Pyneal => zmq::PAIR,
             Protocol::Native => zmq::PULL,
@@ -71,12 +66,8 @@ impl ZmqReceiver {
         socket.set_maxmsgsize(limits.max_message_bytes()).map_err(|e| err(e.to_string()))?;
         socket.set_linger(1000).map_err(|e| err(e.to_string()))?;
         socket.set_rcvhwm(64).map_err(|e| err(e.to_string()))?;
-        if zap.is_some() {
-            socket.set_zap_domain(super::zap::DOMAIN).map_err(|e| err(e.to_string()))?;
-        }
-        if let Some(curve) = &policy.curve {
-            curve.serve(&socket).map_err(|e| err(format!("CURVE: {e}")))?;
-        }
+        // The handler is up before the socket binds, so no peer connects unchecked.
+        let zap = super::zap::ZapGuard::protect(&ctx, &socket, policy, "a sender").map_err(err)?;
         socket.bind(&address).map_err(|e| err(format!("cannot bind: {e}")))?;
         Ok(ZmqReceiver {
             protocol,

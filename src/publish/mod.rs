@@ -274,18 +274,9 @@ impl Publisher {
                 s.set_sndhwm(send_hwm).map_err(|e| err(e.to_string()))?;
                 s.set_linger(500).map_err(|e| err(e.to_string()))?;
                 // The handler is up before the socket binds, so no subscriber connects unchecked.
-                let zap = match curve {
-                    Some(c) => {
-                        let policy =
-                            crate::ingest::zap::Policy { curve: Some(c.clone()), ..Default::default() };
-                        let guard =
-                            crate::ingest::zap::ZapGuard::start(&ctx, policy, "a subscriber").map_err(err)?;
-                        s.set_zap_domain(crate::ingest::zap::DOMAIN).map_err(|e| err(e.to_string()))?;
-                        c.serve(&s).map_err(|e| err(format!("CURVE: {e}")))?;
-                        Some(guard)
-                    }
-                    None => None,
-                };
+                let policy = crate::ingest::zap::Policy { curve: curve.cloned(), ..Default::default() };
+                let zap =
+                    crate::ingest::zap::ZapGuard::protect(&ctx, &s, &policy, "a subscriber").map_err(err)?;
                 s.bind(&address).map_err(|e| err(format!("cannot bind: {e}")))?;
                 Some((s, zap, ctx))
             }
