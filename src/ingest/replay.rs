@@ -60,16 +60,25 @@ impl SessionReplay {
     /// Marker `k` of entry `i` as the live run's GLM read it: an onset on the recording's clock
     /// becomes one relative to its run's start there (as the GLM reckons it), which the
     /// replay's clock does not share.
-    fn marker(&self, i: usize, k: usize) -> Option<Event> {
+    /// A recorded marker that does not read as one is an error naming the volume it preceded.
+    fn marker(&self, i: usize, k: usize) -> Result<Event, IngestError> {
         let entries = &self.reader.entries;
-        let mut e: Event = serde_json::from_value(entries[i].markers.get(k)?.clone()).ok()?;
+        let recorded = entries[i].markers.get(k).cloned().unwrap_or_default();
+        let mut e: Event = serde_json::from_value(recorded).map_err(|err| SessionError::Corrupt {
+            path: self.dir.clone(),
+            reason: format!(
+                "marker {k} before volume {} of run {:?}: {err}",
+                entries[i].index, entries[i].run
+            ),
+        })?;
         if let Onset::Absolute(t) = e.onset {
-            let first: &IndexEntry = entries.iter().find(|x| x.run == entries[i].run)?;
+            // The run's first volume is there: entry `i` itself is of that run.
+            let first: &IndexEntry = entries.iter().find(|x| x.run == entries[i].run).unwrap_or(&entries[i]);
             let tr = self.tr.or(first.tr).unwrap_or(2.0);
             let t0 = first.acq_time.unwrap_or(first.recv_time) - first.index as f64 * tr;
             e.onset = Onset::Relative(t - t0);
         }
-        Some(e)
+        Ok(e)
     }
 }
 
@@ -78,11 +87,12 @@ impl Source for SessionReplay {
         if self.next >= self.reader.entries.len() {
             return SourceEvent::End;
         }
-        while self.markers_played < self.reader.entries[self.next].markers.len() {
+        if self.markers_played < self.reader.entries[self.next].markers.len() {
             self.markers_played += 1;
-            if let Some(e) = self.marker(self.next, self.markers_played - 1) {
-                return SourceEvent::Marker(e);
-            }
+            return match self.marker(self.next, self.markers_played - 1) {
+                Ok(e) => SourceEvent::Marker(e),
+                Err(e) => SourceEvent::Rejected(e),
+            };
         }
         let Some(due) = self.pacer.wait_for(self.next as u64, timeout) else {
             return SourceEvent::Idle;
@@ -107,5 +117,50 @@ impl Source for SessionReplay {
 
     fn describe(&self) -> String {
         format!("session replay {} ({} volumes)", self.dir.display(), self.reader.entries.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::session::{SessionWriter, SyncPolicy};
+    use crate::volume::{Volume, IDENTITY_AFFINE};
+
+    #[test]
+    fn markers_come_before_their_volume_and_a_damaged_one_is_an_error_not_a_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().join("s");
+        let mut w = SessionWriter::create(&s, &serde_json::json!({}), SyncPolicy::Os).unwrap();
+        let v = |index| Volume {
+            data: vec![index as f32; 8],
+            dims: [2, 2, 2],
+            affine: IDENTITY_AFFINE,
+            index,
+            run: "r".into(),
+            tr: Some(1.0),
+            acq_time: Some(100.0 + index as f64),
+            recv_time: 0.0,
+        };
+        let marker = |onset| Event {
+            trial: Some(0),
+            stim: Some(3),
+            condition: "seen".into(),
+            onset,
+            duration: Some(4.0),
+        };
+        let good = serde_json::to_value(marker(Onset::Absolute(102.5))).unwrap();
+        w.append(0, &v(0), serde_json::Value::Null, &[]).unwrap();
+        w.append(1, &v(1), serde_json::Value::Null, &[serde_json::json!({"not": "a marker"}), good]).unwrap();
+        drop(w);
+        let limits = SourceLimits { max_voxels: 1 << 20 };
+        let playback = Playback { speed: crate::ingest::uri::Speed::Max, delay: 0.0 };
+        let mut r = SessionReplay::open(&s, playback, None, limits).unwrap();
+        let mut next = || r.next(Duration::from_secs(1));
+        assert!(matches!(next(), SourceEvent::Volume(x) if x.index == 0));
+        assert!(matches!(next(), SourceEvent::Rejected(IngestError::Session(SessionError::Corrupt { .. }))));
+        // Absolute onsets become relative to the run's start as the live GLM reckoned it.
+        assert!(matches!(next(), SourceEvent::Marker(e) if e == marker(Onset::Relative(2.5))));
+        assert!(matches!(next(), SourceEvent::Volume(x) if x.index == 1 && x.data == vec![1.0; 8]));
+        assert!(matches!(next(), SourceEvent::End));
     }
 }
