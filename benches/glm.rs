@@ -78,6 +78,7 @@ fn bench(c: &mut Criterion) {
             tr: Some(1.0),
             acq_time: None,
             recv_time: 0.0,
+            dtype: mirage_rt::volume::Dtype::F32,
         };
         for i in 0..100 {
             glm.process(&volume(i), None, i == 0).unwrap();

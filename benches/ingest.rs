@@ -31,6 +31,7 @@ fn volume(dims: [usize; 3]) -> Volume {
         tr: Some(1.0),
         acq_time: None,
         recv_time: 0.0,
+        dtype: mirage_rt::volume::Dtype::F32,
     }
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Decoder check on an NVIDIA GPU: CUDA outputs against the CPU's (tolerance 1e-4 for float32
 # weights), per-trial decode times of low-rank (r = 512) and full-size MIRAGE heads in float32
-# and bf16, the same on this machine's CPU, the pipeline bench with decode on the GPU and on the
+# and bf16, of a full-size MindEye2 network (bf16 and float32), the same on this machine's CPU, the pipeline bench with decode on the GPU and on the
 # CPU, and, given DATA from scripts/gpu_check_data.sh, a trained model's decode and a
 # calibration fit on both devices.
 # Usage: scripts/gpu_check.sh MIRAGE_BINARY OUT_DIR [DATA]   (a binary built with --features cuda)
@@ -37,6 +37,9 @@ step lowrank_bf16 45 $B --dtype bf16 --trials 300 --compare-cpu 3 --json "$OUT/l
 step lowrank_cpu 45 "$BIN" bench-decode --device cpu --trials 50 --json "$OUT/lowrank_cpu.json"
 # Heads stopped at their latents, 1,000 gallery items ranked from them; 8-bit weights are refused
 # on a GPU and timed on that machine's CPU.
+# MindEye2 at the published shapes (h = 4096, 256 x 1664 tokens): backbone + clip_proj per trial.
+step mindeye2_bf16 150 $B --mindeye2 4096 --dtype bf16 --trials 100 --json "$OUT/mindeye2_bf16.json"
+step mindeye2_f32 150 $B --mindeye2 4096 --trials 100 --json "$OUT/mindeye2_f32.json"
 G="--gallery 1000 --compare-cpu 5"
 step latent_gallery_f32 120 $B --latent-heads all $G --trials 300 --tolerance 1e-4 --json "$OUT/latent_gallery_f32.json"
 step lowrank_gallery_f32 120 $B $G --trials 300 --tolerance 1e-4 --json "$OUT/lowrank_gallery_f32.json"

@@ -40,6 +40,15 @@ if [ ! -x tools/bids-validator/node_modules/.bin/bids-validator ]; then
     echo "setup: installing the BIDS validator (tools/bids-validator, npm ci)" >&2
     npm ci --prefix tools/bids-validator --no-audit --no-fund --loglevel=error >/dev/null
 fi
+# PyTorch (CPU), the MindEye2 decoder's judge: Debian's python3-torch, for Debian's own Python
+# (the tests run its scripts with /usr/bin/python3, or $MIRAGE_TORCH_PYTHON).
+if ! /usr/bin/python3 -c "import torch, numpy" >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "setup: installing python3-torch with apt-get (the MindEye2 decoder's reference)" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-torch >/dev/null
+fi
 if ! python3 -c "import zmq, pylsl, nibabel, numpy, scipy, nilearn, sklearn, skimage, selenium, pydicom, yaml, bids" \
     >/dev/null 2>&1; then
     echo "setup: installing the Python test peers (tests/python/requirements.txt)" >&2

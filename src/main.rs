@@ -127,6 +127,10 @@ enum Command {
         /// Do not z-score the betas.
         #[arg(long)]
         no_zscore: bool,
+        /// A head's own input (repeatable): `l2` scales each z-scored trial to unit norm
+        /// (MIRAGE's retrieval head), `none` reads the betas as given; default `zscore`.
+        #[arg(long = "head-input", value_name = "HEAD=zscore|l2|none", value_parser = parse_head_input)]
+        head_input: Vec<(String, mirage_rt::decode::model::HeadInput)>,
     },
     /// Decode betas (trials × voxels) into HEAD.npy per head.
     Decode(DecodeCmd),
@@ -439,6 +443,10 @@ struct BenchDecodeCmd {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Time a MindEye2 network of this width (h: 4096 or 1024) instead of MIRAGE's heads:
+    /// random weights at the published shapes (4 mixer blocks, 256 × 1664 CLIP tokens).
+    #[arg(long)]
+    mindeye2: Option<usize>,
 }
 
 /// A volume rate: `max`, or volumes per second.
@@ -516,12 +524,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Train { betas, targets, out, alpha, cv, rank, mask, no_zscore } => {
+        Command::Train { betas, targets, out, alpha, cv, rank, mask, no_zscore, head_input } => {
             let opts = TrainOptions {
                 alpha,
                 cv_alphas: cv,
                 rank,
                 zscore: !no_zscore,
+                head_inputs: head_input.into_iter().collect(),
                 progress: true,
                 ..TrainOptions::default()
             };
@@ -685,7 +694,14 @@ fn bench_decode(a: BenchDecodeCmd) -> anyhow::Result<()> {
         compare_cpu,
         tolerance,
         json,
+        mindeye2,
     } = a;
+    if let Some(hidden) = mindeye2 {
+        let report =
+            commands::bench_decode::bench_mindeye2(&device, voxels, hidden, dtype, trials, json.as_deref())?;
+        print!("{report}");
+        return Ok(());
+    }
     let args = commands::bench_decode::DecodeBenchArgs {
         device,
         voxels,
@@ -705,6 +721,14 @@ fn bench_decode(a: BenchDecodeCmd) -> anyhow::Result<()> {
     };
     print!("{}", commands::bench_decode::bench_decode(&args)?.table());
     Ok(())
+}
+
+/// `HEAD=zscore|l2|none` of `mirage train --head-input`.
+fn parse_head_input(s: &str) -> Result<(String, mirage_rt::decode::model::HeadInput), String> {
+    let (head, kind) = s.split_once('=').ok_or_else(|| format!("{s:?}: want HEAD=zscore|l2|none"))?;
+    let kind = mirage_rt::decode::model::HeadInput::parse(kind)
+        .ok_or_else(|| format!("{s:?}: the input is one of zscore, l2, none"))?;
+    Ok((head.to_string(), kind))
 }
 
 fn main() -> ExitCode {

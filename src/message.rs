@@ -124,13 +124,13 @@ impl Received {
     /// Payload `name` as u32 values.
     pub fn u32_payload(&self, name: &str) -> Option<Vec<u32>> {
         let (_, _, b) = self.payloads.iter().find(|(n, _, _)| n == name)?;
-        Some(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Some(crate::volume::u32_from_le_bytes(b))
     }
 
     /// Payload `name` as f32 values.
     pub fn f32_payload(&self, name: &str) -> Option<Vec<f32>> {
         let (_, _, b) = self.payloads.iter().find(|(n, _, _)| n == name)?;
-        Some(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        Some(crate::volume::f32_from_le_bytes(b))
     }
 }
 

@@ -31,6 +31,9 @@ pub struct Volume {
     pub acq_time: Option<f64>,
     /// When the daemon finished receiving it, seconds on [`crate::clock::now`].
     pub recv_time: f64,
+    /// The sample type it arrived in (`data` holds it as f32), so a recording can be exported
+    /// as received.
+    pub dtype: Dtype,
 }
 
 impl Volume {
@@ -55,6 +58,7 @@ impl Volume {
             tr: self.tr,
             acq_time: self.acq_time,
             recv_time: self.recv_time,
+            dtype: self.dtype,
         }
     }
 
@@ -79,8 +83,9 @@ pub fn affine_det3(a: &Affine) -> f64 {
         + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
 }
 
-/// A sample type on the wire or on disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A sample type on the wire or on disk (serialised by its numpy name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Dtype {
     /// Unsigned 8-bit integer.
     U8,
@@ -98,6 +103,20 @@ pub enum Dtype {
     F32,
     /// IEEE 754 double precision.
     F64,
+}
+
+impl From<Dtype> for String {
+    fn from(d: Dtype) -> String {
+        d.name().to_string()
+    }
+}
+
+impl TryFrom<String> for Dtype {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Dtype, String> {
+        Dtype::parse(&s).map(|(d, _)| d).ok_or_else(|| format!("unknown dtype {s:?}"))
+    }
 }
 
 /// Byte order of multi-byte samples.
@@ -230,6 +249,16 @@ impl fmt::Display for Dtype {
 /// Little-endian bytes of f32 samples (what the wire, the publisher and the recorder write).
 pub fn f32_le_bytes(values: &[f32]) -> Vec<u8> {
     f32_le_view(values).into_owned()
+}
+
+/// f32 samples from little-endian bytes (a trailing partial sample is ignored).
+pub fn f32_from_le_bytes(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// u32 values from little-endian bytes (a trailing partial value is ignored).
+pub fn u32_from_le_bytes(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// [`f32_le_bytes`] without a copy on little-endian machines, for writers that only read them.

@@ -8,17 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    as_strs, decode_daemon_args, mirage, npy, published, python, run, run_with_timeout, simulated_session,
-    train_model, train_model_with, Daemon,
+    as_strs, close, decode_daemon_args, mirage, npy, published, python, run, run_with_timeout,
+    simulated_session, train_model, train_model_with, Daemon,
 };
-
-fn close(a: &[f32], b: &[f32], rel: f32, what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}");
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!((x - y).abs() <= rel * scale, "{what}[{i}]: {x} vs {y} (scale {scale})");
-    }
-}
 
 #[test]
 fn exported_sklearn_models_and_our_training_match_sklearn() {
@@ -83,6 +75,57 @@ fn exported_sklearn_models_and_our_training_match_sklearn() {
         assert_eq!(shape[0], 20);
         close(&ours, &npy(&d.join(format!("sklearn/pred_{head}.npy"))).1, 1e-4, &format!("trained {head}"));
     }
+    // Per-head inputs (MIRAGE's retrieval head reads L2-normalised betas): scikit-learn's Ridge
+    // on the unit-norm z-scored rows (a) and on the betas as given (b), exported with
+    // --head-input and trained by `mirage train --head-input`, predict as scikit-learn does.
+    for (model, train_args) in [("exported_inputs", None), ("ours_inputs", Some(["--head-input", "a=l2"]))] {
+        if let Some(extra) = train_args {
+            run(mirage()
+                .args(["train", "--alpha", alpha, "--head-input", "b=none"])
+                .args(extra)
+                .arg("--betas")
+                .arg(d.join("X.npy"))
+                .arg("--targets")
+                .arg(d.join("targets"))
+                .arg("--out")
+                .arg(d.join(model)));
+        }
+        let pred = d.join(format!("pred_{model}"));
+        run(mirage()
+            .args(["decode", "--device", "cpu", "--renorm", "none", "--model"])
+            .arg(d.join(model))
+            .arg("--betas")
+            .arg(d.join("X_test.npy"))
+            .arg("--out")
+            .arg(&pred));
+        for (head, reference) in [("a", "pred_l2_a"), ("b", "pred_none_b")] {
+            let (_, ours) = npy(&pred.join(format!("{head}.npy")));
+            close(
+                &ours,
+                &npy(&d.join(format!("sklearn/{reference}.npy"))).1,
+                1e-4,
+                &format!("{model} {head}"),
+            );
+        }
+        let cfg = std::fs::read_to_string(d.join(model).join("config.json")).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        assert_eq!(
+            (cfg["heads"][0]["input"].as_str(), cfg["heads"][1]["input"].as_str()),
+            (Some("l2"), Some("none"))
+        );
+    }
+    let (status, out) = run_with_timeout(
+        mirage()
+            .args(["train", "--head-input", "a=l3", "--betas"])
+            .arg(d.join("X.npy"))
+            .arg("--targets")
+            .arg(d.join("targets"))
+            .arg("--out")
+            .arg(d.join("x")),
+        Duration::from_secs(60),
+    );
+    assert!(!status.success() && out.contains("one of zscore, l2, none"), "{out}");
+
     // Cross-validation picks the penalty scikit-learn's 5-fold search picks, per head.
     run(mirage()
         .args(["train", "--cv", "1,100,10000,1000000", "--betas"])

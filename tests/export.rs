@@ -5,39 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{python, run, run_with_timeout};
-
-/// The validator `scripts/setup.sh --tests` installs (or `$MIRAGE_BIDS_VALIDATOR`).
-fn bids_validator() -> PathBuf {
-    std::env::var_os("MIRAGE_BIDS_VALIDATOR").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bids-validator/node_modules/.bin/bids-validator")
-    })
-}
-
-/// The validator's errors and warnings on `dir` (their keys), failing if it cannot run.
-fn validate(dir: &Path) -> (Vec<String>, Vec<String>) {
-    let validator = bids_validator();
-    assert!(validator.exists(), "{} missing: run scripts/setup.sh --tests", validator.display());
-    let mut cmd = std::process::Command::new(&validator);
-    cmd.arg(dir).arg("--json");
-    let (_, out) = run_with_timeout(&mut cmd, Duration::from_secs(300));
-    let start = out.find('{').unwrap_or_else(|| panic!("no JSON from the validator:\n{out}"));
-    let report: serde_json::Value = serde_json::Deserializer::from_str(&out[start..])
-        .into_iter()
-        .next()
-        .and_then(Result::ok)
-        .unwrap_or_else(|| panic!("validator output:\n{out}"));
-    let keys = |kind: &str| -> Vec<String> {
-        report["issues"][kind]
-            .as_array()
-            .map(|a| a.iter().map(|i| format!("{}: {}", i["key"], i["reason"])).collect())
-            .unwrap_or_default()
-    };
-    (keys("errors"), keys("warnings"))
-}
+use common::{python, run, run_with_timeout, validate};
 
 #[test]
 fn a_simulated_session_exports_as_valid_bids_equal_to_what_was_recorded() {
@@ -75,7 +46,7 @@ fn a_simulated_session_exports_as_valid_bids_equal_to_what_was_recorded() {
     let mut check = python("bids_check.py");
     check.arg(&session).arg(&bids).arg(stem);
     let summary = run(&mut check);
-    assert!(summary.contains("\"volumes\": 48"), "{summary}");
+    assert!(summary.contains("\"volumes\": 48") && summary.contains("\"trials\": 4"), "{summary}");
 
     // pybids finds the raw files and every derivative, and reads the TR from the sidecar.
     let mut pybids = python("pybids_check.py");
@@ -89,6 +60,8 @@ fn a_simulated_session_exports_as_valid_bids_equal_to_what_was_recorded() {
         "realigned": [format!("{deriv}_desc-realigned_bold.nii.gz")],
         "confounds": [format!("{deriv}_desc-confounds_timeseries.tsv")],
         "latency": [format!("{deriv}_desc-latency_summary.json")], "repetition_time": 1.0,
+        "trial_betas": [format!("{deriv}_desc-trials_betas.nii.gz")], "mask": [format!("{deriv}_desc-glm_mask.nii.gz")],
+        "design": [format!("{deriv}_desc-glm_design.tsv")], "roi": [], "decode": [],
     });
     assert_eq!(found, expect);
 
@@ -98,10 +71,54 @@ fn a_simulated_session_exports_as_valid_bids_equal_to_what_was_recorded() {
     let img = mirage_rt::io::nifti::read_nifti(&realigned, 1 << 24).unwrap();
     assert_eq!(img.volumes.len(), 48);
     for (t, (got, msg)) in img.volumes.iter().zip(&live).enumerate() {
-        let (_, _, bytes) = &msg.payloads[0];
-        let want: Vec<f32> =
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let want = msg.f32_payload("data").expect("a volume payload");
         assert!(got == &want, "volume {t}: the exported realigned volume differs from the live one");
+    }
+
+    // The export's design: a column per trial and nuisance regressor, a row per volume.
+    let design = std::fs::read_to_string(
+        bids.join("derivatives/mirage-rt").join(format!("{stem}_desc-glm_design.tsv")),
+    )
+    .unwrap();
+    let header: Vec<&str> = design.lines().next().unwrap().split('\t').collect();
+    assert_eq!(design.lines().count(), 49, "{design}");
+    assert!((0..4).all(|k| header.contains(&format!("trial_{k:04}").as_str())), "{header:?}");
+    assert!(header.iter().any(|c| c.contains("trans_x")), "motion regressors: {header:?}");
+
+    // `mirage glm` on the exported realigned series, events, confounds and GLM mask reproduces
+    // the live end-of-run trial betas (their recorded payloads), trial by trial.
+    let deriv_dir = bids.join("derivatives/mirage-rt");
+    let fit = dir.path().join("offline-glm");
+    run(common::mirage()
+        .arg("glm")
+        .arg(deriv_dir.join(format!("{stem}_desc-realigned_bold.nii.gz")))
+        .arg("--events")
+        .arg(bids.join(format!("{stem}_events.tsv")))
+        .arg("--motion")
+        .arg(deriv_dir.join(format!("{stem}_desc-confounds_timeseries.tsv")))
+        .arg("--mask")
+        .arg(deriv_dir.join(format!("{stem}_desc-glm_mask.nii.gz")))
+        .arg("--out")
+        .arg(&fit));
+    let (shape, offline) = common::npy(&fit.join("trial_betas.npy"));
+    let messages = mirage_rt::io::session::read_messages(&session).unwrap();
+    let mut run_end: Vec<(f64, Vec<f32>)> = messages
+        .iter()
+        .filter(|m| m.topic == "betas" && m.header["at_run_end"] == true)
+        .map(|m| {
+            let bytes =
+                mirage_rt::io::session::read_payload(&session, m, "betas").unwrap().expect("recorded betas");
+            let values = mirage_rt::volume::f32_from_le_bytes(&bytes);
+            (m.header["onset"].as_f64().unwrap(), values)
+        })
+        .collect();
+    run_end.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(run_end.len() == 4 && shape == [4, run_end[0].1.len()], "{shape:?} vs {} trials", run_end.len());
+    for (k, (_, live)) in run_end.iter().enumerate() {
+        let row = &offline[k * shape[1]..(k + 1) * shape[1]];
+        let scale = live.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = live.iter().zip(row).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 1e-5 * scale, "trial {k}: offline differs by {worst} (largest beta {scale})");
     }
 
     // The derivatives name the version, commit and configuration that made them.
@@ -179,4 +196,113 @@ fn a_replayed_session_gives_the_live_runs_volume_motion_roi_and_betas_messages()
     let roi_values: Vec<f64> =
         logged(&again, "roi").iter().filter_map(|h| h["rois"][0]["mean"].as_f64()).collect();
     assert_eq!(roi_values.len(), 30, "the replay's ROI readings are numbers");
+}
+
+#[test]
+fn the_export_holds_the_trial_betas_mask_roi_series_and_decodes_subscribers_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (train_run, train_glm) = common::simulated_session(d, 7, "train", "seen", 1, 600);
+    let model = common::train_model(d, &train_run, &train_glm);
+    let session = d.join("s");
+    let port = common::free_port();
+    let (betas_sub, decode_sub) =
+        (common::Subscriber::connect(port, "betas"), common::Subscriber::connect(port, "decode"));
+    let gallery = train_run.join("truth/gallery");
+    let roi = format!(
+        "glm.rois=[{{name = \"visual\", path = \"{}\"}}]",
+        train_run.join("truth/roi_mask.nii.gz").display()
+    );
+    let mut args = common::decode_daemon_args(
+        "seed=7&run_seed=9&volumes=80&shape=32,32,20&condition=seen&speed=max&delay=2",
+        &session,
+        "sim",
+        &model,
+        Some(&gallery),
+        &["--set", &roi],
+    );
+    let publish = args.iter().position(|a| a == "none").unwrap();
+    args[publish] = format!("tcp://127.0.0.1:{port}");
+    let (status, log) = common::Daemon::start(&common::as_strs(&args), d).wait(Duration::from_secs(180));
+    assert!(status.success(), "{log}");
+    // What subscribers received (queued on their sockets while the run went on).
+    let n = |topic| common::published(&session, topic).len();
+    let (betas, decodes) = (n("betas"), n("decode"));
+    let betas = betas_sub.collect(betas, Duration::from_secs(10));
+    let decodes = decode_sub.collect(decodes, Duration::from_secs(10));
+    assert!(
+        betas.len() >= 5 && decodes.len() >= 5,
+        "{} betas, {} decodes\n{log}",
+        betas.len(),
+        decodes.len()
+    );
+
+    let bids = d.join("bids");
+    let mut export = common::mirage();
+    export.arg("export").arg(&session).arg("--bids").arg(&bids).args(["--subject", "02", "--task", "seen"]);
+    let out = run(&mut export);
+    let (errors, warnings) = validate(&bids);
+    assert!(errors.is_empty(), "BIDS validator errors: {errors:#?}\nwarnings: {warnings:#?}");
+
+    // The live trials as subscribers saw them, for nibabel and NumPy to compare the export with.
+    let live = d.join("live");
+    std::fs::create_dir_all(&live).unwrap();
+    let f32s = |m: &mirage_rt::message::Received, name: &str| -> Vec<f32> {
+        m.f32_payload(name).unwrap_or_else(|| panic!("no {name}"))
+    };
+    let chosen: Vec<&mirage_rt::message::Received> = {
+        // The export keeps each trial's live estimate (else its end-of-run one), by onset.
+        let mut by_trial: std::collections::BTreeMap<u64, &mirage_rt::message::Received> = Default::default();
+        for m in &betas {
+            let t = m.header["trial"].as_u64().unwrap();
+            let keep = by_trial
+                .get(&t)
+                .is_none_or(|o| o.header["at_run_end"] == true && m.header["at_run_end"] == false);
+            if keep {
+                by_trial.insert(t, m);
+            }
+        }
+        let mut v: Vec<_> = by_trial.into_values().collect();
+        v.sort_by(|a, b| a.header["onset"].as_f64().unwrap().total_cmp(&b.header["onset"].as_f64().unwrap()));
+        v
+    };
+    let voxels: Vec<f32> =
+        chosen[0].u32_payload("voxels").expect("no voxels").into_iter().map(|v| v as f32).collect();
+    let values: Vec<f32> = chosen.iter().flat_map(|m| f32s(m, "betas")).collect();
+    let write = |name: &str, shape: &[usize], v: &[f32]| {
+        mirage_rt::io::npy::write_npy(live.join(name), shape, v).unwrap();
+    };
+    write("betas.npy", &[chosen.len(), voxels.len()], &values);
+    write("voxels.npy", &[voxels.len()], &voxels);
+    let mut heads = serde_json::Map::new();
+    for head in ["image", "text", "lowlevel", "retrieval", "pixels"] {
+        let shape: Vec<usize> = decodes[0].payloads.iter().find(|(n, _, _)| n == head).unwrap().1.clone();
+        let all: Vec<f32> = decodes.iter().flat_map(|m| f32s(m, head)).collect();
+        let mut full = vec![decodes.len()];
+        full.extend(&shape);
+        write(&format!("decode-{head}.npy"), &full, &all);
+        heads.insert(head.into(), serde_json::json!(format!("decode-{head}.npy")));
+    }
+    let summary = serde_json::json!({
+        "trials": chosen.iter().map(|m| m.header["trial"].clone()).collect::<Vec<_>>(),
+        "top1": decodes.iter().map(|m| m.header["top"][0]["id"].clone()).collect::<Vec<_>>(),
+        "volumes": 80,
+        "heads": heads,
+    });
+    std::fs::write(live.join("live.json"), summary.to_string()).unwrap();
+    let stem = "derivatives/mirage-rt/sub-02/func/sub-02_task-seen_run-1";
+    let checked = run(python("trials_check.py").arg(bids.join(stem)).arg(&live));
+    eprintln!("{out}{checked}");
+
+    let mut pybids = python("pybids_check.py");
+    let found = run(pybids.arg(&bids));
+    let found: serde_json::Value = serde_json::from_str(found.lines().last().unwrap_or_default()).unwrap();
+    let expect = |kind: &str, name: &str| {
+        assert_eq!(found[kind], serde_json::json!([format!("{stem}_{name}")]), "{kind}: {found}");
+    };
+    expect("trial_betas", "desc-trials_betas.nii.gz");
+    expect("mask", "desc-glm_mask.nii.gz");
+    expect("design", "desc-glm_design.tsv");
+    expect("roi", "desc-roi_timeseries.tsv");
+    expect("decode", "desc-decode_results.tsv");
 }

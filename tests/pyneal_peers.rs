@@ -1,6 +1,7 @@
 //! pyneal's own scanner-side code, unmodified (`../shared/peers/pyneal`), against the daemon:
-//! its simulated sender, which sends the TR in milliseconds, and its Siemens mosaic processor,
-//! which stops when a reply says `STOP`.
+//! its simulated sender, which sends the TR in milliseconds (and whose real series the session
+//! export must give back as valid BIDS), and its Siemens mosaic processor, which stops when a
+//! reply says `STOP`.
 
 mod common;
 
@@ -8,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    as_strs, free_port, mirage, published, pyneal_daemon_args, python, run, run_with_timeout, shared_peer,
-    Daemon,
+    as_strs, free_port, mirage, published, pyneal_daemon_args, python, run, run_with_timeout, shared_data,
+    shared_peer, validate, Daemon,
 };
 use mirage_rt::io::session::SessionReader;
 
@@ -58,6 +59,39 @@ fn pyneals_simulated_sender_with_its_tr_in_milliseconds_gives_estimable_trial_be
     let live: Vec<_> = betas.iter().filter(|b| !b.trial.at_run_end).collect();
     assert!(live.len() >= 3, "{} trials closed live:\n{log}", live.len());
     assert!(live.iter().all(|b| b.trial.estimable && b.tr == Some(0.5)), "{live:?}");
+}
+
+#[test]
+fn a_real_series_from_pyneals_sender_exports_as_valid_bids_equal_to_what_it_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // pyneal's test series (uint16 on disk); its sender sends `get_fdata()`, i.e. float64.
+    let series = shared_data("pyneal-testseries/testSeries.nii.gz");
+    let port = free_port();
+    let session = d.join("s");
+    let daemon =
+        Daemon::start(&as_strs(&pyneal_daemon_args(port, "none", &session, &["--stop-after", "3"])), d);
+    let (status, out) =
+        run_with_timeout(&mut pyneal_simulated_sender(&series, port, 200), Duration::from_secs(120));
+    assert!(status.success(), "pyneal's sender failed:\n{out}\ndaemon log:\n{}", daemon.log());
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+
+    let bids = d.join("bids");
+    let out =
+        run(mirage().arg("export").arg(&session).arg("--bids").arg(&bids).args(["--subject", "pyneal"]));
+    assert!(out.contains("-> run-1: 3 volumes"), "{out}");
+    let (errors, warnings) = validate(&bids);
+    assert!(errors.is_empty(), "BIDS validator errors: {errors:#?}\nwarnings: {warnings:#?}");
+    eprintln!("BIDS validator on pyneal's series: 0 errors, warnings: {warnings:#?}");
+    // nibabel: the raw bold is what pyneal sent, float64 value for value (the daemon keeps
+    // float32, exact for these integers), TR and affine as its headers said.
+    let stem = "sub-pyneal/func/sub-pyneal_task-rt_run-1";
+    let summary = run(python("bids_check.py").arg(&session).arg(&bids).arg(stem).arg(&series));
+    assert!(summary.contains("\"volumes\": 3") && summary.contains("\"dtype\": \"float64\""), "{summary}");
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bids.join(format!("{stem}_bold.json"))).unwrap()).unwrap();
+    assert_eq!(sidecar["MirageReceivedDtype"], "float64", "{sidecar}");
 }
 
 #[test]
@@ -166,13 +200,37 @@ fn pyneals_end_user_gets_each_volumes_results_and_its_trials_decode() {
     daemon.wait_for_log("results server at", Duration::from_secs(300));
     // A volume not yet processed.
     assert_eq!(end_user_request(port, 399), serde_json::json!({"foundResults": false}));
-    // Wait until a few trials have closed and been decoded, then ask for every volume so far.
-    // Decodes run off the volume path at low priority: under a loaded test run one may finish
-    // seconds after its trial's volume, so the wait runs 24 volumes (3 s) past the last asked.
+    // Wait until the volumes asked for are processed and every trial they closed has been
+    // decoded (decodes run off the volume path at low priority and may finish seconds after
+    // their trial's volume under load: the session log, written as messages go out, says
+    // when), then ask for every volume so far.
     let last = 40u64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while end_user_request(port, last + 24)["foundResults"] != true {
-        assert!(std::time::Instant::now() < deadline, "volume {} never found:\n{}", last + 24, daemon.log());
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let logged = |topic: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(session.join("messages.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["topic"] == topic)
+            .map(|m| m["header"].clone())
+            .collect()
+    };
+    loop {
+        let closed: Vec<serde_json::Value> = logged("betas")
+            .into_iter()
+            .filter(|b| b["at_run_end"] == false && b["estimable"] == true)
+            .filter(|b| b["index"].as_u64().is_some_and(|i| i <= last))
+            .map(|b| b["trial"].clone())
+            .collect();
+        let decoded: Vec<serde_json::Value> =
+            logged("decode").into_iter().map(|d| d["trial"].clone()).collect();
+        let ready = end_user_request(port, last)["foundResults"] == true
+            && !closed.is_empty()
+            && closed.iter().all(|t| decoded.contains(t));
+        if ready {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "trials {closed:?} not all decoded:\n{}", daemon.log());
         std::thread::sleep(Duration::from_millis(500));
     }
     let answers: Vec<serde_json::Value> = (0..=last).map(|i| end_user_request(port, i)).collect();

@@ -3,13 +3,15 @@
 
     export_sklearn.py --head image=ridge_image.joblib:768 --head text=ridge_text.joblib:77,1280 \
         (--scaler scaler.joblib | --mean mean.npy --std std.npy) --out MODEL [--mask mask.nii.gz]
-        [--target-stats image=clip_image_train.npy ...]
+        [--target-stats image=clip_image_train.npy ...] [--head-input retrieval=l2 ...]
 
 Each --head is NAME=FILE:SHAPE. A Ridge's coef_ [out, voxels] and intercept_ [out] become
 heads.NAME.weight / .bias; the scaler's mean_ / scale_ (or the given arrays) become input.mean /
 input.std. With --target-stats NAME=train_targets.npy the head renormalises its outputs like
 MIRAGE's normalize_preds, with the training predictions' statistics (from the given betas,
---betas X.npy) and the targets'; otherwise it does not renormalise.
+--betas X.npy) and the targets'; otherwise it does not renormalise. --head-input NAME=KIND says
+what a head was fitted on: zscore (default: the betas z-scored with the scaler), l2 (those rows
+scaled to unit L2 norm, as MIRAGE's retrieval head) or none (the betas as given).
 Needs numpy and joblib (scikit-learn installs it); writes safetensors without extra packages.
 """
 import argparse
@@ -46,6 +48,7 @@ def main():
     p.add_argument("--betas", help="training betas, to compute prediction statistics for --target-stats")
     p.add_argument("--target-stats", action="append", default=[], help="NAME=train_targets.npy")
     p.add_argument("--mask", help="NIfTI mask of the voxels (needs nibabel)")
+    p.add_argument("--head-input", action="append", default=[], help="NAME=zscore|l2|none")
     p.add_argument("--out", required=True)
     a = p.parse_args()
 
@@ -60,6 +63,10 @@ def main():
         mean = std = None
     tensors, heads = {}, []
     targets = dict(t.split("=", 1) for t in a.target_stats)
+    inputs = dict(t.split("=", 1) for t in a.head_input)
+    for name, kind in inputs.items():
+        if kind not in ("zscore", "l2", "none"):
+            raise SystemExit(f"--head-input {name}={kind}: the input is one of zscore, l2, none")
     for spec in a.head:
         name, rest = spec.split("=", 1)
         file, shape = rest.rsplit(":", 1)
@@ -77,13 +84,23 @@ def main():
                 raise SystemExit("--target-stats needs --betas (the training betas)")
             x = np.load(a.betas)
             z = (x - mean) / std if mean is not None else x
+            kind = inputs.get(name, "zscore")
+            if kind == "l2":
+                z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+            elif kind == "none":
+                z = x
             pred = z @ coef.T + ridge.intercept_
             tgt = np.load(targets[name]).reshape(len(x), -1)
             tensors[f"heads.{name}.pred_mean"] = pred.mean(0)
             tensors[f"heads.{name}.pred_std"] = pred.std(0, ddof=1)
             tensors[f"heads.{name}.target_mean"] = tgt.mean(0)
             tensors[f"heads.{name}.target_std"] = tgt.std(0, ddof=1)
-        heads.append({"name": name, "shape": shape, "renorm": renorm})
+        head = {"name": name, "shape": shape, "renorm": renorm}
+        if inputs.get(name, "zscore") != "zscore":
+            head["input"] = inputs[name]
+        heads.append(head)
+    if set(inputs) - {spec.split("=", 1)[0] for spec in a.head}:
+        raise SystemExit(f"--head-input names heads not given with --head: {sorted(inputs)}")
     n_voxels = next(iter(tensors.values())).shape[1]
     if mean is not None:
         tensors["input.mean"], tensors["input.std"] = mean, std

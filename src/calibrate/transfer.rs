@@ -686,9 +686,13 @@ pub fn fit(
         .enumerate()
         .filter_map(|(i, h)| set.targets.get(&h.cfg.name).map(|t| (i, t)))
         .filter(|(i, _)| cfg.head_weights.get(&decoder.heads[*i].cfg.name).copied().unwrap_or(1.0) > 0.0)
+        // The closed form's folds are affine in the input; an L2-normalised head keeps its baseline.
+        .filter(|(i, _)| decoder.heads[*i].cfg.input.is_affine())
         .collect();
     if named.is_empty() {
-        return Err(CalibrateError::Input("no head has targets (and a non-zero weight)".into()));
+        return Err(CalibrateError::Input(
+            "no head has targets (and a non-zero weight, and an input affine in the betas: not l2)".into(),
+        ));
     }
     let too_few = n_stim < cfg.min_stimuli;
     if !too_few {
@@ -1117,6 +1121,15 @@ mod tests {
 
         /// A decoder trained on 48 stimuli seen three times (low-rank heads with `rank`).
         fn decoder(&mut self, rank: Option<usize>) -> Decoder {
+            self.decoder_with(rank, BTreeMap::new())
+        }
+
+        /// [`World::decoder`] with heads reading their own inputs.
+        fn decoder_with(
+            &mut self,
+            rank: Option<usize>,
+            head_inputs: BTreeMap<String, crate::decode::model::HeadInput>,
+        ) -> Decoder {
             let stims: Vec<usize> = (0..48).flat_map(|s| [s, s, s]).collect();
             let x = self.betas(&stims, false);
             let targets: Vec<Targets> = (0..self.heads.len())
@@ -1126,7 +1139,7 @@ mod tests {
                     values: self.targets(&stims, h),
                 })
                 .collect();
-            let opts = TrainOptions { alpha: 300.0, rank, ..TrainOptions::default() };
+            let opts = TrainOptions { alpha: 300.0, rank, head_inputs, ..TrainOptions::default() };
             let trained = train(&x, stims.len(), V, &targets, &opts).unwrap();
             let (cfg, tensors) = trained.into_model(Default::default(), serde_json::Value::Null);
             let dev = Device::Cpu;
@@ -1213,6 +1226,24 @@ mod tests {
             let est = report.two_way.as_ref().unwrap();
             assert!(est.gain.mean > 0.0 && est.gain.se > 0.0 && est.gain.n == 12);
         }
+    }
+
+    #[test]
+    fn a_head_reading_l2_normalised_betas_keeps_its_baseline() {
+        use crate::decode::model::HeadInput;
+        let mut w = World::new(3, true);
+        let names: Vec<String> = w.heads.iter().map(|h| h.0.clone()).collect();
+        // The closed form's folds are affine in the betas, an L2-normalised head is not.
+        let first = BTreeMap::from([(names[0].clone(), HeadInput::L2)]);
+        let decoder = w.decoder_with(None, first);
+        let (alignment, report) =
+            fit(&decoder, &w.calibration(), &CalibrateConfig::default(), &mut |_| {}).unwrap();
+        assert!(report.heads.iter().all(|h| h.head != names[0]) && !report.heads.is_empty(), "{report:?}");
+        assert!(alignment.adjusts[0].is_none());
+        let all = names.iter().map(|n| (n.clone(), HeadInput::L2)).collect();
+        let decoder = w.decoder_with(None, all);
+        let refused = fit(&decoder, &w.calibration(), &CalibrateConfig::default(), &mut |_| {});
+        assert!(matches!(refused, Err(CalibrateError::Input(m)) if m.contains("l2")));
     }
 
     #[test]

@@ -133,7 +133,13 @@ fn write_random_model(dir: &Path, voxels: &[usize], rank: usize) -> anyhow::Resu
             shape: vec![out],
             values: vec![0.0; out],
         });
-        heads.push(HeadConfig { name: name.into(), shape: shape.to_vec(), rank: Some(r), renorm: false });
+        heads.push(HeadConfig {
+            name: name.into(),
+            shape: shape.to_vec(),
+            rank: Some(r),
+            renorm: false,
+            input: Default::default(),
+        });
     }
     let cfg = ModelConfig {
         format: FORMAT.into(),

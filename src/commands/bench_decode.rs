@@ -302,3 +302,114 @@ fn compare_with_cpu(
     }
     Ok(())
 }
+
+/// Named random tensors on a device, for a network built from them.
+struct RandomWeights {
+    tensors: std::collections::HashMap<String, candle_core::Tensor>,
+    dev: candle_core::Device,
+}
+
+impl RandomWeights {
+    fn put(&mut self, name: &str, shape: &[usize], scale: f64) -> anyhow::Result<()> {
+        let t = candle_core::Tensor::randn(0f32, 1f32, shape, &self.dev)?.affine(scale, 0.0)?;
+        self.tensors.insert(name.to_string(), t);
+        Ok(())
+    }
+
+    /// A `Linear(i, o)`'s weight (scaled by 1/√i) and bias.
+    fn linear(&mut self, name: &str, i: usize, o: usize) -> anyhow::Result<()> {
+        self.put(&format!("{name}.weight"), &[o, i], 1.0 / (i as f64).sqrt())?;
+        self.put(&format!("{name}.bias"), &[o], 0.01)
+    }
+}
+
+/// `mirage bench-decode --mindeye2 H`: per-trial time of a MindEye2 network with random weights
+/// at the published shapes (V voxels, width `hidden`, 4 mixer blocks, 256 × 1664 CLIP tokens):
+/// upload the betas, ridge, backbone and `clip_proj`, both outputs back on the host. Returns the
+/// printed summary; writes the JSON report when asked.
+pub fn bench_mindeye2(
+    device_spec: &str,
+    voxels: usize,
+    hidden: usize,
+    dtype: WeightDtype,
+    trials: usize,
+    json: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
+    use crate::decode::mindeye2::{Config, MindEye2};
+    anyhow::ensure!(
+        voxels > 0 && hidden > 0 && trials > 0,
+        "--voxels, --mindeye2 and --trials must be positive"
+    );
+    let dev = device(device_spec)?;
+    let (tokens, dim, blocks) = (256, 1664, 4);
+    let dt = match dtype {
+        WeightDtype::F32 => candle_core::DType::F32,
+        WeightDtype::Bf16 => candle_core::DType::BF16,
+        WeightDtype::Q8_0 => anyhow::bail!("--mindeye2 runs in f32 or bf16"),
+    };
+    let started = Instant::now();
+    let mut w = RandomWeights { tensors: std::collections::HashMap::new(), dev: dev.clone() };
+    w.linear("ridge.linears.0", voxels, hidden)?;
+    for b in 0..blocks {
+        for (prefix, width) in [("mixer_blocks1", hidden), ("mixer_blocks2", 1)] {
+            let p = format!("backbone.{prefix}.{b}");
+            w.put(&format!("{p}.0.weight"), &[width], 0.1)?;
+            w.put(&format!("{p}.0.bias"), &[width], 0.1)?;
+            w.linear(&format!("{p}.1.0"), width, width)?;
+            w.linear(&format!("{p}.1.3"), width, width)?;
+        }
+    }
+    w.linear("backbone.backbone_linear", hidden, tokens * dim)?;
+    for (ln, lin) in [(0, 2), (3, 5), (6, 8)] {
+        w.put(&format!("backbone.clip_proj.{ln}.weight"), &[dim], 0.1)?;
+        w.put(&format!("backbone.clip_proj.{ln}.bias"), &[dim], 0.1)?;
+        w.linear(&format!("backbone.clip_proj.{lin}"), dim, dim)?;
+    }
+    let tensors = w.tensors;
+    let weights: usize = tensors.values().map(|t| t.elem_count()).sum();
+    let cfg = Config {
+        architecture: crate::decode::mindeye2::ARCHITECTURE.into(),
+        n_voxels: voxels,
+        hidden,
+        seq_len: 1,
+        n_blocks: blocks,
+        clip_tokens: tokens,
+        clip_dim: dim,
+        subject: 0,
+        provenance: serde_json::Value::Null,
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, dt, &dev);
+    let net = MindEye2::load(cfg, vb)?;
+    let build_s = started.elapsed().as_secs_f64();
+    const WARM_UP: usize = 2;
+    let betas = random_betas(WARM_UP + trials, voxels, 5);
+    let mut ms = Vec::new();
+    for (i, b) in betas.chunks_exact(voxels).enumerate() {
+        let start = Instant::now();
+        let out = net.forward(&net.input(b, 1)?)?;
+        let backbone = out.backbone.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let clip = out.clip_voxels.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        anyhow::ensure!(backbone.len() == tokens * dim && clip.len() == tokens * dim, "output size");
+        if i >= WARM_UP {
+            ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let summary = summarise(&ms);
+    let report = serde_json::json!({
+        "model": "mindeye2", "device": device_spec, "voxels": voxels, "hidden": hidden, "blocks": blocks,
+        "clip_tokens": tokens, "clip_dim": dim, "weight_dtype": dtype, "weights": weights,
+        "build_s": build_s, "trials": trials, "per_trial_ms": summary,
+    });
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| path.display().to_string())?;
+    }
+    Ok(format!(
+        "mindeye2 h={hidden} V={voxels} {tokens}x{dim} on {device_spec} ({dtype:?}, {:.2} G weights, built in {build_s:.1} s): \
+         per trial p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {trials} trials\n",
+        weights as f64 / 1e9,
+        summary.p50,
+        summary.p99,
+        summary.max
+    ))
+}

@@ -179,6 +179,30 @@ pub enum RunStatsFrom {
     Running,
 }
 
+/// `mirage decode` with a MindEye2 model folder: `backbone.npy` and `clip_voxels.npy`, `[n, T, D]`.
+fn decode_mindeye2(
+    model: &Path,
+    cfg: crate::decode::mindeye2::Config,
+    betas: &Path,
+    out: &Path,
+    dev: &candle_core::Device,
+) -> anyhow::Result<()> {
+    let (n, v, x) = read_betas(betas)?;
+    if v != cfg.n_voxels {
+        anyhow::bail!("{}: {v} voxels, the model takes {}", betas.display(), cfg.n_voxels);
+    }
+    let net = crate::decode::mindeye2::MindEye2::load_dir(model, cfg, dev)?;
+    let outputs = net.forward(&net.input(&x, n)?)?;
+    std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
+    for (name, t) in [("backbone", &outputs.backbone), ("clip_voxels", &outputs.clip_voxels)] {
+        let shape = t.dims().to_vec();
+        let values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        write_npy(out.join(format!("{name}.npy")), &shape, &values)?;
+    }
+    eprintln!("mirage: {n} trials through mindeye2 -> {}", out.display());
+    Ok(())
+}
+
 /// Decodes every row of a betas file (one run) and writes `HEAD.npy` per head; an adapter
 /// that normalises with the run's statistics takes them from the file, as `run_stats` says.
 pub fn decode(
@@ -191,6 +215,12 @@ pub fn decode(
     run_stats: RunStatsFrom,
 ) -> anyhow::Result<()> {
     let dev = device(device_spec)?;
+    if let Some(cfg) = crate::decode::mindeye2::Config::load_if_mindeye2(model)? {
+        if align != "none" || renorm != Renorm::Stored {
+            anyhow::bail!("a mindeye2 model decodes betas as given: --align none, --renorm stored");
+        }
+        return decode_mindeye2(model, cfg, betas, out, &dev);
+    }
     let decoder = Decoder::load(model, &dev)?;
     let (n, v, x) = read_betas(betas)?;
     if v != decoder.cfg.n_voxels {

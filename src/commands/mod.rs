@@ -39,6 +39,14 @@ pub fn export(session: &Path, bids: &Path, opts: &crate::bids::ExportOptions) ->
             r.trials,
             r.bold.display()
         );
+        let t = &r.trial_files;
+        println!(
+            "  derivatives: {} trial betas over {} mask voxels, {} decoded trials{}",
+            t.betas,
+            t.mask_voxels,
+            t.decodes,
+            if t.heads.is_empty() { String::new() } else { format!(" (heads {})", t.heads.join(", ")) }
+        );
     }
     Ok(())
 }

@@ -64,6 +64,7 @@ pub fn realign(
             tr: h.tr_seconds(),
             acq_time: None,
             recv_time: 0.0,
+            dtype: h.dtype,
         }))
     };
     let mut corrector = match reference {

@@ -11,6 +11,7 @@ pub mod align;
 pub mod gallery;
 pub mod image;
 pub mod metrics;
+pub mod mindeye2;
 pub mod model;
 pub mod synthetic;
 pub mod train;
@@ -540,7 +541,13 @@ mod tests {
             zscore_input: true,
             heads: heads
                 .iter()
-                .map(|(n, s, r)| HeadConfig { name: n.to_string(), shape: s.clone(), rank: *r, renorm: true })
+                .map(|(n, s, r)| HeadConfig {
+                    name: n.to_string(),
+                    shape: s.clone(),
+                    rank: *r,
+                    renorm: true,
+                    input: Default::default(),
+                })
                 .collect(),
             fusion: FusionConfig { pixel_head: Some("pixels".into()), ..FusionConfig::default() },
             provenance: serde_json::Value::Null,

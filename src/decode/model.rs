@@ -49,10 +49,52 @@ pub struct HeadConfig {
     /// Whether outputs are renormalised to the stored target statistics.
     #[serde(default = "yes")]
     pub renorm: bool,
+    /// What the head reads (MIRAGE's retrieval head was fitted on L2-normalised betas).
+    #[serde(default, skip_serializing_if = "HeadInput::is_default")]
+    pub input: HeadInput,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// A head's input normalisation, applied to the decoder's normalised (and aligned) betas `z`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadInput {
+    /// `z` itself: betas z-scored with the model's statistics (or the run's, live).
+    #[default]
+    Zscore,
+    /// `z` scaled to unit L2 norm per trial.
+    L2,
+    /// The betas on their own scale: `z · input.std + input.mean`.
+    None,
+}
+
+impl HeadInput {
+    fn is_default(&self) -> bool {
+        *self == HeadInput::Zscore
+    }
+
+    /// The name in `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadInput::Zscore => "zscore",
+            HeadInput::L2 => "l2",
+            HeadInput::None => "none",
+        }
+    }
+
+    /// Parses a name of [`HeadInput::name`].
+    pub fn parse(s: &str) -> Option<HeadInput> {
+        [HeadInput::Zscore, HeadInput::L2, HeadInput::None].into_iter().find(|h| h.name() == s)
+    }
+
+    /// Whether the head's input is an affine function of `z` (calibration's closed form
+    /// corrects only such heads).
+    pub fn is_affine(self) -> bool {
+        self != HeadInput::L2
+    }
 }
 
 impl HeadConfig {
@@ -282,14 +324,32 @@ pub struct Head {
     map: Map,
     renorm: Option<Renorm>,
     fast_input: Option<FastInput>,
+    /// How it turns the decoder's normalised betas into its own input.
+    prepare: Prepare,
     /// `AᵀA` of a low-rank head's output map, computed once on first use.
     gram: std::sync::OnceLock<Tensor>,
     span: tracing::Span,
 }
 
+/// A head's [`HeadInput`] as it is applied.
+enum Prepare {
+    /// `z` itself.
+    AsIs,
+    /// `z` scaled to unit L2 norm per trial.
+    UnitNorm,
+    /// `z · std + mean` with the model's input statistics.
+    Unscale(Tensor, Tensor),
+}
+
 impl Head {
-    /// Loads head `cfg.name` from `vb` (prefix `heads.NAME`).
-    pub fn new(cfg: &HeadConfig, n_in: usize, vb: VarBuilder) -> Result<Head, DecodeError> {
+    /// Loads head `cfg.name` from `vb` (prefix `heads.NAME`); `input_stats` are the model's
+    /// input statistics `(mean, std)`, which a head reading `none` undoes.
+    pub fn new(
+        cfg: &HeadConfig,
+        n_in: usize,
+        vb: VarBuilder,
+        input_stats: (&Tensor, &Tensor),
+    ) -> Result<Head, DecodeError> {
         let vb = vb.pp(&cfg.name);
         let out = cfg.n_outputs();
         let err = |e: candle_core::Error| DecodeError::Model(format!("head {}: {e}", cfg.name));
@@ -322,9 +382,26 @@ impl Head {
             map,
             renorm,
             fast_input: None,
+            prepare: match cfg.input {
+                HeadInput::Zscore => Prepare::AsIs,
+                HeadInput::L2 => Prepare::UnitNorm,
+                HeadInput::None => Prepare::Unscale(input_stats.0.clone(), input_stats.1.clone()),
+            },
             gram: std::sync::OnceLock::new(),
             span: tracing::trace_span!("head", name = %cfg.name),
         })
+    }
+
+    /// The head's own input from the decoder's normalised betas `z` `(batch, n_voxels)`.
+    pub fn prepare(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.prepare {
+            Prepare::AsIs => Ok(z.clone()),
+            Prepare::UnitNorm => {
+                let norm = z.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+                z.broadcast_div(&norm)
+            }
+            Prepare::Unscale(mean, std) => z.broadcast_mul(std)?.broadcast_add(mean),
+        }
     }
 
     /// Its rank (`None`: a full head).
@@ -360,6 +437,7 @@ impl Head {
         adjust: Option<&HeadAdjust>,
     ) -> candle_core::Result<HeadOutput> {
         let _g = self.span.enter();
+        let z = &self.prepare(z)?;
         let first = match &self.fast_input {
             Some(f) => f.matmul.forward(&z.pad_with_zeros(1, 0, f.pad)?)?,
             None => match &self.map {
@@ -387,6 +465,7 @@ impl Head {
     /// Renormalised outputs `(batch, n_outputs)` for normalised betas `z`, through `adjust`
     /// when given (float32 weights: the offline and calibration path).
     pub fn predict(&self, z: &Tensor, adjust: Option<&HeadAdjust>) -> candle_core::Result<Tensor> {
+        let z = &self.prepare(z)?;
         let raw = match &self.map {
             Map::Full { weight, bias } => affine(z, weight, Some(bias))?,
             Map::LowRank { down, up, bias } => {
@@ -398,6 +477,7 @@ impl Head {
 
     /// The rank-r latents `down · z` `(batch, r)` of a low-rank head (float32 weights).
     pub fn latent(&self, z: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let z = &self.prepare(z)?;
         match &self.map {
             Map::Full { .. } => Ok(None),
             Map::LowRank { down, .. } => affine(z, down, None).map(Some),
@@ -446,10 +526,12 @@ impl Head {
         Ok(Some((a.matmul(&l)?.squeeze(1)? + c)?.to_vec1::<f32>()?))
     }
 
-    /// `xs`: z-scored betas `(batch, n_voxels)` → raw predictions `(batch, n_outputs)`.
+    /// `xs`: z-scored betas `(batch, n_voxels)` → raw predictions `(batch, n_outputs)` (through
+    /// the head's own input normalisation).
     pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let _g = self.span.enter();
         let (_batch, _n_in) = xs.dims2()?;
+        let xs = &self.prepare(xs)?;
         match &self.map {
             Map::Full { weight, bias } => affine(xs, weight, Some(bias)),
             Map::LowRank { down, up, bias } => affine(&affine(xs, down, None)?, up, Some(bias)),
@@ -582,8 +664,11 @@ impl Decoder {
         } else {
             None
         };
-        let heads =
-            cfg.heads.iter().map(|h| Head::new(h, n, vb.pp("heads"))).collect::<Result<Vec<_>, _>>()?;
+        let heads = cfg
+            .heads
+            .iter()
+            .map(|h| Head::new(h, n, vb.pp("heads"), (&input_mean, &input_std)))
+            .collect::<Result<Vec<_>, _>>()?;
         let fetch = |name: &str, head: &Option<String>| -> Result<Option<Tensor>, DecodeError> {
             let Some(h) = head.as_ref().and_then(|h| cfg.heads.iter().find(|c| &c.name == h)) else {
                 return Ok(None);
@@ -759,7 +844,7 @@ pub fn read_f32_tensor(st: &safetensors::SafeTensors, name: &str) -> Result<(Vec
     if view.dtype() != safetensors::Dtype::F32 {
         return Err(format!("{name}: dtype {:?}, expected F32", view.dtype()));
     }
-    let values = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let values = crate::volume::f32_from_le_bytes(view.data());
     Ok((view.shape().to_vec(), values))
 }
 

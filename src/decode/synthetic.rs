@@ -54,7 +54,13 @@ pub fn random_decoder(
             for s in ["pred_std", "target_std"] {
                 t.insert(format!("{p}.{s}"), Tensor::ones(out, DType::F32, device)?);
             }
-            cfgs.push(HeadConfig { name: name.to_string(), shape: shape.to_vec(), rank, renorm: true });
+            cfgs.push(HeadConfig {
+                name: name.to_string(),
+                shape: shape.to_vec(),
+                rank,
+                renorm: true,
+                input: Default::default(),
+            });
         }
         Ok((t, cfgs, weights))
     };

@@ -16,7 +16,8 @@ use faer::{get_global_parallelism, Accum, Mat, Side};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::model::{
-    write_f32_safetensors, FusionConfig, HeadConfig, ModelConfig, CONFIG_FILE, FORMAT, WEIGHTS_FILE,
+    write_f32_safetensors, FusionConfig, HeadConfig, HeadInput, ModelConfig, CONFIG_FILE, FORMAT,
+    WEIGHTS_FILE,
 };
 use super::DecodeError;
 
@@ -33,6 +34,9 @@ pub struct TrainOptions {
     pub rank: Option<usize>,
     /// Z-score the betas with their training mean and standard deviation.
     pub zscore: bool,
+    /// Heads that read other than the z-scored betas (`l2`: each trial scaled to unit norm
+    /// after z-scoring; `none`: the betas as given).
+    pub head_inputs: BTreeMap<String, HeadInput>,
     /// Show a progress bar.
     pub progress: bool,
 }
@@ -45,6 +49,7 @@ impl Default for TrainOptions {
             cv_folds: 5,
             rank: None,
             zscore: true,
+            head_inputs: BTreeMap::new(),
             progress: false,
         }
     }
@@ -281,6 +286,9 @@ pub fn train(
     if let Some(i) = x.iter().position(|b| !b.is_finite()) {
         return Err(DecodeError::Train(format!("beta {} of trial {} is not finite", i % v, i / v)));
     }
+    if let Some(name) = opts.head_inputs.keys().find(|h| !targets.iter().any(|t| &t.name == *h)) {
+        return Err(DecodeError::Train(format!("--head-input names {name:?}, which has no targets")));
+    }
     // Without z-scoring the betas are still centred (std 1), so the intercept is the target mean.
     let (mean, mut std) = column_stats(x, n, v);
     if !opts.zscore {
@@ -291,11 +299,39 @@ pub fn train(
         .chunks_exact(v)
         .flat_map(|row| row.iter().zip(&mean).zip(&std).map(|((b, m), s)| ((f64::from(*b) - m) / s) as f32))
         .collect();
-    let (z, _) = centred(&zf, n, v);
+    // Each input kind's training matrix (columns centred, so the intercept is the target mean
+    // less the columns' means through the weights), then its ridge system, made once.
+    let input_of = |t: &Targets| opts.head_inputs.get(&t.name).copied().unwrap_or_default();
+    let mut matrices: BTreeMap<HeadInput, (Mat<f64>, Vec<f64>)> = BTreeMap::new();
+    for input in targets.iter().map(input_of) {
+        if matrices.contains_key(&input) {
+            continue;
+        }
+        let rows: std::borrow::Cow<[f32]> = match input {
+            HeadInput::Zscore => (&zf[..]).into(),
+            HeadInput::None => x.into(),
+            HeadInput::L2 => zf
+                .chunks_exact(v)
+                .flat_map(|row| {
+                    let norm = row.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt().max(1e-12);
+                    row.iter().map(move |a| (f64::from(*a) / norm) as f32)
+                })
+                .collect::<Vec<f32>>()
+                .into(),
+        };
+        matrices.insert(input, centred(&rows, n, v));
+    }
+    // One ridge system per input kind, with its matrix and column means.
+    let mut systems: BTreeMap<HeadInput, (RidgeSystem, &Mat<f64>, &[f64])> =
+        matrices.iter().map(|(k, (u, mean))| (*k, (RidgeSystem::new(u), u, mean.as_slice()))).collect();
     progress.inc(1);
-    let mut system = RidgeSystem::new(&z);
     let mut heads = Vec::with_capacity(targets.len());
     for t in targets {
+        let input = input_of(t);
+        let (system, z, z_mean) = systems
+            .get_mut(&input)
+            .ok_or_else(|| DecodeError::Train(format!("no ridge system for input {input:?}")))?;
+        let (z, z_mean) = (*z, *z_mean);
         progress.set_message(t.name.clone());
         let out: usize = t.shape.iter().product();
         if out == 0 || t.values.len() != n * out {
@@ -313,12 +349,12 @@ pub fn train(
         let alpha = if opts.cv_alphas.is_empty() {
             opts.alpha
         } else {
-            cross_validate(&z, &y, &opts.cv_alphas, opts.cv_folds)?
+            cross_validate(z, &y, &opts.cv_alphas, opts.cv_folds)?
         };
         let w = system.solve(&y, alpha)?; // v × out
-        let fitted = &z * &w; // n × out, centred
+        let fitted = z * &w; // n × out, centred
         let rank = opts.rank.filter(|r| *r < out && *r < n);
-        let (weight, low_rank, fitted) = match rank {
+        let (weight, low_rank, fitted, projected) = match rank {
             None => (
                 Some(
                     (0..out)
@@ -328,6 +364,7 @@ pub fn train(
                 ),
                 None,
                 fitted,
+                None,
             ),
             Some(r) => {
                 let svd = fitted
@@ -344,17 +381,22 @@ pub fn train(
                     .map(|(o, k)| vr[(o, k)] as f32)
                     .collect();
                 let reduced = &fitted * &vr * vr.transpose();
-                (None, Some((down_t, up)), reduced)
+                let projected = &down * vr.transpose();
+                (None, Some((down_t, up)), reduced, Some(projected))
             }
         };
+        // The intercept at the input's training mean: ȳ − ūᵀW (ū = 0 for z-scored betas), W the
+        // map the head keeps.
+        let shift = Mat::from_fn(1, v, |_, j| z_mean[j]) * projected.as_ref().unwrap_or(&w);
+        let bias: Vec<f32> = (0..out).map(|o| (y_mean[o] - shift[(0, o)]) as f32).collect();
         let (pred_mean, pred_std) = spread(&fitted, &y_mean);
         let (target_mean, target_std) = spread(&y, &y_mean);
         heads.push(FittedHead {
-            cfg: HeadConfig { name: t.name.clone(), shape: t.shape.clone(), rank, renorm: true },
+            cfg: HeadConfig { name: t.name.clone(), shape: t.shape.clone(), rank, renorm: true, input },
             alpha,
             weight,
             low_rank,
-            bias: y_mean.iter().map(|b| *b as f32).collect(),
+            bias,
             stats: [pred_mean, pred_std, target_mean, target_std],
             pred_corr: (out <= MAX_CORR_OUTPUTS).then(|| correlation(&fitted)),
         });

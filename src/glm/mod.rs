@@ -21,6 +21,7 @@ pub mod design;
 pub mod estimator;
 pub mod events;
 pub mod hrf;
+pub mod offline;
 pub mod stage;
 
 use std::path::PathBuf;
@@ -994,6 +995,7 @@ mod tests {
             tr: Some(1.0),
             acq_time: None,
             recv_time: 0.0,
+            dtype: crate::volume::Dtype::F32,
         }
     }
 

@@ -85,6 +85,7 @@ impl Source for FileReplay {
                     tr: Some(self.tr),
                     acq_time: Some(due),
                     recv_time: clock::now(),
+                    dtype: self.reader.header().dtype,
                 };
                 self.index += 1;
                 SourceEvent::Volume(v)

@@ -25,7 +25,7 @@ use lsl::Pullable;
 use super::wire::parse_affine;
 use super::{IngestError, Source, SourceEvent, SourceLimits};
 use crate::clock;
-use crate::volume::{sanitize_run_id, Affine, Volume};
+use crate::volume::{sanitize_run_id, Affine, Dtype, Volume};
 
 /// Geometry read from a stream's `desc()`.
 #[derive(Clone, Debug, PartialEq)]
@@ -212,9 +212,9 @@ impl Source for LslReceiver {
         // liblsl refreshes the estimate in the background; a zero timeout reads the latest.
         c.offset = c.inlet.time_correction(0.0).unwrap_or(c.offset);
         let n: usize = c.geometry.dims.iter().product();
-        let data: Vec<f32> = match &mut c.samples {
-            Samples::F32(buf) => std::mem::replace(buf, Vec::with_capacity(n)),
-            Samples::I16(buf) => buf.iter().map(|&v| f32::from(v)).collect(),
+        let (data, dtype): (Vec<f32>, Dtype) = match &mut c.samples {
+            Samples::F32(buf) => (std::mem::replace(buf, Vec::with_capacity(n)), Dtype::F32),
+            Samples::I16(buf) => (buf.iter().map(|&v| f32::from(v)).collect(), Dtype::I16),
         };
         if data.len() != n {
             return SourceEvent::Rejected(
@@ -232,6 +232,7 @@ impl Source for LslReceiver {
             tr: c.geometry.tr,
             acq_time: Some(stamp + c.offset),
             recv_time,
+            dtype,
         })
     }
 

@@ -11,7 +11,7 @@ use super::uri::Playback;
 use super::{IngestError, Source, SourceEvent, SourceLimits};
 use crate::clock;
 use crate::glm::events::{Event, Onset};
-use crate::io::session::{IndexEntry, SessionError, SessionReader};
+use crate::io::session::{SessionError, SessionReader};
 
 /// Plays a session folder's volumes; `acq_time` is each volume's scheduled release time.
 pub struct SessionReplay {
@@ -72,11 +72,7 @@ impl SessionReplay {
             ),
         })?;
         if let Onset::Absolute(t) = e.onset {
-            // The run's first volume is there: entry `i` itself is of that run.
-            let first: &IndexEntry = entries.iter().find(|x| x.run == entries[i].run).unwrap_or(&entries[i]);
-            let tr = self.tr.or(first.tr).unwrap_or(2.0);
-            let t0 = first.acq_time.unwrap_or(first.recv_time) - first.index as f64 * tr;
-            e.onset = Onset::Relative(t - t0);
+            e.onset = Onset::Relative(t - self.reader.run_start(i, self.tr));
         }
         Ok(e)
     }
@@ -140,6 +136,7 @@ mod tests {
             tr: Some(1.0),
             acq_time: Some(100.0 + index as f64),
             recv_time: 0.0,
+            dtype: crate::volume::Dtype::F32,
         };
         let marker = |onset| Event {
             trial: Some(0),

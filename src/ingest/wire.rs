@@ -269,6 +269,7 @@ pub fn decode_volume(
         tr: h.tr,
         acq_time: h.acq_time,
         recv_time,
+        dtype: h.dtype,
     })
 }
 
@@ -353,6 +354,7 @@ mod tests {
             tr: Some(2.0),
             acq_time: Some(12.5),
             recv_time: 0.0,
+            dtype: Dtype::F32,
         }
     }
 

@@ -7,7 +7,9 @@
 //! DIR/volumes.jsonl     one line per volume: seq, index, run, dims, affine, tr, times,
 //!                       byte offset and length in volumes.f32, CRC-32 of those bytes, the
 //!                       markers received since the previous volume
-//! DIR/messages.jsonl    one line per published message: time, topic, JSON header
+//! DIR/messages.jsonl    one line per published message: time, topic, JSON header and, but for
+//!                       `volume` messages, where its payloads lie in payloads.bin (`data`)
+//! DIR/payloads.bin      the payload bytes of those messages (trial betas, decode outputs, …)
 //! ```
 //!
 //! Data is written before its index line, so a crash leaves at worst unindexed bytes or a torn
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::volume::{f32_le_view, Affine, Volume};
+use crate::volume::{f32_le_view, Affine, Dtype, Volume};
 
 /// File names inside a session folder.
 pub const SESSION_JSON: &str = "session.json";
@@ -29,6 +31,8 @@ pub const VOLUMES_DATA: &str = "volumes.f32";
 pub const VOLUMES_INDEX: &str = "volumes.jsonl";
 /// Published message log.
 pub const MESSAGES_LOG: &str = "messages.jsonl";
+/// Payload bytes of the logged messages.
+pub const PAYLOADS_DATA: &str = "payloads.bin";
 
 /// Why a session folder could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -87,9 +91,16 @@ pub struct IndexEntry {
     /// Duplicate / gap / order flags at arrival.
     #[serde(default)]
     pub flags: serde_json::Value,
+    /// The sample type the volume arrived in (stored here as f32).
+    #[serde(default = "float32")]
+    pub dtype: Dtype,
     /// The markers (trial events) received since the previous volume, in arrival order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub markers: Vec<serde_json::Value>,
+}
+
+fn float32() -> Dtype {
+    Dtype::F32
 }
 
 /// When the recorder forces data to disk.
@@ -170,6 +181,7 @@ impl SessionWriter {
             offset: self.offset,
             nbytes: bytes.len() as u64,
             crc32: crc32fast::hash(&bytes),
+            dtype: v.dtype,
             flags,
             markers: markers.to_vec(),
         };
@@ -194,10 +206,42 @@ impl SessionWriter {
     }
 }
 
-/// Appends published message headers to `messages.jsonl`.
+/// Appends published message headers to `messages.jsonl` and their payloads to `payloads.bin`
+/// (bytes first, so a crash leaves at worst unindexed bytes or a torn last line).
 pub struct MessageLog {
     path: PathBuf,
     file: std::io::BufWriter<File>,
+    data_path: PathBuf,
+    data: File,
+    offset: u64,
+}
+
+/// Where one payload of a logged message lies in `payloads.bin`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadRecord {
+    /// The payload's name (as in the header's `payloads`).
+    pub name: String,
+    /// Byte offset.
+    pub offset: u64,
+    /// Byte length.
+    pub nbytes: u64,
+    /// CRC-32 of the bytes.
+    pub crc32: u32,
+}
+
+/// One line of `messages.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoggedMessage {
+    /// When it was published (daemon clock, s).
+    pub t: f64,
+    /// Its topic.
+    pub topic: String,
+    /// Its header as sent.
+    pub header: serde_json::Value,
+    /// Its payloads' places in `payloads.bin` (none for `volume` messages, whose data the
+    /// recorded volumes reproduce).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub data: Vec<PayloadRecord>,
 }
 
 impl MessageLog {
@@ -205,17 +249,81 @@ impl MessageLog {
     pub fn open(dir: &Path) -> Result<MessageLog, SessionError> {
         let path = dir.join(MESSAGES_LOG);
         let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
-        Ok(MessageLog { path, file: std::io::BufWriter::new(file) })
+        let data_path = dir.join(PAYLOADS_DATA);
+        let data =
+            OpenOptions::new().create(true).append(true).open(&data_path).map_err(io_err(&data_path))?;
+        let offset = data.metadata().map_err(io_err(&data_path))?.len();
+        Ok(MessageLog { path, file: std::io::BufWriter::new(file), data_path, data, offset })
     }
 
-    /// Writes one line `{"t": …, "topic": …, "header": …}` and hands it to the OS.
-    pub fn append(&mut self, t: f64, topic: &str, header: &serde_json::Value) -> Result<(), SessionError> {
-        let line = serde_json::json!({"t": t, "topic": topic, "header": header});
+    /// Writes `payloads` (named as given) to `payloads.bin`, then one line `{"t", "topic",
+    /// "header", "data"}`, and hands both to the OS.
+    pub fn append(
+        &mut self,
+        t: f64,
+        topic: &str,
+        header: &serde_json::Value,
+        payloads: &[(&str, &[u8])],
+    ) -> Result<(), SessionError> {
+        let mut data = Vec::with_capacity(payloads.len());
+        for (name, bytes) in payloads {
+            self.data.write_all(bytes).map_err(io_err(&self.data_path))?;
+            data.push(PayloadRecord {
+                name: name.to_string(),
+                offset: self.offset,
+                nbytes: bytes.len() as u64,
+                crc32: crc32fast::hash(bytes),
+            });
+            self.offset += bytes.len() as u64;
+        }
+        let line = LoggedMessage { t, topic: topic.to_string(), header: header.clone(), data };
+        let text = serde_json::to_string(&line).unwrap_or_default();
         let path = self.path.clone();
-        writeln!(self.file, "{line}")
+        writeln!(self.file, "{text}")
             .and_then(|_| self.file.flush())
             .map_err(|source| SessionError::Io { path, source })
     }
+}
+
+/// Every complete line of a session's `messages.jsonl` (a torn last line ignored), in order.
+pub fn read_messages(dir: &Path) -> Result<Vec<LoggedMessage>, SessionError> {
+    let path = dir.join(MESSAGES_LOG);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let mut out = Vec::new();
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.map_err(io_err(&path))?;
+        let Ok(m) = serde_json::from_slice::<LoggedMessage>(&line) else { break };
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// Reads the payload `name` of a logged message from the session's `payloads.bin`, checking
+/// its length and CRC; `None` when the message has no such payload recorded.
+pub fn read_payload(dir: &Path, m: &LoggedMessage, name: &str) -> Result<Option<Vec<u8>>, SessionError> {
+    let Some(r) = m.data.iter().find(|r| r.name == name) else { return Ok(None) };
+    let path = dir.join(PAYLOADS_DATA);
+    let corrupt = |reason: String| SessionError::Corrupt { path: path.clone(), reason };
+    let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+    if r.offset.checked_add(r.nbytes).is_none_or(|end| end > len) {
+        return Err(corrupt(format!("{} payload {name:?} lies past the end of the file", m.topic)));
+    }
+    let bytes = read_checked(&path, r.offset, r.nbytes, r.crc32)?
+        .ok_or_else(|| corrupt(format!("{} payload {name:?}: CRC mismatch", m.topic)))?;
+    Ok(Some(bytes))
+}
+
+/// `nbytes` bytes of `path` at `offset`, or `None` when their CRC-32 is not `crc32`.
+fn read_checked(path: &Path, offset: u64, nbytes: u64, crc32: u32) -> Result<Option<Vec<u8>>, SessionError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
+    let mut bytes = vec![0u8; nbytes as usize];
+    f.read_exact(&mut bytes).map_err(io_err(path))?;
+    Ok((crc32fast::hash(&bytes) == crc32).then_some(bytes))
 }
 
 /// Reads a session folder back, tolerating the torn tail a crash can leave.
@@ -254,6 +362,16 @@ impl SessionReader {
         Ok(SessionReader { dir: dir.to_path_buf(), meta, entries })
     }
 
+    /// When entry `i`'s run began on the recording's clock, as the live GLM reckoned it: its
+    /// first recorded volume's time less its index × TR (`tr`, else the volume's own, else 2 s),
+    /// so that an absolute marker time becomes an onset relative to the run.
+    pub fn run_start(&self, i: usize, tr: Option<f64>) -> f64 {
+        let Some(entry) = self.entries.get(i).or(self.entries.last()) else { return 0.0 };
+        let first = self.entries.iter().find(|x| x.run == entry.run).unwrap_or(entry);
+        let tr = tr.or(first.tr).unwrap_or(2.0);
+        first.acq_time.unwrap_or(first.recv_time) - first.index as f64 * tr
+    }
+
     /// Reads entry `i`'s volume, checking its length and CRC.
     pub fn volume(&self, i: usize) -> Result<Volume, SessionError> {
         let path = self.dir.join(VOLUMES_DATA);
@@ -263,14 +381,9 @@ impl SessionReader {
         if e.nbytes != n as u64 * 4 {
             return Err(corrupt(format!("entry {i}: {} bytes for {n} voxels", e.nbytes)));
         }
-        let mut f = File::open(&path).map_err(io_err(&path))?;
-        f.seek(SeekFrom::Start(e.offset)).map_err(io_err(&path))?;
-        let mut bytes = vec![0u8; e.nbytes as usize];
-        f.read_exact(&mut bytes).map_err(io_err(&path))?;
-        if crc32fast::hash(&bytes) != e.crc32 {
-            return Err(corrupt(format!("entry {i}: CRC mismatch")));
-        }
-        let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let bytes = read_checked(&path, e.offset, e.nbytes, e.crc32)?
+            .ok_or_else(|| corrupt(format!("entry {i}: CRC mismatch")))?;
+        let data = crate::volume::f32_from_le_bytes(&bytes);
         Ok(Volume {
             data,
             dims: e.dims,
@@ -280,6 +393,7 @@ impl SessionReader {
             tr: e.tr,
             acq_time: e.acq_time,
             recv_time: e.recv_time,
+            dtype: e.dtype,
         })
     }
 }
@@ -298,6 +412,7 @@ mod tests {
             tr: Some(1.0),
             acq_time: None,
             recv_time: 1.0,
+            dtype: crate::volume::Dtype::F32,
         }
     }
 

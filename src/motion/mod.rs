@@ -319,7 +319,17 @@ mod tests {
                     + 300.0 * (-(((i - 8.0) / 2.0).powi(2) + ((j - 15.0) / 3.0).powi(2))).exp()
             })
             .collect();
-        Volume { data, dims, affine, index, run: "r".into(), tr: Some(1.0), acq_time: None, recv_time: 0.0 }
+        Volume {
+            data,
+            dims,
+            affine,
+            index,
+            run: "r".into(),
+            tr: Some(1.0),
+            acq_time: None,
+            recv_time: 0.0,
+            dtype: crate::volume::Dtype::F32,
+        }
     }
 
     #[test]

@@ -609,6 +609,7 @@ mod tests {
             tr: None,
             acq_time: None,
             recv_time: 0.0,
+            dtype: crate::volume::Dtype::F32,
         }
     }
 

@@ -168,6 +168,7 @@ mod tests {
             tr: Some(1.0),
             acq_time: None,
             recv_time: 0.0,
+            dtype: crate::volume::Dtype::F32,
         };
         let mut f = Frame::new(trial, Arc::new(volume), Default::default(), Default::default());
         let t = TrialBetas {

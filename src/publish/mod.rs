@@ -317,6 +317,11 @@ impl Publisher {
         if let Some(board) = &self.results {
             board.record(topic, &header);
         }
+        // Payloads but a volume's (the recorded volumes reproduce it) go into the session log.
+        let logged: Vec<Vec<u8>> = match &self.log {
+            Some(_) if topic != "volume" => frames[2..].to_vec(),
+            _ => Vec::new(),
+        };
         if let Some((s, _, _)) = &self.socket {
             if let Err(e) = s.send_multipart(frames, zmq::DONTWAIT) {
                 self.send_errors += 1;
@@ -324,7 +329,13 @@ impl Publisher {
             }
         }
         if let Some(log) = &mut self.log {
-            if let Err(e) = log.append(clock::now(), topic, &header) {
+            let names = header["payloads"].as_array().map(Vec::as_slice).unwrap_or_default();
+            let payloads: Vec<(&str, &[u8])> = names
+                .iter()
+                .zip(&logged)
+                .map(|(d, bytes)| (d["name"].as_str().unwrap_or(""), bytes.as_slice()))
+                .collect();
+            if let Err(e) = log.append(clock::now(), topic, &header, &payloads) {
                 self.send_errors += 1;
                 tracing::warn!("{e}");
             }

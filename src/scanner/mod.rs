@@ -64,8 +64,17 @@ impl ScannedVolume {
         scanner_time: Option<f64>,
         series: String,
     ) -> ScannedVolume {
-        let volume =
-            Volume { data, dims, affine, index, run: "run".into(), tr, acq_time: None, recv_time: 0.0 };
+        let volume = Volume {
+            data,
+            dims,
+            affine,
+            index,
+            run: "run".into(),
+            tr,
+            acq_time: None,
+            recv_time: 0.0,
+            dtype: crate::volume::Dtype::F32,
+        };
         ScannedVolume { volume, scanner_time, series }
     }
 }

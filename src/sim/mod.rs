@@ -482,6 +482,7 @@ impl Simulator {
             tr: Some(self.cfg.tr),
             acq_time: None,
             recv_time: 0.0,
+            dtype: crate::volume::Dtype::F32,
         })
     }
 }

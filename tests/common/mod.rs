@@ -100,6 +100,19 @@ pub fn python(script: &str) -> Command {
     c
 }
 
+/// A script run with the Python that has PyTorch (Debian's `python3-torch`, installed by
+/// `scripts/setup.sh --tests`): `$MIRAGE_TORCH_PYTHON`, else `/usr/bin/python3`; `script` is
+/// relative to the repository.
+pub fn torch_python(script: &str) -> Command {
+    let py = std::env::var("MIRAGE_TORCH_PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ok = Command::new(&py).args(["-c", "import torch"]).output().is_ok_and(|o| o.status.success());
+    assert!(ok, "{py} cannot import torch: run scripts/setup.sh --tests (or set MIRAGE_TORCH_PYTHON)");
+    let mut c = Command::new(py);
+    c.current_dir(root).arg(root.join(script));
+    c
+}
+
 /// Runs a command to completion within `timeout`, returning its status and combined output.
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> (ExitStatus, String) {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
@@ -420,5 +433,43 @@ pub fn assert_one_type_per_field(session: &Path) {
         if ["index", "trial", "stim", "seq"].contains(&key.as_str()) {
             assert!(kinds.is_empty() || kinds == ["integer"], "{topic}.{key} has types {set:?}");
         }
+    }
+}
+
+/// The validator `scripts/setup.sh --tests` installs (or `$MIRAGE_BIDS_VALIDATOR`).
+pub fn bids_validator() -> PathBuf {
+    std::env::var_os("MIRAGE_BIDS_VALIDATOR").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/bids-validator/node_modules/.bin/bids-validator")
+    })
+}
+
+/// The validator's errors and warnings on `dir` (their keys), failing if it cannot run.
+pub fn validate(dir: &Path) -> (Vec<String>, Vec<String>) {
+    let validator = bids_validator();
+    assert!(validator.exists(), "{} missing: run scripts/setup.sh --tests", validator.display());
+    let mut cmd = std::process::Command::new(&validator);
+    cmd.arg(dir).arg("--json");
+    let (_, out) = run_with_timeout(&mut cmd, Duration::from_secs(300));
+    let start = out.find('{').unwrap_or_else(|| panic!("no JSON from the validator:\n{out}"));
+    let report: serde_json::Value = serde_json::Deserializer::from_str(&out[start..])
+        .into_iter()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("validator output:\n{out}"));
+    let keys = |kind: &str| -> Vec<String> {
+        report["issues"][kind]
+            .as_array()
+            .map(|a| a.iter().map(|i| format!("{}: {}", i["key"], i["reason"])).collect())
+            .unwrap_or_default()
+    };
+    (keys("errors"), keys("warnings"))
+}
+
+/// `a` equals `b` element by element to `rel` of `b`'s largest magnitude.
+pub fn close(a: &[f32], b: &[f32], rel: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= rel * scale, "{what}[{i}]: {x} vs {y} (scale {scale})");
     }
 }

@@ -1,10 +1,12 @@
 """Checks `mirage export` against the session it came from, with nibabel and the csv module.
 
-usage: bids_check.py SESSION_DIR BIDS_DIR STEM
+usage: bids_check.py SESSION_DIR BIDS_DIR STEM [SENT_NIFTI]
   STEM: the run's path below BIDS_DIR without the suffix, e.g. sub-01/func/sub-01_task-rt_run-1
+  SENT_NIFTI: the series the sender sent, whose values the raw bold must equal
 
 Checks: the raw bold read by nibabel is bit-equal to the recorded volumes (sender index order,
-first arrival of each index), its TR and affine match the sidecar and the recording; the
+first arrival of each index) in the dtype they arrived in,
+equal to what was sent when given, its TR and affine match the sidecar and the recording; the
 confounds equal the live `motion` messages (fMRIPrep columns, derivatives as backward
 differences, n/a first); the events are the live `betas` messages' trials. Prints a JSON summary.
 """
@@ -19,6 +21,7 @@ import numpy as np
 
 def main():
     session, bids, stem = sys.argv[1:4]
+    sent = sys.argv[4] if len(sys.argv) > 4 else None
     entries, seen = [], set()
     for line in open(os.path.join(session, "volumes.jsonl")):
         e = json.loads(line)
@@ -31,10 +34,18 @@ def main():
 
     img = nib.load(os.path.join(bids, stem + "_bold.nii.gz"))
     data = np.asarray(img.dataobj)
-    assert data.dtype == np.float32, data.dtype
+    received = {e.get("dtype", "float32") for e in entries}
+    want_dtype = received.pop() if len(received) == 1 else "float32"
+    assert data.dtype == np.dtype(want_dtype), (data.dtype, want_dtype)
     assert data.shape == tuple(entries[0]["dims"]) + (len(entries),), data.shape
     for t, vol in enumerate(recorded):
-        assert np.array_equal(data[..., t].view(np.uint32), vol.astype(np.float32).view(np.uint32)), f"volume {t} differs"
+        if data.dtype == np.float32:
+            assert np.array_equal(data[..., t].view(np.uint32), vol.view(np.uint32)), f"volume {t} differs"
+        else:
+            assert np.array_equal(data[..., t].astype(np.float32), vol), f"volume {t} differs"
+    if sent:
+        values = nib.load(sent).get_fdata()
+        assert np.array_equal(data.astype(np.float64), values), "the raw bold differs from what was sent"
     sidecar = json.load(open(os.path.join(bids, stem + "_bold.json")))
     assert abs(img.header.get_zooms()[3] - sidecar["RepetitionTime"]) < 1e-6, (img.header.get_zooms(), sidecar)
     assert np.allclose(img.affine, np.array(entries[0]["affine"]), atol=1e-4), (img.affine, entries[0]["affine"])
@@ -65,12 +76,13 @@ def main():
                 trials[h["trial"]] = h
     events = list(csv.DictReader(open(os.path.join(bids, stem + "_events.tsv")), delimiter="\t"))
     want = sorted(trials.values(), key=lambda h: h["onset"])
-    assert len(events) == len(want) > 0, (len(events), len(want))
+    assert len(events) == len(want), (len(events), len(want))
     for ev, h in zip(events, want):
         assert float(ev["onset"]) == h["onset"] and float(ev["duration"]) == h["duration"], (ev, h)
         assert ev["trial_type"] == h["condition"] and int(ev["trial"]) == h["trial"], (ev, h)
         assert ev["stimulus"] == ("n/a" if h.get("stim") is None else str(h["stim"])), (ev, h)
-    print(json.dumps({"volumes": len(entries), "trials": len(events), "motion_rows": len(rows)}))
+    print(json.dumps({"volumes": len(entries), "trials": len(events), "motion_rows": len(rows),
+                      "dtype": str(data.dtype)}))
 
 
 if __name__ == "__main__":

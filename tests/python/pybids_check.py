@@ -27,6 +27,11 @@ def main():
         "realigned": rel(layout.get(desc="realigned", suffix="bold", extension=".nii.gz", return_type="filename")),
         "confounds": rel(layout.get(desc="confounds", suffix="timeseries", extension=".tsv", return_type="filename")),
         "latency": rel(layout.get(desc="latency", suffix="summary", return_type="filename")),
+        "trial_betas": rel(layout.get(desc="trials", suffix="betas", extension=".nii.gz", return_type="filename")),
+        "mask": rel(layout.get(desc="glm", suffix="mask", return_type="filename")),
+        "design": rel(layout.get(desc="glm", suffix="design", return_type="filename")),
+        "roi": rel(layout.get(desc="roi", suffix="timeseries", return_type="filename")),
+        "decode": rel(layout.get(desc="decode", suffix="results", return_type="filename")),
         "repetition_time": layout.get_metadata(bold[0]).get("RepetitionTime") if bold else None,
     }
     print(json.dumps(out))

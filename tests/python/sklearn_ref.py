@@ -7,7 +7,10 @@ exported with tools/export_sklearn.py into DIR/exported. Also the references for
 options: DIR/sklearn/cv_alpha_{a,b}.txt, the penalty among CV_ALPHAS with the best mean held-out
 Pearson correlation over 5 folds (trial i in fold i % 5, each fold re-centred, as mirage does),
 and DIR/sklearn/pred_rank3_{a,b}.npy, reduced-rank ridge: the fitted map projected onto the top 3
-right singular vectors of the (centred) training predictions.
+right singular vectors of the (centred) training predictions. Per-head inputs: head a fitted on
+the z-scored rows scaled to unit L2 norm, head b on the betas as given, predicted on X_test into
+DIR/sklearn/pred_l2_a.npy, DIR/sklearn/pred_none_b.npy, exported (--head-input) into
+DIR/exported_inputs.
 """
 import os
 import subprocess
@@ -59,4 +62,17 @@ for name, wt in w.items():
 tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "export_sklearn.py")
 subprocess.run([sys.executable, tool, "--head", f"a={out}/sklearn/ridge_a.joblib:6", "--head", f"b={out}/sklearn/ridge_b.joblib:2,5",
                 "--scaler", f"{out}/sklearn/scaler.joblib", "--out", f"{out}/exported"], check=True)
+
+l2 = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)
+ya = np.load(f"{out}/targets/a.npy").reshape(n, -1)
+yb = np.load(f"{out}/targets/b.npy").reshape(n, -1)
+ridge_l2 = Ridge(alpha=alpha).fit(l2(z), ya)
+ridge_none = Ridge(alpha=alpha).fit(x[:n], yb)
+joblib.dump(ridge_l2, f"{out}/sklearn/ridge_l2_a.joblib")
+joblib.dump(ridge_none, f"{out}/sklearn/ridge_none_b.joblib")
+np.save(f"{out}/sklearn/pred_l2_a.npy", ridge_l2.predict(l2(z_test)).astype(np.float32))
+np.save(f"{out}/sklearn/pred_none_b.npy", ridge_none.predict(x[n:]).astype(np.float32))
+subprocess.run([sys.executable, tool, "--head", f"a={out}/sklearn/ridge_l2_a.joblib:6",
+                "--head", f"b={out}/sklearn/ridge_none_b.joblib:2,5", "--head-input", "a=l2", "--head-input", "b=none",
+                "--scaler", f"{out}/sklearn/scaler.joblib", "--out", f"{out}/exported_inputs"], check=True)
 print("ok")

@@ -181,8 +181,13 @@ mod tests {
             tensors.insert(format!("heads.{name}.weight"), t(&[out, 6]));
             tensors.insert(format!("heads.{name}.bias"), t(&[out]));
         }
-        let head =
-            |name: &str, d| HeadConfig { name: name.into(), shape: vec![d], rank: None, renorm: false };
+        let head = |name: &str, d| HeadConfig {
+            name: name.into(),
+            shape: vec![d],
+            rank: None,
+            renorm: false,
+            input: Default::default(),
+        };
         let cfg = ModelConfig {
             format: MODEL_FORMAT.into(),
             n_voxels: 6,

@@ -1,26 +1,34 @@
 //! A session folder exported as BIDS: each run's BOLD series as received, with its sidecar and
-//! events, and `derivatives/mirage-rt/` with what the daemon computed live (motion confounds
-//! under fMRIPrep's column names, the latency summary).
+//! events, and `derivatives/mirage-rt/` with what the daemon computed live (the realigned series,
+//! motion confounds under fMRIPrep's column names, trial betas and the GLM mask, ROI time
+//! series, decode results, the latency summary).
 //!
 //! ```text
 //! OUT/dataset_description.json, participants.tsv, README
 //! OUT/sub-S[/ses-SES]/func/sub-S[_ses-SES]_task-T_run-R_bold.nii.gz (+ .json, _events.tsv)
 //! OUT/derivatives/mirage-rt/dataset_description.json
 //! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-realigned_bold.nii.gz (+ .json)
-//! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-realigned_bold.nii.gz (+ .json)
 //! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-confounds_timeseries.tsv (+ .json)
 //! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-latency_summary.json
+//! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-trials_betas.nii.gz (+ .tsv), …_desc-glm_mask.nii.gz
+//! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-glm_design.tsv
+//! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-roi_timeseries.tsv
+//! OUT/derivatives/mirage-rt/sub-S[/ses-SES]/func/…_desc-decode_results.tsv, …_desc-HEAD_decoding.npy
 //! ```
 
+mod trials;
+
+pub use trials::TrialFiles;
+
 use std::collections::BTreeMap;
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
 use crate::io::nifti::NiftiWriter;
-use crate::io::session::{IndexEntry, SessionReader, MESSAGES_LOG};
+use crate::io::session::{read_messages, IndexEntry, LoggedMessage, SessionReader};
 use crate::topic::{BetasHeader, MotionHeader, Topic};
+use crate::volume::Dtype;
 
 /// What to call the exported data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,21 +99,8 @@ pub struct RunExport {
     pub trials: usize,
     /// The raw BOLD file.
     pub bold: PathBuf,
-}
-
-/// Every message of `messages.jsonl` as (topic, header), a torn last line ignored.
-fn read_messages(dir: &Path) -> Result<Vec<(String, Value)>, ExportError> {
-    let path = dir.join(MESSAGES_LOG);
-    let Ok(file) = std::fs::File::open(&path) else { return Ok(Vec::new()) };
-    let mut out = Vec::new();
-    for line in std::io::BufReader::new(file).split(b'\n') {
-        let line = line.map_err(|e| ExportError::Write { path: path.clone(), reason: e.to_string() })?;
-        let Ok(v) = serde_json::from_slice::<Value>(&line) else { break };
-        if let (Some(topic), Some(header)) = (v["topic"].as_str(), v.get("header")) {
-            out.push((topic.to_string(), header.clone()));
-        }
-    }
-    Ok(out)
+    /// The trial-level derivatives written.
+    pub trial_files: TrialFiles,
 }
 
 /// The run ids in order of their first volume, each with its entries (sender index order, the
@@ -159,6 +154,29 @@ fn cell(v: Option<f64>) -> String {
     v.filter(|x| x.is_finite()).map_or_else(|| "n/a".to_string(), |x| format!("{x}"))
 }
 
+/// A stimulus number as a TSV cell, or `n/a`.
+fn stim_cell(stim: Option<u64>) -> String {
+    stim.map_or_else(|| "n/a".to_string(), |s| s.to_string())
+}
+
+/// Each trial once — its live estimate, else its end-of-run one — by onset (the events file's
+/// rows and the trial betas' volumes alike).
+fn one_per_trial<X>(
+    items: impl IntoIterator<Item = X>,
+    trial: impl Fn(&X) -> &crate::topic::TrialHeader,
+) -> Vec<X> {
+    let mut chosen: BTreeMap<u64, X> = BTreeMap::new();
+    for x in items {
+        let (id, at_run_end) = (trial(&x).trial, trial(&x).at_run_end);
+        if chosen.get(&id).is_none_or(|kept| trial(kept).at_run_end && !at_run_end) {
+            chosen.insert(id, x);
+        }
+    }
+    let mut rows: Vec<X> = chosen.into_values().collect();
+    rows.sort_by(|a, b| trial(a).onset.total_cmp(&trial(b).onset));
+    rows
+}
+
 /// The motion confounds of a run's volumes in fMRIPrep's layout: the six parameters, their
 /// backward differences (`_derivative1`, `n/a` first) and `framewise_displacement` (`n/a`
 /// first); a volume without a motion message has `n/a`.
@@ -196,24 +214,69 @@ fn confounds_json() -> Value {
     Value::Object(cols)
 }
 
-/// The events of a run from its `betas` messages: one row per trial (its live estimate's, else
-/// its end-of-run estimate's), by onset.
-pub fn events_tsv(betas: &[&BetasHeader]) -> (String, usize) {
-    let mut trials: BTreeMap<u64, &BetasHeader> = BTreeMap::new();
-    for b in betas {
-        let keep = trials.get(&b.trial.trial).is_none_or(|t| t.trial.at_run_end && !b.trial.at_run_end);
-        if keep {
-            trials.insert(b.trial.trial, b);
+/// A recorded marker that no trial of the live GLM accounts for (its condition was not
+/// modelled, or the run ended before it could be estimated).
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnestimatedMarker {
+    /// Onset, s from the run's first volume.
+    pub onset: f64,
+    /// Duration, s (the live GLM's default where the marker gave none).
+    pub duration: f64,
+    /// Its condition.
+    pub condition: String,
+    /// Its stimulus.
+    pub stim: Option<u64>,
+}
+
+/// The markers recorded with a run's volumes (arrival order) that match no trial of its `betas`
+/// messages (by trial number, or by onset for an unnumbered marker).
+fn unestimated_markers(reader: &SessionReader, run: &str, betas: &[&BetasHeader]) -> Vec<UnestimatedMarker> {
+    // An unsized marker lasts what the live GLM gave it.
+    let default_duration = reader.meta["config"]["glm"]["default_duration_s"].as_f64();
+    let mut out = Vec::new();
+    for (i, e) in reader.entries.iter().enumerate().filter(|(_, e)| e.run == run) {
+        for m in &e.markers {
+            // Replay reports a marker that does not parse; the export keeps what it can read.
+            let Ok(ev) = serde_json::from_value::<crate::glm::events::Event>(m.clone()) else { continue };
+            let onset = match ev.onset {
+                crate::glm::events::Onset::Relative(t) => t,
+                crate::glm::events::Onset::Absolute(t) => t - reader.run_start(i, None),
+            };
+            let estimated = betas.iter().any(|b| match ev.trial {
+                Some(t) => b.trial.trial == t,
+                None => (b.trial.onset - onset).abs() < 1e-6,
+            });
+            if !estimated {
+                let duration = ev.duration.or(default_duration).unwrap_or(0.0);
+                out.push(UnestimatedMarker { onset, duration, condition: ev.condition, stim: ev.stim });
+            }
         }
     }
-    let mut rows: Vec<&BetasHeader> = trials.into_values().collect();
-    rows.sort_by(|a, b| a.trial.onset.total_cmp(&b.trial.onset));
-    let mut out = "onset\tduration\ttrial_type\tstimulus\ttrial\n".to_string();
-    for b in &rows {
-        let t = &b.trial;
-        let stim = t.stim.map_or_else(|| "n/a".to_string(), |s| s.to_string());
-        out += &format!("{}\t{}\t{}\t{stim}\t{}\n", t.onset, t.duration, t.condition, t.trial);
-    }
+    out
+}
+
+/// The events of a run: one row per trial of its `betas` messages (its live estimate's, else
+/// its end-of-run estimate's) and one per recorded marker no trial accounts for (`trial`
+/// `n/a`), by onset; with the number of trials.
+pub fn events_tsv(betas: &[&BetasHeader], markers: &[UnestimatedMarker]) -> (String, usize) {
+    let rows = one_per_trial(betas.iter().copied(), |b| &b.trial);
+    let mut lines: Vec<(f64, String)> = rows
+        .iter()
+        .map(|b| {
+            let t = &b.trial;
+            (
+                t.onset,
+                format!("{}\t{}\t{}\t{}\t{}\n", t.onset, t.duration, t.condition, stim_cell(t.stim), t.trial),
+            )
+        })
+        .collect();
+    lines.extend(markers.iter().map(|m| {
+        let line = format!("{}\t{}\t{}\t{}\tn/a\n", m.onset, m.duration, m.condition, stim_cell(m.stim));
+        (m.onset, line)
+    }));
+    lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let out =
+        lines.into_iter().fold("onset\tduration\ttrial_type\tstimulus\ttrial\n".to_string(), |o, l| o + &l.1);
     (out, rows.len())
 }
 
@@ -240,7 +303,8 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
         [Some(sub.clone()), ses.clone()].into_iter().flatten().collect::<PathBuf>().join("func");
     let deriv = out.join("derivatives").join("mirage-rt");
     // The session's last status: one latency summary, written beside each run.
-    let latency = messages.iter().rev().find(|(t, _)| t == crate::metrics::MetricsSnapshot::NAME).map(|(_, status)| {
+    let latency = messages.iter().rev().find(|m| m.topic == crate::metrics::MetricsSnapshot::NAME).map(|m| {
+        let status = &m.header;
         json!({
             "Description": "the session's last status message: per-stage latency percentiles (ms) and counts",
             "latency_ms": status["latency_ms"],
@@ -298,13 +362,17 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
             "MirageRunId": run,
             "MirageFirstVolumeIndex": lo,
             "MirageMissingVolumes": missing,
+            "MirageReceivedDtype": received_dtypes(&entries),
+            "MirageStoredPrecision": "float32: the daemon keeps samples as float32, so float64 and 32-bit integer \
+                                      values are as received where float32 holds them (integers up to 2^24)",
             "MirageTimeSource": "acquisition times from the sender's headers where sent, else receive times (daemon clock)",
             "MirageVolumeTimes": entries.iter().map(|e| e.acq_time.unwrap_or(e.recv_time)).collect::<Vec<_>>(),
         });
         write_file(&out.join(&rel).join(format!("{stem}_bold.json")), &pretty(&sidecar), opts.force)?;
         let run_betas: Vec<&BetasHeader> = betas.iter().filter(|b| b.trial.run == run).collect();
-        let (events, trials) = events_tsv(&run_betas);
-        write_file(&out.join(&rel).join(format!("{stem}_events.tsv")), &events, opts.force)?;
+        let (events, trials) = events_tsv(&run_betas, &unestimated_markers(&reader, &run, &run_betas));
+        let events_path = out.join(&rel).join(format!("{stem}_events.tsv"));
+        write_file(&events_path, &events, opts.force)?;
 
         // Derivatives: what ran live.
         if realigned.is_some() {
@@ -322,11 +390,8 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
                 opts.force,
             )?;
         }
-        write_file(
-            &drel.join(format!("{stem}_desc-confounds_timeseries.tsv")),
-            &confounds_tsv(&rows),
-            opts.force,
-        )?;
+        let confounds_path = drel.join(format!("{stem}_desc-confounds_timeseries.tsv"));
+        write_file(&confounds_path, &confounds_tsv(&rows), opts.force)?;
         write_file(
             &drel.join(format!("{stem}_desc-confounds_timeseries.json")),
             &pretty(&confounds_json()),
@@ -339,7 +404,30 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
                 opts.force,
             )?;
         }
-        exported.push(RunExport { run, number, volumes: idx.len(), missing, trials, bold });
+        let reference = rows.iter().flatten().find_map(|m| m.reference_index);
+        let grid = entries.iter().find(|e| Some(e.index) == reference).unwrap_or(&first);
+        let indices: Vec<u64> = entries.iter().map(|e| e.index).collect();
+        let files = trials::RunFiles {
+            session: dir,
+            run: &run,
+            dir: &drel,
+            stem: &stem,
+            grid: (grid.dims, grid.affine),
+            indices: &indices,
+            force: opts.force,
+        };
+        let trial_files = trials::write(&files, &messages)?;
+        if trial_files.betas > 0 {
+            let glm: crate::glm::GlmConfig =
+                serde_json::from_value(reader.meta["config"]["glm"].clone()).unwrap_or_default();
+            // Without motion the live GLM had no motion regressors.
+            let (series, confounds) = match realigned.as_deref() {
+                Some(r) => (r, Some(confounds_path.as_path())),
+                None => (bold.as_path(), None),
+            };
+            trials::write_design(&files, (series, &events_path, confounds), &glm, tr)?;
+        }
+        exported.push(RunExport { run, number, volumes: idx.len(), missing, trials, bold, trial_files });
     }
 
     // Dataset files: made when absent, added to (participants) when present.
@@ -355,7 +443,7 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
     let columns = json!({
         "trial_type": {"Description": "the trial's condition as the live GLM modelled it (e.g. seen, imagery)"},
         "stimulus": {"Description": "the stimulus number the trial's event named (n/a: none)"},
-        "trial": {"Description": "the trial's number in the run, as in the live betas and decode messages"},
+        "trial": {"Description": "the trial's number in the run, as in the live betas and decode messages (n/a: a recorded marker the live GLM estimated no trial for)"},
     });
     write_if_absent(&out.join(format!("task-{}_events.json", opts.task)), &pretty(&columns))?;
     add_participant(&out.join("participants.tsv"), &sub)?;
@@ -376,8 +464,9 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
 const README: &str = "Real-time fMRI sessions recorded by mirage-rt (a closed-loop decoding daemon) and \
 exported with `mirage export`. Each run's BOLD series is as the daemon received it, in sender \
 index order; its events are the trials the live GLM estimated. derivatives/mirage-rt/ holds what \
-ran live: the online realignment's motion confounds (fMRIPrep's column names) and the latency \
-summary, with the version, commit and configuration that made them in its dataset_description.\n";
+ran live: the realigned series, the online realignment's motion confounds (fMRIPrep's column \
+names), the trial betas with their GLM mask, the ROI time series, the decode results and the \
+latency summary, with the version, commit and configuration that made them in its dataset_description.\n";
 
 /// Writes a run's series as received to `raw` and, when given, as the live motion stage
 /// realigned it to `realigned` (each volume resliced onto its reference volume's grid through
@@ -395,14 +484,16 @@ fn write_series(
         let e = reference.and_then(|k| entries.iter().find(|e| e.index == k)).unwrap_or(&entries[0]);
         (e.dims, e.affine)
     };
-    let open = |path: &Path, (dims, affine): ([usize; 3], crate::volume::Affine)| {
+    let open = |path: &Path, (dims, affine): ([usize; 3], crate::volume::Affine), dtype: Dtype| {
         prepare_output(path, force)?;
-        NiftiWriter::create(path, dims, idx.len(), &affine, Some(tr)).map_err(|e| write_error(path, e))
+        NiftiWriter::create_as(path, dims, idx.len(), &affine, Some(tr), dtype)
+            .map_err(|e| write_error(path, e))
     };
-    let mut raw_out = open(raw, grid_of(None))?;
+    let mut raw_out = open(raw, grid_of(None), raw_dtype(&entries))?;
     let mut realigned_out = match realigned {
         Some(path) => {
-            Some((path, open(path, grid_of(motion.iter().flatten().find_map(|m| m.reference_index)))?))
+            let reference = motion.iter().flatten().find_map(|m| m.reference_index);
+            Some((path, open(path, grid_of(reference), Dtype::F32)?))
         }
         None => None,
     };
@@ -428,9 +519,27 @@ fn write_series(
     }
 }
 
+/// The sample type a run's raw series is written in: the one its volumes arrived in when they
+/// all agree, else float32.
+fn raw_dtype(entries: &[&IndexEntry]) -> Dtype {
+    match entries.first().map(|e| e.dtype) {
+        Some(d) if entries.iter().all(|e| e.dtype == d) => d,
+        _ => Dtype::F32,
+    }
+}
+
+/// The sample type(s) a run's volumes arrived in: one name, or the list when they differ.
+fn received_dtypes(entries: &[&IndexEntry]) -> Value {
+    let names: std::collections::BTreeSet<&str> = entries.iter().map(|e| e.dtype.name()).collect();
+    match names.len() {
+        1 => json!(names.into_iter().next()),
+        _ => json!(names),
+    }
+}
+
 /// Every message of topic `T` that parses as `T`.
-fn typed<T: Topic + serde::de::DeserializeOwned>(messages: &[(String, Value)]) -> Vec<T> {
-    messages.iter().filter_map(|(t, h)| crate::topic::read::<T>(t, h).ok()).collect()
+fn typed<T: Topic + serde::de::DeserializeOwned>(messages: &[LoggedMessage]) -> Vec<T> {
+    messages.iter().filter_map(|m| crate::topic::read::<T>(&m.topic, &m.header).ok()).collect()
 }
 
 fn write_if_absent(path: &Path, text: &str) -> Result<(), ExportError> {
@@ -465,6 +574,7 @@ mod tests {
             tr: Some(2.0),
             acq_time: None,
             recv_time: index as f64,
+            dtype: Dtype::F32,
         }
     }
 
@@ -516,6 +626,67 @@ mod tests {
             export(&s, &out, &ExportOptions { task: "a_b".into(), ..opts() }),
             Err(ExportError::Label { .. })
         ));
+    }
+
+    #[test]
+    fn the_raw_series_keeps_the_integer_type_it_arrived_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().join("s");
+        let mut w = SessionWriter::create(&s, &json!({}), SyncPolicy::Os).unwrap();
+        let int16 = |run: &str, i: u64, dtype: Dtype| Volume {
+            data: (0..24).map(|k| (k as f32 - 12.0) * 1000.0 + i as f32).collect(),
+            dtype,
+            ..vol(run, i)
+        };
+        // Run a arrived as int16; run b mixed int16 and float64 volumes; run c float64.
+        let sent = [
+            ("a", 0, Dtype::I16),
+            ("a", 1, Dtype::I16),
+            ("b", 0, Dtype::I16),
+            ("b", 1, Dtype::F64),
+            ("c", 0, Dtype::F64),
+        ];
+        for (seq, &(run, i, dtype)) in sent.iter().enumerate() {
+            w.append(seq as u64, &int16(run, i, dtype), Value::Null, &[]).unwrap();
+        }
+        drop(w);
+        let runs = export(&s, &dir.path().join("bids"), &opts()).unwrap();
+        let a = crate::io::nifti::read_nifti(&runs[0].bold, 1 << 20).unwrap();
+        assert_eq!(a.header.dtype, Dtype::I16);
+        assert_eq!(a.volumes, [int16("a", 0, Dtype::I16).data, int16("a", 1, Dtype::I16).data]);
+        let b = crate::io::nifti::read_nifti(&runs[1].bold, 1 << 20).unwrap();
+        assert_eq!(b.header.dtype, Dtype::F32);
+        let sidecar: Value = serde_json::from_slice(
+            &std::fs::read(runs[1].bold.with_extension("").with_extension("json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(sidecar["MirageReceivedDtype"], json!(["float64", "int16"]));
+        let c = crate::io::nifti::read_nifti(&runs[2].bold, 1 << 20).unwrap();
+        assert_eq!((c.header.dtype, &c.volumes[0]), (Dtype::F64, &int16("c", 0, Dtype::F64).data));
+    }
+
+    #[test]
+    fn markers_no_trial_accounts_for_are_events_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().join("s");
+        let config = json!({"config": {"glm": {"default_duration_s": 1.5}}});
+        let mut w = SessionWriter::create(&s, &config, SyncPolicy::Os).unwrap();
+        let marker = |onset: Value, duration: Value| json!({"trial": null, "stim": 3, "condition": "rest", "onset": onset, "duration": duration});
+        // Volume 2 arrives at t = 2 s (TR 2 s, index 0 at t = 0): an absolute marker at 5 s is
+        // 5 s into the run.
+        w.append(0, &vol("a", 0), Value::Null, &[]).unwrap();
+        w.append(1, &vol("a", 1), Value::Null, &[marker(json!({"Relative": 3.0}), json!(4.0))]).unwrap();
+        w.append(2, &vol("a", 2), Value::Null, &[marker(json!({"Absolute": 5.0}), Value::Null)]).unwrap();
+        drop(w);
+        let out = dir.path().join("bids");
+        let runs = export(&s, &out, &opts()).unwrap();
+        assert_eq!(runs[0].trials, 0);
+        let events =
+            std::fs::read_to_string(out.join("sub-01/func/sub-01_task-imagery_run-1_events.tsv")).unwrap();
+        assert_eq!(
+            events,
+            "onset\tduration\ttrial_type\tstimulus\ttrial\n3\t4\trest\t3\tn/a\n5\t1.5\trest\t3\tn/a\n"
+        );
     }
 
     #[test]

@@ -1,0 +1,294 @@
+//! A MindEye2 network (Scotti et al. 2024) as its checkpoints hold it: the per-subject ridge
+//! `ridge.linears.K` (`Linear(V, h)`) into the MLP-mixer backbone (`backbone.mixer_blocks1/2`,
+//! `backbone.backbone_linear`) and the CLIP projector (`backbone.clip_proj`), so that a lab's
+//! trained model decodes betas into `backbone` and `clip_voxels` tokens `[T, D]`.
+//!
+//! A model folder: `config.json` (`{"architecture": "mindeye2", …}`, see [`Config`]) and
+//! `model.safetensors` under MindEye2's own key names (`tools/export_mindeye2.py` writes both
+//! from a `last.pth`). The blurry-image branch (`blin1`, `bnorm`, `bupsampler`) is not run here.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::DecodeError;
+
+/// The architecture tag in `config.json`.
+pub const ARCHITECTURE: &str = "mindeye2";
+
+/// `config.json` of a MindEye2 model folder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Always [`ARCHITECTURE`].
+    pub architecture: String,
+    /// Betas per trial (`V`).
+    pub n_voxels: usize,
+    /// The ridge's and backbone's width (`h`: 4096 or 1024).
+    pub hidden: usize,
+    /// Mixer sequence length (1 in the published models).
+    pub seq_len: usize,
+    /// Mixer blocks.
+    pub n_blocks: usize,
+    /// CLIP tokens (`T`, 256 for OpenCLIP ViT-bigG/14).
+    pub clip_tokens: usize,
+    /// CLIP token width (`D`, 1664).
+    pub clip_dim: usize,
+    /// Which of the checkpoint's ridges (`ridge.linears.K`) reads this subject's betas.
+    pub subject: usize,
+    /// Where the model came from.
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+}
+
+impl Config {
+    /// Reads `config.json` of a folder when it names this architecture (`None` otherwise).
+    pub fn load_if_mindeye2(dir: &Path) -> Result<Option<Config>, DecodeError> {
+        let path = dir.join(super::model::CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| DecodeError::Model(format!("{}: {e}", path.display())))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| DecodeError::Model(format!("{}: {e}", path.display())))?;
+        if value.get("architecture").and_then(|a| a.as_str()) != Some(ARCHITECTURE) {
+            return Ok(None);
+        }
+        let cfg: Config = serde_json::from_value(value)
+            .map_err(|e| DecodeError::Model(format!("{}: {e}", path.display())))?;
+        let sizes = [cfg.n_voxels, cfg.hidden, cfg.seq_len, cfg.n_blocks, cfg.clip_tokens, cfg.clip_dim];
+        if sizes.contains(&0) {
+            return Err(DecodeError::Model(format!("{}: a size is zero: {sizes:?}", path.display())));
+        }
+        if cfg.seq_len != 1 {
+            return Err(DecodeError::Model(format!(
+                "{}: seq_len {}: this model reads {} TRs' betas per trial; mirage gives one (seq_len 1)",
+                path.display(),
+                cfg.seq_len,
+                cfg.seq_len
+            )));
+        }
+        Ok(Some(cfg))
+    }
+}
+
+/// MindEye2's MLP: `Linear → GELU (erf) → Dropout → Linear` (dropout is the identity here).
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn load(width: usize, vb: VarBuilder) -> candle_core::Result<Mlp> {
+        Ok(Mlp { fc1: linear(width, width, vb.pp("0"))?, fc2: linear(width, width, vb.pp("3"))? })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        dense(&self.fc2, &dense(&self.fc1, x)?.gelu_erf()?)
+    }
+}
+
+/// `lin` on `x` made contiguous first: candle's CPU matmul of a transposed view at batch ≥ 2
+/// against a broadcast right operand (what `Linear` does) is wrong (candle issue 3744).
+fn dense(lin: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+    lin.forward(&x.contiguous()?)
+}
+
+/// A mixer block: `LayerNorm(width)` then an [`Mlp`] (keys `N.0` and `N.1.*`).
+struct MixerBlock {
+    norm: LayerNorm,
+    mlp: Mlp,
+}
+
+impl MixerBlock {
+    fn load(width: usize, vb: VarBuilder) -> candle_core::Result<MixerBlock> {
+        Ok(MixerBlock {
+            norm: layer_norm(width, LayerNormConfig::default(), vb.pp("0"))?,
+            mlp: Mlp::load(width, vb.pp("1"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.mlp.forward(&self.norm.forward(x)?)
+    }
+
+    /// The block over `x`'s last two dimensions swapped (the mixer's channel mixing).
+    fn forward_transposed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(&x.transpose(1, 2)?)
+    }
+}
+
+/// `clip_proj`: three times `LayerNorm → GELU → Linear` (keys 0, 2, 3, 5, 6, 8).
+struct Projector {
+    layers: Vec<(LayerNorm, Linear)>,
+}
+
+impl Projector {
+    fn load(width: usize, vb: VarBuilder) -> candle_core::Result<Projector> {
+        let layers = [(0, 2), (3, 5), (6, 8)]
+            .into_iter()
+            .map(|(n, l)| {
+                Ok((
+                    layer_norm(width, LayerNormConfig::default(), vb.pp(n))?,
+                    linear(width, width, vb.pp(l))?,
+                ))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Projector { layers })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.layers.iter().try_fold(x.clone(), |x, (norm, lin)| dense(lin, &norm.forward(&x)?.gelu_erf()?))
+    }
+}
+
+/// What a forward pass gives per trial.
+pub struct Outputs {
+    /// `backbone_linear`'s output as tokens `[n, T, D]` (the diffusion prior's input).
+    pub backbone: Tensor,
+    /// `clip_proj` of it `[n, T, D]`: retrieval against CLIP image tokens.
+    pub clip_voxels: Tensor,
+}
+
+/// A loaded MindEye2 network.
+pub struct MindEye2 {
+    /// Its configuration.
+    pub cfg: Config,
+    ridge: Linear,
+    blocks1: Vec<MixerBlock>,
+    blocks2: Vec<MixerBlock>,
+    backbone_linear: Linear,
+    clip_proj: Projector,
+    device: Device,
+    dtype: DType,
+}
+
+impl MindEye2 {
+    /// Builds the network `cfg` describes from `vb` (MindEye2's key names).
+    pub fn load(cfg: Config, vb: VarBuilder) -> Result<MindEye2, DecodeError> {
+        let err = |e: candle_core::Error| DecodeError::Model(format!("mindeye2: {e}"));
+        let (h, s) = (cfg.hidden, cfg.seq_len);
+        let ridge = linear(cfg.n_voxels, h, vb.pp(format!("ridge.linears.{}", cfg.subject))).map_err(err)?;
+        let b = vb.pp("backbone");
+        let blocks = |prefix: &str, width: usize| {
+            (0..cfg.n_blocks)
+                .map(|i| MixerBlock::load(width, b.pp(prefix).pp(i)))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(err)
+        };
+        let (blocks1, blocks2) = (blocks("mixer_blocks1", h)?, blocks("mixer_blocks2", s)?);
+        let backbone_linear =
+            linear(h * s, cfg.clip_tokens * cfg.clip_dim, b.pp("backbone_linear")).map_err(err)?;
+        let clip_proj = Projector::load(cfg.clip_dim, b.pp("clip_proj")).map_err(err)?;
+        let (device, dtype) = (vb.device().clone(), vb.dtype());
+        Ok(MindEye2 { cfg, ridge, blocks1, blocks2, backbone_linear, clip_proj, device, dtype })
+    }
+
+    /// Loads a model folder onto `device` (the weights memory-mapped).
+    pub fn load_dir(dir: &Path, cfg: Config, device: &Device) -> Result<MindEye2, DecodeError> {
+        let path = dir.join(super::model::WEIGHTS_FILE);
+        if !path.exists() {
+            return Err(DecodeError::Model(format!("{} is missing", path.display())));
+        }
+        // SAFETY: the weights file is mapped read-only and must not change while loaded; model
+        // folders are written once by the export tool.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
+            .map_err(|e| DecodeError::Model(format!("{}: {e}", path.display())))?;
+        MindEye2::load(cfg, vb)
+    }
+
+    /// The network for betas `(n, V)`, each trial a sequence of one (`seq_len` 1, as the
+    /// published models read them).
+    pub fn forward(&self, betas: &Tensor) -> candle_core::Result<Outputs> {
+        let (n, _) = betas.dims2()?;
+        // [n, 1, h]: the trial's betas through the subject's ridge.
+        let x = dense(&self.ridge, betas)?.unsqueeze(1)?;
+        let (mut x, mut residual1) = (x.clone(), x.clone());
+        let mut residual2 = x.transpose(1, 2)?.contiguous()?;
+        for (block1, block2) in self.blocks1.iter().zip(&self.blocks2) {
+            x = (block1.forward(&x)? + &residual1)?;
+            residual1 = x.clone();
+            x = (block2.forward_transposed(&x)? + &residual2)?;
+            residual2 = x.clone();
+            x = x.transpose(1, 2)?.contiguous()?;
+        }
+        let flat = x.reshape((n, ()))?;
+        let backbone =
+            dense(&self.backbone_linear, &flat)?.reshape((n, self.cfg.clip_tokens, self.cfg.clip_dim))?;
+        let clip_voxels = self.clip_proj.forward(&backbone)?;
+        Ok(Outputs { backbone, clip_voxels })
+    }
+
+    /// Betas `(n, V)` from row-major values, checked (size, finiteness), on the device in the
+    /// weights' dtype.
+    pub fn input(&self, betas: &[f32], n: usize) -> Result<Tensor, DecodeError> {
+        let v = self.cfg.n_voxels;
+        if betas.len() != n * v {
+            return Err(DecodeError::Input(format!("{} betas for {n} trials of {v} voxels", betas.len())));
+        }
+        if let Some(i) = betas.iter().position(|b| !b.is_finite()) {
+            return Err(DecodeError::Input(format!("trial {}, voxel {}: beta is not finite", i / v, i % v)));
+        }
+        Tensor::from_slice(betas, (n, v), &self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(|e| DecodeError::Compute(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    /// A mixer block of `width` with random weights (LayerNorm perturbed from the identity).
+    fn block(width: usize, dev: &Device) -> MixerBlock {
+        let t = |shape: &[usize], scale: f64, shift: f64| {
+            (Tensor::randn(0f32, 1f32, shape, dev).unwrap() * scale).unwrap().affine(1.0, shift).unwrap()
+        };
+        let map: HashMap<String, Tensor> = [
+            ("0.weight", t(&[width], 0.3, 1.0)),
+            ("0.bias", t(&[width], 0.2, 0.0)),
+            ("1.0.weight", t(&[width, width], 0.5, 0.0)),
+            ("1.0.bias", t(&[width], 0.5, 0.0)),
+            ("1.3.weight", t(&[width, width], 0.5, 0.0)),
+            ("1.3.bias", t(&[width], 0.5, 0.0)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        MixerBlock::load(width, VarBuilder::from_tensors(map, DType::F32, dev)).unwrap()
+    }
+
+    #[test]
+    fn a_dense_layer_on_a_transposed_view_at_batch_four_is_right() {
+        // Candle issue 3744's path: `Linear` on a transposed view at batch ≥ 2 is wrong on the
+        // CPU (off by whole units with candle 0.11); `dense` must give each trial's product.
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1f32, (4, 3, 5), &dev).unwrap();
+        let lin = Linear::new(Tensor::randn(0f32, 1f32, (6, 3), &dev).unwrap(), None);
+        let view = x.transpose(1, 2).unwrap();
+        let got = dense(&lin, &view).unwrap();
+        for i in 0..4 {
+            let row = view.narrow(0, i, 1).unwrap().squeeze(0).unwrap().contiguous().unwrap();
+            let want = row.matmul(&lin.weight().t().unwrap()).unwrap();
+            let diff = (got.narrow(0, i, 1).unwrap().squeeze(0).unwrap() - want).unwrap();
+            assert!(diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5, "trial {i}");
+        }
+    }
+
+    #[test]
+    fn channel_mixing_over_a_batch_equals_each_trial_alone() {
+        // The path candle issue 3744 breaks: a transposed [batch, h, s] view into Linear at
+        // batch ≥ 2. Each trial alone is the reference.
+        let dev = Device::Cpu;
+        let b = block(3, &dev);
+        let x = Tensor::randn(0f32, 1f32, (4, 3, 5), &dev).unwrap();
+        let batch = b.forward_transposed(&x).unwrap();
+        for i in 0..4 {
+            let one = b.forward_transposed(&x.narrow(0, i, 1).unwrap()).unwrap();
+            let diff = (batch.narrow(0, i, 1).unwrap() - one).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "trial {i}");
+        }
+    }
+}
