@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    as_strs, decode_daemon_args, mirage, npy, published, run, run_with_timeout, simulated_session_with,
-    train_model, Daemon,
+    as_strs, close, decode_daemon_args, mirage, npy, published, run, run_with_timeout,
+    simulated_session_with, train_model, Daemon,
 };
 use mirage_rt::decode::metrics::two_way;
 
@@ -180,8 +180,8 @@ fn bad_settings_and_input_are_refused_clearly_and_fits_are_deterministic() {
     fail(&mut calibrate(&p, "0,1,2,x", &x), "--trials");
     assert!(!x.exists(), "a refused fit wrote a file");
 
-    // Fewer than calibrate.min_stimuli stimuli: nothing is tested, the baseline is kept and
-    // the report says why.
+    // Fewer than calibrate.min_stimuli stimuli: nothing is tested, the report says why, and the
+    // alignment decodes exactly as MIRAGE's per-run z-scoring does.
     let few = d.join("few.safetensors");
     let few_report = d.join("few.json");
     let four: Vec<&str> = rows.split(',').take(4).collect();
@@ -189,6 +189,15 @@ fn bad_settings_and_input_are_refused_clearly_and_fits_are_deterministic() {
     let fit = read_json(&few_report);
     assert!(fit["note"].as_str().unwrap().contains("at least 10"), "{fit}");
     assert!(fit["heads"].as_array().unwrap().iter().all(|h| h["kept"] == false), "{fit}");
+    let eval = p.eval.1.join("trial_betas.npy");
+    decode(&p.model, &eval, &d.join("few"), few.to_str().unwrap(), "all");
+    decode(&p.model, &eval, &d.join("zs"), "zscore-run", "all");
+    for head in HEADS {
+        let file = format!("{head}.npy");
+        let ((sa, a), (sb, b)) = (npy(&d.join("few").join(&file)), npy(&d.join("zs").join(&file)));
+        assert_eq!(sa, sb, "{head}");
+        close(&a, &b, 1e-6, head);
+    }
 
     // Deterministic: the same fit twice gives the same tensors and decisions.
     let (a, b) = (d.join("a.safetensors"), d.join("b.safetensors"));

@@ -258,7 +258,8 @@ pub struct CalibrateConfig {
     /// Level of the guard's one-sided paired t-test over held-out stimuli (the input
     /// candidate, the best of several: this over their number).
     pub guard_p: f64,
-    /// Fewest distinct stimuli with which anything is tested (else the baseline is kept).
+    /// Fewest distinct stimuli with which anything is tested (else nothing is fitted and the run
+    /// is z-scored, MIRAGE's zero-shot baseline).
     pub min_stimuli: usize,
     /// Gradient fit: rank of the low-rank correction `U·Vᵀ`.
     pub rank: usize,

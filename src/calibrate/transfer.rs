@@ -719,12 +719,15 @@ pub fn fit(
     } else {
         choose(&problem, progress)?
     };
+    // With nothing tested, the run is z-scored as MIRAGE's zero-shot baseline does: no choice
+    // of ours (not even centring alone) is applied without evidence for it.
+    let input = if too_few { InputNorm::ZscoreRun } else { cfg.inputs[input_choice] };
     let note = too_few.then(|| {
         format!(
             "{n_stim} stimuli: at least {} (calibrate.min_stimuli) are needed to test a correction; \
-             the baseline ({}) is kept",
+             nothing is fitted and the run is z-scored ({}), MIRAGE's zero-shot baseline",
             cfg.min_stimuli,
-            cfg.inputs[0].name()
+            input.name()
         )
     });
     let report = TransferReport {
@@ -742,8 +745,7 @@ pub fn fit(
     let json = serde_json::to_value(&report).unwrap_or_default();
     let stats = std::mem::take(&mut problem.run.stats);
     let condition = set.condition.clone();
-    let alignment =
-        Alignment::new(decoder, cfg.inputs[input_choice], stats, modes, adjusts, condition, json)?;
+    let alignment = Alignment::new(decoder, input, stats, modes, adjusts, condition, json)?;
     Ok((alignment, report))
 }
 
