@@ -496,15 +496,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Realign { input, out, params, matrices, reference, config } => {
             let cfg = commands::load_config(config.as_deref())?;
             let outputs = RealignOutputs { out, params, matrices };
-            let estimates = commands::realign::realign(
+            let done = commands::realign::realign(
                 &input,
                 &ReferenceChoice::parse(&reference),
                 &cfg.motion,
                 &outputs,
                 cfg.ingest.max_voxels,
             )?;
-            let failed = estimates.iter().filter(|e| e.is_none()).count();
-            eprintln!("mirage: realigned {} volumes ({failed} without an estimate)", estimates.len());
+            let failed = done.estimates.iter().filter(|e| e.is_none()).count();
+            eprintln!(
+                "mirage: realigned {} volumes ({failed} without an estimate); motion stage {}",
+                done.estimates.len(),
+                commands::per_volume_times(&done.seconds)
+            );
             Ok(())
         }
         Command::Glm { input, tr, events, design, out, mask, ar1, highpass, motion, config } => {
@@ -515,12 +519,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --events FILE or --design FILE"),
             };
             let opts = GlmOptions { tr, design, out, mask, ar1, highpass, motion };
-            let fit = commands::glm::glm(&input, &opts, &cfg.glm, cfg.ingest.max_voxels)?;
+            let fitted = commands::glm::glm(&input, &opts, &cfg.glm, cfg.ingest.max_voxels)?;
             eprintln!(
-                "mirage: fitted {} regressors on {} voxels; wrote {}",
-                fit.names.len(),
-                fit.mask.len(),
-                opts.out.display()
+                "mirage: fitted {} regressors on {} voxels; wrote {}; GLM stage {}",
+                fitted.fit.names.len(),
+                fitted.fit.mask.len(),
+                opts.out.display(),
+                commands::per_volume_times(&fitted.seconds)
             );
             Ok(())
         }

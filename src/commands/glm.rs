@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use crate::glm::offline::{FitOptions, SeriesFit};
-use crate::glm::{FullFit, GlmConfig};
+use crate::glm::GlmConfig;
 use crate::io::nifti::NiftiWriter;
 
 pub use crate::glm::offline::{read_motion_tsv, DesignSource};
@@ -34,8 +34,14 @@ pub struct GlmOptions {
 
 /// Fits `input` and writes `betas.nii.gz`, `tstats.nii.gz` (one volume per regressor, zero
 /// outside the mask), `design.tsv` (unwhitened), with trial regressors `trial_betas.npy`
-/// (trials × mask voxels, the decoder's input) and `trials.tsv`, and with AR(1) `ar1.json`.
-pub fn glm(input: &Path, opts: &GlmOptions, base: &GlmConfig, max_voxels: usize) -> anyhow::Result<FullFit> {
+/// (trials × mask voxels, the decoder's input) and `trials.tsv`, and with AR(1) `ar1.json`;
+/// returns the fit with the estimator's time per volume.
+pub fn glm(
+    input: &Path,
+    opts: &GlmOptions,
+    base: &GlmConfig,
+    max_voxels: usize,
+) -> anyhow::Result<SeriesFit> {
     let fitted = crate::glm::offline::fit_series(
         input,
         &FitOptions {
@@ -49,12 +55,12 @@ pub fn glm(input: &Path, opts: &GlmOptions, base: &GlmConfig, max_voxels: usize)
         base,
         max_voxels,
     )?;
-    let SeriesFit { fit, dims, affine } = fitted;
+    let SeriesFit { fit, dims, affine, .. } = &fitted;
     std::fs::create_dir_all(&opts.out).with_context(|| opts.out.display().to_string())?;
     let n_vox: usize = dims.iter().product();
     let write_maps = |name: &str, maps: &[Vec<f32>]| -> anyhow::Result<()> {
         let path = opts.out.join(name);
-        let mut w = NiftiWriter::create(&path, dims, maps.len(), &affine, None)?;
+        let mut w = NiftiWriter::create(&path, *dims, maps.len(), affine, None)?;
         for m in maps {
             let mut full = vec![0f32; n_vox];
             fit.mask.iter().zip(m).for_each(|(&v, b)| full[v] = *b);
@@ -65,7 +71,7 @@ pub fn glm(input: &Path, opts: &GlmOptions, base: &GlmConfig, max_voxels: usize)
     };
     write_maps("betas.nii.gz", &fit.betas)?;
     write_maps("tstats.nii.gz", &fit.tstats)?;
-    std::fs::write(opts.out.join("design.tsv"), crate::glm::offline::design_tsv(&fit))?;
+    std::fs::write(opts.out.join("design.tsv"), crate::glm::offline::design_tsv(fit))?;
     // Trial betas as decoder input: one row per trial (trial-id order), mask voxels as columns.
     let trial_cols: Vec<(usize, u64)> = fit
         .names
@@ -90,5 +96,5 @@ pub fn glm(input: &Path, opts: &GlmOptions, base: &GlmConfig, max_voxels: usize)
         let text = serde_json::json!({ "rho": rho, "warmup_volumes": base.ar1_warmup, "whitening": "Prais-Winsten" });
         std::fs::write(opts.out.join("ar1.json"), text.to_string())?;
     }
-    Ok(fit)
+    Ok(fitted)
 }

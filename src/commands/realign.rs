@@ -38,14 +38,23 @@ pub struct RealignOutputs {
     pub matrices: Option<PathBuf>,
 }
 
-/// Realigns every volume of `input`; returns each volume's estimate (`None` where it failed).
+/// What `realign` did.
+pub struct Realigned {
+    /// Each volume's estimate (`None` where it failed).
+    pub estimates: Vec<Option<MotionEstimate>>,
+    /// Seconds the motion stage took on each volume it registered (registration and reslice;
+    /// not the reference's preparation).
+    pub seconds: Vec<f64>,
+}
+
+/// Realigns every volume of `input`, timing the motion stage on each.
 pub fn realign(
     input: &Path,
     reference: &ReferenceChoice,
     cfg: &MotionConfig,
     outputs: &RealignOutputs,
     max_voxels: usize,
-) -> anyhow::Result<Vec<Option<MotionEstimate>>> {
+) -> anyhow::Result<Realigned> {
     let mut cfg = cfg.clone();
     let run = sanitize_run_id(
         &input
@@ -89,9 +98,17 @@ pub fn realign(
     let tr = reader.header().tr_seconds();
     let mut writer: Option<NiftiWriter> = None;
     let mut estimates = Vec::with_capacity(n);
+    let mut seconds = Vec::with_capacity(n);
+    // With the first volume as reference, its own call prepares the reference.
+    let prepares = matches!(reference, ReferenceChoice::Volume(0));
     let mut index = 0u64;
     while let Some(v) = read(index, &mut reader)? {
-        let (data, estimate) = match corrector.process(&v, index == 0) {
+        let start = std::time::Instant::now();
+        let processed = corrector.process(&v, index == 0);
+        if !(prepares && index == 0) {
+            seconds.push(start.elapsed().as_secs_f64());
+        }
+        let (data, estimate) = match processed {
             Ok(Some(r)) => (r.volume, Some(r.estimate)),
             Ok(None) => (v.clone(), None),
             Err(e) => {
@@ -120,7 +137,7 @@ pub fn realign(
     if let Some(path) = &outputs.matrices {
         std::fs::write(path, matrices_tsv(&estimates)).with_context(|| path.display().to_string())?;
     }
-    Ok(estimates)
+    Ok(Realigned { estimates, seconds })
 }
 
 /// The confounds table: a header of fMRIPrep names, one row per volume (`n/a` where none).

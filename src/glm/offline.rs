@@ -47,6 +47,9 @@ pub struct SeriesFit {
     pub dims: [usize; 3],
     /// Its voxel-to-world matrix.
     pub affine: Affine,
+    /// Seconds the online estimator took on each volume (trial betas included where a trial
+    /// closed).
+    pub seconds: Vec<f64>,
 }
 
 /// Reads the six motion parameters of every volume from a TSV whose header names them
@@ -156,6 +159,7 @@ pub fn fit_series(
             .unwrap_or_default(),
     );
     let (dims, affine) = (h.volume_dims(), h.affine());
+    let mut seconds = Vec::with_capacity(n);
     let mut index = 0u64;
     while let Some(data) = reader.read_volume()? {
         let v = Volume {
@@ -170,14 +174,16 @@ pub fn fit_series(
             dtype: h.dtype,
         };
         let m = motion.as_ref().and_then(|m| m.get(index as usize)).and_then(Option::as_ref);
+        let start = std::time::Instant::now();
         let out = est.process(&v, m, index == 0).with_context(|| format!("volume {index}"))?;
+        seconds.push(start.elapsed().as_secs_f64());
         if out.new_nan_voxels > 0 {
             tracing::warn!("glm: volume {index}: {} voxels are NaN and masked out", out.new_nan_voxels);
         }
         index += 1;
     }
     let fit = est.full_fit().context("the series has no volume")?;
-    Ok(SeriesFit { fit, dims, affine })
+    Ok(SeriesFit { fit, dims, affine, seconds })
 }
 
 /// A fit's unwhitened design as TSV: a header of regressor names, a row per volume.
