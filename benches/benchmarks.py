@@ -450,26 +450,28 @@ def peers_md():
     if not os.path.exists(f):
         return []
     r = json.load(open(f))
-    m, g = r["motion"], r["glm"]
+    g = r["glm"]
     out = ["## Peers side by side", "",
            f"`{r['command']}` on {r['date']}, commit {r['commit']}, {r['machine']}, every tool on one thread, "
-           f"in one run on the same data ({r['minutes']:.1f} minutes).", "",
-           f"Motion correction (registration and reslice per volume) of one simulated series, {m['grid']}, "
-           f"{m['anatomy']} as anatomy, {m['motion']}; error is the mean displacement against the simulator's "
-           f"exact motion over {m['brain_points']:,} brain voxels:", "",
-           "| tool | volumes | p50 (ms) | p99 (ms) | p50 ÷ mirage's | mean error (mm) | max error (mm) |",
-           "|---|---|---|---|---|---|---|"]
-    base = m["mirage"]["p50_ms"]
-    for key, label in (("mirage", "mirage-rt (`mirage realign`)"),
-                       ("mirage_half_samples", "mirage-rt, `motion.sample_fraction = 0.1` (default 0.2)"),
-                       ("simpleitk", f"SimpleITK {m['simpleitk']['version']}: mean squares, 5 % sampling, 2 levels"),
-                       ("ants", f"ANTs (antspyx {m['ants']['version']}): `registration(type_of_transform='Rigid')`")):
-        t = m[key]
-        out.append(f"| {label} | {t['volumes']} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['p50_ms'] / base:.1f} | "
-                   f"{t['mean_error_mm']:.4f} | {t['max_error_mm']:.4f} |")
+           f"in one run on the same data ({r['minutes']:.1f} minutes).", ""]
+    for m in r["motion"]:
+        out += [f"Motion correction (registration and reslice per volume) of one simulated series, {m['grid']}, "
+                f"{m['anatomy']} as anatomy, {m['motion']}; error is the mean displacement against the simulator's "
+                f"exact motion over {m['brain_points']:,} brain voxels:", "",
+                "| tool | volumes | p50 (ms) | p99 (ms) | p50 ÷ mirage's | mean error (mm) | max error (mm) |",
+                "|---|---|---|---|---|---|---|"]
+        base = m["mirage"]["p50_ms"]
+        for key, label in (("mirage", "mirage-rt (`mirage realign`)"),
+                           ("mirage_half_samples", "mirage-rt, `motion.sample_fraction = 0.1` (default 0.2)"),
+                           ("simpleitk", f"SimpleITK {m['simpleitk']['version']}: mean squares, 5 % sampling, 2 levels"),
+                           ("ants", f"ANTs (antspyx {m['ants']['version']}): `registration(type_of_transform='Rigid')`")):
+            t = m[key]
+            out.append(f"| {label} | {t['volumes']} | {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['p50_ms'] / base:.1f} | "
+                       f"{t['mean_error_mm']:.4f} | {t['max_error_mm']:.4f} |")
+        out.append("")
     n = g["nilearn_refit"]["seconds_at_volume"]
     last = max(n, key=int)
-    out += ["", f"Online GLM of one simulated run, {g['grid']}, {g['volumes']} volumes, {g['voxels']:,} mask voxels, "
+    out += [f"Online GLM of one simulated run, {g['grid']}, {g['volumes']} volumes, {g['voxels']:,} mask voxels, "
             f"{g['regressors']} regressors ({g['trials']} trials, one regressor each):", "",
             "| tool | work per TR | p50 (ms) | p99 (ms) | ÷ mirage's p50 |", "|---|---|---|---|---|",
             f"| mirage-rt (`mirage glm`) | exact incremental least squares, trial betas as each trial closes | "

@@ -87,12 +87,15 @@ def itk_matrix(transform_point):
     return FLIP @ m @ FLIP
 
 
-def motion(d, volumes, ants_volumes):
-    """Realigns one moved series with mirage, SimpleITK and ANTs."""
-    run = os.path.join(d, "motion")
+def motion(d, shape, voxel_mm, volumes, ants_volumes):
+    """Realigns one moved series on grid `shape` (voxels of `voxel_mm`) with mirage, SimpleITK
+    and ANTs."""
+    d = os.path.join(d, f"motion-{shape.replace(',', 'x')}")
+    os.makedirs(d)
+    run = os.path.join(d, "run")
     mirage("simulate", "--out", run, "--seed", "1", "--volumes", str(volumes), "--anatomy", ANATOMY,
-           "--shape", "64,64,36", *sum((["--set", s] for s in (
-               "voxel_mm=3,3,3", "motion_kind=\"random\"", "motion_mm=3", "motion_deg=3", "noise_pct=2", "ar1=0",
+           "--shape", shape, *sum((["--set", s] for s in (
+               f"voxel_mm={voxel_mm},{voxel_mm},{voxel_mm}", "motion_kind=\"random\"", "motion_mm=3", "motion_deg=3", "noise_pct=2", "ar1=0",
                "drift_pct=0", "signal_pct=0")), []))
     bold = os.path.join(run, "bold.nii.gz")
     truth = np.loadtxt(os.path.join(run, "truth", "motion_matrices.tsv"), skiprows=1).reshape(-1, 4, 4)
@@ -101,7 +104,7 @@ def motion(d, volumes, ants_volumes):
     def errors(matrices, first=1):
         return [mean_displacement(m, truth[t], points) for t, m in enumerate(matrices, start=first)]
 
-    out = {"grid": "64x64x36 @ 3 mm", "volumes": volumes, "anatomy": "FSL example_func",
+    out = {"grid": f"{shape.replace(',', 'x')} @ {voxel_mm} mm", "volumes": volumes, "anatomy": "FSL example_func",
            "motion": "random, up to 3 mm / 3 degrees per volume, noise 2 %", "brain_points": len(points)}
 
     # mirage: the online stage run offline, one thread.
@@ -251,6 +254,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--volumes", type=int, default=101, help="moved volumes for mirage and SimpleITK (+ reference)")
     ap.add_argument("--ants-volumes", type=int, default=20, help="moved volumes for ANTs (slow)")
+    ap.add_argument("--large-volumes", type=int, default=31, help="volumes on the 96x114x96 @ 2 mm grid")
     ap.add_argument("--glm-volumes", type=int, default=200)
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "benchmarks", "peers.json"))
     a = ap.parse_args()
@@ -264,7 +268,8 @@ def main():
             "command": "benches/peers.py" + "".join(
                 f" --{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k != "json"),
             "threads": 1,
-            "motion": motion(d, a.volumes, a.ants_volumes),
+            "motion": [motion(d, "64,64,36", 3, a.volumes, a.ants_volumes),
+                       motion(d, "96,114,96", 2, a.large_volumes, max(2, a.ants_volumes // 4))],
             "glm": glm(d, a.glm_volumes),
         }
     report["minutes"] = (time.perf_counter() - started) / 60

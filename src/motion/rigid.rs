@@ -229,20 +229,26 @@ impl Row<'_> {
         lerp(lerp(c00, c10, f[1]), lerp(c01, c11, f[1]), f[2])
     }
 
-    /// [`Row::sample`] for eight voxels at once with gathers; returns how many it filled (a
-    /// multiple of eight). Indices stay in bounds: coordinates are clamped (NaN to 0) before
-    /// the corner, so the farthest read is `src`'s last voxel.
+    /// [`Row::sample`] for eight voxels at once with gathers; returns how many it filled (all
+    /// of a row of eight or more: its last eight are done as one block that overlaps the one
+    /// before, the same values computed twice). Indices stay in bounds: coordinates are
+    /// clamped (NaN to 0) before the corner, so the farthest read is `src`'s last voxel.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn blend_avx2(&self, out: &mut [f32]) -> usize {
         use std::arch::x86_64::*;
-        let n = out.len() / 8 * 8;
+        let n = out.len();
+        if n < 8 {
+            return 0;
+        }
+        let full = n / 8 * 8;
         let lanes = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
         let zero = _mm256_setzero_ps();
         let [dx, dy, dz] = self.corner.map(|c| c as i32);
         let lerp = |a: __m256, b: __m256, f: __m256| _mm256_fmadd_ps(_mm256_sub_ps(b, a), f, a);
-        for (chunk, o) in out[..n].chunks_exact_mut(8).enumerate() {
-            let t = _mm256_add_ps(_mm256_set1_ps((chunk * 8) as f32), lanes);
+        for first in (0..full).step_by(8).chain((full < n).then_some(n - 8)) {
+            let o = &mut out[first..first + 8];
+            let t = _mm256_add_ps(_mm256_set1_ps(first as f32), lanes);
             let mut idx = _mm256_setzero_si256();
             let mut f = [zero; 3];
             for axis in 0..3 {
