@@ -1271,7 +1271,7 @@ mod tests {
     }
 
     #[test]
-    fn too_few_stimuli_keep_the_baseline_and_say_why() {
+    fn too_few_stimuli_zscore_the_run_and_say_why() {
         let mut w = World::new(5, true);
         let decoder = w.decoder(None);
         let mut set = w.calibration();
@@ -1286,7 +1286,7 @@ mod tests {
         let (a, r) = fit(&decoder, &set, &CalibrateConfig::default(), &mut |_| {}).unwrap();
         assert!(r.note.as_deref().unwrap_or("").contains("8 stimuli: at least 10"), "{r:?}");
         assert!(
-            a.adjusts.iter().all(Option::is_none) && a.input == InputNorm::CentreRun && a.modes.is_none()
+            a.adjusts.iter().all(Option::is_none) && a.input == InputNorm::ZscoreRun && a.modes.is_none()
         );
     }
 
