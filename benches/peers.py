@@ -74,6 +74,11 @@ def mean_displacement(a, b, points):
     return float(np.linalg.norm(pa - pb, axis=1).mean())
 
 
+def read_matrices(path):
+    """`mirage realign --matrices` as 4x4 matrices, the reference volume's row left out."""
+    return [np.vstack([r.reshape(3, 4), [0, 0, 0, 1]]) for r in np.loadtxt(path, ndmin=2)[1:]]
+
+
 def itk_matrix(transform_point):
     """A rigid ITK transform (fixed LPS point -> moving LPS point) as a 4x4 RAS matrix, the
     convention of mirage's matrices (`out(p) = v(M p)`)."""
@@ -112,9 +117,7 @@ def motion(d, shape, voxel_mm, volumes, ants_volumes):
     t0 = time.perf_counter()
     err = mirage("realign", bold, "--matrices", mats)
     wall = time.perf_counter() - t0
-    rows = np.loadtxt(mats, ndmin=2)
-    ours = [np.vstack([r.reshape(3, 4), [0, 0, 0, 1]]) for r in rows[1:]]
-    e = errors(ours)
+    e = errors(read_matrices(mats))
     out["mirage"] = {**stage_times(err, "motion stage"), "process_wall_s": wall,
                      "mean_error_mm": float(np.mean(e)), "max_error_mm": float(np.max(e))}
     print(f"mirage: {out['mirage']}", flush=True)
@@ -123,8 +126,7 @@ def motion(d, shape, voxel_mm, volumes, ants_volumes):
     with open(cfg, "w") as f:
         f.write("[motion]\nsample_fraction = 0.1\n")
     err = mirage("realign", bold, "--matrices", mats, "--config", cfg)
-    rows = np.loadtxt(mats, ndmin=2)
-    e = errors([np.vstack([r.reshape(3, 4), [0, 0, 0, 1]]) for r in rows[1:]])
+    e = errors(read_matrices(mats))
     out["mirage_half_samples"] = {**stage_times(err, "motion stage"), "mean_error_mm": float(np.mean(e)),
                                   "max_error_mm": float(np.max(e))}
     print(f"mirage, sample_fraction 0.1: {out['mirage_half_samples']}", flush=True)

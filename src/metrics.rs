@@ -27,7 +27,7 @@ struct LatencyBook {
 /// Volumes the rolling percentiles of the status topic cover.
 pub const ROLLING: usize = 256;
 
-/// Percentiles of the last [`ROLLING`] volumes, ms.
+/// Nearest-rank percentiles of latencies, ms (the status topic's: of the last [`ROLLING`] volumes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct RollingSummary {
     /// Volumes covered.
@@ -41,7 +41,8 @@ pub struct RollingSummary {
 }
 
 impl RollingSummary {
-    fn of(mut v: Vec<f64>) -> RollingSummary {
+    /// Nearest-rank median, 99th percentile and largest of `v` (non-finite values dropped).
+    pub fn of(mut v: Vec<f64>) -> RollingSummary {
         v.retain(|x| x.is_finite());
         if v.is_empty() {
             return RollingSummary::default();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    as_strs, close, decode_daemon_args, mirage, npy, published, run, run_with_timeout,
+    as_strs, close, decode_cmd, decode_daemon_args, mirage, npy, published, run, run_with_timeout,
     simulated_session_with, train_model, Daemon,
 };
 use mirage_rt::decode::metrics::two_way;
@@ -43,14 +43,7 @@ fn mean_two_way(pred: &Path, truth: &Path, rows: &[usize]) -> f64 {
 }
 
 fn decode(model: &Path, betas: &Path, out: &Path, align: &str, run_stats: &str) {
-    run(mirage()
-        .args(["decode", "--device", "cpu", "--model"])
-        .arg(model)
-        .arg("--betas")
-        .arg(betas)
-        .arg("--out")
-        .arg(out)
-        .args(["--align", align, "--run-stats", run_stats]));
+    run(decode_cmd(model, betas, out).args(["--align", align, "--run-stats", run_stats]));
 }
 
 fn calibrate(p: &Participant, rows: &str, out: &Path) -> std::process::Command {
@@ -238,15 +231,8 @@ fn bad_settings_and_input_are_refused_clearly_and_fits_are_deterministic() {
     fail(&mut calibrate_for(&o_model, &p, &rows, &x), "voxels, the model takes");
     let good = d.join("good.safetensors");
     run(&mut calibrate(&p, &rows, &good));
-    let mut cmd = mirage();
-    cmd.args(["decode", "--device", "cpu", "--model"])
-        .arg(&o_model)
-        .arg("--betas")
-        .arg(o_glm.join("trial_betas.npy"))
-        .arg("--out")
-        .arg(d.join("o"))
-        .arg("--align")
-        .arg(&good);
+    let mut cmd = decode_cmd(&o_model, &o_glm.join("trial_betas.npy"), &d.join("o"));
+    cmd.arg("--align").arg(&good);
     fail(&mut cmd, "calibrate again with this model");
 }
 

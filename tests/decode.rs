@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    as_strs, close, decode_daemon_args, mirage, npy, published, python, run, run_with_timeout,
+    as_strs, close, decode_cmd, decode_daemon_args, mirage, npy, published, python, run, run_with_timeout,
     simulated_session, train_model, train_model_with, Daemon,
 };
 
@@ -19,13 +19,8 @@ fn exported_sklearn_models_and_our_training_match_sklearn() {
     let alpha = "50";
     run(python("sklearn_ref.py").arg(d).arg(alpha));
     // The exported sklearn models predict what sklearn predicts.
-    run(mirage()
-        .args(["decode", "--device", "cpu", "--renorm", "none", "--model"])
-        .arg(d.join("exported"))
-        .arg("--betas")
-        .arg(d.join("X_test.npy"))
-        .arg("--out")
-        .arg(d.join("pred_exported")));
+    run(decode_cmd(&d.join("exported"), &d.join("X_test.npy"), &d.join("pred_exported"))
+        .args(["--renorm", "none"]));
     for head in ["a", "b"] {
         let (_, ours) = npy(&d.join(format!("pred_exported/{head}.npy")));
         let (_, theirs) = npy(&d.join(format!("sklearn/pred_{head}.npy")));
@@ -63,13 +58,7 @@ fn exported_sklearn_models_and_our_training_match_sklearn() {
             &format!("intercept {head}"),
         );
     }
-    run(mirage()
-        .args(["decode", "--device", "cpu", "--renorm", "none", "--model"])
-        .arg(d.join("ours"))
-        .arg("--betas")
-        .arg(d.join("X_test.npy"))
-        .arg("--out")
-        .arg(d.join("pred_ours")));
+    run(decode_cmd(&d.join("ours"), &d.join("X_test.npy"), &d.join("pred_ours")).args(["--renorm", "none"]));
     for head in ["a", "b"] {
         let (shape, ours) = npy(&d.join(format!("pred_ours/{head}.npy")));
         assert_eq!(shape[0], 20);
@@ -91,13 +80,7 @@ fn exported_sklearn_models_and_our_training_match_sklearn() {
                 .arg(d.join(model)));
         }
         let pred = d.join(format!("pred_{model}"));
-        run(mirage()
-            .args(["decode", "--device", "cpu", "--renorm", "none", "--model"])
-            .arg(d.join(model))
-            .arg("--betas")
-            .arg(d.join("X_test.npy"))
-            .arg("--out")
-            .arg(&pred));
+        run(decode_cmd(&d.join(model), &d.join("X_test.npy"), &pred).args(["--renorm", "none"]));
         for (head, reference) in [("a", "pred_l2_a"), ("b", "pred_none_b")] {
             let (_, ours) = npy(&pred.join(format!("{head}.npy")));
             close(
@@ -152,13 +135,7 @@ fn exported_sklearn_models_and_our_training_match_sklearn() {
         .arg(d.join("targets"))
         .arg("--out")
         .arg(d.join("rank3")));
-    run(mirage()
-        .args(["decode", "--device", "cpu", "--renorm", "none", "--model"])
-        .arg(d.join("rank3"))
-        .arg("--betas")
-        .arg(d.join("X_test.npy"))
-        .arg("--out")
-        .arg(d.join("pred_rank3")));
+    run(decode_cmd(&d.join("rank3"), &d.join("X_test.npy"), &d.join("pred_rank3")).args(["--renorm", "none"]));
     for head in ["a", "b"] {
         let (_, ours) = npy(&d.join(format!("pred_rank3/{head}.npy")));
         close(
@@ -213,13 +190,7 @@ fn trained_on_seen_decodes_held_out_seen_well_and_imagery_worse() {
     let mut scores = Vec::new();
     for (label, run_dir, glm) in [("seen", &seen_run, &seen_glm), ("imagery", &imag_run, &imag_glm)] {
         let pred = d.join(format!("pred-{label}"));
-        run(mirage()
-            .args(["decode", "--device", "cpu", "--model"])
-            .arg(&model)
-            .arg("--betas")
-            .arg(glm.join("trial_betas.npy"))
-            .arg("--out")
-            .arg(&pred));
+        run(&mut decode_cmd(&model, &glm.join("trial_betas.npy"), &pred));
         let report = d.join(format!("{label}.json"));
         let out = run(mirage()
             .args(["eval", "--pred"])
@@ -255,16 +226,7 @@ fn broken_models_and_inputs_are_clear_errors() {
     let d = dir.path();
     run(python("sklearn_ref.py").arg(d).arg("10"));
     let decode = |model: &Path, betas: &Path| {
-        run_with_timeout(
-            mirage()
-                .args(["decode", "--device", "cpu", "--model"])
-                .arg(model)
-                .arg("--betas")
-                .arg(betas)
-                .arg("--out")
-                .arg(d.join("p")),
-            Duration::from_secs(60),
-        )
+        run_with_timeout(&mut decode_cmd(model, betas, &d.join("p")), Duration::from_secs(60))
     };
     // Wrong input size.
     let (status, out) = decode(&d.join("exported"), &d.join("targets/a.npy"));

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{close, mirage, npy, run, run_with_timeout, torch_python};
+use common::{close, decode_cmd, npy, run, run_with_timeout, torch_python};
 
 #[test]
 fn an_exported_mindeye2_checkpoint_decodes_as_pytorch_does() {
@@ -25,13 +25,7 @@ fn an_exported_mindeye2_checkpoint_decodes_as_pytorch_does() {
     mirage_rt::io::npy::write_npy(d.join("betas_1.npy"), &[1, shape[1]], &betas[..shape[1]]).unwrap();
     for (input, suffix) in [("betas.npy", ""), ("betas_1.npy", "_1")] {
         let pred = d.join(format!("pred{suffix}"));
-        run(mirage()
-            .args(["decode", "--device", "cpu", "--model"])
-            .arg(&model)
-            .arg("--betas")
-            .arg(d.join(input))
-            .arg("--out")
-            .arg(&pred));
+        run(&mut decode_cmd(&model, &d.join(input), &pred));
         for name in ["backbone", "clip_voxels"] {
             let (ours_shape, ours) = npy(&pred.join(format!("{name}.npy")));
             let (want_shape, want) = npy(&d.join(format!("{name}{suffix}.npy")));
@@ -42,13 +36,7 @@ fn an_exported_mindeye2_checkpoint_decodes_as_pytorch_does() {
 
     // The wrong subject's ridge, a missing one, and betas of another size are clear errors.
     let (status, out) = run_with_timeout(
-        mirage()
-            .args(["decode", "--device", "cpu", "--model"])
-            .arg(&model)
-            .arg("--betas")
-            .arg(d.join("backbone.npy"))
-            .arg("--out")
-            .arg(d.join("x")),
+        &mut decode_cmd(&model, &d.join("backbone.npy"), &d.join("x")),
         Duration::from_secs(60),
     );
     assert!(!status.success() && out.contains("betas must be 2-D"), "{out}");
@@ -69,13 +57,7 @@ fn an_exported_mindeye2_checkpoint_decodes_as_pytorch_does() {
     );
     assert!(status.success(), "{out}");
     let (status, out) = run_with_timeout(
-        mirage()
-            .args(["decode", "--device", "cpu", "--model"])
-            .arg(d.join("m0"))
-            .arg("--betas")
-            .arg(d.join("betas.npy"))
-            .arg("--out")
-            .arg(d.join("x")),
+        &mut decode_cmd(&d.join("m0"), &d.join("betas.npy"), &d.join("x")),
         Duration::from_secs(60),
     );
     assert!(!status.success() && out.contains("200 voxels, the model takes 237"), "{out}");

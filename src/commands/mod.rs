@@ -26,12 +26,10 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 /// Median and 99th percentile (nearest rank) of a stage's per-volume times, as `mirage realign`
 /// and `mirage glm` print them so that other tools can be compared on the same series.
 pub fn per_volume_times(seconds: &[f64]) -> String {
-    let mut s = seconds.to_vec();
-    s.sort_by(f64::total_cmp);
-    let at = |q: f64| s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1] * 1e3;
-    match s.len() {
+    let ms = crate::metrics::RollingSummary::of(seconds.iter().map(|s| s * 1e3).collect());
+    match ms.count {
         0 => "no volume timed".to_string(),
-        n => format!("per volume p50 {:.3} ms, p99 {:.3} ms, over {n} volumes", at(0.5), at(0.99)),
+        n => format!("per volume p50 {:.3} ms, p99 {:.3} ms, over {n} volumes", ms.p50, ms.p99),
     }
 }
 

@@ -15,6 +15,19 @@ pub fn mirage() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mirage"))
 }
 
+/// `mirage decode --device cpu --model MODEL --betas BETAS --out OUT`, for the caller to add
+/// options to and run.
+pub fn decode_cmd(model: &Path, betas: &Path, out: &Path) -> Command {
+    let mut cmd = mirage();
+    cmd.args(["decode", "--device", "cpu", "--model"])
+        .arg(model)
+        .arg("--betas")
+        .arg(betas)
+        .arg("--out")
+        .arg(out);
+    cmd
+}
+
 /// A loopback port nobody is listening on right now, never the same twice in one test binary
 /// (tests run in parallel and the OS may hand a just-released port out again).
 pub fn free_port() -> u16 {
