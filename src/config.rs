@@ -102,6 +102,11 @@ pub struct PipelineConfig {
     pub publish_when_full: WhenFull,
     /// Messages the recorder queue holds (it always blocks: nothing received is dropped).
     pub record_capacity: usize,
+    /// SCHED_FIFO priority (1–99) of the volume path's threads (ingest, stages, publish), so
+    /// that nothing else on the machine delays a volume; 0 leaves them under the normal
+    /// scheduler. Needs CAP_SYS_NICE (or an rtprio limit); refused, they stay normal and it is
+    /// counted (`realtime_refused`).
+    pub realtime_priority: u8,
 }
 
 impl Default for PipelineConfig {
@@ -111,6 +116,7 @@ impl Default for PipelineConfig {
             queue_bytes: 64 << 20,
             publish_when_full: WhenFull::Block,
             record_capacity: 256,
+            realtime_priority: 0,
         }
     }
 }
@@ -358,6 +364,11 @@ impl Config {
         if self.pipeline.queue_capacity == 0 || self.pipeline.record_capacity == 0 {
             errors.push("pipeline.queue_capacity and pipeline.record_capacity must be at least 1".into());
         }
+        if self.pipeline.realtime_priority > 99 {
+            errors.push(
+                "pipeline.realtime_priority must be 0 (off) or a SCHED_FIFO priority from 1 to 99".into(),
+            );
+        }
         if let Some(uri) = &self.publish.uri {
             if let Err(e) = parse_publish_uri(uri) {
                 errors.push(format!("publish.uri: {e}"));
@@ -429,5 +440,10 @@ mod tests {
         let errors = cfg.validate();
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(errors[0].starts_with("ingest.uri"));
+        let cfg: Config = toml::from_str("[pipeline]\nrealtime_priority = 100").unwrap();
+        assert_eq!(
+            cfg.validate(),
+            ["pipeline.realtime_priority must be 0 (off) or a SCHED_FIFO priority from 1 to 99"]
+        );
     }
 }

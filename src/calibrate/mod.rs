@@ -301,7 +301,7 @@ impl Default for CalibrateConfig {
             inputs: vec![crate::decode::align::InputNorm::CentreRun, crate::decode::align::InputNorm::Model],
             modes: vec![0, 1, 2, 4],
             alphas: vec![10.0, 3.0, 1.0, 0.3, 0.1, 0.03],
-            guard_p: 0.15,
+            guard_p: 0.2,
             min_stimuli: 10,
             rank: 8,
             steps: 600,

@@ -260,6 +260,15 @@ impl Wiring<'_> {
         }
     }
 
+    /// Starts a thread of the volume path, at `pipeline.realtime_priority` when set.
+    fn spawn_volume_path(&mut self, name: &str, f: impl FnOnce() + Send + 'static) {
+        let (priority, m) = (self.r.cfg.pipeline.realtime_priority, self.metrics.clone());
+        self.spawn(name, move || {
+            super::raise_priority(priority, &m);
+            f()
+        });
+    }
+
     /// Sinks first (so that subscribers can connect before any volume flows), then the stage
     /// threads, the recorder, the marker reader and ingest last.
     fn start(
@@ -324,7 +333,7 @@ impl Wiring<'_> {
         path.push((decode_stage, None));
         for (i, ((stage, events), (rx, tx))) in path.into_iter().zip(rxs.into_iter().zip(txs)).enumerate() {
             let (m, boundary) = (self.metrics.clone(), Boundary::after_stage(i));
-            self.spawn(stage.name(), move || stage_loop(stage, rx, tx, boundary, events, &m));
+            self.spawn_volume_path(stage.name(), move || stage_loop(stage, rx, tx, boundary, events, &m));
         }
 
         let (record_tx, record_rx) = record;
@@ -419,7 +428,7 @@ impl Wiring<'_> {
         let m = self.metrics.clone();
         // Set when publish ends, panics or never starts.
         let published_all = SetOnDrop(published_all);
-        self.spawn("publish", move || {
+        self.spawn_volume_path("publish", move || {
             let _done = published_all;
             let PublishSink { endpoint, curve, log, console, results } = sink;
             let publisher =
@@ -478,7 +487,7 @@ impl Wiring<'_> {
             }
             _ => open_source(&uri, limits, &run, &policy),
         };
-        self.spawn("ingest", move || match open() {
+        self.spawn_volume_path("ingest", move || match open() {
             Ok(source) => {
                 let _ = ready.send(Ok(source.describe()));
                 let (source, last_tr) = ingest_loop(source, out, record, &events, &m, &s, plan);
@@ -622,6 +631,44 @@ mod tests {
         // Every frame, after motion realigned it and before the GLM saw it.
         assert_eq!((all, motion, glm), (6, 6, 0));
         assert_eq!(snap.published, 6);
+    }
+
+    /// Records the scheduling policy and priority of the thread that runs it.
+    struct Policy(Arc<std::sync::Mutex<Vec<(i32, i32)>>>);
+
+    impl Stage for Policy {
+        fn name(&self) -> &'static str {
+            "policy"
+        }
+
+        fn process(&mut self, _frame: &mut Frame) -> Result<(), crate::stage::StageError> {
+            let (mut policy, mut param) = (-1, libc::sched_param { sched_priority: -1 });
+            // SAFETY: reads the calling thread's policy into valid locals.
+            unsafe { libc::pthread_getschedparam(libc::pthread_self(), &mut policy, &mut param) };
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push((policy, param.sched_priority));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_volume_path_runs_at_the_realtime_priority_or_counts_the_refusal() {
+        let mut cfg = super::super::quiet::sim_config(4);
+        cfg.pipeline.realtime_priority = 7;
+        let mut r = Resolved::new(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        r.stages.insert(1, Box::new(Policy(seen.clone())));
+        let snap = Pipeline::start(r).unwrap_or_else(|e| panic!("{e:?}")).wait();
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        assert_eq!(seen.len(), 4);
+        let refused = snap.errors.get("realtime_refused").copied().unwrap_or(0);
+        if refused == 0 {
+            assert!(seen.iter().all(|&p| p == (libc::SCHED_FIFO, 7)), "{seen:?}");
+        } else {
+            // Every volume-path thread tried and was refused: ingest, four stages, publish.
+            assert_eq!(refused, 6, "{:?}", snap.errors);
+            assert!(seen.iter().all(|&(policy, _)| policy == libc::SCHED_OTHER), "{seen:?}");
+        }
+        assert_eq!(snap.published, 4);
     }
 
     #[test]

@@ -94,6 +94,26 @@ fn lower_priority(nice: i32) {
     }
 }
 
+/// Puts the calling thread under SCHED_FIFO at `priority` (0: leaves it as it is); refused
+/// (no CAP_SYS_NICE or rtprio limit), it stays under the normal scheduler, logged and counted.
+fn raise_priority(priority: u8, m: &Metrics) {
+    if priority == 0 {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: i32::from(priority) };
+    // SAFETY: sets the scheduling policy of the calling thread from a valid, initialised param.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        let thread = std::thread::current();
+        tracing::warn!(
+            "pipeline.realtime_priority {priority}: {} stays under the normal scheduler: {}",
+            thread.name().unwrap_or("a thread"),
+            std::io::Error::from_raw_os_error(rc)
+        );
+        m.count_error("realtime_refused");
+    }
+}
+
 /// Frames of trials waiting for the decode worker, and of its results waiting for publish.
 const LATE_QUEUE: usize = 256;
 
