@@ -291,12 +291,16 @@ def calibration_md():
     for fam, rows in both.items():
         out.append(f"| {fam_name(fam)} | " + " | ".join(gain(rows[f"closed-form-{n}"]) if f"closed-form-{n}" in rows
                                                         else "–" for n in counts) + " |")
-    more_f = os.path.join(PLOTS, "calibration_default_21_60.json")
     sets = [r["per_seed"]]
-    if os.path.exists(more_f):
+    for name, why in (("calibration_default_21_60.json", ""),
+                      ("calibration_default_61_80.json", ", drawn after the guard's standard error and level were chosen: "
+                       "out of sample for every choice")):
+        more_f = os.path.join(PLOTS, name)
+        if not os.path.exists(more_f):
+            continue
         mo = json.load(open(more_f))
         sets.append(mo["per_seed"])
-        out += ["", f"{len(mo['meta']['seeds'])} participants more ({mo['meta']['seeds'][0]}–{mo['meta']['seeds'][-1]}) "
+        out += ["", f"{len(mo['meta']['seeds'])} participants more ({mo['meta']['seeds'][0]}–{mo['meta']['seeds'][-1]}{why}) "
                 f"(`{mo['meta']['command']}`):", "",
                 "| family | per-run z-scoring | 12 trials | 24 trials |", "|---|---|---|---|"]
         for fam, rows in mo["table"].items():
@@ -309,13 +313,15 @@ def calibration_md():
             sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
             out += ["", f"The {fam_name(fam)} at 12 trials over all {len(v)} participants: {mean:+.1f} points (sd {sd:.1f}, "
                     f"standard error {sd / len(v) ** 0.5:.1f}), worst {min(v):+.1f}."]
-    null = os.path.join(PLOTS, "calibration_default_null24.json")
-    if os.path.exists(null):
+    for null in (os.path.join(PLOTS, x) for x in ("calibration_default_null24.json", "calibration_default_null24_21_40.json")):
+        if not os.path.exists(null):
+            continue
         n = json.load(open(null))
+        first, last = n["meta"]["seeds"][0], n["meta"]["seeds"][-1]
         kept = [(fam, seed) for fam, seeds in n["per_seed"].items() for seed, x in seeds.items()
                 if any(h["kept"] for h in x["closed-form-24"]["report"]["heads"]) or x["closed-form-24"]["report"]["input"]["kept"]]
-        out += ["", "The worlds with nothing to learn at 24 trials (12 stimuli twice), participants 1–20 drawn for 24 trials "
-                f"alone (`{n['meta']['command']}`): "
+        out += ["", f"The worlds with nothing to learn at 24 trials (12 stimuli twice), participants {first}–{last} drawn for "
+                f"24 trials alone (`{n['meta']['command']}`): "
                 + "; ".join(f"{fam_name(f)} {gain(rows['closed-form-24'])}" for f, rows in n["table"].items())
                 + f". The guard kept a correction for {len(kept)} of {sum(len(v) for v in n['per_seed'].values())} participants"
                 + (" (" + "; ".join(kept_md(n["per_seed"][f][s], f, s) for f, s in kept) + ")." if kept else ".")]
