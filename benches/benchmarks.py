@@ -504,34 +504,24 @@ def pyneal_loop_md():
     return out
 
 
-def update_subsection(lines, after):
-    """Replaces the `### ` subsection `lines` starts in BENCHMARKS.md, or inserts it after the
-    subsection headed `after`."""
+def update_section(lines, before=None, after=None):
+    """Replaces the section or subsection `lines` starts (its `## ` or `### ` heading) in
+    BENCHMARKS.md, up to the next heading of its level or above; or inserts it before the heading
+    `before`, or after the (sub)section headed `after`."""
     path = os.path.join(ROOT, "BENCHMARKS.md")
     old = open(path).read().splitlines()
-    end_of = lambda start: next((i for i in range(start + 1, len(old)) if old[i].startswith(("## ", "### "))), len(old))
+    level = lines[0].split(" ")[0]
+    stops = tuple("#" * k + " " for k in range(2, len(level) + 1))
+    end_of = lambda start: next((i for i in range(start + 1, len(old)) if old[i].startswith(stops)), len(old))
     if lines[0] in old:
         start = old.index(lines[0])
         end = end_of(start)
-    else:
+    elif after in old:
         start = end = end_of(old.index(after))
-    open(path, "w").write("\n".join(old[:start] + lines + old[end:]) + "\n")
-    print(f"updated {lines[0]} in BENCHMARKS.md", file=sys.stderr)
-
-
-def update_section(lines, before):
-    """Replaces the section `lines` starts (its `## ` heading) in BENCHMARKS.md, or inserts it
-    before the heading `before`."""
-    path = os.path.join(ROOT, "BENCHMARKS.md")
-    old = open(path).read().splitlines()
-    heading = lines[0]
-    if heading in old:
-        start = old.index(heading)
-        end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
     else:
         start = end = old.index(before) if before in old else len(old)
     open(path, "w").write("\n".join(old[:start] + lines + old[end:]) + "\n")
-    print(f"updated {heading} in BENCHMARKS.md", file=sys.stderr)
+    print(f"updated {lines[0]} in BENCHMARKS.md", file=sys.stderr)
 
 
 def main():
@@ -574,10 +564,11 @@ def main():
                 sh([MIRAGE, "bench", *args, "--json", jk])
             again.append(json.load(open(jk)))
         machine = r["setup"]["machine"]
-        body += scenario_md(title, args, target, r, slug, again)
+        section = scenario_md(title, args, target, r, slug, again)
+        body += section
         if a.scenario:
-            previous = [t for t, *_ in SCENARIOS][max(0, [t for t, *_ in SCENARIOS].index(title) - 1)]
-            update_subsection(scenario_md(title, args, target, r, slug, again), after=f"### {previous}")
+            titles = [t for t, *_ in SCENARIOS]
+            update_section(section, after=f"### {titles[max(0, titles.index(title) - 1)]}")
     if a.scenario:
         return
     commit = sh(["git", "describe", "--always", "--dirty"]).strip()

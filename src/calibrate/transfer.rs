@@ -1362,6 +1362,20 @@ mod tests {
     }
 
     #[test]
+    fn the_standard_error_is_the_larger_of_the_jackknife_and_the_corrected_resampled_one() {
+        let folds = Folds { n_cal: 4, stim_of: vec![0, 1, 2, 3], n_stim: 4 };
+        let pairs = folds.pairs();
+        // Worked by hand: mean 1/6; spread over the six pairs 1/6, so the corrected resampled
+        // variance is (1/6 + 2/2) · 1/6 = 7/36; leave-one-stimulus-out means 0, 0, 1/3, 1/3, so
+        // the jackknife's is 3/4 · 4/36 = 1/12. The larger wins.
+        let e = folds.estimate(&pairs, &[1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert_eq!(pairs, [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]);
+        assert!((e.mean - 1.0 / 6.0).abs() < 1e-12, "{e:?}");
+        assert!((e.se - (7.0f64 / 36.0).sqrt()).abs() < 1e-12, "{e:?}");
+        assert_eq!(e.n, 4);
+    }
+
+    #[test]
     fn the_t_quantile_matches_tables() {
         // One-sided 0.9 and 0.95 quantiles (scipy.stats.t.ppf).
         for (q, df, want) in
