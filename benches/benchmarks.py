@@ -419,18 +419,31 @@ def mindeye2_md():
     if not runs:
         return []
     out = ["## MindEye2 decode", "",
-           "`mirage bench-decode --device DEV --mindeye2 H --trials N --json docs/benchmarks/mindeye2_DEV_hH.json`: a MindEye2 "
-           "network with random weights at the published shapes (15,724 voxels, 4 mixer blocks, 256 × 1664 CLIP tokens), "
-           "per trial: betas uploaded, ridge, backbone, `clip_proj`, both outputs back on the host. The CPU runs shared the "
-           "machine's 2 cores with a soak run.", "",
-           "| device | h | dtype | weights (G) | trials | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "`mirage bench-decode --device DEV --mindeye2 H --trials N --pictures P --json docs/benchmarks/mindeye2_DEV_hH.json`: "
+           "a MindEye2 network with random weights at the published shapes (15,724 voxels, 4 mixer blocks, 256 × 1664 CLIP "
+           "tokens, the blurry branch), per trial: betas uploaded, ridge, backbone, `clip_proj` and the blurry latent "
+           "(4 × 28 × 28), every output back on the host. Then P pictures: Stable Diffusion's VAE decoder (block channels "
+           "128, 256, 512, 512; 2 layers per block) turns a blurry latent into a 224 × 224 picture and its PNG.", "",
+           "| device | h | dtype | weights (G) | trials | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | picture p50 (ms) | pictures |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r["device"], r["hidden"])):
-        t = r["per_trial_ms"]
+        t, p = r["per_trial_ms"], r.get("per_picture_ms")
+        picture = f"{p['p50']:.0f} | {r['pictures']}" if p else "— | 0"
         out.append(f"| {r['device']} | {r['hidden']} | {r['weight_dtype']} | {r['weights'] / 1e9:.2f} | {r['trials']} | "
-                   f"{t['p50']:.1f} | {t['p90']:.1f} | {t['p99']:.1f} | {t['max']:.1f} |")
+                   f"{t['p50']:.1f} | {t['p90']:.1f} | {t['p99']:.1f} | {t['max']:.1f} | {picture} |")
+    # Weights read per trial over the p50, and the SD VAE decoder's 475 Gflop (28 x 28 latent to
+    # 224 x 224, multiply-adds counted twice) over the picture p50, of the widest CPU run.
+    cpu = [r for r in runs if r["device"] == "cpu"]
+    widest = max(cpu, key=lambda r: r["hidden"]) if cpu else None
+    rates = ""
+    if widest:
+        gbs = widest["weights"] * 4 / 1e9 / (widest["per_trial_ms"]["p50"] / 1e3)
+        rates = f" (h = {widest['hidden']}: {gbs:.1f} GB/s of float32 weights at the p50)"
+        if widest.get("per_picture_ms"):
+            rates += f"; the picture is compute-bound, 475 Gflop of convolutions, {475 / (widest['per_picture_ms']['p50'] / 1e3):.0f} Gflop/s here"
     out += ["", "The backbone_linear alone is h × 425,984 weights (7.0 GB in float32 at h = 4096), read once per trial: "
-            "on this CPU the decode is bound by memory bandwidth (about 4.5 GB/s here). The GPU figures "
+            f"on this CPU the decode is bound by memory bandwidth{rates}. A picture cannot meet a trial's budget on a "
+            "CPU: live, it follows its decode (README, MindEye2). The GPU figures "
             "(`scripts/gpu_check.sh`, steps mindeye2_bf16 and mindeye2_f32) wait for a session with a device.", ""]
     return out
 

@@ -37,9 +37,10 @@ step lowrank_bf16 45 $B --dtype bf16 --trials 300 --compare-cpu 3 --json "$OUT/l
 step lowrank_cpu 45 "$BIN" bench-decode --device cpu --trials 50 --json "$OUT/lowrank_cpu.json"
 # Heads stopped at their latents, 1,000 gallery items ranked from them; 8-bit weights are refused
 # on a GPU and timed on that machine's CPU.
-# MindEye2 at the published shapes (h = 4096, 256 x 1664 tokens): backbone + clip_proj per trial.
-step mindeye2_bf16 150 $B --mindeye2 4096 --dtype bf16 --trials 100 --json "$OUT/mindeye2_bf16.json"
-step mindeye2_f32 150 $B --mindeye2 4096 --trials 100 --json "$OUT/mindeye2_f32.json"
+# MindEye2 at the published shapes (h = 4096, 256 x 1664 tokens): backbone, clip_proj and the
+# blurry latent per trial, then 20 SD-VAE pictures (224 x 224).
+step mindeye2_bf16 150 $B --mindeye2 4096 --dtype bf16 --trials 100 --pictures 20 --json "$OUT/mindeye2_bf16.json"
+step mindeye2_f32 150 $B --mindeye2 4096 --trials 100 --pictures 20 --json "$OUT/mindeye2_f32.json"
 G="--gallery 1000 --compare-cpu 5"
 step latent_gallery_f32 120 $B --latent-heads all $G --trials 300 --tolerance 1e-4 --json "$OUT/latent_gallery_f32.json"
 step lowrank_gallery_f32 120 $B $G --trials 300 --tolerance 1e-4 --json "$OUT/lowrank_gallery_f32.json"

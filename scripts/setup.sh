@@ -3,7 +3,8 @@
 # and Python: cmake (liblsl is built from source by the lsl crate), libsodium-dev and pkg-config
 # (ZeroMQ's CURVE) and, with --tests, the peers the tests talk to (pyzmq, pylsl, nibabel, numpy,
 # scipy, nilearn, scikit-learn, scikit-image, selenium with Debian's chromium for the console's
-# browser test, pydicom and Debian's dcm2niix for the scanner readers, the npm BIDS validator).
+# browser test, Debian's python3-torch with pip diffusers (the MindEye2 decoder's reference),
+# pydicom and Debian's dcm2niix for the scanner readers, the npm BIDS validator).
 # Idempotent and quiet when all is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +49,17 @@ if ! /usr/bin/python3 -c "import torch, numpy" >/dev/null 2>&1; then
     echo "setup: installing python3-torch with apt-get (the MindEye2 decoder's reference)" >&2
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-torch >/dev/null
+fi
+# diffusers 0.23 beside it, for the reference of the blurry branch's upsampler and the SD VAE
+# (pip into Debian's Python; it keeps Debian's torch and numpy).
+if ! /usr/bin/python3 -c "import diffusers" >/dev/null 2>&1; then
+    echo "setup: installing diffusers 0.23.0 for Debian's Python (the SD VAE's reference)" >&2
+    if ! /usr/bin/python3 -m pip --version >/dev/null 2>&1; then
+        SUDO=""
+        [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-pip >/dev/null
+    fi
+    /usr/bin/python3 -m pip install -q --break-system-packages "diffusers==0.23.0" "huggingface-hub<0.26"
 fi
 if ! python3 -c "import zmq, pylsl, nibabel, numpy, scipy, nilearn, sklearn, skimage, selenium, pydicom, yaml, bids" \
     >/dev/null 2>&1; then

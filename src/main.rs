@@ -447,6 +447,9 @@ struct BenchDecodeCmd {
     /// random weights at the published shapes (4 mixer blocks, 256 × 1664 CLIP tokens).
     #[arg(long)]
     mindeye2: Option<usize>,
+    /// With --mindeye2: SD-VAE pictures (224 × 224) timed after the trials.
+    #[arg(long, default_value_t = 3)]
+    pictures: usize,
 }
 
 /// A volume rate: `max`, or volumes per second.
@@ -700,10 +703,18 @@ fn bench_decode(a: BenchDecodeCmd) -> anyhow::Result<()> {
         tolerance,
         json,
         mindeye2,
+        pictures,
     } = a;
     if let Some(hidden) = mindeye2 {
-        let report =
-            commands::bench_decode::bench_mindeye2(&device, voxels, hidden, dtype, trials, json.as_deref())?;
+        let report = commands::bench_decode::bench_mindeye2(
+            &device,
+            voxels,
+            hidden,
+            dtype,
+            trials,
+            pictures,
+            json.as_deref(),
+        )?;
         print!("{report}");
         return Ok(());
     }

@@ -226,6 +226,27 @@ impl Topic for DecodeHeader {
     const NAME: &'static str = "decode";
 }
 
+/// `picture`: a MindEye2 trial's picture (the SD VAE's decode of its blurry latent), after its
+/// `decode` message; payload `picture_png` (PNG bytes).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PictureHeader {
+    /// The trial.
+    #[serde(flatten)]
+    pub trial: TrialHeader,
+    /// Where it ran (`cpu`, `cuda:0`).
+    pub device: String,
+    /// Time to make the picture (ms).
+    pub latency_ms: f64,
+    /// Trial close → picture at publish later than `decode.latency_budget_ms`.
+    pub over_budget: bool,
+    /// When the trial closed (the daemon's monotonic clock).
+    pub closed_time: Option<f64>,
+}
+
+impl Topic for PictureHeader {
+    const NAME: &'static str = "picture";
+}
+
 impl Topic for crate::calibrate::CalibrationEvent {
     const NAME: &'static str = "calibration";
 }
@@ -360,6 +381,13 @@ mod tests {
             }),
             s(BetasHeader { trial: trial(), index: 9, tr: Some(2.0), shape: [2, 2, 2] }),
             s(DecodeHeader::sample(trial(), 7, 0.5)),
+            s(PictureHeader {
+                trial: trial(),
+                device: "cpu".into(),
+                latency_ms: 900.0,
+                over_budget: true,
+                closed_time: Some(1.0),
+            }),
             s(crate::calibrate::CalibrationEvent { phase: "collecting", ..Default::default() }),
             s(crate::metrics::Metrics::new(0.0).snapshot()),
         ]

@@ -324,18 +324,21 @@ impl RandomWeights {
 }
 
 /// `mirage bench-decode --mindeye2 H`: per-trial time of a MindEye2 network with random weights
-/// at the published shapes (V voxels, width `hidden`, 4 mixer blocks, 256 × 1664 CLIP tokens):
-/// upload the betas, ridge, backbone and `clip_proj`, both outputs back on the host. Returns the
-/// printed summary; writes the JSON report when asked.
+/// at the published shapes (V voxels, width `hidden`, 4 mixer blocks, 256 × 1664 CLIP tokens,
+/// the blurry branch): upload the betas, ridge, backbone, `clip_proj` and blurry latent, all
+/// outputs back on the host; then `pictures` SD-VAE pictures (224 × 224) of blurry latents.
+/// Returns the printed summary; writes the JSON report when asked.
 pub fn bench_mindeye2(
     device_spec: &str,
     voxels: usize,
     hidden: usize,
     dtype: WeightDtype,
     trials: usize,
+    pictures: usize,
     json: Option<&std::path::Path>,
 ) -> anyhow::Result<String> {
-    use crate::decode::mindeye2::{Config, MindEye2};
+    use crate::decode::diffusers::{DecoderConfig, VaeConfig, VaeDecoder};
+    use crate::decode::mindeye2::{BlurryConfig, Config, MindEye2};
     anyhow::ensure!(
         voxels > 0 && hidden > 0 && trials > 0,
         "--voxels, --mindeye2 and --trials must be positive"
@@ -365,6 +368,29 @@ pub fn bench_mindeye2(
         w.put(&format!("backbone.clip_proj.{ln}.bias"), &[dim], 0.1)?;
         w.linear(&format!("backbone.clip_proj.{lin}"), dim, dim)?;
     }
+    // The blurry branch at MindEye2's shape; the upsampler's weights as candle initialises them.
+    let blurry = BlurryConfig {
+        channels: 64,
+        side: 7,
+        upsampler: DecoderConfig {
+            in_channels: 64,
+            out_channels: 4,
+            block_out_channels: vec![32, 64, 128],
+            layers_per_block: 1,
+            norm_num_groups: 32,
+        },
+    };
+    w.linear("backbone.blin1", hidden, 64 * 7 * 7)?;
+    w.put("backbone.bnorm.weight", &[64], 0.1)?;
+    w.put("backbone.bnorm.bias", &[64], 0.1)?;
+    let init = candle_nn::VarMap::new();
+    crate::decode::diffusers::Decoder::load(
+        &blurry.upsampler,
+        candle_nn::VarBuilder::from_varmap(&init, candle_core::DType::F32, &dev).pp("backbone.bupsampler"),
+    )?;
+    for (name, var) in init.data().lock().map_err(|_| anyhow::anyhow!("varmap poisoned"))?.iter() {
+        w.tensors.insert(name.clone(), var.as_tensor().clone());
+    }
     let tensors = w.tensors;
     let weights: usize = tensors.values().map(|t| t.elem_count()).sum();
     let cfg = Config {
@@ -376,37 +402,72 @@ pub fn bench_mindeye2(
         clip_tokens: tokens,
         clip_dim: dim,
         subject: 0,
+        blurry: Some(blurry),
+        vae: None,
         provenance: serde_json::Value::Null,
     };
     let vb = candle_nn::VarBuilder::from_tensors(tensors, dt, &dev);
-    let net = MindEye2::load(cfg, vb)?;
+    let vae_init = candle_nn::VarMap::new();
+    let vae = VaeDecoder::load(
+        VaeConfig::stable_diffusion(),
+        candle_nn::VarBuilder::from_varmap(&vae_init, dt, &dev),
+    )?;
+    let net = MindEye2::load(cfg, vb)?.with_vae(vae)?;
     let build_s = started.elapsed().as_secs_f64();
     const WARM_UP: usize = 2;
     let betas = random_betas(WARM_UP + trials, voxels, 5);
-    let mut ms = Vec::new();
+    let host = |t: &candle_core::Tensor| -> anyhow::Result<Vec<f32>> {
+        Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let (mut ms, mut latents) = (Vec::new(), Vec::new());
     for (i, b) in betas.chunks_exact(voxels).enumerate() {
         let start = Instant::now();
         let out = net.forward(&net.input(b, 1)?)?;
-        let backbone = out.backbone.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let clip = out.clip_voxels.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let (backbone, clip) = (host(&out.backbone)?, host(&out.clip_voxels)?);
+        let latent = out.blurry_latent.context("the blurry branch gave no latent")?;
+        let latent_values = host(&latent)?;
         anyhow::ensure!(backbone.len() == tokens * dim && clip.len() == tokens * dim, "output size");
+        anyhow::ensure!(latent_values.len() == 4 * 28 * 28, "latent size");
         if i >= WARM_UP {
             ms.push(start.elapsed().as_secs_f64() * 1e3);
         }
+        latents.push(latent);
     }
     let summary = summarise(&ms);
+    // One untimed picture first (kernels, allocations), then `pictures` timed ones.
+    let mut picture_ms = Vec::new();
+    for (i, latent) in latents.iter().take(pictures + 1).enumerate() {
+        let start = Instant::now();
+        let picture = net.picture(latent)?.context("no vae")?;
+        anyhow::ensure!(picture.dims() == [1, 3, 224, 224], "picture shape {:?}", picture.dims());
+        crate::decode::image::png_of_signed(&picture.get(0)?)?;
+        if i > 0 {
+            picture_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let pictures_summary = (!picture_ms.is_empty()).then(|| summarise(&picture_ms));
     let report = serde_json::json!({
         "model": "mindeye2", "device": device_spec, "voxels": voxels, "hidden": hidden, "blocks": blocks,
         "clip_tokens": tokens, "clip_dim": dim, "weight_dtype": dtype, "weights": weights,
         "build_s": build_s, "trials": trials, "per_trial_ms": summary,
+        "pictures": picture_ms.len(), "per_picture_ms": pictures_summary,
     });
     if let Some(path) = json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| path.display().to_string())?;
     }
+    let pictures_line = match pictures_summary {
+        Some(p) => format!(
+            "SD-VAE picture 224x224: p50 {:.0} ms, max {:.0} ms over {} pictures\n",
+            p.p50,
+            p.max,
+            picture_ms.len()
+        ),
+        None => String::new(),
+    };
     Ok(format!(
-        "mindeye2 h={hidden} V={voxels} {tokens}x{dim} on {device_spec} ({dtype:?}, {:.2} G weights, built in {build_s:.1} s): \
-         per trial p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {trials} trials\n",
+        "mindeye2 h={hidden} V={voxels} {tokens}x{dim} + blurry latent on {device_spec} ({dtype:?}, {:.2} G weights, built in {build_s:.1} s): \
+         per trial p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {trials} trials\n{pictures_line}",
         weights as f64 / 1e9,
         summary.p50,
         summary.p99,

@@ -179,7 +179,9 @@ pub enum RunStatsFrom {
     Running,
 }
 
-/// `mirage decode` with a MindEye2 model folder: `backbone.npy` and `clip_voxels.npy`, `[n, T, D]`.
+/// `mirage decode` with a MindEye2 model folder: `backbone.npy` and `clip_voxels.npy`
+/// `[n, T, D]`; with the blurry branch `blurry_latent.npy` `[n, 4, 28, 28]`; with a VAE also
+/// `blurry_image.npy` `[n, 3, H, W]` (unclamped) and `blurry_NNN.png` per trial.
 fn decode_mindeye2(
     model: &Path,
     cfg: crate::decode::mindeye2::Config,
@@ -191,13 +193,26 @@ fn decode_mindeye2(
     if v != cfg.n_voxels {
         anyhow::bail!("{}: {v} voxels, the model takes {}", betas.display(), cfg.n_voxels);
     }
-    let net = crate::decode::mindeye2::MindEye2::load_dir(model, cfg, dev)?;
+    let net = crate::decode::mindeye2::MindEye2::load_dir(model, cfg, dev, candle_core::DType::F32)?;
     let outputs = net.forward(&net.input(&x, n)?)?;
+    let picture = outputs.blurry_latent.as_ref().map(|l| net.picture(l)).transpose()?.flatten();
     std::fs::create_dir_all(out).with_context(|| out.display().to_string())?;
-    for (name, t) in [("backbone", &outputs.backbone), ("clip_voxels", &outputs.clip_voxels)] {
+    let arrays = [
+        ("backbone", Some(&outputs.backbone)),
+        ("clip_voxels", Some(&outputs.clip_voxels)),
+        ("blurry_latent", outputs.blurry_latent.as_ref()),
+        ("blurry_image", picture.as_ref()),
+    ];
+    for (name, t) in arrays.into_iter().filter_map(|(name, t)| t.map(|t| (name, t))) {
         let shape = t.dims().to_vec();
         let values = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         write_npy(out.join(format!("{name}.npy")), &shape, &values)?;
+    }
+    if let Some(p) = &picture {
+        for i in 0..n {
+            let png = crate::decode::image::png_of_signed(&p.get(i)?)?;
+            std::fs::write(out.join(format!("blurry_{i:03}.png")), png)?;
+        }
     }
     eprintln!("mirage: {n} trials through mindeye2 -> {}", out.display());
     Ok(())

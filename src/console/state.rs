@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use crate::decode::gallery::Gallery;
 use crate::decode::metrics::{pearson, ssim};
 use crate::message::Payload;
-use crate::topic::{self, DecodeHeader};
+use crate::topic::{self, DecodeHeader, PictureHeader};
 
 /// Events kept for late-joining pages and the report; older ones are dropped first.
 pub const MAX_HISTORY: usize = 200_000;
@@ -163,6 +163,19 @@ impl ConsoleState {
                         self.quality.entry((d.trial.condition, d.alignment)).or_default().add(&s);
                         out.push(self.event("summary", self.summary(), true));
                     }
+                }
+                Err(e) => tracing::warn!("console: {e}"),
+            },
+            "picture" => match topic::read::<PictureHeader>(input.topic, h) {
+                Ok(_) => {
+                    let mut fields = fields();
+                    let png = input
+                        .payloads
+                        .iter()
+                        .find(|p| p.name == "picture_png")
+                        .map(|p| png_data_url(&p.bytes));
+                    fields.insert("pixels".into(), json!(png));
+                    out.push(self.event("picture", fields, true));
                 }
                 Err(e) => tracing::warn!("console: {e}"),
             },
@@ -379,6 +392,34 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn a_picture_that_follows_its_decode_becomes_a_page_event_with_its_png() {
+        let mut c = ConsoleState::new(Map::new(), None);
+        let header = crate::topic::PictureHeader {
+            trial: crate::topic::TrialHeader::sample(1, 2, "seen"),
+            device: "cpu".into(),
+            latency_ms: 900.0,
+            over_budget: true,
+            closed_time: Some(1.0),
+        };
+        let png = Payload {
+            name: "picture_png".into(),
+            dtype: "uint8",
+            shape: vec![3],
+            order: "C",
+            bytes: vec![1, 2, 3],
+        };
+        let out = c.process(&ConsoleInput {
+            topic: "picture",
+            header: serde_json::to_value(&header).unwrap(),
+            payloads: vec![png],
+        });
+        let ev: Value = serde_json::from_str(&out[0]).unwrap();
+        assert_eq!((ev["topic"].as_str(), ev["trial"].as_u64()), (Some("picture"), Some(1)));
+        assert_eq!(ev["pixels"], json!(png_data_url(&[1, 2, 3])));
+        assert_eq!(ev["latency_ms"], 900.0);
     }
 
     #[test]

@@ -34,6 +34,18 @@ pub fn png(values: &[f32], shape: &[usize]) -> Result<Vec<u8>, DecodeError> {
     Ok(out)
 }
 
+/// PNG of a VAE's picture `[3, h, w]` (values about −1 to 1): `x / 2 + 0.5` as diffusers' image
+/// processors map it, then clamped to [0, 1].
+pub fn png_of_signed(picture: &candle_core::Tensor) -> Result<Vec<u8>, DecodeError> {
+    let values = picture
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|p| p.affine(0.5, 0.5))
+        .and_then(|p| p.flatten_all())
+        .and_then(|p| p.to_vec1::<f32>())
+        .map_err(|e| DecodeError::Compute(e.to_string()))?;
+    png(&values, picture.dims())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

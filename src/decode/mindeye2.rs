@@ -5,7 +5,8 @@
 //!
 //! A model folder: `config.json` (`{"architecture": "mindeye2", …}`, see [`Config`]) and
 //! `model.safetensors` under MindEye2's own key names (`tools/export_mindeye2.py` writes both
-//! from a `last.pth`). The blurry-image branch (`blin1`, `bnorm`, `bupsampler`) is not run here.
+//! from a `last.pth`). With the blurry branch (`blin1` → `bnorm` → `bupsampler`) the network
+//! also gives an SD-VAE latent per trial, and with a VAE folder (`vae/`) the picture of it.
 
 use std::path::Path;
 
@@ -13,6 +14,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::diffusers::{Decoder as Upsampler, DecoderConfig, VaeDecoder};
 use super::DecodeError;
 
 /// The architecture tag in `config.json`.
@@ -38,6 +40,13 @@ pub struct Config {
     pub clip_dim: usize,
     /// Which of the checkpoint's ridges (`ridge.linears.K`) reads this subject's betas.
     pub subject: usize,
+    /// The blurry branch, when the checkpoint has one.
+    #[serde(default)]
+    pub blurry: Option<BlurryConfig>,
+    /// A diffusers `AutoencoderKL` folder, relative to the model folder, that turns the
+    /// blurry latent into a picture.
+    #[serde(default)]
+    pub vae: Option<String>,
     /// Where the model came from.
     #[serde(default)]
     pub provenance: serde_json::Value,
@@ -60,6 +69,12 @@ impl Config {
         if sizes.contains(&0) {
             return Err(DecodeError::Model(format!("{}: a size is zero: {sizes:?}", path.display())));
         }
+        if let Some(why) = cfg.blurry.as_ref().and_then(BlurryConfig::check) {
+            return Err(DecodeError::Model(format!("{}: blurry: {why}", path.display())));
+        }
+        if cfg.vae.is_some() && cfg.blurry.is_none() {
+            return Err(DecodeError::Model(format!("{}: a vae without the blurry branch", path.display())));
+        }
         if cfg.seq_len != 1 {
             return Err(DecodeError::Model(format!(
                 "{}: seq_len {}: this model reads {} TRs' betas per trial; mirage gives one (seq_len 1)",
@@ -69,6 +84,67 @@ impl Config {
             )));
         }
         Ok(Some(cfg))
+    }
+}
+
+/// MindEye2's blurry branch: `blin1` (`Linear(h·s, C·side²)`) reshaped `[C, side, side]`,
+/// `bnorm` (`GroupNorm(1, C)`) and `bupsampler`, a diffusers decoder to the SD latent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlurryConfig {
+    /// Channels of `blin1`'s map (`C`, 64).
+    pub channels: usize,
+    /// Side of `blin1`'s map (7).
+    pub side: usize,
+    /// `bupsampler`'s shape (in `C`, out 4, `[32, 64, 128]`, 1 layer per block).
+    pub upsampler: DecoderConfig,
+}
+
+impl BlurryConfig {
+    fn check(&self) -> Option<String> {
+        if self.channels == 0 || self.side == 0 {
+            return Some("channels and side must be positive".into());
+        }
+        if self.upsampler.in_channels != self.channels {
+            return Some(format!(
+                "bupsampler reads {} channels, blin1 gives {}",
+                self.upsampler.in_channels, self.channels
+            ));
+        }
+        self.upsampler.check()
+    }
+
+    /// Side of the latent it gives.
+    pub fn latent_side(&self) -> usize {
+        self.side * self.upsampler.upscale()
+    }
+}
+
+/// The loaded blurry branch.
+struct Blurry {
+    cfg: BlurryConfig,
+    blin1: Linear,
+    bnorm: candle_nn::GroupNorm,
+    upsampler: Upsampler,
+}
+
+impl Blurry {
+    fn load(cfg: BlurryConfig, width: usize, vb: VarBuilder) -> candle_core::Result<Blurry> {
+        let (c, s) = (cfg.channels, cfg.side);
+        Ok(Blurry {
+            blin1: linear(width, c * s * s, vb.pp("blin1"))?,
+            bnorm: candle_nn::group_norm(1, c, 1e-5, vb.pp("bnorm"))?,
+            upsampler: Upsampler::load(&cfg.upsampler, vb.pp("bupsampler"))?,
+            cfg,
+        })
+    }
+
+    /// The SD latent `[n, 4, 28, 28]` of the backbone's flattened mixer output `[n, h·s]`.
+    fn forward(&self, flat: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, _) = flat.dims2()?;
+        let (c, s) = (self.cfg.channels, self.cfg.side);
+        let map = dense(&self.blin1, flat)?.reshape((n, c, s, s))?;
+        self.upsampler.forward(&self.bnorm.forward(&map)?)
     }
 }
 
@@ -148,6 +224,8 @@ pub struct Outputs {
     pub backbone: Tensor,
     /// `clip_proj` of it `[n, T, D]`: retrieval against CLIP image tokens.
     pub clip_voxels: Tensor,
+    /// The blurry branch's SD-VAE latent `[n, 4, 28, 28]` (scaled), when the model has one.
+    pub blurry_latent: Option<Tensor>,
 }
 
 /// A loaded MindEye2 network.
@@ -159,6 +237,8 @@ pub struct MindEye2 {
     blocks2: Vec<MixerBlock>,
     backbone_linear: Linear,
     clip_proj: Projector,
+    blurry: Option<Blurry>,
+    vae: Option<VaeDecoder>,
     device: Device,
     dtype: DType,
 }
@@ -180,21 +260,72 @@ impl MindEye2 {
         let backbone_linear =
             linear(h * s, cfg.clip_tokens * cfg.clip_dim, b.pp("backbone_linear")).map_err(err)?;
         let clip_proj = Projector::load(cfg.clip_dim, b.pp("clip_proj")).map_err(err)?;
+        let blurry =
+            cfg.blurry.clone().map(|c| Blurry::load(c, h * s, b.clone())).transpose().map_err(err)?;
         let (device, dtype) = (vb.device().clone(), vb.dtype());
-        Ok(MindEye2 { cfg, ridge, blocks1, blocks2, backbone_linear, clip_proj, device, dtype })
+        Ok(MindEye2 {
+            cfg,
+            ridge,
+            blocks1,
+            blocks2,
+            backbone_linear,
+            clip_proj,
+            blurry,
+            vae: None,
+            device,
+            dtype,
+        })
     }
 
-    /// Loads a model folder onto `device` (the weights memory-mapped).
-    pub fn load_dir(dir: &Path, cfg: Config, device: &Device) -> Result<MindEye2, DecodeError> {
+    /// Loads a model folder onto `device` in `dtype` (the weights memory-mapped).
+    pub fn load_dir(dir: &Path, cfg: Config, device: &Device, dtype: DType) -> Result<MindEye2, DecodeError> {
         let path = dir.join(super::model::WEIGHTS_FILE);
         if !path.exists() {
             return Err(DecodeError::Model(format!("{} is missing", path.display())));
         }
         // SAFETY: the weights file is mapped read-only and must not change while loaded; model
         // folders are written once by the export tool.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
             .map_err(|e| DecodeError::Model(format!("{}: {e}", path.display())))?;
-        MindEye2::load(cfg, vb)
+        let vae = match &cfg.vae {
+            Some(sub) => Some(VaeDecoder::load_dir(&dir.join(sub), device, dtype)?),
+            None => None,
+        };
+        let net = MindEye2::load(cfg, vb)?;
+        match vae {
+            Some(vae) => net.with_vae(vae),
+            None => Ok(net),
+        }
+    }
+
+    /// The network with a VAE to make pictures of its blurry latents.
+    pub fn with_vae(mut self, vae: VaeDecoder) -> Result<MindEye2, DecodeError> {
+        let Some(b) = &self.cfg.blurry else {
+            return Err(DecodeError::Model("a vae without the blurry branch".into()));
+        };
+        if vae.cfg.decoder.in_channels != b.upsampler.out_channels {
+            return Err(DecodeError::Model(format!(
+                "the vae reads {} latent channels, bupsampler gives {}",
+                vae.cfg.decoder.in_channels, b.upsampler.out_channels
+            )));
+        }
+        self.vae = Some(vae);
+        Ok(self)
+    }
+
+    /// Whether it runs on a CUDA device.
+    pub fn is_cuda(&self) -> bool {
+        self.device.is_cuda()
+    }
+
+    /// Whether [`MindEye2::picture`] can make pictures (a blurry branch and a VAE).
+    pub fn has_picture(&self) -> bool {
+        self.blurry.is_some() && self.vae.is_some()
+    }
+
+    /// The VAE's picture `[n, 3, H, W]` (about −1 to 1, unclamped) of blurry latents.
+    pub fn picture(&self, blurry_latent: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.vae.as_ref().map(|v| v.decode(blurry_latent)).transpose()
     }
 
     /// The network for betas `(n, V)`, each trial a sequence of one (`seq_len` 1, as the
@@ -216,7 +347,26 @@ impl MindEye2 {
         let backbone =
             dense(&self.backbone_linear, &flat)?.reshape((n, self.cfg.clip_tokens, self.cfg.clip_dim))?;
         let clip_voxels = self.clip_proj.forward(&backbone)?;
-        Ok(Outputs { backbone, clip_voxels })
+        let blurry_latent = self.blurry.as_ref().map(|b| b.forward(&flat)).transpose()?;
+        Ok(Outputs { backbone, clip_voxels, blurry_latent })
+    }
+
+    /// The PNG of one trial's blurry latent (values as [`Outputs::blurry_latent`] gives them).
+    pub fn picture_png(&self, latent: &[f32]) -> Result<Vec<u8>, DecodeError> {
+        let (Some(b), Some(_)) = (&self.cfg.blurry, &self.vae) else {
+            return Err(DecodeError::Model("this model makes no pictures (no blurry branch or vae)".into()));
+        };
+        let (c, s) = (b.upsampler.out_channels, b.latent_side());
+        if latent.len() != c * s * s {
+            return Err(DecodeError::Input(format!("{} latent values, not {c} x {s} x {s}", latent.len())));
+        }
+        let compute = |e: candle_core::Error| DecodeError::Compute(format!("picture: {e}"));
+        let z = Tensor::from_slice(latent, (1, c, s, s), &self.device)
+            .and_then(|z| z.to_dtype(self.dtype))
+            .map_err(compute)?;
+        let picture =
+            self.picture(&z).map_err(compute)?.ok_or_else(|| DecodeError::Model("no vae".into()))?;
+        super::image::png_of_signed(&picture.get(0).map_err(compute)?)
     }
 
     /// Betas `(n, V)` from row-major values, checked (size, finiteness), on the device in the

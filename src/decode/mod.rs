@@ -1,13 +1,16 @@
 //! The decode stage: each trial's betas through the MIRAGE heads, fusion and gallery
-//! retrieval.
+//! retrieval, or through a MindEye2 network.
 //!
 //! In: [`crate::glm::TrialBetas`] (betas over the GLM mask). Out: [`Decoded`] — every head's
 //! output (or, for `latent_heads`, its rank-r latent), MIRAGE's conditioning mix, the top
-//! gallery matches (ranked from the latents of low-rank heads) and the pixel head's picture.
+//! gallery matches (ranked from the latents of low-rank heads) and the pixel head's picture;
+//! for MindEye2, its `backbone`, `clip_voxels` and `blurry_latent` as heads, the gallery ranked
+//! by `clip_voxels`, and the latent's [`Picture`] made afterwards by [`mindeye2::MindEye2::picture_png`].
 //! Shapes: betas `(1, n_voxels)` → head `h` `(1, prod(shape_h))`. Budget: `latency_budget_ms`
 //! per trial (checked by the runner, which owns the clock).
 
 pub mod align;
+pub mod diffusers;
 pub mod gallery;
 pub mod image;
 pub mod metrics;
@@ -22,6 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use self::gallery::{Gallery, LatentIndex, Match};
+use self::mindeye2::MindEye2;
 use self::model::Decoder;
 use crate::decode::align::{Adapter, RunStats};
 use crate::glm::TrialBetas;
@@ -231,6 +235,53 @@ pub struct Decoded {
     pub over_budget: bool,
 }
 
+/// A MindEye2 trial's picture, made after its decode (the SD VAE takes seconds on a CPU): it
+/// follows on the `picture` topic.
+#[derive(Clone, Debug)]
+pub struct Picture {
+    /// The trial it came from (without its betas).
+    pub trial: TrialBetas,
+    /// The picture as PNG bytes.
+    pub png: Vec<u8>,
+    /// Where it ran.
+    pub device: String,
+    /// Time to make it, ms.
+    pub latency_ms: f64,
+    /// When the GLM closed the trial, on the monotonic clock.
+    pub closed_time: Option<f64>,
+    /// Whether trial close → picture took longer than the decode budget.
+    pub over_budget: bool,
+}
+
+/// What decodes trials.
+#[derive(Clone)]
+pub enum Network {
+    /// MIRAGE's heads (alignment, calibration, latent heads).
+    Heads(std::sync::Arc<Decoder>),
+    /// A MindEye2 network.
+    MindEye2(std::sync::Arc<MindEye2>),
+}
+
+/// The trial without its betas and voxels (what a result carries).
+fn bare(t: &TrialBetas) -> TrialBetas {
+    let mut trial = t.clone();
+    trial.betas = Vec::new();
+    trial.voxels = Vec::new();
+    trial
+}
+
+/// Why a trial cannot be decoded by a model of `n_voxels` (`None`: it can).
+fn refuse(t: &TrialBetas, n_voxels: usize) -> Option<DecodeError> {
+    if t.betas.len() != n_voxels {
+        return Some(DecodeError::Input(format!(
+            "trial {}: {} betas, the model takes {n_voxels} voxels (is the GLM mask the model's?)",
+            t.trial,
+            t.betas.len()
+        )));
+    }
+    (!t.estimable).then(|| DecodeError::Input(format!("trial {}: betas not estimable yet", t.trial)))
+}
+
 /// Sizes candle's CPU pool for 8-bit products to `threads` (0: every core) through
 /// `CANDLE_NUM_THREADS`, unless the environment sets it: candle reads it once, at first use.
 /// Call before other threads start.
@@ -277,7 +328,7 @@ pub fn mix(
 
 /// The decode stage: a loaded model and gallery, and what aligns trials to the model.
 pub struct DecodeStage {
-    decoder: std::sync::Arc<Decoder>,
+    network: Network,
     adapter: Adapter,
     /// The run's statistics per trial condition (imagery trials are normalised with imagery
     /// trials' statistics).
@@ -301,6 +352,19 @@ impl DecodeStage {
     ) -> Result<DecodeStage, DecodeError> {
         let path = cfg.model.as_ref().ok_or_else(|| DecodeError::Model("no model configured".into()))?;
         let device = model::device(&cfg.device)?;
+        if let Some(net_cfg) = mindeye2::Config::load_if_mindeye2(path)? {
+            let dtype = match cfg.weight_dtype {
+                WeightDtype::F32 => candle_core::DType::F32,
+                WeightDtype::Bf16 => candle_core::DType::BF16,
+                WeightDtype::Q8_0 => {
+                    return Err(DecodeError::Model(
+                        "decode.weight_dtype q8_0: a mindeye2 model runs in f32 or bf16".into(),
+                    ))
+                }
+            };
+            let net = MindEye2::load_dir(path, net_cfg, &device, dtype)?;
+            return DecodeStage::with_mindeye2(net, gallery, cfg);
+        }
         let decoder = Decoder::load(path, &device)?;
         DecodeStage::with_model(decoder, gallery, cfg)
     }
@@ -345,7 +409,7 @@ impl DecodeStage {
         let adapter =
             Adapter::parse(&cfg.alignment, &decoder).map_err(|e| DecodeError::Model(e.to_string()))?;
         Ok(DecodeStage {
-            decoder: std::sync::Arc::new(decoder),
+            network: Network::Heads(std::sync::Arc::new(decoder)),
             adapter,
             run_stats: BTreeMap::new(),
             gallery,
@@ -357,17 +421,100 @@ impl DecodeStage {
         })
     }
 
+    /// The stage for a MindEye2 network: betas as given (`decode.alignment` `none`) or z-scored
+    /// with the run's statistics (`zscore-run`); the gallery, when given, must hold
+    /// `clip_voxels` embeddings (`[N, T·D]`).
+    pub fn with_mindeye2(
+        net: MindEye2,
+        gallery: Option<std::sync::Arc<Gallery>>,
+        cfg: &DecodeConfig,
+    ) -> Result<DecodeStage, DecodeError> {
+        let adapter = match cfg.alignment.as_str() {
+            "none" => Adapter::None,
+            "zscore-run" => Adapter::ZscoreRun,
+            other => {
+                return Err(DecodeError::Model(format!(
+                    "decode.alignment {other:?}: a mindeye2 model takes none or zscore-run"
+                )))
+            }
+        };
+        if cfg.mode != Mode::Decode {
+            return Err(DecodeError::Model(
+                "calibration mode fits MIRAGE heads' alignment, not mindeye2's".into(),
+            ));
+        }
+        if !cfg.latent_heads.is_empty() {
+            return Err(DecodeError::Model(
+                "decode.latent_heads: a mindeye2 model has no low-rank heads".into(),
+            ));
+        }
+        let tokens = net.cfg.clip_tokens * net.cfg.clip_dim;
+        if let Some(g) = &gallery {
+            match g.embeddings.get("clip_voxels") {
+                Some((d, _)) if *d == tokens => {}
+                Some((d, _)) => {
+                    return Err(DecodeError::Gallery(format!(
+                        "clip_voxels embeddings of {d} values, the model gives {tokens} (T x D)"
+                    )))
+                }
+                None => {
+                    return Err(DecodeError::Gallery(
+                        "no clip_voxels embeddings ([N, T x D] CLIP image tokens) to rank a mindeye2 decode against"
+                            .into(),
+                    ))
+                }
+            }
+        }
+        let device = if net.is_cuda() { cfg.device.clone() } else { "cpu".into() };
+        Ok(DecodeStage {
+            network: Network::MindEye2(std::sync::Arc::new(net)),
+            adapter,
+            run_stats: BTreeMap::new(),
+            gallery,
+            latent_index: BTreeMap::new(),
+            latent_only: Vec::new(),
+            top_k: cfg.top_k,
+            unconditional: (None, None),
+            device,
+        })
+    }
+
     /// One decode of zero betas: pages the weights in and warms the kernels (and makes candle's
     /// thread pool, which takes the calling thread's priority), so that the first live trial is
     /// not the slow one.
     pub fn warm_up(&self) -> Result<(), DecodeError> {
-        let z = self.decoder.input(&vec![0.0; self.decoder.cfg.n_voxels], 1)?;
-        self.decoder.live(&z, &self.latent_only, self.adapter.adjusts()).map(|_| ())
+        match &self.network {
+            Network::Heads(decoder) => {
+                let z = decoder.input(&vec![0.0; decoder.cfg.n_voxels], 1)?;
+                decoder.live(&z, &self.latent_only, self.adapter.adjusts()).map(|_| ())
+            }
+            Network::MindEye2(net) => {
+                let x = net.input(&vec![0.0; net.cfg.n_voxels], 1)?;
+                net.forward(&x).map(|_| ()).map_err(|e| DecodeError::Compute(e.to_string()))
+            }
+        }
     }
 
-    /// The model (shared, so that a calibration fit can run beside live decoding).
-    pub fn decoder(&self) -> &std::sync::Arc<Decoder> {
-        &self.decoder
+    /// MIRAGE's heads (shared, so that a calibration fit can run beside live decoding);
+    /// `None` for a MindEye2 network.
+    pub fn decoder(&self) -> Option<&std::sync::Arc<Decoder>> {
+        match &self.network {
+            Network::Heads(d) => Some(d),
+            Network::MindEye2(_) => None,
+        }
+    }
+
+    /// The network that makes [`Picture`]s of decoded trials' `blurry_latent`, when there is one.
+    pub fn picture_network(&self) -> Option<std::sync::Arc<MindEye2>> {
+        match &self.network {
+            Network::MindEye2(net) if net.has_picture() => Some(net.clone()),
+            _ => None,
+        }
+    }
+
+    /// Where decodes run (`cpu`, `cuda:0`).
+    pub fn device(&self) -> &str {
+        &self.device
     }
 
     /// The gallery, when one is loaded.
@@ -388,15 +535,14 @@ impl DecodeStage {
     /// Decodes one trial's betas. Every live trial joins its run's statistics for its
     /// condition first (an adapter that normalises with them may be switched to mid-run).
     pub fn decode(&mut self, t: &TrialBetas) -> Result<Decoded, DecodeError> {
-        let n = self.decoder.cfg.n_voxels;
-        if t.betas.len() != n {
-            return Err(DecodeError::Input(format!(
-                "trial {}: {} betas, the model takes {n} voxels (is the GLM mask the model's?)",
-                t.trial,
-                t.betas.len()
-            )));
+        let decoder = match &self.network {
+            Network::Heads(d) => d.clone(),
+            Network::MindEye2(net) => return self.decode_mindeye2(&net.clone(), t),
+        };
+        if let Some(e) = refuse(t, decoder.cfg.n_voxels) {
+            return Err(e);
         }
-        if let Some(v) = &self.decoder.voxels {
+        if let Some(v) = &decoder.voxels {
             if *v != t.voxels {
                 return Err(DecodeError::Input(format!(
                     "trial {}: the GLM mask's voxels are not the model's",
@@ -404,10 +550,7 @@ impl DecodeStage {
                 )));
             }
         }
-        if !t.estimable {
-            return Err(DecodeError::Input(format!("trial {}: betas not estimable yet", t.trial)));
-        }
-        let xs = self.decoder.input(&t.betas, 1)?;
+        let xs = decoder.input(&t.betas, 1)?;
         let run_stats = self.run_stats.entry(t.condition.clone()).or_default();
         if !t.at_run_end {
             run_stats.push(&t.run, &t.betas);
@@ -419,12 +562,12 @@ impl DecodeStage {
         };
         let stats = if adapter.uses_run_stats() { run_stats.get() } else { None };
         let z = adapter
-            .normalise(&self.decoder, &xs, stats.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice())))
+            .normalise(&decoder, &xs, stats.as_ref().map(|(m, s)| (m.as_slice(), s.as_slice())))
             .map_err(|e| DecodeError::Compute(e.to_string()))?;
-        let live = self.decoder.live(&z, &self.latent_only, adapter.adjusts())?;
+        let live = decoder.live(&z, &self.latent_only, adapter.adjusts())?;
         let by_name: BTreeMap<&str, &crate::decode::model::HeadOutput> =
-            self.decoder.cfg.heads.iter().map(|h| h.name.as_str()).zip(&live).collect();
-        let fusion = &self.decoder.cfg.fusion;
+            decoder.cfg.heads.iter().map(|h| h.name.as_str()).zip(&live).collect();
+        let fusion = &decoder.cfg.fusion;
         let output = |name: &Option<String>| {
             name.as_deref().and_then(|n| by_name.get(n)).and_then(|o| o.output.as_deref())
         };
@@ -458,24 +601,21 @@ impl DecodeStage {
             None => Vec::new(),
         };
         let pixel_cfg =
-            fusion.pixel_head.as_ref().and_then(|p| self.decoder.cfg.heads.iter().find(|h| &h.name == p));
+            fusion.pixel_head.as_ref().and_then(|p| decoder.cfg.heads.iter().find(|h| &h.name == p));
         let png = match (pixel_cfg, output(&fusion.pixel_head)) {
             (Some(h), Some(values)) => Some(image::png(values, &h.shape)?),
             _ => None,
         };
         let (mut heads, mut latents) = (Vec::new(), Vec::new());
-        for (h, out) in self.decoder.cfg.heads.iter().zip(live) {
+        for (h, out) in decoder.cfg.heads.iter().zip(live) {
             match (out.output, out.latent) {
                 (Some(o), _) => heads.push((h.name.clone(), h.shape.clone(), o)),
                 (None, Some(l)) => latents.push((h.name.clone(), l)),
                 (None, None) => {}
             }
         }
-        let mut trial = t.clone();
-        trial.betas = Vec::new();
-        trial.voxels = Vec::new();
         Ok(Decoded {
-            trial,
+            trial: bare(t),
             heads,
             latents,
             fused,
@@ -483,6 +623,68 @@ impl DecodeStage {
             png,
             device: self.device.clone(),
             alignment: adapter.name(),
+            latency_ms: 0.0,
+            closed_time: None,
+            over_budget: false,
+        })
+    }
+}
+
+impl DecodeStage {
+    /// One trial through a MindEye2 network: `backbone`, `clip_voxels` (`[T, D]`) and
+    /// `blurry_latent` as heads, the gallery ranked by cosine over the flattened `clip_voxels`.
+    fn decode_mindeye2(&mut self, net: &MindEye2, t: &TrialBetas) -> Result<Decoded, DecodeError> {
+        if let Some(e) = refuse(t, net.cfg.n_voxels) {
+            return Err(e);
+        }
+        let run_stats = self.run_stats.entry(t.condition.clone()).or_default();
+        if !t.at_run_end {
+            run_stats.push(&t.run, &t.betas);
+        }
+        let stats = if self.adapter.uses_run_stats() { run_stats.get() } else { None };
+        let betas: Vec<f32> = match stats {
+            Some((m, s)) => t.betas.iter().zip(m.iter().zip(&s)).map(|(b, (m, s))| (b - m) / s).collect(),
+            None => t.betas.clone(),
+        };
+        let compute = |e: candle_core::Error| DecodeError::Compute(e.to_string());
+        let out = net.forward(&net.input(&betas, 1)?).map_err(compute)?;
+        let host = |x: &candle_core::Tensor| -> Result<(Vec<usize>, Vec<f32>), DecodeError> {
+            let values = x
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|x| x.flatten_all())
+                .and_then(|x| x.to_vec1::<f32>())
+                .map_err(compute)?;
+            Ok((x.dims()[1..].to_vec(), values))
+        };
+        let mut heads = Vec::new();
+        for (name, x) in [
+            ("backbone", Some(&out.backbone)),
+            ("clip_voxels", Some(&out.clip_voxels)),
+            ("blurry_latent", out.blurry_latent.as_ref()),
+        ] {
+            if let Some(x) = x {
+                let (shape, values) = host(x)?;
+                heads.push((name.to_string(), shape, values));
+            }
+        }
+        // `heads` holds `clip_voxels` second, always.
+        let clip_voxels = &heads[1].2;
+        let top = match &self.gallery {
+            Some(g) => g
+                .cosines("clip_voxels", clip_voxels)
+                .map(|c| g.rank_by(&[(1.0, c)], self.top_k))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        Ok(Decoded {
+            trial: bare(t),
+            heads,
+            latents: Vec::new(),
+            fused: None,
+            top,
+            png: None,
+            device: self.device.clone(),
+            alignment: self.adapter.name(),
             latency_ms: 0.0,
             closed_time: None,
             over_budget: false,
@@ -593,7 +795,7 @@ mod tests {
             assert_eq!(a.png, p.png);
             // Each latent through the head's (renormalisation-folded) output map is the output.
             for (name, l) in &p.latents {
-                let head = part.decoder().heads.iter().find(|h| &h.cfg.name == name).unwrap();
+                let head = part.decoder().unwrap().heads.iter().find(|h| &h.cfg.name == name).unwrap();
                 let y = head.output_of_latent(l).unwrap().unwrap();
                 let want = &a.heads.iter().find(|(n, _, _)| n == name).unwrap().2;
                 for (x, w) in y.iter().zip(want) {
@@ -634,7 +836,7 @@ mod tests {
             )
             .unwrap()
         };
-        let dec = full.decoder().clone();
+        let dec = full.decoder().unwrap().clone();
         let adjusts: Vec<Option<HeadAdjust>> = dec
             .heads
             .iter()
@@ -669,7 +871,7 @@ mod tests {
             assert_eq!((a.alignment, p.alignment, n.alignment), ("head", "head", "none"));
             // The corrected latent through the head's output map is the corrected output.
             for (name, l) in &p.latents {
-                let head = part.decoder().heads.iter().find(|h| &h.cfg.name == name).unwrap();
+                let head = part.decoder().unwrap().heads.iter().find(|h| &h.cfg.name == name).unwrap();
                 let y = head.output_of_latent(l).unwrap().unwrap();
                 let want = &a.heads.iter().find(|(n, _, _)| n == name).unwrap().2;
                 for (x, w) in y.iter().zip(want) {
@@ -735,5 +937,89 @@ mod tests {
         assert!((ci[0] - (0.5 + 10.0 * 0.03125)).abs() < 1e-6 && (ci[1] - (1.0 + 0.3125)).abs() < 1e-6);
         assert!((ct[0] - (2.0 + 2.0 * 0.03125)).abs() < 1e-6);
         assert_eq!(mix(&[1.0], &[1.0], None, None, 0.0), (vec![1.0], vec![0.0]));
+    }
+}
+
+#[cfg(test)]
+mod mindeye2_tests {
+    use super::*;
+
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+
+    use crate::rng::Rng;
+
+    const VOXELS: usize = 12;
+
+    fn net(weights: &VarMap) -> MindEye2 {
+        let cfg = mindeye2::Config {
+            architecture: mindeye2::ARCHITECTURE.into(),
+            n_voxels: VOXELS,
+            hidden: 8,
+            seq_len: 1,
+            n_blocks: 1,
+            clip_tokens: 2,
+            clip_dim: 4,
+            subject: 0,
+            blurry: None,
+            vae: None,
+            provenance: serde_json::Value::Null,
+        };
+        MindEye2::load(cfg, VarBuilder::from_varmap(weights, DType::F32, &Device::Cpu)).unwrap()
+    }
+
+    fn trial(k: u64, betas: Vec<f32>) -> TrialBetas {
+        TrialBetas {
+            run: "r".into(),
+            trial: k,
+            stim: Some(k),
+            condition: "seen".into(),
+            onset: k as f64,
+            duration: 1.0,
+            n_volumes: 4,
+            estimable: true,
+            at_run_end: false,
+            betas,
+            voxels: (0..VOXELS as u32).collect(),
+        }
+    }
+
+    #[test]
+    fn zscore_run_gives_a_mindeye2_network_the_runs_z_scores_once_it_has_three_trials() {
+        let weights = VarMap::new();
+        let (reference, live) = (net(&weights), net(&weights));
+        let cfg = DecodeConfig { alignment: "zscore-run".into(), ..DecodeConfig::default() };
+        let mut stage = DecodeStage::with_mindeye2(live, None, &cfg).unwrap();
+        let mut rng = Rng::new(3, 0);
+        let rows: Vec<Vec<f32>> =
+            (0..4).map(|_| (0..VOXELS).map(|v| (rng.normal() + v as f64) as f32).collect()).collect();
+        let clip_of = |x: &[f32]| {
+            let out = reference.forward(&reference.input(x, 1).unwrap()).unwrap();
+            out.clip_voxels.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        for (k, row) in rows.iter().enumerate() {
+            let d = stage.decode(&trial(k as u64, row.clone())).unwrap();
+            assert_eq!(d.heads.iter().map(|h| h.0.as_str()).collect::<Vec<_>>(), ["backbone", "clip_voxels"]);
+            // Before three trials the betas go as given; then z-scored over the trials so far.
+            let input: Vec<f32> = if k + 1 < 3 {
+                row.clone()
+            } else {
+                (0..VOXELS)
+                    .map(|v| {
+                        let xs: Vec<f64> = rows[..=k].iter().map(|r| f64::from(r[v])).collect();
+                        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+                        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (xs.len() - 1) as f64;
+                        ((f64::from(row[v]) - mean) / var.sqrt()) as f32
+                    })
+                    .collect()
+            };
+            let want = clip_of(&input);
+            for (a, b) in d.heads[1].2.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "trial {k}: {a} vs {b}");
+            }
+        }
+        assert!(stage.decoder().is_none() && stage.picture_network().is_none());
+        let bad = DecodeConfig { alignment: "head.safetensors".into(), ..DecodeConfig::default() };
+        assert!(DecodeStage::with_mindeye2(net(&weights), None, &bad).is_err());
     }
 }

@@ -9,8 +9,9 @@ use super::calibration::LiveCalibration;
 use super::resolve::Resolved;
 use super::stage::{DecodeDispatch, DecodeStageAdapter};
 use super::{
-    answer_stop_while_draining, decode_worker, ingest_loop, lower_priority, publish_loop, record_loop, spawn,
-    stage_loop, IngestPlan, Pipeline, PipelineHandle, SetOnDrop, DECODE_NICE, EVENT_QUEUE, LATE_QUEUE,
+    answer_stop_while_draining, decode_worker, ingest_loop, lower_priority, picture_worker, publish_loop,
+    record_loop, spawn, stage_loop, IngestPlan, PictureJob, Pipeline, PipelineHandle, SetOnDrop, DECODE_NICE,
+    EVENT_QUEUE, LATE_QUEUE,
 };
 use crate::clock;
 use crate::config::Config;
@@ -69,13 +70,7 @@ impl Stages {
                     run_end: cfg.decode.decode_run_end,
                     calibration,
                 };
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(cfg.decode.threads)
-                    .thread_name(|i| format!("mirage/decode{i}"))
-                    .start_handler(|_| lower_priority(DECODE_NICE))
-                    .build()
-                    .map_err(|e| one(format!("decode threads: {e}")))?;
-                Some((adapter, pool))
+                Some((adapter, decode_pool("mirage/decode", cfg.decode.threads)?))
             }
             None => None,
         };
@@ -320,9 +315,25 @@ impl Wiring<'_> {
                     WhenFull::DropNewest,
                 );
                 self.metrics.add_edge(worker_tx.stats());
+                // MindEye2's pictures: made one at a time beside the decodes, in a pool of their own.
+                let pictures = match adapter.stage.picture_network() {
+                    Some(net) => {
+                        let (picture_tx, picture_rx) = crossbeam_channel::bounded::<PictureJob>(1);
+                        let (late, waker, m) = (late_tx.clone(), waker.clone(), self.metrics.clone());
+                        let (device, budget_ms) = (adapter.stage.device().to_string(), adapter.budget_ms);
+                        let pool = decode_pool("mirage/picture", self.r.cfg.decode.threads)?;
+                        let work =
+                            move || picture_worker(net, device, budget_ms, picture_rx, late, waker, &m);
+                        let thread = spawn("picture", move || pool.install(work)).map_err(|e| vec![e])?;
+                        self.handle.threads.push(thread);
+                        Some(picture_tx)
+                    }
+                    None => None,
+                };
                 let m = self.metrics.clone();
                 let boundary = Boundary::after_stage(stages.path.len());
-                let work = move || decode_worker(adapter, boundary, worker_rx, late_tx, waker, &m);
+                let work =
+                    move || decode_worker(adapter, boundary, worker_rx, (late_tx, pictures), waker, &m);
                 let thread = spawn("decoder", move || pool.install(work)).map_err(|e| vec![e])?;
                 self.handle.threads.push(thread);
                 Box::new(DecodeDispatch { worker: worker_tx })
@@ -511,6 +522,16 @@ struct PublishSink {
     results: Option<Arc<ResultsBoard>>,
 }
 
+/// A pool of `threads` decode threads named `PREFIXi`, below the volume path's priority.
+fn decode_pool(prefix: &'static str, threads: usize) -> Result<rayon::ThreadPool, Errors> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("{prefix}{i}"))
+        .start_handler(|_| lower_priority(DECODE_NICE))
+        .build()
+        .map_err(|e| one(format!("{prefix} threads: {e}")))
+}
+
 /// Calibration mode's state, when `decode.mode = "calibrate"`: the protocol checked against
 /// the model and gallery, and where the head will be saved.
 fn live_calibration(r: &Resolved, stage: &DecodeStage) -> Result<Option<LiveCalibration>, String> {
@@ -519,7 +540,9 @@ fn live_calibration(r: &Resolved, stage: &DecodeStage) -> Result<Option<LiveCali
     }
     let protocol = r.protocol.clone().ok_or("calibration mode needs calibrate.protocol")?;
     let out = r.alignment_out().ok_or("calibration mode needs decode.model")?;
-    LiveCalibration::new(protocol, r.cfg.calibrate.clone(), out, stage.decoder(), stage.gallery())
+    let decoder =
+        stage.decoder().ok_or("calibration mode fits MIRAGE heads' alignment, not a mindeye2 model's")?;
+    LiveCalibration::new(protocol, r.cfg.calibrate.clone(), out, decoder, stage.gallery())
         .map(Some)
         .map_err(|e| e.to_string())
 }

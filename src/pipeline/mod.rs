@@ -29,7 +29,8 @@ use std::time::Duration;
 use self::stage::DecodeStageAdapter;
 use crate::calibrate::CalibrationEvent;
 use crate::clock;
-use crate::decode::Decoded;
+use crate::decode::mindeye2::MindEye2;
+use crate::decode::{Decoded, Picture};
 use crate::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
 use crate::glm::events::Event;
 use crate::glm::stage::LiveEvents;
@@ -61,6 +62,15 @@ pub const CALIBRATION_FAILED: Reason =
 /// A live trial whose decode took longer than `decode.latency_budget_ms`.
 pub const DECODE_OVER_BUDGET: Reason =
     Reason::new("decode_over_budget", "live trials decoded later than decode.latency_budget_ms");
+/// A MindEye2 trial's picture that reached publish later than `decode.latency_budget_ms` after
+/// its trial closed (it follows the decode; a CPU takes seconds per picture).
+pub const PICTURE_OVER_BUDGET: Reason = Reason::new(
+    "picture_over_budget",
+    "pictures published later than decode.latency_budget_ms after trial close",
+);
+/// A MindEye2 trial's picture not made: the picture worker was still busy with an earlier one.
+pub const PICTURE_DROPPED: Reason =
+    Reason::new("picture_dropped", "pictures not made: the picture worker was busy (decodes never wait)");
 /// A message the publish socket could not send.
 pub const PUBLISH: Reason = Reason::new("publish", "messages the publish socket could not send");
 /// Counted when: a subscriber whose CURVE key is not in `publish.curve.clients` tried to connect.
@@ -75,6 +85,8 @@ pub const REASONS: &[Reason] = &[
     RECORD_IO,
     CALIBRATION_FAILED,
     DECODE_OVER_BUDGET,
+    PICTURE_OVER_BUDGET,
+    PICTURE_DROPPED,
     PUBLISH,
     SUBSCRIBER_REFUSED,
 ];
@@ -405,14 +417,84 @@ fn stage_loop(
     }
 }
 
+/// A decoded trial's blurry latent on its way to the picture worker.
+struct PictureJob {
+    /// A results frame after the decode's (the picture's goes out in it).
+    template: Frame,
+    trial: crate::glm::TrialBetas,
+    latent: Vec<f32>,
+    closed_time: Option<f64>,
+}
+
+/// Hands each live decoded trial's `blurry_latent` to the picture worker, or counts it
+/// dropped when the worker is busy: a decode never waits for a picture.
+fn hand_pictures(frame: &Frame, to: &crossbeam_channel::Sender<PictureJob>, m: &Metrics) {
+    for d in frame.outputs.get::<Vec<Decoded>>().into_iter().flatten().filter(|d| !d.trial.at_run_end) {
+        let Some((_, _, latent)) = d.heads.iter().find(|(name, _, _)| name == "blurry_latent") else {
+            continue;
+        };
+        let mut template = Frame::end_of_run_after(frame);
+        template.end_of_run = false;
+        let job = PictureJob {
+            template,
+            trial: d.trial.clone(),
+            latent: latent.clone(),
+            closed_time: d.closed_time,
+        };
+        if to.try_send(job).is_err() {
+            m.count(PICTURE_DROPPED);
+        }
+    }
+}
+
+/// The picture worker: makes each handed-over trial's picture (the SD VAE) and sends it to
+/// publish, after its decode. It runs in a pool of its own at the decode threads' priority.
+fn picture_worker(
+    net: Arc<MindEye2>,
+    device: String,
+    budget_ms: f64,
+    rx: crossbeam_channel::Receiver<PictureJob>,
+    tx: crossbeam_channel::Sender<Frame>,
+    waker: crate::queue::Waker,
+    m: &Metrics,
+) {
+    for job in rx.iter() {
+        let start = clock::now();
+        match net.picture_png(&job.latent) {
+            Ok(png) => {
+                let now = clock::now();
+                let over_budget = job.closed_time.is_some_and(|c| (now - c) * 1e3 > budget_ms);
+                let picture = Picture {
+                    trial: job.trial,
+                    png,
+                    device: device.clone(),
+                    latency_ms: (now - start) * 1e3,
+                    closed_time: job.closed_time,
+                    over_budget,
+                };
+                let mut frame = job.template;
+                frame.outputs.insert(vec![picture]);
+                if tx.send(frame).is_ok() {
+                    waker.wake();
+                }
+            }
+            Err(e) => {
+                m.count(e.reason());
+                tracing::warn!("picture of trial {}: {e}", job.trial.trial);
+            }
+        }
+    }
+}
+
 /// The decode worker: decodes the trials of each frame the dispatch hands over (and runs
-/// calibration), and sends the results to publish, waking it. It runs inside a thread pool
-/// of `decode.threads`, which candle's matrix products then use.
+/// calibration), hands MindEye2 latents to the picture worker, and sends the results to
+/// publish, waking it. It runs inside a thread pool of `decode.threads`, which candle's matrix
+/// products then use.
 fn decode_worker(
     mut adapter: DecodeStageAdapter,
     boundary: Boundary,
     mut rx: EdgeRx<Frame>,
-    tx: crossbeam_channel::Sender<Frame>,
+    (tx, pictures): (crossbeam_channel::Sender<Frame>, Option<crossbeam_channel::Sender<PictureJob>>),
     waker: crate::queue::Waker,
     m: &Metrics,
 ) {
@@ -433,6 +515,9 @@ fn decode_worker(
                 if let Err(e) = adapter.process(&mut frame) {
                     m.count_error(e.reason);
                     tracing::warn!("volume {}: {e}", frame.volume.index);
+                }
+                if let Some(to) = &pictures {
+                    hand_pictures(&frame, to, m);
                 }
                 frame.stamps.set(boundary, clock::now());
                 last = Some(Frame::end_of_run_after(&frame));
@@ -511,6 +596,12 @@ fn publish_results(publisher: &mut Publisher, frame: &Frame, m: &Metrics) {
         m.decoded.fetch_add(1, Ordering::Relaxed);
         if d.over_budget {
             m.count(DECODE_OVER_BUDGET);
+        }
+    }
+    for p in frame.outputs.get::<Vec<Picture>>().into_iter().flatten() {
+        publisher.send(crate::publish::picture_message(p));
+        if p.over_budget {
+            m.count(PICTURE_OVER_BUDGET);
         }
     }
 }

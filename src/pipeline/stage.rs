@@ -25,8 +25,8 @@ pub struct DecodeStageAdapter {
 
 impl DecodeStageAdapter {
     fn poll_calibration(&mut self, frame: &mut Frame, wait: bool) {
-        let Some(c) = &mut self.calibration else { return };
-        let (event, adapter) = c.poll(wait, self.stage.decoder());
+        let (Some(c), Some(decoder)) = (&mut self.calibration, self.stage.decoder().cloned()) else { return };
+        let (event, adapter) = c.poll(wait, &decoder);
         let finished = if wait { c.finish() } else { None };
         frame.outputs.update::<Vec<CalibrationEvent>>(|v| v.extend(event.into_iter().chain(finished)));
         if let Some(adapter) = adapter {
@@ -67,8 +67,8 @@ impl Stage for DecodeStageAdapter {
                         }
                     }
                 }
-                if let Some(c) = &mut self.calibration {
-                    events.extend(c.observe(t, self.stage.decoder()));
+                if let (Some(c), Some(decoder)) = (&mut self.calibration, self.stage.decoder()) {
+                    events.extend(c.observe(t, decoder));
                 }
             }
         }

@@ -191,6 +191,24 @@ pub fn decode_message(d: &Decoded) -> Message {
     header.message(payloads)
 }
 
+/// Builds the `picture` message of a MindEye2 trial's picture: payload `picture_png`.
+pub fn picture_message(p: &crate::decode::Picture) -> Message {
+    let header = crate::topic::PictureHeader {
+        trial: trial_header(&p.trial),
+        device: p.device.clone(),
+        latency_ms: p.latency_ms,
+        over_budget: p.over_budget,
+        closed_time: p.closed_time,
+    };
+    header.message(vec![Payload {
+        name: "picture_png".into(),
+        dtype: "uint8",
+        shape: vec![p.png.len()],
+        order: "C",
+        bytes: p.png.clone(),
+    }])
+}
+
 /// The LSL feedback outlet: one float32 sample per volume, `volume_index`, `latency_ms`, then
 /// each ROI's percent signal change (`NAME_psc`, NaN until estimable).
 #[derive(Clone, Debug, PartialEq)]
@@ -305,9 +323,11 @@ impl Publisher {
     /// results board; returns the header sent.
     pub fn send(&mut self, msg: Message) -> Value {
         let topic = msg.topic;
-        // The console scores decodes against the truth, so it takes their payloads too.
+        // The console scores decodes against the truth and shows pictures, so it takes their
+        // payloads too.
         let for_console = self.console.as_ref().filter(|_| topic != "volume").map(|feed| {
-            let payloads = if topic == "decode" { msg.payloads.clone() } else { Vec::new() };
+            let payloads =
+                if matches!(topic, "decode" | "picture") { msg.payloads.clone() } else { Vec::new() };
             (feed, payloads)
         });
         let (header, frames) = msg.into_frames();
