@@ -10,8 +10,8 @@ use super::resolve::Resolved;
 use super::stage::{DecodeDispatch, DecodeStageAdapter};
 use super::{
     answer_stop_while_draining, decode_worker, ingest_loop, lower_priority, picture_worker, publish_loop,
-    record_loop, spawn, stage_loop, IngestPlan, PictureJob, Pipeline, PipelineHandle, SetOnDrop, DECODE_NICE,
-    EVENT_QUEUE, LATE_QUEUE,
+    record_loop, spawn, stage_loop, IngestPlan, PictureQueue, Pipeline, PipelineHandle, SetOnDrop,
+    DECODE_NICE, EVENT_QUEUE, LATE_QUEUE,
 };
 use crate::clock;
 use crate::config::Config;
@@ -318,7 +318,8 @@ impl Wiring<'_> {
                 // MindEye2's pictures: made one at a time beside the decodes, in a pool of their own.
                 let pictures = match adapter.stage.picture_network() {
                     Some(net) => {
-                        let (picture_tx, picture_rx) = crossbeam_channel::bounded::<PictureJob>(1);
+                        let queue = PictureQueue::new();
+                        let picture_rx = queue.rx.clone();
                         let (late, waker, m) = (late_tx.clone(), waker.clone(), self.metrics.clone());
                         let (device, budget_ms) = (adapter.stage.device().to_string(), adapter.budget_ms);
                         let pool = decode_pool("mirage/picture", self.r.cfg.decode.threads)?;
@@ -326,7 +327,7 @@ impl Wiring<'_> {
                             move || picture_worker(net, device, budget_ms, picture_rx, late, waker, &m);
                         let thread = spawn("picture", move || pool.install(work)).map_err(|e| vec![e])?;
                         self.handle.threads.push(thread);
-                        Some(picture_tx)
+                        Some(queue)
                     }
                     None => None,
                 };

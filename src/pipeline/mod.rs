@@ -68,9 +68,12 @@ pub const PICTURE_OVER_BUDGET: Reason = Reason::new(
     "picture_over_budget",
     "pictures published later than decode.latency_budget_ms after trial close",
 );
-/// A MindEye2 trial's picture not made: the picture worker was still busy with an earlier one.
-pub const PICTURE_DROPPED: Reason =
-    Reason::new("picture_dropped", "pictures not made: the picture worker was busy (decodes never wait)");
+/// A MindEye2 trial's picture not made: a newer trial replaced it while the picture worker was
+/// busy.
+pub const PICTURE_DROPPED: Reason = Reason::new(
+    "picture_dropped",
+    "pictures not made: a newer trial replaced the waiting one while the picture worker was busy",
+);
 /// A message the publish socket could not send.
 pub const PUBLISH: Reason = Reason::new("publish", "messages the publish socket could not send");
 /// Counted when: a subscriber whose CURVE key is not in `publish.curve.clients` tried to connect.
@@ -426,9 +429,38 @@ struct PictureJob {
     closed_time: Option<f64>,
 }
 
-/// Hands each live decoded trial's `blurry_latent` to the picture worker, or counts it
-/// dropped when the worker is busy: a decode never waits for a picture.
-fn hand_pictures(frame: &Frame, to: &crossbeam_channel::Sender<PictureJob>, m: &Metrics) {
+/// The picture worker's hand-off: one waiting trial at most, the newest (a picture of an older
+/// trial is stale feedback).
+struct PictureQueue {
+    tx: crossbeam_channel::Sender<PictureJob>,
+    rx: crossbeam_channel::Receiver<PictureJob>,
+}
+
+impl PictureQueue {
+    fn new() -> PictureQueue {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        PictureQueue { tx, rx }
+    }
+
+    /// Queues `job`, replacing (and counting) a trial still waiting: a decode never waits.
+    fn push(&self, mut job: PictureJob, m: &Metrics) {
+        loop {
+            match self.tx.try_send(job) {
+                Ok(()) => return,
+                Err(crossbeam_channel::TrySendError::Full(back)) => {
+                    if self.rx.try_recv().is_ok() {
+                        m.count(PICTURE_DROPPED);
+                    }
+                    job = back;
+                }
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+            }
+        }
+    }
+}
+
+/// Hands each live decoded trial's `blurry_latent` to the picture worker.
+fn hand_pictures(frame: &Frame, to: &PictureQueue, m: &Metrics) {
     for d in frame.outputs.get::<Vec<Decoded>>().into_iter().flatten().filter(|d| !d.trial.at_run_end) {
         let Some((_, _, latent)) = d.heads.iter().find(|(name, _, _)| name == "blurry_latent") else {
             continue;
@@ -441,9 +473,7 @@ fn hand_pictures(frame: &Frame, to: &crossbeam_channel::Sender<PictureJob>, m: &
             latent: latent.clone(),
             closed_time: d.closed_time,
         };
-        if to.try_send(job).is_err() {
-            m.count(PICTURE_DROPPED);
-        }
+        to.push(job, m);
     }
 }
 
@@ -494,7 +524,7 @@ fn decode_worker(
     mut adapter: DecodeStageAdapter,
     boundary: Boundary,
     mut rx: EdgeRx<Frame>,
-    (tx, pictures): (crossbeam_channel::Sender<Frame>, Option<crossbeam_channel::Sender<PictureJob>>),
+    (tx, pictures): (crossbeam_channel::Sender<Frame>, Option<PictureQueue>),
     waker: crate::queue::Waker,
     m: &Metrics,
 ) {
@@ -722,6 +752,34 @@ mod tests {
             recv_time: 0.0,
             dtype: crate::volume::Dtype::F32,
         }
+    }
+
+    #[test]
+    fn the_picture_queue_keeps_the_newest_trial_and_counts_those_it_replaced() {
+        let (queue, m) = (PictureQueue::new(), Metrics::new(0.0));
+        let frame =
+            Frame::new(0, Arc::new(volume("r", 0, [2, 2, 2])), IngestFlags::default(), Stamps::new(3));
+        for trial in 1..=3 {
+            let t = crate::glm::TrialBetas {
+                run: "r".into(),
+                trial,
+                stim: None,
+                condition: "seen".into(),
+                onset: 0.0,
+                duration: 1.0,
+                n_volumes: 1,
+                estimable: true,
+                at_run_end: false,
+                betas: Vec::new(),
+                voxels: Vec::new(),
+            };
+            let job =
+                PictureJob { template: frame.clone(), trial: t, latent: vec![0.0; 4], closed_time: None };
+            queue.push(job, &m);
+        }
+        let waiting: Vec<u64> = queue.rx.try_iter().map(|j| j.trial.trial).collect();
+        assert_eq!(waiting, [3]);
+        assert_eq!(m.snapshot().errors.get(PICTURE_DROPPED.name), Some(&2));
     }
 
     /// `(new_run, gap_before, out_of_order, duplicate)` of one volume.
