@@ -20,13 +20,13 @@ fi
 # Running the daemon needs no more; the tests (--tests) need their outside peers too.
 [ "${1:-}" = "--tests" ] || exit 0
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
-    || ! command -v dcm2niix >/dev/null 2>&1; then
+    || ! command -v dcm2niix >/dev/null 2>&1 || ! command -v ld.lld >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    echo "setup: installing chromium, chromium-driver (the console's browser test) and dcm2niix" \
-        "(the scanner readers' reference) with apt-get" >&2
+    echo "setup: installing chromium, chromium-driver (the console's browser test), dcm2niix" \
+        "(the scanner readers' reference) and lld (CI links the test binaries with it) with apt-get" >&2
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver dcm2niix >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver dcm2niix lld >/dev/null
 fi
 # The official BIDS validator (npm bids-validator, pinned in tools/bids-validator), judge of
 # `mirage export`; node and npm from Debian.
