@@ -628,9 +628,7 @@ impl DecodeStage {
             over_budget: false,
         })
     }
-}
 
-impl DecodeStage {
     /// One trial through a MindEye2 network: `backbone`, `clip_voxels` (`[T, D]`) and
     /// `blurry_latent` as heads, the gallery ranked by cosine over the flattened `clip_voxels`.
     fn decode_mindeye2(&mut self, net: &MindEye2, t: &TrialBetas) -> Result<Decoded, DecodeError> {
@@ -656,26 +654,23 @@ impl DecodeStage {
                 .map_err(compute)?;
             Ok((x.dims()[1..].to_vec(), values))
         };
-        let mut heads = Vec::new();
-        for (name, x) in [
-            ("backbone", Some(&out.backbone)),
-            ("clip_voxels", Some(&out.clip_voxels)),
-            ("blurry_latent", out.blurry_latent.as_ref()),
-        ] {
-            if let Some(x) = x {
-                let (shape, values) = host(x)?;
-                heads.push((name.to_string(), shape, values));
-            }
-        }
-        // `heads` holds `clip_voxels` second, always.
-        let clip_voxels = &heads[1].2;
+        let (clip_shape, clip_voxels) = host(&out.clip_voxels)?;
         let top = match &self.gallery {
             Some(g) => g
-                .cosines("clip_voxels", clip_voxels)
+                .cosines("clip_voxels", &clip_voxels)
                 .map(|c| g.rank_by(&[(1.0, c)], self.top_k))
                 .unwrap_or_default(),
             None => Vec::new(),
         };
+        let (backbone_shape, backbone) = host(&out.backbone)?;
+        let mut heads = vec![
+            ("backbone".to_string(), backbone_shape, backbone),
+            ("clip_voxels".to_string(), clip_shape, clip_voxels),
+        ];
+        if let Some(latent) = &out.blurry_latent {
+            let (shape, values) = host(latent)?;
+            heads.push(("blurry_latent".to_string(), shape, values));
+        }
         Ok(Decoded {
             trial: bare(t),
             heads,
@@ -968,22 +963,6 @@ mod mindeye2_tests {
         MindEye2::load(cfg, VarBuilder::from_varmap(weights, DType::F32, &Device::Cpu)).unwrap()
     }
 
-    fn trial(k: u64, betas: Vec<f32>) -> TrialBetas {
-        TrialBetas {
-            run: "r".into(),
-            trial: k,
-            stim: Some(k),
-            condition: "seen".into(),
-            onset: k as f64,
-            duration: 1.0,
-            n_volumes: 4,
-            estimable: true,
-            at_run_end: false,
-            betas,
-            voxels: (0..VOXELS as u32).collect(),
-        }
-    }
-
     #[test]
     fn zscore_run_gives_a_mindeye2_network_the_runs_z_scores_once_it_has_three_trials() {
         let weights = VarMap::new();
@@ -998,7 +977,7 @@ mod mindeye2_tests {
             out.clip_voxels.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         };
         for (k, row) in rows.iter().enumerate() {
-            let d = stage.decode(&trial(k as u64, row.clone())).unwrap();
+            let d = stage.decode(&synthetic::trial(k as u64, row)).unwrap();
             assert_eq!(d.heads.iter().map(|h| h.0.as_str()).collect::<Vec<_>>(), ["backbone", "clip_voxels"]);
             // Before three trials the betas go as given; then z-scored over the trials so far.
             let input: Vec<f32> = if k + 1 < 3 {

@@ -760,19 +760,7 @@ mod tests {
         let frame =
             Frame::new(0, Arc::new(volume("r", 0, [2, 2, 2])), IngestFlags::default(), Stamps::new(3));
         for trial in 1..=3 {
-            let t = crate::glm::TrialBetas {
-                run: "r".into(),
-                trial,
-                stim: None,
-                condition: "seen".into(),
-                onset: 0.0,
-                duration: 1.0,
-                n_volumes: 1,
-                estimable: true,
-                at_run_end: false,
-                betas: Vec::new(),
-                voxels: Vec::new(),
-            };
+            let t = crate::decode::synthetic::trial(trial, &[]);
             let job =
                 PictureJob { template: frame.clone(), trial: t, latent: vec![0.0; 4], closed_time: None };
             queue.push(job, &m);
