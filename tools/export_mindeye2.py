@@ -29,6 +29,11 @@ from export_sklearn import write_safetensors  # noqa: E402
 
 def blurry_config(tensors):
     """The blurry branch's shape from its tensors (diffusers' Decoder: 32 groups, as MindEye2 uses)."""
+    need = ["backbone.bnorm.weight", "backbone.bupsampler.conv_in.weight", "backbone.bupsampler.conv_out.weight",
+            "backbone.bupsampler.up_blocks.0.resnets.0.conv1.weight"]
+    missing = [k for k in need if k not in tensors]
+    if missing:
+        raise SystemExit(f"backbone.blin1 without the rest of the blurry branch: no {', '.join(missing)}")
     channels = tensors["backbone.bnorm.weight"].shape[0]
     side = math.isqrt(tensors["backbone.blin1.weight"].shape[0] // channels)
     if channels * side * side != tensors["backbone.blin1.weight"].shape[0]:
