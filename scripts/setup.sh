@@ -1,32 +1,33 @@
 #!/usr/bin/env bash
-# Installs what building and testing mirage-rt needs on a fresh Debian machine that has Rust
-# and Python: cmake (liblsl is built from source by the lsl crate), libsodium-dev and pkg-config
-# (ZeroMQ's CURVE) and, with --tests, the peers the tests talk to (pyzmq, pylsl, nibabel, numpy,
-# scipy, nilearn, scikit-learn, scikit-image, selenium with Debian's chromium for the console's
-# browser test, Debian's python3-torch with pip diffusers (the MindEye2 decoder's reference),
-# pydicom and Debian's dcm2niix for the scanner readers, the npm BIDS validator).
+# Installs what building and testing mirage-rt needs on a fresh Debian machine that has Rust and
+# Python: cmake (liblsl is built from source by the lsl crate), libsodium-dev and pkg-config
+# (ZeroMQ's CURVE), lld (CI links with it) and, with --tests, the peers the tests talk to (pyzmq,
+# pylsl, nibabel, numpy, scipy, nilearn, scikit-learn, scikit-image, selenium with Debian's
+# chromium for the console's browser test, Debian's python3-torch with pip diffusers (the
+# MindEye2 decoder's reference), pydicom and Debian's dcm2niix for the scanner readers, the npm
+# BIDS validator).
 # Idempotent and quiet when all is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # libsodium-dev (found by pkg-config): the vendored libzmq links it for CURVE.
 if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1 \
-    || ! pkg-config --exists libsodium 2>/dev/null; then
+    || ! pkg-config --exists libsodium 2>/dev/null || ! command -v ld.lld >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    echo "setup: installing cmake, g++, pkg-config and libsodium-dev with apt-get" >&2
+    echo "setup: installing cmake, g++, pkg-config, libsodium-dev and lld with apt-get" >&2
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ pkg-config libsodium-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq cmake g++ pkg-config libsodium-dev lld >/dev/null
 fi
 # Running the daemon needs no more; the tests (--tests) need their outside peers too.
 [ "${1:-}" = "--tests" ] || exit 0
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1 \
-    || ! command -v dcm2niix >/dev/null 2>&1 || ! command -v ld.lld >/dev/null 2>&1; then
+    || ! command -v dcm2niix >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-    echo "setup: installing chromium, chromium-driver (the console's browser test), dcm2niix" \
-        "(the scanner readers' reference) and lld (CI links the test binaries with it) with apt-get" >&2
+    echo "setup: installing chromium, chromium-driver (the console's browser test) and dcm2niix" \
+        "(the scanner readers' reference) with apt-get" >&2
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver dcm2niix lld >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver dcm2niix >/dev/null
 fi
 # The official BIDS validator (npm bids-validator, pinned in tools/bids-validator), judge of
 # `mirage export`; node and npm from Debian.

@@ -2,7 +2,7 @@
 //! from real measurements (ordered, counted), counts that add up, and a plot file. No timing
 //! thresholds: speed lives in the bench itself.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

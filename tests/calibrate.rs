@@ -2,7 +2,7 @@
 //! never saw, offline decoding with the run's own statistics, clear refusals of bad settings
 //! and input, the gradient fit's safety nets, and the live mode in the daemon.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -257,8 +257,10 @@ fn calibration_mode_collects_the_protocol_fits_and_switches_without_a_restart() 
         )
     };
     let args = daemon_args(&session, &protocol);
+    let turn = common::live_fit_turn();
     let daemon = Daemon::start(&as_strs(&args), d);
     let (status, log) = daemon.wait(Duration::from_secs(180));
+    drop(turn);
     assert!(status.success(), "{log}");
 
     let events = published(&session, "calibration");

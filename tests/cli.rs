@@ -1,7 +1,7 @@
 //! What a user meets at the command line: one-line errors that say what to fix, exit code 2,
 //! and a run on the simulator that records and summarises.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! in a real headless Chromium while the run goes on, and the report checked against the
 //! session's own log.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;
@@ -65,6 +65,7 @@ fn the_first_run_shows_calibration_and_decoding_in_the_browser_and_reports_the_r
         "--record",
         &session_arg,
     ];
+    let turn = common::live_fit_turn();
     let mut daemon = Daemon::start_with_env(&args, d, &[("MIRAGE_CACHE_DIR", &cache)]);
     daemon.wait_for_log(&format!("console at http://{console}/"), Duration::from_secs(600));
     let live = console_check(
@@ -72,6 +73,7 @@ fn the_first_run_shows_calibration_and_decoding_in_the_browser_and_reports_the_r
         &["--timeout", "150", "--screenshot", &d.join("console.png").display().to_string()],
     );
     let (status, log) = daemon.wait(Duration::from_secs(600));
+    drop(turn);
     assert!(status.success(), "{log}");
 
     // First run: the model was trained on a simulated seen session and cached.

@@ -2,7 +2,7 @@
 //! folder that reopens with every volume acknowledged one TR before the kill, bit for bit as
 //! sent, and nothing damaged after it.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! simulator (train on seen, decode held-out seen and imagery), live in the daemon, and with
 //! broken inputs.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! by nibabel against the session it came from; `file://SESSION_DIR` replays it through the
 //! daemon.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

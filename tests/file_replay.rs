@@ -1,7 +1,7 @@
 //! NIfTI reading and file:// replay checked against nibabel on real data (LAS int16, RAS
 //! uint16, anisotropic voxels).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! true amplitudes), the online stage against its offline twin, and live markers over LSL and
 //! ZMQ.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

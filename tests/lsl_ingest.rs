@@ -1,7 +1,7 @@
 //! lsl:// ingest against a real pylsl outlet, and the `mirage-feedback` outlet read by a real
 //! pylsl inlet.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

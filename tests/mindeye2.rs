@@ -4,7 +4,7 @@
 //! published layer list, batch 1 and batch 3; and live, in the daemon, with a picture per
 //! trial following its decode.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Online realignment against the simulator's exact motion on real anatomy, the offline twin
 //! (`mirage realign`) against the online stage, and exact cases.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

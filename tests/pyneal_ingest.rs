@@ -1,7 +1,7 @@
 //! pyneal:// and zmq:// ingest against real peers: a pyzmq client speaking pyneal-scanner's
 //! protocol, a pyzmq subscriber, and hostile messages from a Rust client.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

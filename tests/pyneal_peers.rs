@@ -3,7 +3,7 @@
 //! export must give back as valid BIDS), and its Siemens mosaic processor, which stops when a
 //! reply says `STOP`.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;

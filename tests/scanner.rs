@@ -3,7 +3,7 @@
 //! mosaic's geometry, and `mirage scanner` following a folder that files arrive in — out of
 //! order, half-written, corrupt — into a real daemon.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

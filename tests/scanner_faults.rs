@@ -4,7 +4,7 @@
 //! one that reconnects, and a subscriber that never reads. The daemon flags and counts each,
 //! records every volume it acknowledged as it came, and keeps going.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! the listed keys get in, on the ingest and the PUB socket. Loopback only: the refused sender
 //! connects from 127.0.0.2.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The simulator: same seed, same bytes; written truth consistent with the data (checked by
 //! independent Python code); streamed runs identical to written ones over every transport.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

@@ -78,6 +78,13 @@ pub fn published_as<T: mirage_rt::topic::Topic + serde::de::DeserializeOwned>(se
         .collect()
 }
 
+/// Held by a test whose daemon must finish a calibration fit inside a paced run: two such fits
+/// at once on a 2-core machine can outlast the run (the tests share one binary and run in parallel).
+pub fn live_fit_turn() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A name unique to this test process and call (for LSL streams, which are found by name).
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
