@@ -8,7 +8,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mirage_rt::frame::{Frame, IngestFlags, Stamps, STAGES};
 use mirage_rt::ingest::wire::{decode_volume, encode_volume, parse_header, Dialect};
-use mirage_rt::io::session::{SessionWriter, SyncPolicy};
+use mirage_rt::io::session::SessionWriter;
 use mirage_rt::publish::volume_message;
 use mirage_rt::queue::{edge, Recv, WhenFull};
 use mirage_rt::volume::Volume;
@@ -75,8 +75,7 @@ fn bench(c: &mut Criterion) {
             })
         });
         let dir = tempfile::tempdir().unwrap();
-        let mut writer =
-            SessionWriter::create(&dir.path().join("s"), &serde_json::json!({}), SyncPolicy::Os).unwrap();
+        let mut writer = SessionWriter::create(&dir.path().join("s"), &serde_json::json!({})).unwrap();
         let mut seq = 0;
         g.bench_with_input(BenchmarkId::new("record_append_os_sync", &label), &v, |b, v| {
             b.iter(|| {

@@ -28,6 +28,12 @@ pub trait Stage: Send {
         false
     }
 
+    /// Threads for `process`: above 1, the runner runs the stage in a pool of that many at the
+    /// volume path's priority, where `rayon::join` splits a frame's work (see `motion.threads`).
+    fn threads(&self) -> usize {
+        1
+    }
+
     /// Called once when the input ends, with the last frame seen: a stage holding results
     /// for the end of a run returns them in a frame (see [`Frame::end_of_run_after`]).
     fn flush(&mut self, _last: &Frame) -> Option<Frame> {

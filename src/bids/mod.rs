@@ -561,7 +561,7 @@ fn add_participant(path: &Path, sub: &str) -> Result<(), ExportError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::session::{SessionWriter, SyncPolicy};
+    use crate::io::session::SessionWriter;
     use crate::volume::{Volume, IDENTITY_AFFINE};
 
     fn vol(run: &str, index: u64) -> Volume {
@@ -592,7 +592,7 @@ mod tests {
     fn each_run_is_one_bids_run_in_index_order_and_nothing_is_overwritten_without_force() {
         let dir = tempfile::tempdir().unwrap();
         let s = dir.path().join("s");
-        let mut w = SessionWriter::create(&s, &json!({"mirage_version": "0.1.0"}), SyncPolicy::Os).unwrap();
+        let mut w = SessionWriter::create(&s, &json!({"mirage_version": "0.1.0"})).unwrap();
         // Run a: 0, 2, 1, a resend of 1, then 4 (3 never came); run b: 0, 1.
         for (seq, (run, i)) in
             [("a", 0), ("a", 2), ("a", 1), ("a", 1), ("b", 0), ("a", 4), ("b", 1)].into_iter().enumerate()
@@ -632,7 +632,7 @@ mod tests {
     fn the_raw_series_keeps_the_integer_type_it_arrived_in() {
         let dir = tempfile::tempdir().unwrap();
         let s = dir.path().join("s");
-        let mut w = SessionWriter::create(&s, &json!({}), SyncPolicy::Os).unwrap();
+        let mut w = SessionWriter::create(&s, &json!({})).unwrap();
         let int16 = |run: &str, i: u64, dtype: Dtype| Volume {
             data: (0..24).map(|k| (k as f32 - 12.0) * 1000.0 + i as f32).collect(),
             dtype,
@@ -670,7 +670,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = dir.path().join("s");
         let config = json!({"config": {"glm": {"default_duration_s": 1.5}}});
-        let mut w = SessionWriter::create(&s, &config, SyncPolicy::Os).unwrap();
+        let mut w = SessionWriter::create(&s, &config).unwrap();
         let marker = |onset: Value, duration: Value| json!({"trial": null, "stim": 3, "condition": "rest", "onset": onset, "duration": duration});
         // Volume 2 arrives at t = 2 s (TR 2 s, index 0 at t = 0): an absolute marker at 5 s is
         // 5 s into the run.

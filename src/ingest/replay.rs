@@ -119,14 +119,14 @@ impl Source for SessionReplay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::session::{SessionWriter, SyncPolicy};
+    use crate::io::session::SessionWriter;
     use crate::volume::{Volume, IDENTITY_AFFINE};
 
     #[test]
     fn markers_come_before_their_volume_and_a_damaged_one_is_an_error_not_a_loss() {
         let dir = tempfile::tempdir().unwrap();
         let s = dir.path().join("s");
-        let mut w = SessionWriter::create(&s, &serde_json::json!({}), SyncPolicy::Os).unwrap();
+        let mut w = SessionWriter::create(&s, &serde_json::json!({})).unwrap();
         let v = |index| Volume {
             data: vec![index as f32; 8],
             dims: [2, 2, 2],

@@ -89,6 +89,8 @@ pub struct MotionConfig {
     pub sample_fraction: f64,
     /// Read full-resolution images as cubic B-spline approximations (else trilinear).
     pub bspline: bool,
+    /// Threads realigning one volume (its samples and its reslicing split between them).
+    pub threads: usize,
 }
 
 impl Default for MotionConfig {
@@ -105,6 +107,7 @@ impl Default for MotionConfig {
             mask_threshold: o.mask_threshold,
             sample_fraction: o.sample_fraction,
             bspline: o.bspline,
+            threads: 2,
         }
     }
 }
@@ -127,6 +130,9 @@ impl MotionConfig {
         }
         if !(self.sample_fraction > 0.0 && self.sample_fraction <= 1.0) {
             e.push("motion.sample_fraction must be in (0, 1]".into());
+        }
+        if !(1..=16).contains(&self.threads) {
+            e.push("motion.threads must be 1..16".into());
         }
         if !(self.fd_threshold_mm.is_finite() && self.fd_threshold_mm > 0.0) {
             e.push("motion.fd_threshold_mm must be positive".into());
@@ -212,6 +218,11 @@ impl MotionCorrector {
         })
     }
 
+    /// Threads the runner gives this corrector (`motion.threads`).
+    pub fn threads(&self) -> usize {
+        self.cfg.threads
+    }
+
     /// A corrector whose reference is the volume `v` (e.g. volume K of a file read ahead).
     pub fn with_reference_volume(cfg: &MotionConfig, v: &Volume) -> Result<MotionCorrector, MotionError> {
         let opt = cfg.optimiser();
@@ -279,6 +290,12 @@ impl MotionCorrector {
             reference_index,
         }
     }
+}
+
+/// Whether work here may be split in two: inside a pool of more than one thread (the runner's,
+/// for `motion.threads` > 1), never spilling onto rayon's global pool.
+pub(crate) fn split_here() -> bool {
+    rayon::current_thread_index().is_some() && rayon::current_num_threads() > 1
 }
 
 /// `v` resampled onto the reference grid through `m` (`out(p) = v(M · p)`); outside is 0.
@@ -362,6 +379,39 @@ mod tests {
         // A constant reference cannot be used.
         let mut flat = MotionCorrector::new(&MotionConfig::default()).unwrap();
         assert!(matches!(flat.process(&constant, true), Err(MotionError::Degenerate(_))));
+    }
+
+    #[test]
+    fn two_threads_realign_as_one_does() {
+        // The blob moved 1.3 voxels along x: a real estimate, then a reslice off the grid.
+        let mut moved = blob(1);
+        let n = moved.dims[0];
+        let src = moved.data.clone();
+        for (v, x) in moved.data.iter_mut().enumerate() {
+            let i = (v % n) as f32 - 1.3;
+            let (i0, t) = (i.floor().clamp(0.0, n as f32 - 2.0) as usize, i - i.floor());
+            let base = v - v % n;
+            *x = src[base + i0] * (1.0 - t) + src[base + i0 + 1] * t;
+        }
+        let realign = || {
+            let mut mc = MotionCorrector::new(&MotionConfig::default()).unwrap();
+            mc.process(&blob(0), true).unwrap().unwrap();
+            mc.process(&moved, false).unwrap().unwrap()
+        };
+        let one = realign();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let (two, split) = pool.install(|| (realign(), split_here()));
+        assert!(split && !split_here());
+        assert!((one.estimate.params.trans[0].abs() - 5.2).abs() < 0.3, "{:?}", one.estimate.params);
+        // Only the order of the sums differs.
+        let (a, b) = (one.estimate.params.to_array(), two.estimate.params.to_array());
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-9), "{a:?} {b:?}");
+        assert_eq!(one.estimate.iterations, two.estimate.iterations);
+        // Slices are resliced independently: the halves join into the same volume.
+        let (dims, affine, m) = (one.volume.dims, one.volume.affine, one.estimate.matrix);
+        let halves = pool.install(|| reslice_onto(&moved, dims, &affine, &m)).unwrap();
+        assert_eq!(halves.data, reslice_onto(&moved, dims, &affine, &m).unwrap().data);
+        assert_eq!(halves.data, one.volume.data);
     }
 
     #[test]

@@ -462,12 +462,39 @@ struct Step {
 }
 
 /// One Gauss–Newton step with `g` mapping centred positions to moving voxel coordinates.
-fn gauss_newton_step(level: &Level, img: &Image, g: &Affine, bspline: bool) -> Result<Step, MotionError> {
+/// One Gauss–Newton step's sums over a range of a level's samples.
+#[derive(Default)]
+struct StepSums {
+    b: [f64; 6],
+    /// `J Jᵀ` of the samples that fell outside the volume, to take from the level's Hessian.
+    outside: [[f64; 6]; 6],
+    cost: f64,
+    valid: usize,
+}
+
+impl StepSums {
+    fn plus(mut self, o: StepSums) -> StepSums {
+        (0..6).for_each(|r| {
+            self.b[r] += o.b[r];
+            (0..6).for_each(|c| self.outside[r][c] += o.outside[r][c]);
+        });
+        self.cost += o.cost;
+        self.valid += o.valid;
+        self
+    }
+}
+
+fn step_sums(
+    level: &Level,
+    img: &Image,
+    g: &Affine,
+    bspline: bool,
+    range: std::ops::Range<usize>,
+) -> StepSums {
     let stride = [1, img.dims[0], img.dims[0] * img.dims[1]];
-    let mut b = [0.0f64; 6];
-    let mut h = level.hessian;
-    let (mut cost, mut valid) = (0.0f64, 0usize);
-    for ((p, r), row) in level.pos.iter().zip(&level.value).zip(&level.sd) {
+    let mut s = StepSums::default();
+    let samples = level.pos[range.clone()].iter().zip(&level.value[range.clone()]).zip(&level.sd[range]);
+    for ((p, r), row) in samples {
         let u = g[0][0] * p[0] + g[0][1] * p[1] + g[0][2] * p[2] + g[0][3];
         let v = g[1][0] * p[0] + g[1][1] * p[1] + g[1][2] * p[2] + g[1][3];
         let w = g[2][0] * p[0] + g[2][1] * p[1] + g[2][2] * p[2] + g[2][3];
@@ -480,20 +507,38 @@ fn gauss_newton_step(level: &Level, img: &Image, g: &Affine, bspline: bool) -> R
             Some(x) if x.is_finite() => {
                 let e = f64::from(x - r);
                 for c in 0..6 {
-                    b[c] += row[c] * e;
+                    s.b[c] += row[c] * e;
                 }
-                cost += e * e;
-                valid += 1;
+                s.cost += e * e;
+                s.valid += 1;
             }
             _ => {
                 for rr in 0..6 {
                     for c in 0..6 {
-                        h[rr][c] -= row[rr] * row[c];
+                        s.outside[rr][c] += row[rr] * row[c];
                     }
                 }
             }
         }
     }
+    s
+}
+
+fn gauss_newton_step(level: &Level, img: &Image, g: &Affine, bspline: bool) -> Result<Step, MotionError> {
+    let n = level.pos.len();
+    let sums = match super::split_here() {
+        true => {
+            let (a, b) = rayon::join(
+                || step_sums(level, img, g, bspline, 0..n / 2),
+                || step_sums(level, img, g, bspline, n / 2..n),
+            );
+            a.plus(b)
+        }
+        false => step_sums(level, img, g, bspline, 0..n),
+    };
+    let StepSums { b, outside, cost, valid } = sums;
+    let mut h = level.hessian;
+    (0..6).for_each(|r| (0..6).for_each(|c| h[r][c] -= outside[r][c]));
     let overlap = valid as f64 / level.pos.len().max(1) as f64;
     if overlap < 0.5 {
         return Err(MotionError::Degenerate(format!(

@@ -147,10 +147,35 @@ pub fn resample_trilinear(
     let [nx, ny, nz] = dst_dims;
     debug_assert_eq!(src.len(), src_dims.iter().product::<usize>());
     debug_assert_eq!(dst.len(), nx * ny * nz);
-    if src.len() != src_dims.iter().product::<usize>() || src.is_empty() {
+    if src.len() != src_dims.iter().product::<usize>() || src.is_empty() || dst.len() != nx * ny * nz {
         dst.fill(outside);
         return;
     }
+    if dst.is_empty() {
+        return;
+    }
+    if super::split_here() && nz > 1 {
+        let (low, high) = dst.split_at_mut(nx * ny * (nz / 2));
+        rayon::join(
+            || resample_slabs(src, src_dims, k, outside, low, dst_dims, 0),
+            || resample_slabs(src, src_dims, k, outside, high, dst_dims, nz / 2),
+        );
+    } else {
+        resample_slabs(src, src_dims, k, outside, dst, dst_dims, 0);
+    }
+}
+
+/// [`resample_trilinear`] for the output slices `z0..` that `dst` holds (whole slices).
+fn resample_slabs(
+    src: &[f32],
+    src_dims: [usize; 3],
+    k: &Affine,
+    outside: f32,
+    dst: &mut [f32],
+    dst_dims: [usize; 3],
+    z0: usize,
+) {
+    let [nx, ny, _] = dst_dims;
     let stride = [1usize, src_dims[0], src_dims[0] * src_dims[1]];
     let upper = |a: usize| if src_dims[a] > 1 { stride[a] } else { 0 };
     let (dx, dy, dz) = (upper(0), upper(1), upper(2));
@@ -158,7 +183,8 @@ pub fn resample_trilinear(
     let top = src_dims.map(|n| (n - 1) as f32);
     let last = src_dims.map(|n| n.saturating_sub(2));
     let step = [k[0][0], k[1][0], k[2][0]];
-    for z in 0..nz {
+    for (slab, slice) in dst.chunks_exact_mut(nx * ny).enumerate() {
+        let z = z0 + slab;
         for y in 0..ny {
             let base = [
                 k[0][1] * y as f64 + k[0][2] * z as f64 + k[0][3],
@@ -166,7 +192,7 @@ pub fn resample_trilinear(
                 k[2][1] * y as f64 + k[2][2] * z as f64 + k[2][3],
             ];
             let (a, b) = inside_span(src_dims, base, step, nx);
-            let out = &mut dst[nx * (y + ny * z)..nx * (y + ny * z) + nx];
+            let out = &mut slice[nx * y..nx * y + nx];
             out[..a].fill(outside);
             out[b..].fill(outside);
             // One pass in float32 from the row's first inside voxel: positions within 1e-5

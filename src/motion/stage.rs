@@ -15,6 +15,10 @@ impl Stage for MotionStage {
         "motion"
     }
 
+    fn threads(&self) -> usize {
+        self.0.threads()
+    }
+
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
         let out = self.0.process(&frame.volume, frame.flags.new_run).map_err(|e| StageError {
             stage: "motion",

@@ -22,7 +22,7 @@ use crate::frame::{Boundary, Frame, RecordItem};
 use crate::glm::events::Event;
 use crate::ingest::sim::SimSource;
 use crate::ingest::{open_source, Endpoint, IngestUri, SourceLimits};
-use crate::io::session::{MessageLog, SessionWriter};
+use crate::io::session::{MessageLog, SessionWriter, SyncPolicy};
 use crate::metrics::Metrics;
 use crate::publish::results::ResultsBoard;
 use crate::publish::Publisher;
@@ -130,7 +130,7 @@ fn open_session(cfg: &Config, dir: Option<PathBuf>, started: f64) -> Result<Opti
         "ingest": cfg.ingest.uri,
         "config": recorded_config(cfg),
     });
-    let writer = SessionWriter::create(&dir, &meta, cfg.record.sync).map_err(one)?;
+    let writer = SessionWriter::create(&dir, &meta).map_err(one)?;
     let log = MessageLog::open(&dir).map_err(one)?;
     Ok(Some(Session { dir, writer, log }))
 }
@@ -345,16 +345,30 @@ impl Wiring<'_> {
         path.push((decode_stage, None));
         for (i, ((stage, events), (rx, tx))) in path.into_iter().zip(rxs.into_iter().zip(txs)).enumerate() {
             let (m, boundary) = (self.metrics.clone(), Boundary::after_stage(i));
-            self.spawn_volume_path(stage.name(), move || stage_loop(stage, rx, tx, boundary, events, &m));
+            let pool = match stage.threads() {
+                1 => None,
+                n => match volume_path_pool(stage.name(), n, self.r.cfg.pipeline.realtime_priority, &m) {
+                    Ok(pool) => Some(pool),
+                    Err(e) => {
+                        self.errors.extend(e);
+                        continue;
+                    }
+                },
+            };
+            self.spawn_volume_path(stage.name(), move || match pool {
+                Some(pool) => pool.install(|| stage_loop(stage, rx, tx, boundary, events, &m)),
+                None => stage_loop(stage, rx, tx, boundary, events, &m),
+            });
         }
 
         let (record_tx, record_rx) = record;
         let recording = writer.is_some();
         if let Some(writer) = writer {
             let m = self.metrics.clone();
+            let flush_every_volume = self.r.cfg.record.sync == SyncPolicy::EveryVolume;
             self.spawn("record", move || {
                 let _done = record_done;
-                record_loop(writer, record_rx, &m);
+                record_loop(writer, record_rx, flush_every_volume, &m);
             });
         }
         if let Some(markers) = self.r.cfg.glm.markers.as_deref().and_then(|m| m.strip_prefix("lsl://")) {
@@ -521,6 +535,23 @@ struct PublishSink {
     log: Option<MessageLog>,
     console: Option<ConsoleFeed>,
     results: Option<Arc<ResultsBoard>>,
+}
+
+/// The pool a volume-path stage asking for `threads` runs in (`Stage::threads`): its threads
+/// named `mirage/NAMEi`, at the volume path's priority.
+fn volume_path_pool(
+    name: &'static str,
+    threads: usize,
+    priority: u8,
+    m: &Arc<Metrics>,
+) -> Result<rayon::ThreadPool, Errors> {
+    let m = m.clone();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("mirage/{name}{i}"))
+        .start_handler(move |_| super::raise_priority(priority, &m))
+        .build()
+        .map_err(|e| one(format!("{name} threads: {e}")))
 }
 
 /// A pool of `threads` decode threads named `PREFIXi`, below the volume path's priority.

@@ -48,9 +48,9 @@ use crate::volume::Volume;
 /// The recorder's edge was closed under ingest.
 pub const RECORD_CLOSED: Reason =
     Reason::new("record_closed", "volumes the recorder's closed edge could not take");
-/// A waiting sender was answered before its volume was on disk (after one TR).
+/// A waiting sender was answered before its volume was written to the session (after one TR).
 pub const ACK_BEFORE_RECORDED: Reason =
-    Reason::new("ack_before_recorded", "senders answered after one TR, before their volume was on disk");
+    Reason::new("ack_before_recorded", "senders answered after one TR, before their volume was written");
 /// A volume sent after the run's STOP.
 pub const REFUSED_AFTER_STOP: Reason =
     Reason::new("refused_after_stop", "volumes sent after the run was over, answered STOP");
@@ -328,7 +328,8 @@ fn ingest_loop(
                 let frame = Frame::new(seq, volume, flags, stamps);
                 let closed = out.push(frame) == Err(PushError::Closed);
                 // The volume path has the frame; a waiting sender hears back once the volume
-                // is on disk, or after one TR (counted) so that a slow disk never stalls it.
+                // is written to the session (the flush to disk is not waited for), or after one
+                // TR (counted) so that a slow disk never stalls it.
                 if recording && source.answers_sender() && !wait_recorded(m, seq + 1, tr.unwrap_or(1.0)) {
                     m.count(ACK_BEFORE_RECORDED);
                 }
@@ -575,29 +576,54 @@ impl Drop for SetOnDrop {
     }
 }
 
-fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, m: &Metrics) {
-    loop {
-        match rx.recv_timeout(POLL) {
-            Recv::Msg(item) => {
-                let flags = serde_json::to_value(item.flags).unwrap_or_default();
-                match writer.append(item.seq, &item.volume, flags, &item.markers) {
-                    Ok(()) => {
-                        m.recorded.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        m.count(RECORD_IO);
-                        tracing::error!("{e}");
-                    }
-                }
-                m.record_attempts.fetch_add(1, Ordering::Release);
-            }
-            Recv::Timeout => {}
-            Recv::Closed => break,
-        }
-    }
-    if let Err(e) = writer.sync() {
+/// Appends each volume to the session (what a waiting sender's acknowledgement waits for); with
+/// `flush_every_volume`, a flusher thread beside it `fdatasync`s after each append. A flush covers
+/// every append before it, so a stalled disk's flushes coalesce instead of holding back appends.
+fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, flush_every_volume: bool, m: &Metrics) {
+    let record_io = |e: &dyn std::fmt::Display| {
         m.count(RECORD_IO);
         tracing::error!("{e}");
+    };
+    std::thread::scope(|scope| {
+        // One pending request at most: a request made while one waits is covered by that flush.
+        let (flush_tx, flush_rx) = crossbeam_channel::bounded::<()>(1);
+        if flush_every_volume {
+            let flusher = writer.flusher().map_err(|e| e.to_string()).and_then(|f| {
+                std::thread::Builder::new()
+                    .name("mirage/flush".into())
+                    .spawn_scoped(scope, move || {
+                        while flush_rx.recv().is_ok() {
+                            if let Err(e) = f.flush() {
+                                record_io(&e);
+                            }
+                        }
+                    })
+                    .map_err(|e| format!("record: cannot start the flusher thread: {e}"))
+            });
+            if let Err(e) = flusher {
+                record_io(&e);
+            }
+        }
+        loop {
+            match rx.recv_timeout(POLL) {
+                Recv::Msg(item) => {
+                    let flags = serde_json::to_value(item.flags).unwrap_or_default();
+                    match writer.append(item.seq, &item.volume, flags, &item.markers) {
+                        Ok(()) => {
+                            m.recorded.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => record_io(&e),
+                    }
+                    m.record_attempts.fetch_add(1, Ordering::Release);
+                    let _ = flush_tx.try_send(());
+                }
+                Recv::Timeout => {}
+                Recv::Closed => break,
+            }
+        }
+    });
+    if let Err(e) = writer.sync() {
+        record_io(&e);
     }
 }
 
