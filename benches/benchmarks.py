@@ -593,7 +593,8 @@ def main():
         f"on {machine}. Do not edit by hand: rerun the script.",
         "",
         "`mirage bench` runs the whole daemon in one process: the simulator's volumes (made before "
-        "the run, so their cost is not counted) go over a real transport on loopback into ingest, "
+        "the run, and each one's data frame encoded before its slot, so neither cost is counted) go "
+        "over a real transport on loopback into ingest, "
         "motion correction, the online GLM, decoding (random low-rank r = 512 heads of MIRAGE's "
         "output shapes over 15,724 voxels where named; a worker beside the volume path) and "
         "publish, and a ZMQ subscriber thread stamps each message on receipt. Trigger → feedback "

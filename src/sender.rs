@@ -3,7 +3,7 @@
 
 use lsl::ExPushable;
 
-use crate::ingest::wire::{encode_volume, Dialect};
+use crate::ingest::wire::{encode_header, encode_payload, Dialect};
 use crate::ingest::IngestUri;
 use crate::volume::Volume;
 
@@ -143,11 +143,27 @@ impl VolumeSender {
         }
     }
 
+    /// `v`'s data frame in this sender's protocol (empty for LSL, which pushes the floats): a
+    /// scanner has it in hand at acquisition, so a paced sender makes it before the slot.
+    pub fn payload(&self, v: &Volume) -> Vec<u8> {
+        match self {
+            VolumeSender::Pyneal { .. } => encode_payload(v, Dialect::Pyneal),
+            VolumeSender::Native { .. } => encode_payload(v, Dialect::Native),
+            VolumeSender::Lsl { .. } => Vec::new(),
+        }
+    }
+
     /// Delivers one volume; for pyneal, waits for the daemon's reply, which may end the run.
     pub fn send(&mut self, v: &Volume) -> Result<Delivered, SendError> {
+        let payload = self.payload(v);
+        self.send_payload(v, &payload)
+    }
+
+    /// [`VolumeSender::send`] with `v`'s data frame made beforehand by [`VolumeSender::payload`].
+    pub fn send_payload(&mut self, v: &Volume, data: &[u8]) -> Result<Delivered, SendError> {
         match self {
             VolumeSender::Pyneal { socket, address, timeout, .. } => {
-                let (header, data) = encode_volume(v, Dialect::Pyneal);
+                let header = encode_header(v, Dialect::Pyneal);
                 let zerr = |e: zmq::Error| SendError::Zmq { address: address.clone(), reason: e.to_string() };
                 socket.send(header.as_bytes(), zmq::SNDMORE).map_err(zerr)?;
                 socket.send(data, 0).map_err(zerr)?;
@@ -173,7 +189,7 @@ impl VolumeSender {
                 }
             }
             VolumeSender::Native { socket, address, .. } => {
-                let (header, data) = encode_volume(v, Dialect::Native);
+                let header = encode_header(v, Dialect::Native);
                 let zerr = |e: zmq::Error| SendError::Zmq { address: address.clone(), reason: e.to_string() };
                 socket.send(header.as_bytes(), zmq::SNDMORE).map_err(zerr)?;
                 socket.send(data, 0).map_err(zerr)?;

@@ -287,12 +287,16 @@ pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
     let handle = Pipeline::build(&cfg).map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
     let stop = Arc::new(AtomicBool::new(false));
     let seen: Arc<Mutex<Seen>> = Arc::default();
+    // With the volume path at SCHED_FIFO, the sender (a stand-in for the scanner, another
+    // machine) and the subscriber (the experiment, which would ask for the same) run at it too.
+    let priority = cfg.pipeline.realtime_priority;
     let subscriber = {
-        let (stop, seen) = (stop.clone(), seen.clone());
+        let (stop, seen, m) = (stop.clone(), seen.clone(), handle.metrics().clone());
         let endpoint = format!("tcp://127.0.0.1:{pub_port}");
-        std::thread::Builder::new()
-            .name("bench/subscriber".into())
-            .spawn(move || subscribe(&endpoint, &stop, &seen))?
+        std::thread::Builder::new().name("bench/subscriber".into()).spawn(move || {
+            crate::pipeline::raise_priority(priority, &m);
+            subscribe(&endpoint, &stop, &seen)
+        })?
     };
     std::thread::sleep(Duration::from_millis(500));
     // Acquisition time of each volume the sender sent (pyneal's header carries none). The
@@ -302,8 +306,9 @@ pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
         Some(uri) => {
             let mut sim = Simulator::new(&cfg.sim)?;
             let volumes: Vec<_> = std::iter::from_fn(|| sim.next_volume()).collect();
-            let (uri, acquired) = (uri.clone(), acquired.clone());
+            let (uri, acquired, m) = (uri.clone(), acquired.clone(), handle.metrics().clone());
             Some(std::thread::Builder::new().name("bench/sender".into()).spawn(move || {
+                crate::pipeline::raise_priority(priority, &m);
                 let record = &mut |index, acq| {
                     if let Ok(mut a) = acquired.lock() {
                         a.insert(index, acq);

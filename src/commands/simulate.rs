@@ -58,8 +58,8 @@ pub fn simulate(cfg: &SimConfig, target: &SimTarget) -> anyhow::Result<()> {
 /// Sends volumes to a daemon at `speed` (one per `tr` in real time), with a marker for each
 /// of `trials` before the first volume acquired after its onset (where the protocol carries
 /// markers); `on_send(index, acquisition time)` hears each volume as it goes. Each volume is
-/// in hand before its slot, as a scanner has it at acquisition time. Returns (volumes,
-/// markers) sent.
+/// in hand, its data frame encoded, before its slot, as a scanner has it at acquisition time.
+/// Returns (volumes, markers) sent.
 #[allow(clippy::too_many_arguments)]
 pub fn stream(
     volumes: impl Iterator<Item = Volume>,
@@ -75,6 +75,7 @@ pub fn stream(
     let mut pacer = Pacer::new(speed.interval(tr), 0.0);
     let (mut sent, mut markers, mut next_marker) = (0, 0, 0);
     for (i, mut v) in volumes.enumerate() {
+        let payload = sender.payload(&v);
         let due = loop {
             if let Some(due) = pacer.wait_for(i as u64, Duration::from_secs(1)) {
                 break due;
@@ -97,7 +98,7 @@ pub fn stream(
         v.acq_time = Some(due);
         v.recv_time = clock::now();
         on_send(v.index, due);
-        let delivered = sender.send(&v)?;
+        let delivered = sender.send_payload(&v, &payload)?;
         sent += 1;
         if delivered == Delivered::Last {
             tracing::info!("the daemon's run is over (STOP): stopping after {sent} volumes");

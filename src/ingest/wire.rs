@@ -315,24 +315,36 @@ pub enum Dialect {
 
 /// Encodes a volume as a header frame and a float32 data frame in the dialect's conventions.
 pub fn encode_volume(v: &Volume, dialect: Dialect) -> (String, Vec<u8>) {
+    (encode_header(v, dialect), encode_payload(v, dialect))
+}
+
+/// The JSON header of [`encode_volume`].
+pub fn encode_header(v: &Volume, dialect: Dialect) -> String {
     let shape = v.dims;
-    let data;
     let header = match dialect {
         Dialect::Pyneal => {
-            let mut c = vec![0f32; v.data.len()];
-            nifti_to_c_order(&v.data, v.dims, &mut c);
-            data = f32_le_bytes(&c);
             let affine = serde_json::to_string(&v.affine).unwrap_or_default();
             let tr = v.tr.map_or_else(|| "null".to_string(), |t| t.to_string());
             serde_json::json!({"volIdx": v.index, "dtype": "float32", "shape": shape, "affine": affine, "TR": tr})
         }
         Dialect::Native => {
-            data = f32_le_bytes(&v.data);
             serde_json::json!({"volIdx": v.index, "dtype": "float32", "shape": shape, "affine": v.affine,
                 "TR": v.tr, "order": "F", "acq_time": v.acq_time, "run": v.run})
         }
     };
-    (header.to_string(), data)
+    header.to_string()
+}
+
+/// The data frame of [`encode_volume`]: float32 little-endian, C order for pyneal, F for native.
+pub fn encode_payload(v: &Volume, dialect: Dialect) -> Vec<u8> {
+    match dialect {
+        Dialect::Pyneal => {
+            let mut c = vec![0f32; v.data.len()];
+            nifti_to_c_order(&v.data, v.dims, &mut c);
+            f32_le_bytes(&c)
+        }
+        Dialect::Native => f32_le_bytes(&v.data),
+    }
 }
 
 #[cfg(test)]

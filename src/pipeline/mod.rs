@@ -111,7 +111,7 @@ fn lower_priority(nice: i32) {
 
 /// Puts the calling thread under SCHED_FIFO at `priority` (0: leaves it as it is); refused
 /// (no CAP_SYS_NICE or rtprio limit), it stays under the normal scheduler, logged and counted.
-fn raise_priority(priority: u8, m: &Metrics) {
+pub(crate) fn raise_priority(priority: u8, m: &Metrics) {
     if priority == 0 {
         return;
     }
