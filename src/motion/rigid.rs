@@ -154,53 +154,62 @@ pub fn resample_trilinear(
     if dst.is_empty() {
         return;
     }
+    let job = Resampling { src, src_dims, k, outside, nx, ny };
     if super::split_here() && nz > 1 {
         let (low, high) = dst.split_at_mut(nx * ny * (nz / 2));
-        rayon::join(
-            || resample_slabs(src, src_dims, k, outside, low, dst_dims, 0),
-            || resample_slabs(src, src_dims, k, outside, high, dst_dims, nz / 2),
-        );
+        rayon::join(|| job.slices(low, 0), || job.slices(high, nz / 2));
     } else {
-        resample_slabs(src, src_dims, k, outside, dst, dst_dims, 0);
+        job.slices(dst, 0);
     }
 }
 
-/// [`resample_trilinear`] for the output slices `z0..` that `dst` holds (whole slices).
-fn resample_slabs(
-    src: &[f32],
+/// One [`resample_trilinear`], for the output slices a part of `dst` holds.
+struct Resampling<'a> {
+    src: &'a [f32],
     src_dims: [usize; 3],
-    k: &Affine,
+    k: &'a Affine,
     outside: f32,
-    dst: &mut [f32],
-    dst_dims: [usize; 3],
-    z0: usize,
-) {
-    let [nx, ny, _] = dst_dims;
-    let stride = [1usize, src_dims[0], src_dims[0] * src_dims[1]];
-    let upper = |a: usize| if src_dims[a] > 1 { stride[a] } else { 0 };
-    let (dx, dy, dz) = (upper(0), upper(1), upper(2));
-    // Coordinates clamp to [0, n − 1]; the lower corner to n − 2, so the upper one is inside.
-    let top = src_dims.map(|n| (n - 1) as f32);
-    let last = src_dims.map(|n| n.saturating_sub(2));
-    let step = [k[0][0], k[1][0], k[2][0]];
-    for (slab, slice) in dst.chunks_exact_mut(nx * ny).enumerate() {
-        let z = z0 + slab;
-        for y in 0..ny {
-            let base = [
-                k[0][1] * y as f64 + k[0][2] * z as f64 + k[0][3],
-                k[1][1] * y as f64 + k[1][2] * z as f64 + k[1][3],
-                k[2][1] * y as f64 + k[2][2] * z as f64 + k[2][3],
-            ];
-            let (a, b) = inside_span(src_dims, base, step, nx);
-            let out = &mut slice[nx * y..nx * y + nx];
-            out[..a].fill(outside);
-            out[b..].fill(outside);
-            // One pass in float32 from the row's first inside voxel: positions within 1e-5
-            // voxel, and exact for integer shifts.
-            let origin = [0, 1, 2].map(|i| (base[i] + step[i] * a as f64) as f32);
-            let row =
-                Row { src, origin, step: step.map(|v| v as f32), top, last, stride, corner: [dx, dy, dz] };
-            row.blend(&mut out[a..b]);
+    nx: usize,
+    ny: usize,
+}
+
+impl Resampling<'_> {
+    /// Fills `dst`, whole output slices from slice `z0` on.
+    fn slices(&self, dst: &mut [f32], z0: usize) {
+        let Resampling { src, src_dims, k, outside, nx, ny } = *self;
+        let stride = [1usize, src_dims[0], src_dims[0] * src_dims[1]];
+        let upper = |a: usize| if src_dims[a] > 1 { stride[a] } else { 0 };
+        let (dx, dy, dz) = (upper(0), upper(1), upper(2));
+        // Coordinates clamp to [0, n − 1]; the lower corner to n − 2, so the upper one is inside.
+        let top = src_dims.map(|n| (n - 1) as f32);
+        let last = src_dims.map(|n| n.saturating_sub(2));
+        let step = [k[0][0], k[1][0], k[2][0]];
+        for (slab, slice) in dst.chunks_exact_mut(nx * ny).enumerate() {
+            let z = z0 + slab;
+            for y in 0..ny {
+                let base = [
+                    k[0][1] * y as f64 + k[0][2] * z as f64 + k[0][3],
+                    k[1][1] * y as f64 + k[1][2] * z as f64 + k[1][3],
+                    k[2][1] * y as f64 + k[2][2] * z as f64 + k[2][3],
+                ];
+                let (a, b) = inside_span(src_dims, base, step, nx);
+                let out = &mut slice[nx * y..nx * y + nx];
+                out[..a].fill(outside);
+                out[b..].fill(outside);
+                // One pass in float32 from the row's first inside voxel: positions within 1e-5
+                // voxel, and exact for integer shifts.
+                let origin = [0, 1, 2].map(|i| (base[i] + step[i] * a as f64) as f32);
+                let row = Row {
+                    src,
+                    origin,
+                    step: step.map(|v| v as f32),
+                    top,
+                    last,
+                    stride,
+                    corner: [dx, dy, dz],
+                };
+                row.blend(&mut out[a..b]);
+            }
         }
     }
 }
