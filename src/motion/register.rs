@@ -461,7 +461,6 @@ struct Step {
     overlap: f64,
 }
 
-/// One Gauss–Newton step with `g` mapping centred positions to moving voxel coordinates.
 /// One Gauss–Newton step's sums over a range of a level's samples.
 #[derive(Default)]
 struct StepSums {
@@ -524,6 +523,7 @@ fn step_sums(
     s
 }
 
+/// One Gauss–Newton step with `g` mapping centred positions to moving voxel coordinates.
 fn gauss_newton_step(level: &Level, img: &Image, g: &Affine, bspline: bool) -> Result<Step, MotionError> {
     let n = level.pos.len();
     let sums = match super::split_here() {

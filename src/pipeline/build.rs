@@ -345,17 +345,23 @@ impl Wiring<'_> {
         path.push((decode_stage, None));
         for (i, ((stage, events), (rx, tx))) in path.into_iter().zip(rxs.into_iter().zip(txs)).enumerate() {
             let (m, boundary) = (self.metrics.clone(), Boundary::after_stage(i));
-            let pool = match stage.threads() {
-                1 => None,
-                n => match volume_path_pool(stage.name(), n, self.r.cfg.pipeline.realtime_priority, &m) {
-                    Ok(pool) => Some(pool),
-                    Err(e) => {
-                        self.errors.extend(e);
-                        continue;
-                    }
-                },
+            let priority = self.r.cfg.pipeline.realtime_priority;
+            let stage_pool = match stage.threads() {
+                1 => Ok(None),
+                n => {
+                    let m = m.clone();
+                    pool(&format!("mirage/{}", stage.name()), n, move || super::raise_priority(priority, &m))
+                        .map(Some)
+                }
             };
-            self.spawn_volume_path(stage.name(), move || match pool {
+            let stage_pool = match stage_pool {
+                Ok(p) => p,
+                Err(e) => {
+                    self.errors.extend(e);
+                    continue;
+                }
+            };
+            self.spawn_volume_path(stage.name(), move || match stage_pool {
                 Some(pool) => pool.install(|| stage_loop(stage, rx, tx, boundary, events, &m)),
                 None => stage_loop(stage, rx, tx, boundary, events, &m),
             });
@@ -537,31 +543,25 @@ struct PublishSink {
     results: Option<Arc<ResultsBoard>>,
 }
 
-/// The pool a volume-path stage asking for `threads` runs in (`Stage::threads`): its threads
-/// named `mirage/NAMEi`, at the volume path's priority.
-fn volume_path_pool(
-    name: &'static str,
+/// A pool of `threads` threads named `PREFIXi`, each calling `on_start` first (to set its
+/// priority): the decode and picture workers', and those of a stage asking for `Stage::threads`.
+fn pool(
+    prefix: &str,
     threads: usize,
-    priority: u8,
-    m: &Arc<Metrics>,
+    on_start: impl Fn() + Send + Sync + 'static,
 ) -> Result<rayon::ThreadPool, Errors> {
-    let m = m.clone();
+    let name = prefix.to_string();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
-        .thread_name(move |i| format!("mirage/{name}{i}"))
-        .start_handler(move |_| super::raise_priority(priority, &m))
-        .build()
-        .map_err(|e| one(format!("{name} threads: {e}")))
-}
-
-/// A pool of `threads` decode threads named `PREFIXi`, below the volume path's priority.
-fn decode_pool(prefix: &'static str, threads: usize) -> Result<rayon::ThreadPool, Errors> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(move |i| format!("{prefix}{i}"))
-        .start_handler(|_| lower_priority(DECODE_NICE))
+        .thread_name(move |i| format!("{name}{i}"))
+        .start_handler(move |_| on_start())
         .build()
         .map_err(|e| one(format!("{prefix} threads: {e}")))
+}
+
+/// A pool of decode threads, below the volume path's priority.
+fn decode_pool(prefix: &str, threads: usize) -> Result<rayon::ThreadPool, Errors> {
+    pool(prefix, threads, || lower_priority(DECODE_NICE))
 }
 
 /// Calibration mode's state, when `decode.mode = "calibrate"`: the protocol checked against
@@ -719,8 +719,9 @@ mod tests {
         if refused == 0 {
             assert!(seen.iter().all(|&p| p == (libc::SCHED_FIFO, 7)), "{seen:?}");
         } else {
-            // Every volume-path thread tried and was refused: ingest, four stages, publish.
-            assert_eq!(refused, 6, "{:?}", snap.errors);
+            // Every volume-path thread tried and was refused: ingest, four stages, publish, and
+            // the threads of the motion stage's pool.
+            assert_eq!(refused, 6 + cfg.motion.threads as u64, "{:?}", snap.errors);
             assert!(seen.iter().all(|&(policy, _)| policy == libc::SCHED_OTHER), "{seen:?}");
         }
         assert_eq!(snap.published, 4);
