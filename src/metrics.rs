@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -160,6 +161,30 @@ pub struct MetricsSnapshot {
     pub rolling_ms: BTreeMap<&'static str, RollingSummary>,
 }
 
+/// A count that another thread can wait on without polling (the recorder's, which a held
+/// acknowledgement waits for).
+#[derive(Debug, Default)]
+pub struct Progress {
+    count: Mutex<u64>,
+    moved: Condvar,
+}
+
+impl Progress {
+    /// Adds one and wakes whoever waits.
+    pub fn advance(&self) {
+        if let Ok(mut c) = self.count.lock() {
+            *c += 1;
+        }
+        self.moved.notify_all();
+    }
+
+    /// Waits until the count reaches `n`, for at most `timeout`; whether it has.
+    pub fn wait_for(&self, n: u64, timeout: Duration) -> bool {
+        let Ok(count) = self.count.lock() else { return false };
+        self.moved.wait_timeout_while(count, timeout, |c| *c < n).is_ok_and(|(c, _)| *c >= n)
+    }
+}
+
 /// The shared counters of one pipeline.
 #[derive(Debug)]
 pub struct Metrics {
@@ -170,8 +195,8 @@ pub struct Metrics {
     pub rejected: AtomicU64,
     /// Volumes written to the session folder.
     pub recorded: AtomicU64,
-    /// Volumes the recorder has finished with, written or not (for holding acknowledgements).
-    pub record_attempts: AtomicU64,
+    /// Volumes the recorder has finished with, written or not (acknowledgements wait on it).
+    pub record_attempts: Progress,
     /// Volume messages published.
     pub published: AtomicU64,
     /// Volumes whose index repeated.
@@ -204,7 +229,7 @@ impl Metrics {
             received: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             recorded: AtomicU64::new(0),
-            record_attempts: AtomicU64::new(0),
+            record_attempts: Progress::default(),
             published: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             missing: AtomicU64::new(0),
@@ -552,4 +577,24 @@ pub fn thread_cpu_ms() -> BTreeMap<u64, (String, f64)> {
         out.entry(tid).or_insert((name, (get(14) + get(15)) / ticks * 1e3));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiter_wakes_when_the_count_arrives_and_not_before() {
+        let progress = Arc::new(Progress::default());
+        assert!(!progress.wait_for(1, Duration::from_millis(20)));
+        let p = Arc::clone(&progress);
+        let advancer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            p.advance();
+            p.advance();
+        });
+        assert!(progress.wait_for(2, Duration::from_secs(10)));
+        assert!(!progress.wait_for(3, Duration::ZERO));
+        advancer.join().unwrap();
+    }
 }

@@ -34,6 +34,12 @@ pub trait Stage: Send {
         1
     }
 
+    /// Work the last frame left that its outputs do not wait for (the motion reference's
+    /// preparation): the runner calls it once that frame has gone on, before the next one.
+    fn after(&mut self) -> Result<(), StageError> {
+        Ok(())
+    }
+
     /// Called once when the input ends, with the last frame seen: a stage holding results
     /// for the end of a run returns them in a frame (see [`Frame::end_of_run_after`]).
     fn flush(&mut self, _last: &Frame) -> Option<Frame> {

@@ -108,6 +108,8 @@ pub fn realign(
         if !(prepares && index == 0) {
             seconds.push(start.elapsed().as_secs_f64());
         }
+        // As in the daemon, the reference volume is prepared once its own realignment is out.
+        let processed = processed.and_then(|r| corrector.prepare_reference().map(|()| r));
         let (data, estimate) = match processed {
             Ok(Some(r)) => (r.volume, Some(r.estimate)),
             Ok(None) => (v.clone(), None),

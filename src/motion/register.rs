@@ -241,12 +241,7 @@ impl Reference {
         affine: &Affine,
         opt: &Optimiser,
     ) -> Result<Reference, MotionError> {
-        if data.len() != dims.iter().product::<usize>() {
-            return Err(MotionError::Shape(format!("{} voxels for grid {dims:?}", data.len())));
-        }
-        if dims.iter().any(|&d| d < 3) {
-            return Err(MotionError::Degenerate(format!("grid {dims:?} is too small to register")));
-        }
+        Reference::check(data, dims)?;
         let top = pyramid(Image { data: fill_non_finite(data, dims)?, dims, affine: *affine }, opt.levels);
         let threshold = opt.mask_threshold as f32 * quantile(data, 0.99);
         if threshold.is_nan() || threshold <= 0.0 {
@@ -279,6 +274,31 @@ impl Reference {
             levels.push(prepare_level(img, threshold, centre, fraction, bspline)?);
         }
         Ok(Reference { dims, affine: *affine, centre, brain, levels })
+    }
+
+    /// The faults of a would-be reference that one pass over `data` finds (its grid, too many
+    /// NaN voxels, no signal or a constant image): [`Reference::prepare`]'s cheap checks.
+    pub fn check(data: &[f32], dims: [usize; 3]) -> Result<(), MotionError> {
+        if data.len() != dims.iter().product::<usize>() {
+            return Err(MotionError::Shape(format!("{} voxels for grid {dims:?}", data.len())));
+        }
+        if dims.iter().any(|&d| d < 3) {
+            return Err(MotionError::Degenerate(format!("grid {dims:?} is too small to register")));
+        }
+        let (lo, hi, non_finite) = value_range(data);
+        if non_finite as f64 > MAX_NON_FINITE * data.len() as f64 {
+            return Err(MotionError::Degenerate(format!(
+                "{non_finite} of {} voxels are NaN or infinite",
+                data.len()
+            )));
+        }
+        if hi.is_nan() || hi <= 0.0 {
+            return Err(MotionError::Degenerate("the reference has no positive signal".into()));
+        }
+        if hi <= lo {
+            return Err(MotionError::Degenerate("the volume is constant (or has no finite voxel)".into()));
+        }
+        Ok(())
     }
 
     /// Registers `moving` to the reference starting from the world matrix `start`.

@@ -31,6 +31,14 @@ impl Stage for MotionStage {
         }
         Ok(())
     }
+
+    fn after(&mut self) -> Result<(), StageError> {
+        self.0.prepare_reference().map_err(|e| StageError {
+            stage: "motion",
+            reason: e.reason().name,
+            message: format!("the reference: {e}"),
+        })
+    }
 }
 
 /// The stage `cfg` asks for: realignment, or a pass-through when `motion.enabled` is false.

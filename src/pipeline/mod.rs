@@ -330,7 +330,12 @@ fn ingest_loop(
                 // The volume path has the frame; a waiting sender hears back once the volume
                 // is written to the session (the flush to disk is not waited for), or after one
                 // TR (counted) so that a slow disk never stalls it.
-                if recording && source.answers_sender() && !wait_recorded(m, seq + 1, tr.unwrap_or(1.0)) {
+                if recording
+                    && source.answers_sender()
+                    && !m
+                        .record_attempts
+                        .wait_for(seq + 1, Duration::from_secs_f64(tr.unwrap_or(1.0).clamp(0.01, 10.0)))
+                {
                     m.count(ACK_BEFORE_RECORDED);
                 }
                 // The last volume's answer tells the sender the run is over.
@@ -365,18 +370,6 @@ fn answer_stop_while_draining(mut source: Box<dyn crate::ingest::Source>, tr: Op
     }
 }
 
-/// Waits until the recorder has finished with `n` volumes, for at most `seconds`; whether it has.
-fn wait_recorded(m: &Metrics, n: u64, seconds: f64) -> bool {
-    let deadline = clock::now() + seconds.clamp(0.01, 10.0);
-    while m.record_attempts.load(Ordering::Acquire) < n {
-        if clock::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-    true
-}
-
 /// Runs one stage on its thread: each frame from `rx` (with the live events waiting in
 /// `events`, when the stage takes them) through `process`, stamped at `boundary`, on to `tx`;
 /// `flush` when the input ends.
@@ -407,8 +400,13 @@ fn stage_loop(
                 if !frame.end_of_run {
                     last = Some(Frame::end_of_run_after(&frame));
                 }
+                let index = frame.volume.index;
                 if tx.push(frame) == Err(PushError::Closed) {
                     return;
+                }
+                if let Err(e) = stage.after() {
+                    m.count_error(e.reason);
+                    tracing::warn!("after volume {index}: {e}");
                 }
             }
             Recv::Timeout => {}
@@ -614,7 +612,7 @@ fn record_loop(mut writer: SessionWriter, mut rx: EdgeRx<RecordItem>, flush_ever
                         }
                         Err(e) => record_io(&e),
                     }
-                    m.record_attempts.fetch_add(1, Ordering::Release);
+                    m.record_attempts.advance();
                     let _ = flush_tx.try_send(());
                 }
                 Recv::Timeout => {}
@@ -778,6 +776,43 @@ mod tests {
             recv_time: 0.0,
             dtype: crate::volume::Dtype::F32,
         }
+    }
+
+    /// Notes, at each `after`, how many frames its output edge had taken by then.
+    struct Deferring {
+        out: Arc<crate::queue::EdgeStats>,
+        seen: Arc<std::sync::Mutex<Vec<u64>>>,
+    }
+
+    impl Stage for Deferring {
+        fn name(&self) -> &'static str {
+            "deferring"
+        }
+
+        fn process(&mut self, _frame: &mut Frame) -> Result<(), crate::stage::StageError> {
+            Ok(())
+        }
+
+        fn after(&mut self) -> Result<(), crate::stage::StageError> {
+            self.seen.lock().unwrap().push(self.out.pushed.load(Ordering::Acquire));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stage_s_deferred_work_runs_once_its_frame_has_gone_on() {
+        use crate::queue::{edge, WhenFull};
+        let (mut in_tx, in_rx) = edge::<Frame>("in", 8, 1 << 20, WhenFull::Block);
+        let (out_tx, _out_rx) = edge::<Frame>("out", 8, 1 << 20, WhenFull::Block);
+        let seen = Arc::default();
+        let stage = Box::new(Deferring { out: out_tx.stats(), seen: Arc::clone(&seen) });
+        for i in 0..3 {
+            let v = Arc::new(volume("r", i, [2, 2, 2]));
+            in_tx.push(Frame::new(i, v, IngestFlags::default(), Stamps::new(1))).unwrap();
+        }
+        drop(in_tx);
+        stage_loop(stage, in_rx, out_tx, Boundary::after_stage(0), None, &Metrics::new(0.0));
+        assert_eq!(*seen.lock().unwrap(), [1, 2, 3]);
     }
 
     #[test]
