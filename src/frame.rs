@@ -152,8 +152,10 @@ pub struct Frame {
     /// What the stages added (head motion, ROI feedback and closed trials, decoded trials,
     /// calibration events, the live events handed to the GLM), by type.
     pub outputs: Outputs,
-    /// A frame a stage emitted when its input ended: it carries results, not a new volume
-    /// (`volume` is the run's last one).
+    /// A frame a stage emitted to carry results, not a new volume (`volume` is the last one
+    /// seen): trials closed off a volume's path, or what a stage held for the end of the input.
+    pub results_only: bool,
+    /// A results frame emitted when the input ended.
     pub end_of_run: bool,
     /// Errors stages reported for this frame (it still went on).
     pub stage_errors: Vec<String>,
@@ -169,18 +171,24 @@ impl Frame {
             volume,
             flags,
             outputs: Outputs::default(),
+            results_only: false,
             end_of_run: false,
             stage_errors: Vec::new(),
             stamps,
         }
     }
 
-    /// An end-of-run frame after `last`, carrying no results yet.
-    pub fn end_of_run_after(last: &Frame) -> Frame {
+    /// A results frame after `last`, carrying no results yet.
+    pub fn results_after(last: &Frame) -> Frame {
         Frame {
-            end_of_run: true,
+            results_only: true,
             ..Frame::new(last.seq, last.volume.clone(), IngestFlags::default(), last.stamps.clone())
         }
+    }
+
+    /// An end-of-run frame after `last`, carrying no results yet.
+    pub fn end_of_run_after(last: &Frame) -> Frame {
+        Frame { end_of_run: true, ..Frame::results_after(last) }
     }
 }
 

@@ -34,10 +34,11 @@ pub trait Stage: Send {
         1
     }
 
-    /// Work the last frame left that its outputs do not wait for (the motion reference's
-    /// preparation): the runner calls it once that frame has gone on, before the next one.
-    fn after(&mut self) -> Result<(), StageError> {
-        Ok(())
+    /// Work the frame `last` left that its outputs do not wait for (the motion reference's
+    /// preparation, closing trials): the runner calls it once that frame has gone on, before
+    /// the next one, and sends on the results frame it may return ([`Frame::results_after`]).
+    fn after(&mut self, _last: &Frame) -> Result<Option<Frame>, StageError> {
+        Ok(None)
     }
 
     /// Called once when the input ends, with the last frame seen: a stage holding results

@@ -428,8 +428,21 @@ impl GlmEstimator {
     }
 
     /// Takes in one (realigned) volume. `new_run` starts a fresh fit; the previous run's
-    /// trials are returned with their end-of-run estimates.
+    /// trials are returned with their end-of-run estimates, then those this volume closed.
     pub fn process(
+        &mut self,
+        v: &Volume,
+        motion: Option<&MotionEstimate>,
+        new_run: bool,
+    ) -> Result<GlmOutput, GlmError> {
+        let mut out = self.update(v, motion, new_run)?;
+        out.trials.extend(self.close_due_trials());
+        Ok(out)
+    }
+
+    /// [`GlmEstimator::process`] but for the trials this volume closes: the fit and the ROI
+    /// feedback. [`GlmEstimator::close_due_trials`], before the next volume, gives those.
+    pub fn update(
         &mut self,
         v: &Volume,
         motion: Option<&MotionEstimate>,
@@ -513,14 +526,26 @@ impl GlmEstimator {
         }
         let factor = Factor::new(run.stats.xtx());
         out.roi = roi_feedback(run, &factor);
-        for i in 0..run.trials.len() {
-            let tr = &run.trials[i];
-            if !tr.closed && time >= tr.onset + cfg.trial_window_s {
-                out.trials.push(trial_betas(run, i, &factor, false));
-                run.trials[i].closed = true;
-            }
-        }
         Ok(out)
+    }
+
+    /// The trials whose window the last volume completed, each closed with its betas from the
+    /// fit so far: the costly part of a volume's GLM (a solve per mask voxel), which the
+    /// volume's own feedback does not wait for.
+    pub fn close_due_trials(&mut self) -> Vec<TrialBetas> {
+        let window = self.cfg.trial_window_s;
+        let Some(run) = self.run.as_mut() else { return Vec::new() };
+        let Some(time) = run.rows.last().map(|r| r.time) else { return Vec::new() };
+        let due: Vec<usize> = (0..run.trials.len())
+            .filter(|&i| !run.trials[i].closed && time >= run.trials[i].onset + window)
+            .collect();
+        if due.is_empty() {
+            return Vec::new();
+        }
+        let factor = Factor::new(run.stats.xtx());
+        let out = due.iter().map(|&i| trial_betas(run, i, &factor, false)).collect();
+        due.iter().for_each(|&i| run.trials[i].closed = true);
+        out
     }
 
     /// Ends the run: every trial's betas from all its volumes (`at_run_end`).

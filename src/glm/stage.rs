@@ -29,15 +29,27 @@ impl Stage for GlmStage {
         for e in frame.outputs.take::<LiveEvents>().unwrap_or_default().0 {
             self.0.add_event(e);
         }
-        if frame.end_of_run {
+        if frame.results_only {
             return Ok(());
         }
-        let out =
-            self.0
-                .process(&frame.volume, frame.outputs.get::<MotionEstimate>(), frame.flags.new_run)
-                .map_err(|e| StageError { stage: "glm", reason: e.reason().name, message: e.to_string() })?;
+        let out = self
+            .0
+            .update(&frame.volume, frame.outputs.get::<MotionEstimate>(), frame.flags.new_run)
+            .map_err(|e| StageError { stage: "glm", reason: e.reason().name, message: e.to_string() })?;
         frame.outputs.insert(out);
         Ok(())
+    }
+
+    /// The trials the volume closed go on in a frame of their own, right after the volume's:
+    /// their betas (a solve per mask voxel) do not hold back its feedback.
+    fn after(&mut self, last: &Frame) -> Result<Option<Frame>, StageError> {
+        let trials = self.0.close_due_trials();
+        if trials.is_empty() {
+            return Ok(None);
+        }
+        let mut f = Frame::results_after(last);
+        f.outputs.insert(GlmOutput { trials, ..Default::default() });
+        Ok(Some(f))
     }
 
     fn flush(&mut self, last: &Frame) -> Option<Frame> {
@@ -76,4 +88,73 @@ pub fn build(cfg: &GlmConfig, sim: Option<SimRoi>) -> Result<Box<dyn Stage>, Str
         est = est.with_mask(dims, roi.to_vec());
     }
     Ok(Box::new(GlmStage(est)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::frame::{IngestFlags, Stamps};
+    use crate::glm::events::Onset;
+    use crate::volume::Volume;
+
+    fn frame(index: u64) -> Frame {
+        // A drifting 4×4×2 image with a response to the trial at 3 s in every voxel.
+        let data = (0..32)
+            .map(|v| {
+                let t = index as f32;
+                let response = if (3.0..6.0).contains(&t) { 5.0 } else { 0.0 };
+                1000.0 + v as f32 + 0.3 * t + response * (1.0 + (v % 5) as f32)
+            })
+            .collect();
+        let v = Volume {
+            data,
+            dims: [4, 4, 2],
+            affine: crate::volume::IDENTITY_AFFINE,
+            index,
+            run: "r".into(),
+            tr: Some(1.0),
+            acq_time: None,
+            recv_time: 0.0,
+            dtype: crate::volume::Dtype::F32,
+        };
+        let mut f = Frame::new(index, Arc::new(v), IngestFlags::default(), Stamps::new(2));
+        f.flags.new_run = index == 0;
+        f
+    }
+
+    #[test]
+    fn a_closing_trial_goes_on_after_its_volume_with_the_betas_process_gives() {
+        let cfg = GlmConfig { mask: "auto".into(), mask_threshold: 0.1, batch: 4, ..GlmConfig::default() };
+        let event = Event {
+            trial: Some(7),
+            stim: Some(7),
+            condition: "seen".into(),
+            onset: Onset::Relative(3.0),
+            duration: Some(2.0),
+        };
+        let mut stage = GlmStage(GlmEstimator::new(&cfg).unwrap());
+        let mut whole = GlmEstimator::new(&cfg).unwrap();
+        stage.0.add_event(event.clone());
+        whole.add_event(event);
+        let (mut deferred, mut direct) = (Vec::new(), Vec::new());
+        for i in 0..30 {
+            let mut f = frame(i);
+            stage.process(&mut f).unwrap();
+            let g = f.outputs.get::<GlmOutput>().unwrap();
+            assert!(g.trials.is_empty());
+            if let Some(r) = stage.after(&Frame::results_after(&f)).unwrap() {
+                assert!(r.results_only && !r.end_of_run && r.volume.index == i);
+                deferred.push((i, r.outputs.get::<GlmOutput>().unwrap().trials.clone()));
+            }
+            let out = whole.process(&frame(i).volume, None, i == 0).unwrap();
+            if !out.trials.is_empty() {
+                direct.push((i, out.trials));
+            }
+        }
+        assert_eq!(deferred.len(), 1);
+        assert_eq!(deferred[0].1[0].trial, 7);
+        assert_eq!(deferred, direct);
+    }
 }

@@ -32,8 +32,8 @@ impl Stage for MotionStage {
         Ok(())
     }
 
-    fn after(&mut self) -> Result<(), StageError> {
-        self.0.prepare_reference().map_err(|e| StageError {
+    fn after(&mut self, _last: &Frame) -> Result<Option<Frame>, StageError> {
+        self.0.prepare_reference().map(|()| None).map_err(|e| StageError {
             stage: "motion",
             reason: e.reason().name,
             message: format!("the reference: {e}"),

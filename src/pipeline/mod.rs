@@ -397,23 +397,32 @@ fn stage_loop(
                     frame.stage_errors.push(e.to_string());
                 }
                 frame.stamps.set(boundary, clock::now());
-                if !frame.end_of_run {
-                    last = Some(Frame::end_of_run_after(&frame));
+                if !frame.results_only {
+                    last = Some(Frame::results_after(&frame));
                 }
-                let index = frame.volume.index;
                 if tx.push(frame) == Err(PushError::Closed) {
                     return;
                 }
-                if let Err(e) = stage.after() {
-                    m.count_error(e.reason);
-                    tracing::warn!("after volume {index}: {e}");
+                let Some(l) = &last else { continue };
+                match stage.after(l) {
+                    Ok(Some(mut f)) => {
+                        f.stamps.set(boundary, clock::now());
+                        if tx.push(f) == Err(PushError::Closed) {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        m.count_error(e.reason);
+                        tracing::warn!("after volume {}: {e}", l.volume.index);
+                    }
                 }
             }
             Recv::Timeout => {}
             Recv::Closed => break,
         }
     }
-    if let Some(mut f) = last.and_then(|l| stage.flush(&l)) {
+    if let Some(mut f) = last.and_then(|l| stage.flush(&Frame::end_of_run_after(&l))) {
         f.stamps.set(boundary, clock::now());
         let _ = tx.push(f);
     }
@@ -464,8 +473,7 @@ fn hand_pictures(frame: &Frame, to: &PictureQueue, m: &Metrics) {
         let Some((_, _, latent)) = d.heads.iter().find(|(name, _, _)| name == "blurry_latent") else {
             continue;
         };
-        let mut template = Frame::end_of_run_after(frame);
-        template.end_of_run = false;
+        let template = Frame::results_after(frame);
         let job = PictureJob {
             template,
             trial: d.trial.clone(),
@@ -704,7 +712,7 @@ fn publish_loop(
                     }
                 }
                 publish_results(&mut publisher, &frame, m);
-                if frame.end_of_run {
+                if frame.results_only {
                     continue;
                 }
                 if let Some(mo) = frame.outputs.get::<MotionEstimate>() {
@@ -793,9 +801,9 @@ mod tests {
             Ok(())
         }
 
-        fn after(&mut self) -> Result<(), crate::stage::StageError> {
+        fn after(&mut self, _last: &Frame) -> Result<Option<Frame>, crate::stage::StageError> {
             self.seen.lock().unwrap().push(self.out.pushed.load(Ordering::Acquire));
-            Ok(())
+            Ok(None)
         }
     }
 

@@ -94,8 +94,7 @@ impl DecodeStageAdapter {
     /// Between trials: calibration progress, and the switch to a fitted head, as a frame of
     /// results after `last` (or nothing to report).
     pub fn idle(&mut self, last: &Frame) -> Option<Frame> {
-        let mut f = Frame::end_of_run_after(last);
-        f.end_of_run = false;
+        let mut f = Frame::results_after(last);
         self.poll_calibration(&mut f, false);
         f.outputs.get::<Vec<CalibrationEvent>>().is_some_and(|v| !v.is_empty()).then_some(f)
     }
