@@ -1008,8 +1008,8 @@ fn close_remaining(run: &mut Run) -> Vec<TrialBetas> {
 mod tests {
     use super::*;
 
-    /// A 4×4×2 volume whose voxels follow `1000 + 0.01·1000·β·trial + drift`, one β per voxel.
-    fn volume(index: u64, value: impl Fn(usize) -> f32) -> Volume {
+    /// A 4×4×2 volume at TR 1 s, voxel `v` at `value(v)` (also the GLM stage's tests' volume).
+    pub(super) fn volume(index: u64, value: impl Fn(usize) -> f32) -> Volume {
         let dims = [4, 4, 2];
         Volume {
             data: (0..32).map(value).collect(),
@@ -1024,7 +1024,8 @@ mod tests {
         }
     }
 
-    fn config() -> GlmConfig {
+    /// An automatic mask over the test volumes and a short batch (also the GLM stage's tests').
+    pub(super) fn config() -> GlmConfig {
         GlmConfig { mask: "auto".into(), mask_threshold: 0.1, batch: 4, ..GlmConfig::default() }
     }
 

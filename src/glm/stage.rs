@@ -97,28 +97,14 @@ mod tests {
     use super::*;
     use crate::frame::{IngestFlags, Stamps};
     use crate::glm::events::Onset;
-    use crate::volume::Volume;
 
     fn frame(index: u64) -> Frame {
-        // A drifting 4×4×2 image with a response to the trial at 3 s in every voxel.
-        let data = (0..32)
-            .map(|v| {
-                let t = index as f32;
-                let response = if (3.0..6.0).contains(&t) { 5.0 } else { 0.0 };
-                1000.0 + v as f32 + 0.3 * t + response * (1.0 + (v % 5) as f32)
-            })
-            .collect();
-        let v = Volume {
-            data,
-            dims: [4, 4, 2],
-            affine: crate::volume::IDENTITY_AFFINE,
-            index,
-            run: "r".into(),
-            tr: Some(1.0),
-            acq_time: None,
-            recv_time: 0.0,
-            dtype: crate::volume::Dtype::F32,
-        };
+        // A drifting image with a response to the trial at 3 s in every voxel.
+        let v = crate::glm::tests::volume(index, |v| {
+            let t = index as f32;
+            let response = if (3.0..6.0).contains(&t) { 5.0 } else { 0.0 };
+            1000.0 + v as f32 + 0.3 * t + response * (1.0 + (v % 5) as f32)
+        });
         let mut f = Frame::new(index, Arc::new(v), IngestFlags::default(), Stamps::new(2));
         f.flags.new_run = index == 0;
         f
@@ -126,7 +112,7 @@ mod tests {
 
     #[test]
     fn a_closing_trial_goes_on_after_its_volume_with_the_betas_process_gives() {
-        let cfg = GlmConfig { mask: "auto".into(), mask_threshold: 0.1, batch: 4, ..GlmConfig::default() };
+        let cfg = crate::glm::tests::config();
         let event = Event {
             trial: Some(7),
             stim: Some(7),
