@@ -140,6 +140,18 @@ pub struct IngestFlags {
     pub new_run: bool,
 }
 
+/// What a frame carries: a new volume, or results, not a new volume (its `volume` is then the
+/// last one seen).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A volume just received.
+    Volume,
+    /// Results a stage sent on after a volume's frame (trials closed off its path).
+    Results,
+    /// Results a stage held for the end of its input.
+    EndOfRun,
+}
+
 /// One volume on its way through the pipeline.
 #[derive(Clone, Debug)]
 pub struct Frame {
@@ -152,11 +164,8 @@ pub struct Frame {
     /// What the stages added (head motion, ROI feedback and closed trials, decoded trials,
     /// calibration events, the live events handed to the GLM), by type.
     pub outputs: Outputs,
-    /// A frame a stage emitted to carry results, not a new volume (`volume` is the last one
-    /// seen): trials closed off a volume's path, or what a stage held for the end of the input.
-    pub results_only: bool,
-    /// A results frame emitted when the input ended.
-    pub end_of_run: bool,
+    /// A new volume, or results a stage sent on after one.
+    pub kind: FrameKind,
     /// Errors stages reported for this frame (it still went on).
     pub stage_errors: Vec<String>,
     /// Boundary timestamps.
@@ -171,8 +180,7 @@ impl Frame {
             volume,
             flags,
             outputs: Outputs::default(),
-            results_only: false,
-            end_of_run: false,
+            kind: FrameKind::Volume,
             stage_errors: Vec::new(),
             stamps,
         }
@@ -181,14 +189,14 @@ impl Frame {
     /// A results frame after `last`, carrying no results yet.
     pub fn results_after(last: &Frame) -> Frame {
         Frame {
-            results_only: true,
+            kind: FrameKind::Results,
             ..Frame::new(last.seq, last.volume.clone(), IngestFlags::default(), last.stamps.clone())
         }
     }
 
     /// An end-of-run frame after `last`, carrying no results yet.
     pub fn end_of_run_after(last: &Frame) -> Frame {
-        Frame { end_of_run: true, ..Frame::results_after(last) }
+        Frame { kind: FrameKind::EndOfRun, ..Frame::results_after(last) }
     }
 }
 

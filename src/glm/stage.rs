@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::events::Event;
 use super::{GlmConfig, GlmEstimator, GlmOutput, SIM_ROI};
-use crate::frame::Frame;
+use crate::frame::{Frame, FrameKind};
 use crate::motion::MotionEstimate;
 use crate::stage::{Identity, Stage, StageError};
 
@@ -29,7 +29,7 @@ impl Stage for GlmStage {
         for e in frame.outputs.take::<LiveEvents>().unwrap_or_default().0 {
             self.0.add_event(e);
         }
-        if frame.results_only {
+        if frame.kind != FrameKind::Volume {
             return Ok(());
         }
         let out = self
@@ -131,7 +131,7 @@ mod tests {
             let g = f.outputs.get::<GlmOutput>().unwrap();
             assert!(g.trials.is_empty());
             if let Some(r) = stage.after(&Frame::results_after(&f)).unwrap() {
-                assert!(r.results_only && !r.end_of_run && r.volume.index == i);
+                assert!(r.kind == FrameKind::Results && r.volume.index == i);
                 deferred.push((i, r.outputs.get::<GlmOutput>().unwrap().trials.clone()));
             }
             let out = whole.process(&frame(i).volume, None, i == 0).unwrap();

@@ -31,7 +31,7 @@ use crate::calibrate::CalibrationEvent;
 use crate::clock;
 use crate::decode::mindeye2::MindEye2;
 use crate::decode::{Decoded, Picture};
-use crate::frame::{Boundary, Frame, IngestFlags, RecordItem, Stamps};
+use crate::frame::{Boundary, Frame, FrameKind, IngestFlags, RecordItem, Stamps};
 use crate::glm::events::Event;
 use crate::glm::stage::LiveEvents;
 use crate::glm::GlmOutput;
@@ -330,12 +330,9 @@ fn ingest_loop(
                 // The volume path has the frame; a waiting sender hears back once the volume
                 // is written to the session (the flush to disk is not waited for), or after one
                 // TR (counted) so that a slow disk never stalls it.
-                if recording
-                    && source.answers_sender()
-                    && !m
-                        .record_attempts
-                        .wait_for(seq + 1, Duration::from_secs_f64(tr.unwrap_or(1.0).clamp(0.01, 10.0)))
-                {
+                let one_tr =
+                    Duration::from_secs_f64(tr.filter(|t| t.is_finite()).unwrap_or(1.0).clamp(0.01, 10.0));
+                if recording && source.answers_sender() && !m.record_attempts.wait_for(seq + 1, one_tr) {
                     m.count(ACK_BEFORE_RECORDED);
                 }
                 // The last volume's answer tells the sender the run is over.
@@ -397,7 +394,7 @@ fn stage_loop(
                     frame.stage_errors.push(e.to_string());
                 }
                 frame.stamps.set(boundary, clock::now());
-                if !frame.results_only {
+                if frame.kind == FrameKind::Volume {
                     last = Some(Frame::results_after(&frame));
                 }
                 if tx.push(frame) == Err(PushError::Closed) {
@@ -712,7 +709,7 @@ fn publish_loop(
                     }
                 }
                 publish_results(&mut publisher, &frame, m);
-                if frame.results_only {
+                if frame.kind != FrameKind::Volume {
                     continue;
                 }
                 if let Some(mo) = frame.outputs.get::<MotionEstimate>() {

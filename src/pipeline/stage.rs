@@ -3,7 +3,7 @@
 
 use crate::calibrate::CalibrationEvent;
 use crate::decode::Decoded;
-use crate::frame::Frame;
+use crate::frame::{Frame, FrameKind};
 use crate::glm::GlmOutput;
 use crate::stage::{Stage, StageError};
 
@@ -78,7 +78,7 @@ impl Stage for DecodeStageAdapter {
         if !events.is_empty() {
             frame.outputs.update::<Vec<CalibrationEvent>>(|v| v.extend(events));
         }
-        let end = frame.end_of_run;
+        let end = frame.kind == FrameKind::EndOfRun;
         self.poll_calibration(frame, end);
         first_error.map_or(Ok(()), Err)
     }
@@ -121,7 +121,7 @@ impl Stage for DecodeDispatch {
 
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
         let trials = frame.outputs.get::<GlmOutput>().map(|g| g.trials.clone()).unwrap_or_default();
-        if !trials.is_empty() || frame.end_of_run {
+        if !trials.is_empty() || frame.kind == FrameKind::EndOfRun {
             // The worker needs the trials, not the volume's ROI feedback.
             let mut copy = frame.clone();
             copy.outputs.insert(GlmOutput { trials, ..Default::default() });
