@@ -63,7 +63,7 @@ def scenario_md(title, args, target, r, slug, repeats=()):
     if target:
         out += [f"Target: {target}.", ""]
     out += ["| latency (ms) | n | p50 | p90 | p99 | p99.9 | max |", "|---|---|---|---|---|---|---|"]
-    for stage in ["ingest", "motion", "glm", "decode", "publish"]:
+    for stage in r["stages"]:
         if stage in r["stages_ms"]:
             out.append(row(stage, r["stages_ms"][stage]))
     out.append(row("**ingest → publish**", r["ingest_to_publish_ms"]))

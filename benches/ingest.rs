@@ -6,7 +6,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use mirage_rt::frame::{Frame, IngestFlags, Stamps, STAGES};
+use mirage_rt::frame::{latency_keys, Frame, IngestFlags, Stamps};
 use mirage_rt::ingest::wire::{decode_volume, encode_volume, parse_header, Dialect};
 use mirage_rt::io::session::SessionWriter;
 use mirage_rt::publish::volume_message;
@@ -60,9 +60,11 @@ fn bench(c: &mut Criterion) {
                 black_box(decode_volume(&h, p, 0.0, "run").unwrap())
             })
         });
-        let frame = Frame::new(0, std::sync::Arc::new(v.clone()), IngestFlags::default(), Stamps::default());
+        // The standard path's latency keys: three stages between ingest and publish.
+        let keys = latency_keys(["motion", "glm", "decode"]);
+        let frame = Frame::new(0, std::sync::Arc::new(v.clone()), IngestFlags::default(), Stamps::new(3));
         g.bench_with_input(BenchmarkId::new("encode_volume_message", &label), &frame, |b, f| {
-            b.iter(|| black_box(volume_message(f, &STAGES).into_frames()))
+            b.iter(|| black_box(volume_message(f, &keys).into_frames()))
         });
         let (mut tx, mut rx) = edge::<Frame>("bench", 4, usize::MAX, WhenFull::Block);
         g.bench_with_input(BenchmarkId::new("queue_hop", &label), &frame, |b, f| {

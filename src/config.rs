@@ -3,7 +3,7 @@
 //! `Config` is plain data. [`Config::validate`] reports every mistake at once, each naming its
 //! section and field, so `mirage check` can vet a file without starting anything.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -11,9 +11,12 @@ use crate::calibrate::CalibrateConfig;
 use crate::decode::DecodeConfig;
 use crate::glm::GlmConfig;
 use crate::ingest::uri::{parse_publish_uri, IngestUri};
-use crate::io::session::SyncPolicy;
+use crate::ingest::IngestConfig;
+use crate::io::session::RecordConfig;
 use crate::motion::MotionConfig;
+use crate::publish::PublishConfig;
 use crate::queue::WhenFull;
+use crate::settings::InputFiles;
 use crate::sim::SimConfig;
 
 /// Everything `mirage run` needs.
@@ -53,43 +56,6 @@ pub struct SecurityConfig {
     pub token: Option<String>,
 }
 
-/// `[ingest]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestConfig {
-    /// Source URI: `pyneal://`, `zmq://`, `lsl://`, `file://` or `sim://`.
-    pub uri: String,
-    /// Largest volume accepted, in voxels; larger headers are refused before allocating.
-    pub max_voxels: usize,
-    /// Stop after this many accepted volumes (`None`: run until the source ends or a signal).
-    pub stop_after: Option<u64>,
-    /// Run id for volumes whose sender does not name one.
-    pub run: String,
-    /// Repetition time in seconds, over whatever the sender's headers say (`None`: the
-    /// headers', milliseconds above 60 read as such).
-    pub tr: Option<f64>,
-    /// Senders a listening ingest lets in: addresses and CIDR ranges, or `["*"]` for anyone
-    /// on purpose. Required when it (or the results server) listens beyond loopback, unless
-    /// `ingest.curve` guards the ingest.
-    pub allow: Vec<String>,
-    /// ZeroMQ CURVE on a listening ingest: encrypted, only the listed senders' keys let in.
-    pub curve: crate::curve::CurveConfig,
-}
-
-impl Default for IngestConfig {
-    fn default() -> IngestConfig {
-        IngestConfig {
-            uri: "sim://?speed=max".into(),
-            max_voxels: 1 << 24,
-            stop_after: None,
-            run: "run".into(),
-            tr: None,
-            allow: Vec::new(),
-            curve: Default::default(),
-        }
-    }
-}
-
 /// `[pipeline]`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -121,82 +87,6 @@ impl Default for PipelineConfig {
     }
 }
 
-/// `[publish]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PublishConfig {
-    /// ZMQ PUB address `tcp://HOST:PORT` (bound), or `"none"`. Use 127.0.0.1 unless
-    /// subscribers are on other machines; `tcp://*:PORT` exposes it on every interface.
-    #[serde(with = "none_string")]
-    pub uri: Option<String>,
-    /// Name of the LSL feedback outlet, or `"none"`.
-    #[serde(with = "none_string")]
-    pub lsl_feedback: Option<String>,
-    /// Seconds to wait at start for a consumer of the feedback outlet, so a client started
-    /// with the daemon misses no sample (0: do not wait).
-    pub lsl_wait_s: f64,
-    /// Seconds between `status` messages.
-    pub status_interval_s: f64,
-    /// Messages queued per subscriber before PUB drops for that subscriber.
-    pub send_hwm: i32,
-    /// Prometheus endpoint `IP:PORT` serving `GET /metrics`, or `"none"`.
-    #[serde(with = "none_string")]
-    pub metrics: Option<String>,
-    /// pyneal-style results server `IP:PORT` (a volume's 4-digit index in, one JSON line
-    /// out), or `"none"`.
-    #[serde(with = "none_string")]
-    pub results: Option<String>,
-    /// ZeroMQ CURVE on the PUB socket: encrypted, only the listed subscribers' keys let in.
-    pub curve: crate::curve::CurveConfig,
-}
-
-impl Default for PublishConfig {
-    fn default() -> PublishConfig {
-        PublishConfig {
-            uri: Some("tcp://127.0.0.1:5560".into()),
-            lsl_feedback: Some("mirage-feedback".into()),
-            lsl_wait_s: 0.0,
-            status_interval_s: 1.0,
-            send_hwm: 1000,
-            metrics: None,
-            results: None,
-            curve: Default::default(),
-        }
-    }
-}
-
-/// `[record]`
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RecordConfig {
-    /// Session folder (`{time}` becomes the UTC start time), or `"none"`.
-    #[serde(with = "none_string")]
-    pub dir: Option<String>,
-    /// `every_volume` (fdatasync each volume) or `os` (the OS flushes).
-    pub sync: SyncPolicy,
-}
-
-impl Default for RecordConfig {
-    fn default() -> RecordConfig {
-        RecordConfig { dir: Some("sessions/{time}".into()), sync: SyncPolicy::EveryVolume }
-    }
-}
-
-/// An optional string written `"none"` when absent, so that turning off something that is on
-/// by default survives TOML (which has no null).
-mod none_string {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(v.as_deref().unwrap_or("none"))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        let s = String::deserialize(d)?;
-        Ok((s != "none").then_some(s))
-    }
-}
-
 impl Config {
     /// Reads a TOML file; unknown keys are errors that name the key.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
@@ -210,55 +100,23 @@ impl Config {
     }
 
     /// Makes the relative paths of input files (models, masks, events, protocols, a `file://`
-    /// series, CURVE certificates) relative to `base`, the config file's folder, so a config runs from any folder.
-    /// Outputs (`record.dir`, `calibrate.out`, `console.report`) stay relative to the working
+    /// series, CURVE certificates) relative to `base`, the config file's folder, so a config
+    /// runs from any folder; each section names its own ([`InputFiles`]). Outputs
+    /// (`record.dir`, `calibrate.out`, `console.report`) stay relative to the working
     /// directory, like `--set` values.
     pub fn resolve_inputs_against(&mut self, base: &Path) {
-        let sentinels = ["sim", "auto", "none", "zscore-run"];
-        let join = |p: &Path| -> Option<PathBuf> {
-            let keep =
-                p.as_os_str().is_empty() || p.is_absolute() || sentinels.iter().any(|s| p == Path::new(s));
-            (!keep).then(|| base.join(p))
-        };
-        let fix = |p: &mut PathBuf| {
-            if let Some(j) = join(p) {
-                *p = j;
-            }
-        };
-        let fix_string = |s: &mut String| {
-            if let Some(j) = join(Path::new(s.as_str())) {
-                *s = j.to_string_lossy().into_owned();
-            }
-        };
-        if let Some(rest) = self.ingest.uri.strip_prefix("file://") {
-            let (file, query) = rest.split_once('?').map_or((rest, None), |(f, q)| (f, Some(q)));
-            if let Some(j) = join(Path::new(file)) {
-                let query = query.map(|q| format!("?{q}")).unwrap_or_default();
-                self.ingest.uri = format!("file://{}{query}", j.display());
-            }
+        let sections: [&mut dyn InputFiles; 7] = [
+            &mut self.ingest,
+            &mut self.sim,
+            &mut self.motion,
+            &mut self.glm,
+            &mut self.decode,
+            &mut self.calibrate,
+            &mut self.publish,
+        ];
+        for s in sections {
+            s.resolve_inputs(base);
         }
-        for p in [
-            &mut self.motion.reference_file,
-            &mut self.glm.events,
-            &mut self.decode.model,
-            &mut self.decode.gallery,
-            &mut self.calibrate.protocol,
-            &mut self.sim.anatomy,
-            &mut self.sim.protocol,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            fix(p);
-        }
-        for r in &mut self.glm.rois {
-            fix(&mut r.path);
-        }
-        for curve in [&mut self.ingest.curve, &mut self.publish.curve] {
-            curve.secret.iter_mut().chain(curve.clients.iter_mut()).for_each(fix);
-        }
-        fix_string(&mut self.glm.mask);
-        fix_string(&mut self.decode.alignment);
     }
 
     /// Parses TOML text; unknown keys are errors that name the key.
@@ -445,5 +303,66 @@ mod tests {
             cfg.validate(),
             ["pipeline.realtime_priority must be 0 (off) or a SCHED_FIFO priority from 1 to 99"]
         );
+    }
+
+    #[test]
+    fn every_input_path_is_made_relative_to_the_config_folder_and_outputs_are_not() {
+        let text = r#"
+            [ingest]
+            uri = "file://run.nii.gz?tr=2"
+            curve = { secret = "keys/d.key_secret", clients = ["keys/s.key"] }
+            [publish]
+            curve = { secret = "keys/p.key_secret" }
+            [motion]
+            reference_file = "ref.nii.gz"
+            [glm]
+            events = "events.tsv"
+            mask = "mask.nii.gz"
+            rois = [{ name = "v1", path = "v1.nii.gz" }, { name = "sim", path = "sim" }]
+            [decode]
+            model = "model"
+            gallery = "gallery"
+            alignment = "align.safetensors"
+            [calibrate]
+            protocol = "protocol.toml"
+            out = "fitted.safetensors"
+            [sim]
+            anatomy = "t1.nii.gz"
+            protocol = "sim.toml"
+            [record]
+            dir = "sessions/x"
+        "#;
+        let mut cfg = Config::parse(text).unwrap();
+        cfg.resolve_inputs_against(Path::new("/cfg"));
+        let p = |s: &str| Some(std::path::PathBuf::from(s));
+        assert_eq!(cfg.ingest.uri, "file:///cfg/run.nii.gz?tr=2");
+        assert_eq!(
+            (cfg.ingest.curve.secret.clone(), cfg.ingest.curve.clients[0].clone()),
+            (p("/cfg/keys/d.key_secret"), "/cfg/keys/s.key".into())
+        );
+        assert_eq!(cfg.publish.curve.secret, p("/cfg/keys/p.key_secret"));
+        assert_eq!(cfg.motion.reference_file, p("/cfg/ref.nii.gz"));
+        assert_eq!(
+            (cfg.glm.events.clone(), cfg.glm.mask.as_str()),
+            (p("/cfg/events.tsv"), "/cfg/mask.nii.gz")
+        );
+        assert_eq!(
+            (cfg.glm.rois[0].path.clone(), cfg.glm.rois[1].path.clone()),
+            ("/cfg/v1.nii.gz".into(), "sim".into())
+        );
+        assert_eq!(
+            (cfg.decode.model.clone(), cfg.decode.gallery.clone()),
+            (p("/cfg/model"), p("/cfg/gallery"))
+        );
+        assert_eq!(cfg.decode.alignment, "/cfg/align.safetensors");
+        assert_eq!(
+            (cfg.calibrate.protocol.clone(), cfg.calibrate.out.clone()),
+            (p("/cfg/protocol.toml"), p("fitted.safetensors"))
+        );
+        assert_eq!(
+            (cfg.sim.anatomy.clone(), cfg.sim.protocol.clone()),
+            (p("/cfg/t1.nii.gz"), p("/cfg/sim.toml"))
+        );
+        assert_eq!(cfg.record.dir.as_deref(), Some("sessions/x"));
     }
 }

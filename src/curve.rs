@@ -18,6 +18,13 @@ pub struct CurveConfig {
     pub clients: Vec<PathBuf>,
 }
 
+impl crate::settings::InputFiles for CurveConfig {
+    /// The secret key and the allowed clients' certificates.
+    fn resolve_inputs(&mut self, base: &Path) {
+        self.secret.iter_mut().chain(self.clients.iter_mut()).for_each(|p| crate::settings::rebase(p, base));
+    }
+}
+
 impl CurveConfig {
     /// Whether CURVE is asked for.
     pub fn enabled(&self) -> bool {

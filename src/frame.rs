@@ -23,9 +23,16 @@ impl Boundary {
     }
 }
 
-/// Stage names of the default volume path, in order: what `latency_ms` and the status
-/// report by default (a pipeline built with other stages names its own).
-pub const STAGES: [&str; 5] = ["ingest", "motion", "glm", "decode", "publish"];
+/// The latency key of the path's head: receipt to the volume queued for the first stage.
+pub const INGEST: &str = "ingest";
+/// The latency key of the path's tail: out of the last stage to handed to the sinks.
+pub const PUBLISH: &str = "publish";
+
+/// The latency keys of a path through `stages` (the topology's, in order): ingest, each
+/// stage, publish; what `latency_ms`, the status, the console and the bench report.
+pub fn latency_keys(stages: impl IntoIterator<Item = &'static str>) -> Vec<&'static str> {
+    std::iter::once(INGEST).chain(stages).chain(std::iter::once(PUBLISH)).collect()
+}
 
 /// Monotonic timestamps (seconds on [`crate::clock::now`]) at each [`Boundary`] of a path of
 /// `n` stages, then at publish: `n + 3` points, spanning ingest, the `n` stages and publish.
@@ -33,9 +40,9 @@ pub const STAGES: [&str; 5] = ["ingest", "motion", "glm", "decode", "publish"];
 pub struct Stamps(Vec<f64>);
 
 impl Default for Stamps {
-    /// Stamps for the default path (three stages).
+    /// Stamps for a path with no stages: receipt, ingest and publish.
     fn default() -> Stamps {
-        Stamps::new(STAGES.len() - 2)
+        Stamps::new(0)
     }
 }
 
@@ -126,6 +133,11 @@ impl std::fmt::Debug for Outputs {
         f.debug_list().entries(self.0.iter().map(|(_, name, _)| name)).finish()
     }
 }
+
+/// What a stage counted for a frame without failing it (voxels gone NaN, events too late), by
+/// counter name: the runner adds it to the run's counters.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tally(pub Vec<(&'static str, u64)>);
 
 /// How a volume's index relates to the ones before it in its run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -236,7 +248,7 @@ mod tests {
         s.set(Boundary::INGESTED, 10.001);
         s.set(Boundary::after_stage(0), 10.004);
         let ms = s.stage_ms();
-        assert_eq!(ms.len(), STAGES.len());
+        assert_eq!(ms.len(), latency_keys(["a", "b", "c"]).len());
         assert!((ms[0].unwrap() - 1.0).abs() < 1e-9);
         assert!((ms[1].unwrap() - 3.0).abs() < 1e-9);
         assert_eq!(ms[2], None);

@@ -3,7 +3,8 @@
 //! error and never panic or allocate past its limits.
 
 use crate::config::Config;
-use crate::glm::events::{parse_events_tsv, parse_marker};
+use crate::event::parse_marker;
+use crate::glm::events::parse_events_tsv;
 use crate::ingest::lsl::parse_geometry;
 use crate::ingest::uri::{parse_publish_uri, IngestUri};
 use crate::ingest::wire::{decode_volume, parse_header, peek_index};

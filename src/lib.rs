@@ -17,6 +17,7 @@ pub mod config;
 pub mod console;
 pub mod curve;
 pub mod decode;
+pub mod event;
 pub mod frame;
 pub mod fuzzing;
 pub mod glm;

@@ -405,6 +405,10 @@ struct BenchCmd {
     /// Write latency plots (SVG) here.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Keep the bench's session folder (volumes, messages, report.html) here (default: a scratch
+    /// folder, removed at the end).
+    #[arg(long)]
+    record: Option<PathBuf>,
     /// Override a configuration key, SECTION.KEY=VALUE (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
@@ -667,8 +671,20 @@ fn calibrate(a: CalibrateCmd) -> anyhow::Result<()> {
 }
 
 fn bench(a: BenchCmd) -> anyhow::Result<()> {
-    let BenchCmd { config, shape, voxels_decoded, rank, volumes, ingest, rate, deadline_ms, json, plot, set } =
-        a;
+    let BenchCmd {
+        config,
+        shape,
+        voxels_decoded,
+        rank,
+        volumes,
+        ingest,
+        rate,
+        deadline_ms,
+        json,
+        plot,
+        record,
+        set,
+    } = a;
     let mut cfg = commands::load_config(config.as_deref())?;
     for s in &set {
         cfg.set(s)?;
@@ -684,6 +700,7 @@ fn bench(a: BenchCmd) -> anyhow::Result<()> {
         deadline_ms,
         json,
         plot,
+        record,
     };
     let report = commands::bench::bench(&args, std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
     print!("{}", report.table());

@@ -7,9 +7,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
 
-use crate::frame::{Stamps, STAGES};
+use crate::frame::Stamps;
 use crate::queue::EdgeStats;
 
 /// Latency histograms, in microseconds.
@@ -27,19 +26,6 @@ struct LatencyBook {
 
 /// Volumes the rolling percentiles of the status topic cover.
 pub const ROLLING: usize = 256;
-
-/// Nearest-rank percentiles of latencies, ms (the status topic's: of the last [`ROLLING`] volumes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct RollingSummary {
-    /// Volumes covered.
-    pub count: usize,
-    /// Median.
-    pub p50: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// Largest.
-    pub max: f64,
-}
 
 impl RollingSummary {
     /// Nearest-rank median, 99th percentile and largest of `v` (non-finite values dropped).
@@ -60,23 +46,6 @@ fn histogram() -> Histogram<u64> {
         .unwrap_or_else(|_| Histogram::new(3).expect("3 sigfig is valid"))
 }
 
-/// Percentiles of one latency, in milliseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct LatencySummary {
-    /// Samples recorded.
-    pub count: u64,
-    /// Median.
-    pub p50: f64,
-    /// 90th percentile.
-    pub p90: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// 99.9th percentile.
-    pub p999: f64,
-    /// Largest.
-    pub max: f64,
-}
-
 impl LatencySummary {
     /// Percentiles of a histogram of microseconds.
     pub fn of(h: &Histogram<u64>) -> LatencySummary {
@@ -95,71 +64,11 @@ impl LatencySummary {
     }
 }
 
-/// One edge's state for the status topic.
-#[derive(Clone, Debug, Serialize)]
-pub struct QueueSnapshot {
-    /// Edge name.
-    pub name: String,
-    /// Messages queued now.
-    pub depth: usize,
-    /// Message capacity.
-    pub capacity: usize,
-    /// What a producer does when it is full.
-    pub policy: crate::queue::WhenFull,
-    /// Highest depth seen.
-    pub max_depth: usize,
-    /// Messages passed.
-    pub pushed: u64,
-    /// Messages dropped by a full edge.
-    pub dropped: u64,
-    /// Pushes that waited for room.
-    pub blocked: u64,
-    /// Total time producers waited, ms.
-    pub blocked_ms: f64,
-}
-
 pub use crate::reason::Reason;
 
-/// A point-in-time copy of every counter.
-#[derive(Clone, Debug, Serialize)]
-pub struct MetricsSnapshot {
-    /// Seconds since the pipeline started.
-    pub uptime_s: f64,
-    /// Volumes accepted by ingest.
-    pub received: u64,
-    /// Messages refused by ingest.
-    pub rejected: u64,
-    /// Volumes written to the session folder.
-    pub recorded: u64,
-    /// Volume messages published.
-    pub published: u64,
-    /// Volumes whose index repeated.
-    pub duplicates: u64,
-    /// Indices missing between received volumes.
-    pub missing: u64,
-    /// Volumes that arrived after a higher index.
-    pub out_of_order: u64,
-    /// Trials decoded and published.
-    pub decoded: u64,
-    /// Calibration mode's progress (`collecting 5/12`, `fitting 40/200`, `done`, …).
-    pub calibration: Option<String>,
-    /// Errors by counter name.
-    pub errors: BTreeMap<String, u64>,
-    /// The stages latencies are kept for, in path order (ingest … publish).
-    pub stages: Vec<&'static str>,
-    /// Queue states, in path order.
-    pub queues: Vec<QueueSnapshot>,
-    /// Latency per stage, ms (queue wait included).
-    pub stage_latency_ms: BTreeMap<&'static str, LatencySummary>,
-    /// Receipt to publish, ms.
-    pub end_to_end_ms: LatencySummary,
-    /// Acquisition (sender clock) to publish, ms, where the sender gave acquisition times.
-    pub acquisition_to_publish_ms: LatencySummary,
-    /// Trial closed by the GLM to its decode published, ms (off the volume path).
-    pub trial_decode_ms: LatencySummary,
-    /// Per stage and `end_to_end`, over the last [`ROLLING`] volumes, ms.
-    pub rolling_ms: BTreeMap<&'static str, RollingSummary>,
-}
+/// A point-in-time copy of every counter: the `status` topic's header.
+pub use crate::topic::StatusHeader as MetricsSnapshot;
+pub use crate::topic::{LatencySummary, QueueSnapshot, RollingSummary};
 
 /// A count that another thread can wait on without polling (the recorder's, which a held
 /// acknowledgement waits for).
@@ -216,10 +125,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Fresh counters for the default volume path ([`STAGES`]); `started` is the pipeline's
-    /// start on [`crate::clock::now`].
+    /// Fresh counters for a path with no stages (ingest, publish); `started` is the
+    /// pipeline's start on [`crate::clock::now`].
     pub fn new(started: f64) -> Metrics {
-        Metrics::with_stages(started, STAGES.to_vec())
+        Metrics::with_stages(started, crate::frame::latency_keys([]))
     }
 
     /// Fresh counters for a path whose stages (ingest … publish) are `names`.
@@ -344,8 +253,12 @@ impl Metrics {
         let (stages, stage_latency_ms, end_to_end_ms, acquisition_to_publish_ms, trial_decode_ms, rolling_ms) =
             match self.latency.lock() {
                 Ok(book) => (
-                    book.names.clone(),
-                    book.names.iter().zip(&book.stages).map(|(n, h)| (*n, LatencySummary::of(h))).collect(),
+                    book.names.iter().map(|n| n.to_string()).collect(),
+                    book.names
+                        .iter()
+                        .zip(&book.stages)
+                        .map(|(n, h)| (n.to_string(), LatencySummary::of(h)))
+                        .collect(),
                     LatencySummary::of(&book.total),
                     LatencySummary::of(&book.acquisition),
                     LatencySummary::of(&book.trial_decode),
@@ -354,7 +267,9 @@ impl Metrics {
                         .copied()
                         .chain(["end_to_end"])
                         .enumerate()
-                        .map(|(k, n)| (n, RollingSummary::of(book.recent.iter().map(|r| r[k]).collect())))
+                        .map(|(k, n)| {
+                            (n.to_string(), RollingSummary::of(book.recent.iter().map(|r| r[k]).collect()))
+                        })
                         .collect(),
                 ),
                 Err(_) => Default::default(),

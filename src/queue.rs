@@ -1,9 +1,11 @@
-//! Bounded single-producer single-consumer edges between stage threads.
+//! Bounded single-producer single-consumer edges between stage threads, and the hand-offs to
+//! the workers beside the volume path.
 //!
 //! An edge is a lock-free `ringbuf` ring with a budget in messages *and* in bytes (a 64×64×36
 //! volume is 0.6 MB; an 81×104×83 one 2.8 MB). What happens when it is full is the edge's
 //! [`WhenFull`] policy, and every wait or drop is counted. Threads sleep with `park` and are
 //! woken by the other side, so an idle edge costs nothing and a push wakes the consumer at once.
+//! A [`handoff`] never waits: full, it drops the newest message or the oldest.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -21,6 +23,10 @@ pub enum WhenFull {
     Block,
     /// Drop the new message (counted as `dropped`): for outputs where stale data is useless.
     DropNewest,
+    /// Drop the oldest waiting message to make room (counted as `dropped`): the newest work is
+    /// the one worth doing. Only a [`handoff`] can: an edge's producer cannot take back what
+    /// its ring holds, so an edge treats it as [`WhenFull::DropNewest`].
+    DropOldest,
 }
 
 /// Something that knows how many bytes it holds, for byte budgets.
@@ -144,7 +150,7 @@ impl<T: ByteSize> EdgeTx<T> {
         let size = msg.byte_size();
         let stats = self.shared.stats.clone();
         if !self.has_room(size) {
-            if self.policy == WhenFull::DropNewest {
+            if self.policy != WhenFull::Block {
                 stats.dropped.fetch_add(1, Ordering::Relaxed);
                 return Err(PushError::Dropped);
             }
@@ -285,6 +291,128 @@ impl<T> Drop for EdgeRx<T> {
     }
 }
 
+/// What a hand-off did with a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handed {
+    /// Queued.
+    Queued,
+    /// Not queued: the hand-off was full ([`WhenFull::DropNewest`]).
+    Dropped,
+    /// Queued in place of the oldest waiting message ([`WhenFull::DropOldest`]).
+    Replaced,
+    /// The worker is gone; the message was discarded.
+    Closed,
+}
+
+/// The sending end of a hand-off (see [`handoff`]).
+pub struct HandoffTx<T> {
+    tx: crossbeam_channel::Sender<T>,
+    /// The same queue's receiving side, to take the oldest message out under `DropOldest`.
+    oldest: crossbeam_channel::Receiver<T>,
+    stats: Arc<EdgeStats>,
+    /// Set when the receiving end is dropped (`oldest` keeps the channel itself open).
+    closed: Arc<AtomicBool>,
+}
+
+/// The receiving end of a hand-off.
+pub struct HandoffRx<T> {
+    rx: crossbeam_channel::Receiver<T>,
+    stats: Arc<EdgeStats>,
+    closed: Arc<AtomicBool>,
+}
+
+impl<T> Drop for HandoffRx<T> {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// A hand-off of at most `capacity` messages from a thread that must never wait (the volume
+/// path) to a worker: full, it drops the newest or the oldest message by `policy` (`Block` is
+/// taken as `DropNewest`), counted as the edge's `dropped`.
+pub fn handoff<T>(
+    name: impl Into<String>,
+    capacity: usize,
+    policy: WhenFull,
+) -> (HandoffTx<T>, HandoffRx<T>) {
+    let capacity = capacity.max(1);
+    let policy = if policy == WhenFull::Block { WhenFull::DropNewest } else { policy };
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let stats = Arc::new(EdgeStats {
+        name: name.into(),
+        capacity,
+        byte_budget: usize::MAX,
+        policy,
+        pushed: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        blocked: AtomicU64::new(0),
+        blocked_ns: AtomicU64::new(0),
+        depth: AtomicUsize::new(0),
+        max_depth: AtomicUsize::new(0),
+        bytes: AtomicUsize::new(0),
+    });
+    let closed = Arc::new(AtomicBool::new(false));
+    (
+        HandoffTx { tx, oldest: rx.clone(), stats: stats.clone(), closed: closed.clone() },
+        HandoffRx { rx, stats, closed },
+    )
+}
+
+impl<T> HandoffTx<T> {
+    /// The hand-off's counters.
+    pub fn stats(&self) -> Arc<EdgeStats> {
+        self.stats.clone()
+    }
+
+    /// Queues `msg` without waiting, by the hand-off's policy.
+    pub fn push(&self, mut msg: T) -> Handed {
+        if self.closed.load(Ordering::Acquire) {
+            return Handed::Closed;
+        }
+        let mut replaced = false;
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => return Handed::Closed,
+                Err(crossbeam_channel::TrySendError::Full(back)) => {
+                    if self.stats.policy != WhenFull::DropOldest {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        return Handed::Dropped;
+                    }
+                    if self.oldest.try_recv().is_ok() {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        replaced = true;
+                    }
+                    msg = back;
+                }
+            }
+        }
+        self.stats.pushed.fetch_add(1, Ordering::Relaxed);
+        let depth = self.tx.len();
+        self.stats.depth.store(depth, Ordering::Relaxed);
+        self.stats.max_depth.fetch_max(depth, Ordering::Relaxed);
+        if replaced {
+            Handed::Replaced
+        } else {
+            Handed::Queued
+        }
+    }
+}
+
+impl<T> HandoffRx<T> {
+    /// Takes the next message, waiting up to `timeout`; `Closed` once the sender is gone and
+    /// nothing is left.
+    pub fn recv_timeout(&self, timeout: Duration) -> Recv<T> {
+        let got = self.rx.recv_timeout(timeout);
+        self.stats.depth.store(self.rx.len(), Ordering::Relaxed);
+        match got {
+            Ok(msg) => Recv::Msg(msg),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Recv::Timeout,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Recv::Closed,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,5 +476,33 @@ mod tests {
         assert!(matches!(rx.recv_timeout(Duration::from_secs(1)), Recv::Msg(Msg(1, _))));
         assert_eq!(stats.blocked.load(Ordering::Relaxed), 1);
         assert!(stats.blocked_ns.load(Ordering::Relaxed) > 10_000_000);
+    }
+
+    #[test]
+    fn a_handoff_never_waits_and_drops_the_newest_or_the_oldest() {
+        let (tx, rx) = handoff::<usize>("h", 2, WhenFull::DropNewest);
+        let start = Instant::now();
+        let handed: Vec<Handed> = (0..4).map(|i| tx.push(i)).collect();
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert_eq!(handed, [Handed::Queued, Handed::Queued, Handed::Dropped, Handed::Dropped]);
+        assert_eq!(rx.recv_timeout(Duration::ZERO), Recv::Msg(0));
+        assert_eq!(rx.recv_timeout(Duration::ZERO), Recv::Msg(1));
+        assert_eq!(rx.recv_timeout(Duration::ZERO), Recv::Timeout);
+        assert_eq!(
+            (tx.stats().pushed.load(Ordering::Relaxed), tx.stats().dropped.load(Ordering::Relaxed)),
+            (2, 2)
+        );
+
+        let (tx, rx) = handoff::<usize>("h", 1, WhenFull::DropOldest);
+        let handed: Vec<Handed> = (0..3).map(|i| tx.push(i)).collect();
+        assert_eq!(handed, [Handed::Queued, Handed::Replaced, Handed::Replaced]);
+        assert_eq!(rx.recv_timeout(Duration::ZERO), Recv::Msg(2));
+        assert_eq!(tx.stats().dropped.load(Ordering::Relaxed), 2);
+        drop(tx);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(1)), Recv::Closed);
+
+        let (tx, rx) = handoff::<usize>("h", 1, WhenFull::DropNewest);
+        drop(rx);
+        assert_eq!(tx.push(1), Handed::Closed);
     }
 }

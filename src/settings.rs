@@ -2,8 +2,58 @@
 //! the simulator's `sim://?key=value`. Driven by serde, so every field a TOML file can set can
 //! be set this way, with the same names and the same checks (unknown keys are refused).
 
+use std::path::{Path, PathBuf};
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+/// A settings section that names input files (models, masks, events, certificates): it makes
+/// its own relative ones relative to the configuration file's folder, so a configuration runs
+/// from any folder and no one else lists its fields.
+pub trait InputFiles {
+    /// Makes this section's relative input paths relative to `base`.
+    fn resolve_inputs(&mut self, base: &Path);
+}
+
+/// Values that name no file and stay as written.
+const SENTINELS: [&str; 4] = ["sim", "auto", "none", "zscore-run"];
+
+/// `p` relative to `base`, unless it is empty, absolute or a sentinel (`sim`, `none`, …).
+fn rebased(p: &Path, base: &Path) -> Option<PathBuf> {
+    let keep = p.as_os_str().is_empty() || p.is_absolute() || SENTINELS.iter().any(|s| p == Path::new(s));
+    (!keep).then(|| base.join(p))
+}
+
+/// Makes an input path relative to `base` (see [`InputFiles`]).
+pub fn rebase(p: &mut PathBuf, base: &Path) {
+    if let Some(j) = rebased(p, base) {
+        *p = j;
+    }
+}
+
+/// Makes a setting that may name a file (or a sentinel such as `sim`) relative to `base`.
+pub fn rebase_text(s: &mut String, base: &Path) {
+    if let Some(j) = rebased(Path::new(s.as_str()), base) {
+        *s = j.to_string_lossy().into_owned();
+    }
+}
+
+/// An optional string written `"none"` when absent, so that turning off something that is on
+/// by default survives TOML (which has no null).
+pub mod none_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `None` as `"none"`.
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.as_deref().unwrap_or("none"))
+    }
+
+    /// Reads `"none"` as `None`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok((s != "none").then_some(s))
+    }
+}
 
 /// The value of an override, read as TOML (`4`, `false`, `[1, 2]`, `"text"`); a bare
 /// comma-separated list (`64,64,36`) as an array; anything else as a string.
@@ -106,5 +156,22 @@ mod tests {
         let mut n = 5u64;
         assert!(set(&mut n, "rank", "4").unwrap_err().contains("the settings is not a section"));
         assert_eq!(n, 5);
+    }
+
+    #[test]
+    fn inputs_are_rebased_unless_absolute_empty_or_a_sentinel() {
+        let base = Path::new("/cfg");
+        let mut p = PathBuf::from("model");
+        rebase(&mut p, base);
+        assert_eq!(p, Path::new("/cfg/model"));
+        for keep in ["/abs/model", "", "sim", "none", "auto", "zscore-run"] {
+            let (mut p, mut t) = (PathBuf::from(keep), keep.to_string());
+            rebase(&mut p, base);
+            rebase_text(&mut t, base);
+            assert_eq!((p.as_path(), t.as_str()), (Path::new(keep), keep));
+        }
+        let mut t = String::from("masks/v1.nii.gz");
+        rebase_text(&mut t, base);
+        assert_eq!(t, "/cfg/masks/v1.nii.gz");
     }
 }

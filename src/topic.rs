@@ -1,5 +1,7 @@
 //! One typed header per publish topic: the schema publish sends and the console, the results
 //! server, the bench and the tests read back (the README's topic table is checked against it).
+//! The headers are wire types of their own, built from no stage's internals: a stage can
+//! change its structs without changing what subscribers read.
 
 use std::collections::BTreeMap;
 
@@ -188,6 +190,19 @@ impl Topic for BetasHeader {
     const NAME: &'static str = "betas";
 }
 
+/// A ranked gallery candidate in a `decode` message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Match {
+    /// Position in the gallery.
+    pub index: usize,
+    /// Its id.
+    pub id: String,
+    /// Its label.
+    pub label: String,
+    /// Weighted mean cosine similarity.
+    pub score: f64,
+}
+
 /// One head's output in a `decode` message.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HeadShape {
@@ -205,7 +220,7 @@ pub struct DecodeHeader {
     #[serde(flatten)]
     pub trial: TrialHeader,
     /// Best gallery matches, best first.
-    pub top: Vec<crate::decode::gallery::Match>,
+    pub top: Vec<Match>,
     /// Each head's output.
     pub heads: Vec<HeadShape>,
     /// Heads decoded only to their latent.
@@ -247,11 +262,137 @@ impl Topic for PictureHeader {
     const NAME: &'static str = "picture";
 }
 
-impl Topic for crate::calibrate::CalibrationEvent {
+/// `calibration`: where calibration mode stands (collecting, fitting, done, failed or
+/// incomplete), with the fit's progress and, once done, what it kept.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationHeader {
+    /// `collecting`, `fitting`, `done`, `failed` or `incomplete` (the run ended first).
+    pub phase: String,
+    /// Calibration trials collected so far.
+    pub collected: usize,
+    /// Trials the protocol cues.
+    pub needed: usize,
+    /// The trial just collected.
+    pub trial: Option<u64>,
+    /// Its stimulus number (as in `betas` and `decode`; the gallery id is its decimal).
+    pub stim: Option<u64>,
+    /// Fit progress: step and most steps of the current phase.
+    pub step: Option<(usize, usize)>,
+    /// What the fit is doing (`prepare`, `inputs`, `fold k/n`, `refit`).
+    pub fit_stage: Option<String>,
+    /// Current training loss.
+    pub loss: Option<f64>,
+    /// Current held-out loss.
+    pub heldout_loss: Option<f64>,
+    /// The finished fit: what was kept and its held-out estimates (the README's calibration
+    /// section describes its fields).
+    pub report: Option<serde_json::Value>,
+    /// Where the alignment was saved.
+    pub path: Option<String>,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+impl Topic for CalibrationHeader {
     const NAME: &'static str = "calibration";
 }
 
-impl Topic for crate::metrics::MetricsSnapshot {
+/// Percentiles of one latency, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Samples recorded.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// Nearest-rank percentiles of the latencies of the last volumes (see `rolling_ms`), ms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RollingSummary {
+    /// Volumes covered.
+    pub count: usize,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// One edge's state in a `status` message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Edge name.
+    pub name: String,
+    /// Messages queued now.
+    pub depth: usize,
+    /// Message capacity.
+    pub capacity: usize,
+    /// What a producer does when it is full.
+    pub policy: crate::queue::WhenFull,
+    /// Highest depth seen.
+    pub max_depth: usize,
+    /// Messages passed.
+    pub pushed: u64,
+    /// Messages dropped by a full edge.
+    pub dropped: u64,
+    /// Pushes that waited for room.
+    pub blocked: u64,
+    /// Total time producers waited, ms.
+    pub blocked_ms: f64,
+}
+
+/// `status`: every counter, queue and latency of the run, once per `publish.status_interval_s`
+/// (and last at the end of the run).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusHeader {
+    /// Seconds since the pipeline started.
+    pub uptime_s: f64,
+    /// Volumes accepted by ingest.
+    pub received: u64,
+    /// Messages refused by ingest.
+    pub rejected: u64,
+    /// Volumes written to the session folder.
+    pub recorded: u64,
+    /// Volume messages published.
+    pub published: u64,
+    /// Volumes whose index repeated.
+    pub duplicates: u64,
+    /// Indices missing between received volumes.
+    pub missing: u64,
+    /// Volumes that arrived after a higher index.
+    pub out_of_order: u64,
+    /// Trials decoded and published.
+    pub decoded: u64,
+    /// Calibration mode's progress (`collecting 5/12`, `fitting 40/200`, `done`, …).
+    pub calibration: Option<String>,
+    /// Errors by counter name.
+    pub errors: BTreeMap<String, u64>,
+    /// The latency keys in path order: ingest, each stage of the topology, publish.
+    pub stages: Vec<String>,
+    /// Queue states, in path order.
+    pub queues: Vec<QueueSnapshot>,
+    /// Latency per stage, ms (queue wait included).
+    pub stage_latency_ms: BTreeMap<String, LatencySummary>,
+    /// Receipt to publish, ms.
+    pub end_to_end_ms: LatencySummary,
+    /// Acquisition (sender clock) to publish, ms, where the sender gave acquisition times.
+    pub acquisition_to_publish_ms: LatencySummary,
+    /// Trial closed by the GLM to its decode published, ms (off the volume path).
+    pub trial_decode_ms: LatencySummary,
+    /// Per stage and `end_to_end`, over the last volumes (`metrics::ROLLING`), ms.
+    pub rolling_ms: BTreeMap<String, RollingSummary>,
+}
+
+impl Topic for StatusHeader {
     const NAME: &'static str = "status";
 }
 
@@ -306,12 +447,7 @@ impl DecodeHeader {
     pub(crate) fn sample(trial: TrialHeader, best: usize, score: f64) -> DecodeHeader {
         DecodeHeader {
             trial,
-            top: vec![crate::decode::gallery::Match {
-                index: best,
-                id: best.to_string(),
-                label: format!("stimulus {best}"),
-                score,
-            }],
+            top: vec![Match { index: best, id: best.to_string(), label: format!("stimulus {best}"), score }],
             heads: vec![HeadShape { name: "image".into(), shape: vec![4] }],
             latents: Vec::new(),
             device: "cpu".into(),
@@ -388,7 +524,7 @@ mod tests {
                 over_budget: true,
                 closed_time: Some(1.0),
             }),
-            s(crate::calibrate::CalibrationEvent { phase: "collecting", ..Default::default() }),
+            s(CalibrationHeader { phase: "collecting".into(), ..Default::default() }),
             s(crate::metrics::Metrics::new(0.0).snapshot()),
         ]
     }

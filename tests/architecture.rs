@@ -101,6 +101,44 @@ fn the_top_level_modules_have_no_cycle() {
     assert!(cycles.is_empty(), "module cycles:\n{}", cycles.join("\n"));
 }
 
+/// The modules of the stages and of what only they use.
+const STAGE_MODULES: [&str; 5] = ["motion", "glm", "decode", "calibrate", "sim"];
+
+#[test]
+fn the_runner_knows_no_stage_outside_its_topology() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&root.join("pipeline"), &mut files);
+    assert!(files.len() >= 3, "{files:?}");
+    let mut found = Vec::new();
+    for f in files.iter().filter(|f| f.file_name().is_some_and(|n| n != "resolve.rs")) {
+        let names = named_modules(&std::fs::read_to_string(f).unwrap());
+        found.extend(
+            names
+                .into_iter()
+                .filter(|n| STAGE_MODULES.contains(&n.as_str()))
+                .map(|n| format!("{}: {n}", f.display())),
+        );
+    }
+    assert!(
+        found.is_empty(),
+        "the runner names stage modules outside pipeline/resolve.rs:\n{}",
+        found.join("\n")
+    );
+    // The topology file is where they are named.
+    let topology = named_modules(&std::fs::read_to_string(root.join("pipeline/resolve.rs")).unwrap());
+    assert!(STAGE_MODULES.iter().all(|m| topology.contains(*m)), "{topology:?}");
+}
+
+#[test]
+fn the_topic_schema_depends_on_no_stage_or_sink() {
+    let src = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/topic.rs")).unwrap();
+    let names = named_modules(&src);
+    let allowed = ["frame", "message", "queue", "volume"];
+    let extra: Vec<&String> = names.iter().filter(|n| !allowed.contains(&n.as_str())).collect();
+    assert!(extra.is_empty(), "topic.rs names {extra:?}");
+}
+
 #[test]
 fn the_reader_finds_grouped_and_plain_paths_and_skips_comments_and_tests() {
     let src =

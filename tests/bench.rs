@@ -40,9 +40,21 @@ fn bench_reports_ordered_percentiles_and_counts_that_add_up_for_every_transport(
         }
         assert_eq!(c["dropped"], 0, "{ingest}: {c}");
         assert_eq!(r["volumes"].as_array().unwrap().len(), 40);
-        for stage in ["ingest", "motion", "glm", "decode", "publish"] {
+        // The report's stages are the path's latency keys, the daemon's own (its status names
+        // them), each with a latency for every volume.
+        let stages: Vec<&str> = r["stages"].as_array().unwrap().iter().filter_map(|s| s.as_str()).collect();
+        assert!(
+            stages.len() >= 3 && stages[0] == "ingest" && stages.last() == Some(&"publish"),
+            "{stages:?}"
+        );
+        for stage in &stages {
             check_summary(stage, &r["stages_ms"][stage], Some(40));
         }
+        assert!(r["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["stage_ms"].as_array().unwrap().len() == stages.len()));
         check_summary("ingest_to_publish", &r["ingest_to_publish_ms"], Some(40));
         check_summary("trigger_to_feedback", &r["trigger_to_feedback_ms"], Some(40));
         // Every trial the GLM closed live was decoded off the volume path and received.
@@ -168,4 +180,68 @@ fn bench_decode_counts_the_weights_of_mirage_shapes_and_a_copied_decoder_gives_t
         Duration::from_secs(60),
     );
     assert!(!status.success() && out.contains("cuda:7"), "{out}");
+}
+
+/// A stage the standard path does not have, standing in for a new stage's folder.
+struct Probe;
+
+impl mirage_rt::stage::Stage for Probe {
+    fn name(&self) -> &'static str {
+        "probe"
+    }
+
+    fn process(&mut self, _frame: &mut mirage_rt::frame::Frame) -> Result<(), mirage_rt::stage::StageError> {
+        Ok(())
+    }
+}
+
+/// A new stage is its folder and one topology line: with nothing else changed, its latency is in
+/// the status, the bench's JSON and plot, and the console's first event names it.
+#[test]
+fn a_stage_added_to_the_topology_shows_in_status_the_bench_and_the_console() {
+    use mirage_rt::commands::bench::{bench_with, BenchArgs, Transport};
+    use mirage_rt::pipeline::resolve::Topology;
+    let dir = tempfile::tempdir().unwrap();
+    let (json, session) = (dir.path().join("bench.json"), dir.path().join("session"));
+    let mut config = mirage_rt::config::Config::default();
+    config.console.listen = None;
+    let args = BenchArgs {
+        config,
+        shape: [16, 16, 8],
+        voxels_decoded: 0,
+        rank: 4,
+        volumes: 12,
+        ingest: Transport::Inproc,
+        rate: None,
+        deadline_ms: None,
+        json: Some(json.clone()),
+        plot: Some(dir.path().join("bench.svg")),
+        record: Some(session.clone()),
+    };
+    // Between motion and the GLM: the one line.
+    let mut topology = Topology::standard();
+    topology.0.insert(1, Box::new(|_| Ok(Box::new(Probe) as Box<dyn mirage_rt::stage::Stage>)));
+    let report = bench_with(&args, false, &topology).unwrap();
+
+    let status = common::published_as::<mirage_rt::topic::StatusHeader>(&session).pop().expect("a status");
+    let at = |stages: &[String], name: &str| stages.iter().position(|s| s == name);
+    let probe = at(&status.stages, "probe").expect("the status names the stage");
+    assert_eq!(Some(probe), at(&status.stages, "motion").map(|m| m + 1), "{:?}", status.stages);
+    assert_eq!(status.stage_latency_ms["probe"].count, 12, "{:?}", status.stage_latency_ms);
+
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["stages"], serde_json::json!(status.stages), "the bench's stages are the status's");
+    check_summary("probe", &r["stages_ms"]["probe"], Some(12));
+    for v in r["volumes"].as_array().unwrap() {
+        assert!(v["stage_ms"][probe].as_f64().is_some_and(|ms| ms >= 0.0), "{v}");
+    }
+    assert_eq!(report.stages, status.stages);
+    assert!(report.table().lines().any(|l| l.starts_with("probe ")), "{}", report.table());
+    let plot = std::fs::read_to_string(dir.path().join("bench.svg")).unwrap();
+    assert!(plot.contains(">probe</text>"), "the plot's legend names the stage");
+
+    let hello =
+        common::report_events(&session.join("report.html")).into_iter().next().expect("a first event");
+    assert_eq!(hello["topic"], "hello");
+    assert_eq!(hello["stages"], serde_json::json!(status.stages), "{hello}");
 }

@@ -8,17 +8,8 @@ use crate::common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{free_port, mirage, published, python, run_with_timeout, Daemon};
+use common::{free_port, mirage, published, python, report_events, run_with_timeout, Daemon};
 use serde_json::Value;
-
-/// The page events a report embeds.
-fn report_events(report: &Path) -> Vec<Value> {
-    let html = std::fs::read_to_string(report).unwrap();
-    let start =
-        html.find("window.MIRAGE_REPLAY = ").expect("replay script") + "window.MIRAGE_REPLAY = ".len();
-    let end = start + html[start..].find(";</script>").expect("end of the replay script");
-    serde_json::from_str(&html[start..end]).unwrap()
-}
 
 /// Runs the browser check; returns what it observed.
 fn console_check(url: &str, extra: &[&str]) -> Value {
@@ -142,6 +133,15 @@ fn the_first_run_shows_calibration_and_decoding_in_the_browser_and_reports_the_r
     }
     let report_check = console_check(&format!("file://{}", report.display()), &["--report"]);
     assert_eq!(report_check["after"]["motion_points"], 330, "{report_check}");
+    // The page's latency rows are the path's latency keys its first event named, which are the
+    // status topic's: the page lists no stage of its own.
+    let hello = events.first().expect("a first event");
+    assert_eq!(hello["topic"], "hello", "{hello}");
+    let status = published(&session, "status").pop().expect("a status message");
+    assert_eq!(hello["stages"], status["stages"], "{hello}\n{status}");
+    let mut rows: Vec<Value> = hello["stages"].as_array().unwrap().clone();
+    rows.extend([Value::from("end_to_end"), Value::from("trial_decode")]);
+    assert_eq!(report_check["after"]["latency_rows"], Value::from(rows), "{report_check}");
     assert_eq!(report_check["conn"], "report", "{report_check}");
     // The report shows what calibration kept and its held-out estimate.
     let calibration = report_check["after"]["calibration"].as_str().unwrap_or_default();

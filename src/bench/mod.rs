@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::frame::STAGES;
 use crate::message::Received;
 use crate::metrics::{LatencySummary, MetricsSnapshot};
 
@@ -21,8 +20,12 @@ pub struct VolumeSeen {
     pub acq_time: Option<f64>,
     /// Receipt at the subscriber, s.
     pub recv_time: f64,
-    /// Per-stage latency the daemon stamped, ms (in [`STAGES`] order; NaN where absent).
+    /// Per-stage latency the daemon stamped, ms, in the report's `stages` order (NaN where
+    /// absent).
     pub stage_ms: Vec<f64>,
+    /// The same, by latency key, as the `volume` message had it.
+    #[serde(skip)]
+    latency_ms: BTreeMap<String, f64>,
 }
 
 impl VolumeSeen {
@@ -33,7 +36,8 @@ impl VolumeSeen {
             index: h.index,
             acq_time: h.acq_time,
             recv_time,
-            stage_ms: STAGES.iter().map(|s| h.latency_ms.get(*s).copied().unwrap_or(f64::NAN)).collect(),
+            stage_ms: Vec::new(),
+            latency_ms: h.latency_ms,
         })
     }
 
@@ -108,6 +112,9 @@ pub struct BenchSetup {
 pub struct BenchReport {
     /// What ran.
     pub setup: BenchSetup,
+    /// The path's latency keys in order (ingest, each stage, publish), as the daemon's status
+    /// names them.
+    pub stages: Vec<String>,
     /// Per stage, as the daemon measured (queue wait included), ms.
     pub stages_ms: BTreeMap<String, LatencySummary>,
     /// Receipt at ingest to publish, ms.
@@ -142,11 +149,15 @@ impl BenchReport {
     pub fn new(
         setup: BenchSetup,
         snap: &MetricsSnapshot,
-        volumes: Vec<VolumeSeen>,
+        mut volumes: Vec<VolumeSeen>,
         decodes: &[(f64, f64)],
         sent: u64,
         cpu_ms_per_volume: BTreeMap<String, f64>,
     ) -> BenchReport {
+        for v in &mut volumes {
+            v.stage_ms =
+                snap.stages.iter().map(|s| v.latency_ms.get(s).copied().unwrap_or(f64::NAN)).collect();
+        }
         let t2f: Vec<f64> = volumes.iter().filter_map(VolumeSeen::trigger_to_feedback_ms).collect();
         let start = volumes.iter().filter_map(|v| v.acq_time).reduce(f64::min);
         let end = volumes.iter().map(|v| v.recv_time).reduce(f64::max);
@@ -166,7 +177,8 @@ impl BenchReport {
         BenchReport {
             deadline_misses: t2f.iter().filter(|m| **m > setup.deadline_ms).count(),
             setup,
-            stages_ms: snap.stage_latency_ms.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            stages: snap.stages.clone(),
+            stages_ms: snap.stage_latency_ms.clone(),
             ingest_to_publish_ms: snap.end_to_end_ms,
             trigger_to_feedback_ms: summarise(&t2f),
             jitter_ms: std_dev(&t2f),
@@ -204,7 +216,7 @@ impl BenchReport {
                 name, l.count, l.p50, l.p90, l.p99, l.p999, l.max
             );
         };
-        for name in STAGES {
+        for name in &self.stages {
             if let Some(l) = self.stages_ms.get(name) {
                 row(name, l);
             }

@@ -4,7 +4,6 @@
 use std::fmt::Write;
 
 use super::BenchReport;
-use crate::frame::STAGES;
 
 const W: f64 = 900.0;
 const H: f64 = 620.0;
@@ -40,7 +39,8 @@ pub fn svg(r: &BenchReport) -> String {
 
     // Panel 1: latency over time.
     let (x0, y0, pw, ph) = (70.0, 50.0, W - 110.0, 300.0);
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = STAGES
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = r
+        .stages
         .iter()
         .enumerate()
         .map(|(k, name)| {

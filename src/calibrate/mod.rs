@@ -8,6 +8,7 @@
 //! `calibration/*.toml`. What they fit is read, written and applied by `crate::decode::align`.
 
 pub mod fit;
+pub mod live;
 pub mod protocol;
 pub mod transfer;
 
@@ -189,6 +190,26 @@ pub struct CalibrationEvent {
     pub error: Option<String>,
 }
 
+impl CalibrationEvent {
+    /// The `calibration` topic's header of this event.
+    pub fn header(&self) -> crate::topic::CalibrationHeader {
+        crate::topic::CalibrationHeader {
+            phase: self.phase.to_string(),
+            collected: self.collected,
+            needed: self.needed,
+            trial: self.trial,
+            stim: self.stim,
+            step: self.step,
+            fit_stage: self.fit_stage.clone(),
+            loss: self.loss,
+            heldout_loss: self.heldout_loss,
+            report: self.report.as_ref().and_then(|r| serde_json::to_value(r).ok()),
+            path: self.path.clone(),
+            error: self.error.clone(),
+        }
+    }
+}
+
 /// Which fit calibration runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -292,6 +313,16 @@ pub struct CalibrateConfig {
     /// Where calibration mode saves the head (default: `alignment.safetensors` in the session
     /// folder, or `alignment-<time>.safetensors` in the model folder when not recording).
     pub out: Option<PathBuf>,
+}
+
+impl crate::settings::InputFiles for CalibrateConfig {
+    /// The protocol (the fitted head's `out` is an output: it stays relative to the working
+    /// directory).
+    fn resolve_inputs(&mut self, base: &std::path::Path) {
+        if let Some(p) = &mut self.protocol {
+            crate::settings::rebase(p, base);
+        }
+    }
 }
 
 impl Default for CalibrateConfig {

@@ -19,6 +19,7 @@ use crate::decode::train::{write_model, NamedTensor};
 use crate::ingest::Speed;
 use crate::message::Received;
 use crate::metrics::thread_cpu_ms;
+use crate::pipeline::resolve::Topology;
 use crate::pipeline::{Pipeline, PipelineHandle};
 use crate::rng::Rng;
 use crate::sim::Simulator;
@@ -70,6 +71,8 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     /// SVG plot path.
     pub plot: Option<PathBuf>,
+    /// Where to keep the session folder (`None`: a scratch folder, removed at the end).
+    pub record: Option<PathBuf>,
 }
 
 /// Seconds without a published volume, after the sender finished, before the bench stops.
@@ -193,7 +196,8 @@ fn prepare(args: &BenchArgs, dir: &Path) -> anyhow::Result<Prepared> {
     let pub_port = free_port()?;
     cfg.publish.uri = Some(format!("tcp://127.0.0.1:{pub_port}"));
     cfg.publish.lsl_feedback = None;
-    cfg.record.dir = Some(dir.join("session").display().to_string());
+    let session = args.record.clone().unwrap_or_else(|| dir.join("session"));
+    cfg.record.dir = Some(session.display().to_string());
     cfg.ingest.stop_after = Some(args.volumes as u64);
     let speed_q = match args.rate {
         Some(r) => r.to_string(),
@@ -280,11 +284,16 @@ fn cpu_per_volume(
 
 /// Runs the bench and returns its report (also written as JSON and SVG when asked).
 pub fn bench(args: &BenchArgs, progress: bool) -> anyhow::Result<BenchReport> {
+    bench_with(args, progress, &Topology::standard())
+}
+
+/// As [`bench`], with the volume path `topology` builds.
+pub fn bench_with(args: &BenchArgs, progress: bool, topology: &Topology) -> anyhow::Result<BenchReport> {
     let dir = tempfile_dir()?;
     let Prepared { cfg, speed, send_uri, pub_port } = prepare(args, &dir)?;
 
     let cpu_before = process_cpu_ms();
-    let handle = Pipeline::build(&cfg).map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
+    let handle = Pipeline::build_with(&cfg, topology).map_err(|e| anyhow::anyhow!("{}", e.join("\n")))?;
     let stop = Arc::new(AtomicBool::new(false));
     let seen: Arc<Mutex<Seen>> = Arc::default();
     // With the volume path at SCHED_FIFO, the sender (a stand-in for the scanner, another

@@ -11,7 +11,10 @@ use serde_json::{json, Map, Value};
 use crate::decode::gallery::Gallery;
 use crate::decode::metrics::{pearson, ssim};
 use crate::message::Payload;
-use crate::topic::{self, DecodeHeader, PictureHeader};
+use crate::topic::{
+    self, BetasHeader, CalibrationHeader, DecodeHeader, MotionHeader, PictureHeader, RoiHeader, StatusHeader,
+    Topic,
+};
 
 /// Events kept for late-joining pages and the report; older ones are dropped first.
 pub const MAX_HISTORY: usize = 200_000;
@@ -154,11 +157,13 @@ impl ConsoleState {
         let fields = || h.as_object().cloned().unwrap_or_default();
         let mut out = Vec::new();
         match input.topic {
-            "motion" | "roi" | "betas" | "calibration" => out.push(self.event(input.topic, fields(), true)),
-            "decode" => match topic::read::<DecodeHeader>(input.topic, h) {
+            MotionHeader::NAME | RoiHeader::NAME | BetasHeader::NAME | CalibrationHeader::NAME => {
+                out.push(self.event(input.topic, fields(), true))
+            }
+            DecodeHeader::NAME => match topic::read::<DecodeHeader>(input.topic, h) {
                 Ok(d) => {
                     let (fields, scores) = self.decode_event(fields(), &d, &input.payloads);
-                    out.push(self.event("decode", fields, true));
+                    out.push(self.event(DecodeHeader::NAME, fields, true));
                     if let (Some(s), false) = (scores, d.trial.at_run_end) {
                         self.quality.entry((d.trial.condition, d.alignment)).or_default().add(&s);
                         out.push(self.event("summary", self.summary(), true));
@@ -166,7 +171,7 @@ impl ConsoleState {
                 }
                 Err(e) => tracing::warn!("console: {e}"),
             },
-            "picture" => match topic::read::<PictureHeader>(input.topic, h) {
+            PictureHeader::NAME => match topic::read::<PictureHeader>(input.topic, h) {
                 Ok(_) => {
                     let mut fields = fields();
                     let png = input
@@ -175,11 +180,11 @@ impl ConsoleState {
                         .find(|p| p.name == "picture_png")
                         .map(|p| png_data_url(&p.bytes));
                     fields.insert("pixels".into(), json!(png));
-                    out.push(self.event("picture", fields, true));
+                    out.push(self.event(PictureHeader::NAME, fields, true));
                 }
                 Err(e) => tracing::warn!("console: {e}"),
             },
-            "status" => {
+            StatusHeader::NAME => {
                 let fields = fields();
                 // The history keeps what the latency plot needs; the page's counts come from
                 // the latest status, sent after the history.
@@ -188,8 +193,8 @@ impl ConsoleState {
                 if let Some(e2e) = fields.get("rolling_ms").and_then(|r| r.get("end_to_end")) {
                     compact.insert("rolling_ms".into(), json!({"end_to_end": e2e}));
                 }
-                self.event("status", compact, true);
-                let full = self.event("status", fields, false);
+                self.event(StatusHeader::NAME, compact, true);
+                let full = self.event(StatusHeader::NAME, fields, false);
                 self.latest_status = Some(full.clone());
                 out.push(full);
             }

@@ -37,18 +37,8 @@ struct Index {
     heads: Vec<String>,
 }
 
-/// A ranked candidate.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Match {
-    /// Position in the gallery.
-    pub index: usize,
-    /// Its id.
-    pub id: String,
-    /// Its label.
-    pub label: String,
-    /// Weighted mean cosine similarity.
-    pub score: f64,
-}
+/// A ranked candidate (the `decode` topic's).
+pub use crate::topic::Match;
 
 /// A loaded gallery.
 #[derive(Clone, Debug)]

@@ -16,6 +16,7 @@ pub mod image;
 pub mod metrics;
 pub mod mindeye2;
 pub mod model;
+pub mod stage;
 pub mod synthetic;
 pub mod train;
 
@@ -44,8 +45,18 @@ pub const DECODE_COMPUTE: Reason = Reason::new("decode_compute", "a decode that 
 /// Counted when: a training that failed.
 pub const TRAIN: Reason = Reason::new("train", "a training that failed");
 /// What decoding counts.
-pub const REASONS: &[Reason] =
-    &[DECODE_MODEL, DECODE_GALLERY, DECODE_INPUT, DECODE_DEVICE, DECODE_COMPUTE, TRAIN];
+pub const REASONS: &[Reason] = &[
+    DECODE_MODEL,
+    DECODE_GALLERY,
+    DECODE_INPUT,
+    DECODE_DEVICE,
+    DECODE_COMPUTE,
+    TRAIN,
+    stage::DECODE_DROPPED,
+    stage::DECODE_OVER_BUDGET,
+    stage::PICTURE_OVER_BUDGET,
+    stage::PICTURE_DROPPED,
+];
 
 /// Why decoding failed.
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +165,16 @@ pub enum Mode {
     Decode,
     /// Decode every trial, and fit the alignment head once the calibration trials are in.
     Calibrate,
+}
+
+impl crate::settings::InputFiles for DecodeConfig {
+    /// The model and gallery folders and a fitted alignment's file.
+    fn resolve_inputs(&mut self, base: &Path) {
+        for p in [&mut self.model, &mut self.gallery].into_iter().flatten() {
+            crate::settings::rebase(p, base);
+        }
+        crate::settings::rebase_text(&mut self.alignment, base);
+    }
 }
 
 impl Default for DecodeConfig {

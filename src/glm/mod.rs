@@ -39,8 +39,17 @@ use crate::volume::Volume;
 pub const GLM_SETUP: Reason = Reason::new("glm_setup", "GLM settings that could not be used");
 /// Counted when: a volume the GLM could not take.
 pub const GLM_VOLUME: Reason = Reason::new("glm_volume", "a volume the GLM could not take");
+/// Counted when: a voxel gone NaN for the first time (masked out from then on).
+pub const NAN_VOXELS: Reason = Reason::new("nan_voxels", "voxels found NaN and masked out");
+/// Counted when: an event arrived later than the volumes the GLM keeps (its estimates are
+/// approximate).
+pub const LATE_EVENTS: Reason =
+    Reason::new("late_events", "events later than the kept volumes: approximate estimates");
+/// Counted when: an event that could not be used (a trial id already taken).
+pub const REJECTED_EVENTS: Reason =
+    Reason::new("rejected_events", "events refused: their trial id was already taken");
 /// What the GLM stage counts.
-pub const REASONS: &[Reason] = &[GLM_SETUP, GLM_VOLUME];
+pub const REASONS: &[Reason] = &[GLM_SETUP, GLM_VOLUME, NAN_VOXELS, LATE_EVENTS, REJECTED_EVENTS];
 
 /// Why the GLM could not process a volume or start.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +154,19 @@ pub struct GlmConfig {
     /// Rows folded per batch; the last `batch` volumes are always kept, so events up to
     /// `batch` volumes late stay exact.
     pub batch: usize,
+}
+
+impl crate::settings::InputFiles for GlmConfig {
+    /// The events file, the mask and each ROI's mask.
+    fn resolve_inputs(&mut self, base: &std::path::Path) {
+        if let Some(p) = &mut self.events {
+            crate::settings::rebase(p, base);
+        }
+        crate::settings::rebase_text(&mut self.mask, base);
+        for r in &mut self.rois {
+            crate::settings::rebase(&mut r.path, base);
+        }
+    }
 }
 
 impl Default for GlmConfig {

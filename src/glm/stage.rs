@@ -1,17 +1,14 @@
-//! The GLM stage on the volume path: takes the live events the runner put in the frame, fits,
-//! and puts the [`GlmOutput`] (ROI feedback and closed trials) in it.
+//! The GLM stage on the volume path: takes the live events ingest put in the frame, fits, and
+//! puts the [`GlmOutput`] (ROI feedback and closed trials) in it, with a [`Tally`] of what it
+//! set aside (voxels gone NaN, events too late or refused).
 
 use std::path::Path;
 
-use super::events::Event;
 use super::{GlmConfig, GlmEstimator, GlmOutput, SIM_ROI};
-use crate::frame::{Frame, FrameKind};
+use crate::event::LiveEvents;
+use crate::frame::{Frame, FrameKind, Tally};
 use crate::motion::MotionEstimate;
 use crate::stage::{Identity, Stage, StageError};
-
-/// Live events (markers) that arrived before a frame, put in it by the runner.
-#[derive(Clone, Debug, Default)]
-pub struct LiveEvents(pub Vec<Event>);
 
 /// The GLM stage: a [`GlmEstimator`] over frames.
 pub struct GlmStage(pub GlmEstimator);
@@ -19,10 +16,6 @@ pub struct GlmStage(pub GlmEstimator);
 impl Stage for GlmStage {
     fn name(&self) -> &'static str {
         "glm"
-    }
-
-    fn takes_live_events(&self) -> bool {
-        true
     }
 
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
@@ -36,6 +29,18 @@ impl Stage for GlmStage {
             .0
             .update(&frame.volume, frame.outputs.get::<MotionEstimate>(), frame.flags.new_run)
             .map_err(|e| StageError { stage: "glm", reason: e.reason().name, message: e.to_string() })?;
+        let tally: Vec<(&'static str, u64)> = [
+            (super::NAN_VOXELS.name, out.new_nan_voxels),
+            (super::LATE_EVENTS.name, out.late_events),
+            (super::REJECTED_EVENTS.name, out.rejected_events),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(reason, n)| (reason, n as u64))
+        .collect();
+        if !tally.is_empty() {
+            frame.outputs.update::<Tally>(|t| t.0.extend(tally));
+        }
         frame.outputs.insert(out);
         Ok(())
     }
@@ -95,8 +100,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::event::{Event, Onset};
     use crate::frame::{IngestFlags, Stamps};
-    use crate::glm::events::Onset;
 
     fn frame(index: u64) -> Frame {
         // A drifting image with a response to the trial at 3 s in every voxel.

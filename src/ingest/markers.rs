@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use lsl::Pullable;
 
-use crate::glm::events::{parse_marker, Event};
+use crate::event::{parse_marker, Event};
 use crate::metrics::{Metrics, Reason};
 
 /// An LSL marker stream that could not be opened (retried).
@@ -41,7 +41,7 @@ pub fn marker_loop(name: &str, events: &crossbeam_channel::Sender<Event>, stop: 
                         match parse_marker(text, ts + offset) {
                             Ok(e) => {
                                 if events.try_send(e).is_err() {
-                                    m.count(crate::glm::events::EVENTS_DROPPED);
+                                    m.count(crate::event::EVENTS_DROPPED);
                                 }
                             }
                             Err(e) => {

@@ -6,6 +6,7 @@
 
 pub mod allow;
 pub mod file;
+pub mod intake;
 pub mod lsl;
 pub mod markers;
 pub mod pacer;
@@ -16,7 +17,10 @@ pub mod wire;
 pub mod zap;
 pub mod zmq;
 
+use std::path::Path;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::io::nifti::NiftiError;
 use crate::reason::Reason;
@@ -39,6 +43,57 @@ pub const SENDER_REFUSED: Reason =
 /// What ingest refuses or fails on (the wire's reasons included; bad markers are the marker reader's).
 /// (With the wire's, [`wire::REASONS`].)
 pub const REASONS: &[Reason] = &[SOCKET, LSL_STREAM, FILE, SIM, SENDER_REFUSED];
+
+/// `[ingest]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Source URI: `pyneal://`, `zmq://`, `lsl://`, `file://` or `sim://`.
+    pub uri: String,
+    /// Largest volume accepted, in voxels; larger headers are refused before allocating.
+    pub max_voxels: usize,
+    /// Stop after this many accepted volumes (`None`: run until the source ends or a signal).
+    pub stop_after: Option<u64>,
+    /// Run id for volumes whose sender does not name one.
+    pub run: String,
+    /// Repetition time in seconds, over whatever the sender's headers say (`None`: the
+    /// headers', milliseconds above 60 read as such).
+    pub tr: Option<f64>,
+    /// Senders a listening ingest lets in: addresses and CIDR ranges, or `["*"]` for anyone
+    /// on purpose. Required when it (or the results server) listens beyond loopback, unless
+    /// `ingest.curve` guards the ingest.
+    pub allow: Vec<String>,
+    /// ZeroMQ CURVE on a listening ingest: encrypted, only the listed senders' keys let in.
+    pub curve: crate::curve::CurveConfig,
+}
+
+impl Default for IngestConfig {
+    fn default() -> IngestConfig {
+        IngestConfig {
+            uri: "sim://?speed=max".into(),
+            max_voxels: 1 << 24,
+            stop_after: None,
+            run: "run".into(),
+            tr: None,
+            allow: Vec::new(),
+            curve: Default::default(),
+        }
+    }
+}
+
+impl crate::settings::InputFiles for IngestConfig {
+    /// A `file://` series and the CURVE certificates.
+    fn resolve_inputs(&mut self, base: &Path) {
+        if let Some(rest) = self.uri.strip_prefix("file://") {
+            let (file, query) = rest.split_once('?').map_or((rest, None), |(f, q)| (f, Some(q)));
+            let mut path = std::path::PathBuf::from(file);
+            crate::settings::rebase(&mut path, base);
+            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+            self.uri = format!("file://{}{query}", path.display());
+        }
+        self.curve.resolve_inputs(base);
+    }
+}
 
 /// Why a message or a source failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +129,7 @@ pub enum IngestError {
     Sim(#[from] crate::sim::SimError),
     /// A marker could not be read.
     #[error("ingest: {0}")]
-    Marker(#[from] crate::glm::events::EventError),
+    Marker(#[from] crate::event::EventError),
 }
 
 impl IngestError {
@@ -103,7 +158,7 @@ pub enum SourceEvent {
     /// A finite source (file, simulator) has no more volumes.
     End,
     /// A trial event (a marker) for the GLM.
-    Marker(crate::glm::events::Event),
+    Marker(crate::event::Event),
     /// Senders outside `ingest.allow` were refused this many connections (nothing of theirs
     /// was read).
     Refused(u64),

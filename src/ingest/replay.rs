@@ -10,7 +10,7 @@ use super::pacer::Pacer;
 use super::uri::Playback;
 use super::{IngestError, Source, SourceEvent, SourceLimits};
 use crate::clock;
-use crate::glm::events::{Event, Onset};
+use crate::event::{Event, Onset};
 use crate::io::session::{SessionError, SessionReader};
 
 /// Plays a session folder's volumes; `acq_time` is each volume's scheduled release time.

@@ -6,7 +6,7 @@ use super::pacer::Pacer;
 use super::uri::Playback;
 use super::{IngestError, Source, SourceEvent};
 use crate::clock;
-use crate::glm::events::{Event, Onset};
+use crate::event::{Event, Onset};
 use crate::sim::{SimConfig, Simulator};
 
 /// Produces the simulator's volumes at the chosen speed; `acq_time` is each volume's

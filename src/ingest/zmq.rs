@@ -11,7 +11,7 @@
 //! native (`zmq://`): we bind a PULL socket; any number of senders PUSH header + data frames;
 //! nothing is answered. A single frame `{"marker": "trial=3;stim=1;cond=seen;dur=4"}` (with an
 //! optional `"time"`, seconds on the LSL clock; default: when it arrived) is a trial event in
-//! the grammar of [`crate::glm::events`].
+//! the grammar of [`crate::event`].
 
 use std::time::Duration;
 
@@ -111,11 +111,11 @@ impl ZmqReceiver {
 }
 
 /// A single-frame native message: `{"marker": "...", "time": seconds}`.
-fn marker(frame: &[u8], recv_time: f64) -> Result<crate::glm::events::Event, IngestError> {
+fn marker(frame: &[u8], recv_time: f64) -> Result<crate::event::Event, IngestError> {
     let v: serde_json::Value = serde_json::from_slice(frame).map_err(|_| WireError::Frames(1))?;
     let text = v.get("marker").and_then(|m| m.as_str()).ok_or(WireError::Frames(1))?;
     let time = v.get("time").and_then(|t| t.as_f64()).filter(|t| t.is_finite()).unwrap_or(recv_time);
-    Ok(crate::glm::events::parse_marker(text, time)?)
+    Ok(crate::event::parse_marker(text, time)?)
 }
 
 impl Source for ZmqReceiver {

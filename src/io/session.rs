@@ -103,6 +103,23 @@ fn float32() -> Dtype {
     Dtype::F32
 }
 
+/// `[record]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordConfig {
+    /// Session folder (`{time}` becomes the UTC start time), or `"none"`.
+    #[serde(with = "crate::settings::none_string")]
+    pub dir: Option<String>,
+    /// `every_volume` (fdatasync each volume) or `os` (the OS flushes).
+    pub sync: SyncPolicy,
+}
+
+impl Default for RecordConfig {
+    fn default() -> RecordConfig {
+        RecordConfig { dir: Some("sessions/{time}".into()), sync: SyncPolicy::EveryVolume }
+    }
+}
+
 /// When the recorder forces data to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

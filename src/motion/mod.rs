@@ -93,6 +93,15 @@ pub struct MotionConfig {
     pub threads: usize,
 }
 
+impl crate::settings::InputFiles for MotionConfig {
+    /// The reference volume's file.
+    fn resolve_inputs(&mut self, base: &std::path::Path) {
+        if let Some(p) = &mut self.reference_file {
+            crate::settings::rebase(p, base);
+        }
+    }
+}
+
 impl Default for MotionConfig {
     fn default() -> MotionConfig {
         let o = Optimiser::default();

@@ -1,34 +1,27 @@
-//! Building a pipeline from a configuration: every stage and sink made and checked before any
-//! volume flows, then the threads started, sinks first.
+//! Building a pipeline from a resolved configuration: every stage and sink made and checked
+//! before any volume flows, then the threads started, sinks first.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::calibration::LiveCalibration;
-use super::resolve::Resolved;
-use super::stage::{DecodeDispatch, DecodeStageAdapter};
+use super::resolve::{OpenSource, Resolved, Topology};
 use super::{
-    answer_stop_while_draining, decode_worker, ingest_loop, lower_priority, picture_worker, publish_loop,
-    record_loop, spawn, stage_loop, IngestPlan, PictureQueue, Pipeline, PipelineHandle, SetOnDrop,
-    DECODE_NICE, EVENT_QUEUE, LATE_QUEUE,
+    answer_stop_while_draining, ingest_loop, lower_priority, publish_loop, record_loop, spawn, stage_loop,
+    HandOff, IngestPlan, Pipeline, PipelineHandle, Results, SetOnDrop, RESULTS_QUEUE, WORKER_NICE,
 };
 use crate::clock;
 use crate::config::Config;
 use crate::console::{ConsoleFeed, ConsoleSetup};
-use crate::decode::gallery::Gallery;
-use crate::decode::DecodeStage;
-use crate::frame::{Boundary, Frame, RecordItem};
-use crate::glm::events::Event;
-use crate::ingest::sim::SimSource;
-use crate::ingest::{open_source, Endpoint, IngestUri, SourceLimits};
+use crate::event::Event;
+use crate::frame::{latency_keys, Boundary, Frame, RecordItem};
+use crate::ingest::Endpoint;
 use crate::io::session::{MessageLog, SessionWriter, SyncPolicy};
 use crate::metrics::Metrics;
 use crate::publish::results::ResultsBoard;
-use crate::publish::Publisher;
-use crate::queue::{edge, EdgeRx, EdgeTx, WhenFull};
-use crate::sim::Simulator;
-use crate::stage::{Identity, Stage};
+use crate::publish::{FeedbackOutlet, Publisher};
+use crate::queue::{edge, handoff, EdgeRx, EdgeTx, WhenFull};
+use crate::stage::{OffPath, Stage};
 
 /// Setup errors, every one of them (the user fixes all at once).
 type Errors = Vec<String>;
@@ -37,52 +30,9 @@ fn one(e: impl ToString) -> Errors {
     vec![e.to_string()]
 }
 
-/// A stage of the volume path with the live events it takes (the GLM's).
-type PathStage = (Box<dyn Stage>, Option<crossbeam_channel::Receiver<Event>>);
-
-/// The stages before their threads: the volume path's, then decoding with its pool (none
-/// without a model).
-struct Stages {
-    path: Vec<PathStage>,
-    decoding: Option<(DecodeStageAdapter, rayon::ThreadPool)>,
-}
-
-impl Stages {
-    /// The stages `r` resolved (taken out of it); the live events go to the first stage that
-    /// takes them.
-    fn build(r: &mut Resolved, events: crossbeam_channel::Receiver<Event>) -> Result<Stages, Errors> {
-        let mut events = Some(events);
-        let path = std::mem::take(&mut r.stages)
-            .into_iter()
-            .map(|stage| {
-                let rx = if stage.takes_live_events() { events.take() } else { None };
-                (stage, rx)
-            })
-            .collect();
-        let decoding = match r.decode.take() {
-            Some(stage) => {
-                let calibration = live_calibration(r, &stage).map_err(one)?;
-                let cfg = &r.cfg;
-                let adapter = DecodeStageAdapter {
-                    stage,
-                    now: clock::now,
-                    budget_ms: cfg.decode.latency_budget_ms,
-                    run_end: cfg.decode.decode_run_end,
-                    calibration,
-                };
-                Some((adapter, decode_pool("mirage/decode", cfg.decode.threads)?))
-            }
-            None => None,
-        };
-        Ok(Stages { path, decoding })
-    }
-
-    /// Every stage's name in path order: ingest, the volume path, decode, publish.
-    fn names(&self) -> Vec<&'static str> {
-        let path = self.path.iter().map(|(s, _)| s.name());
-        ["ingest"].into_iter().chain(path).chain(["decode", "publish"]).collect()
-    }
-}
+/// Live events from the marker reader waiting for ingest (beyond this they are dropped and
+/// counted, `events_dropped`).
+const MARKER_QUEUE: usize = 4096;
 
 /// The bounded edges between the threads, each registered with the metrics: one into each
 /// stage of `names` (ingest … publish) from the one before, and the recorder's.
@@ -145,27 +95,6 @@ fn recorded_config(cfg: &Config) -> serde_json::Value {
     v
 }
 
-/// Every reason a run can count, registered up front: the runner's, the sinks', and the
-/// typed errors' of each stage.
-pub(super) fn counted_reasons() -> Vec<crate::reason::Reason> {
-    [
-        super::REASONS,
-        crate::ingest::markers::REASONS,
-        crate::console::REASONS,
-        crate::ingest::wire::REASONS,
-        crate::ingest::REASONS,
-        crate::motion::REASONS,
-        crate::glm::REASONS,
-        crate::decode::REASONS,
-        &[
-            crate::publish::results::BAD_REQUEST,
-            crate::publish::results::REFUSED,
-            super::stage::DECODE_DROPPED,
-        ],
-    ]
-    .concat()
-}
-
 /// Warns about every endpoint that listens beyond this machine.
 fn warn_exposed(endpoints: &[Option<&Endpoint>]) {
     for ep in endpoints.iter().flatten() {
@@ -182,18 +111,20 @@ impl Pipeline {
         Pipeline::start(Resolved::new(cfg)?)
     }
 
-    /// Starts a pipeline from a resolved configuration: the stages first, then the session
-    /// folder (so that a setup error leaves none), the console and the threads.
+    /// As [`Pipeline::build`], with the volume path `topology` builds.
+    pub fn build_with(cfg: &Config, topology: &Topology) -> Result<PipelineHandle, Vec<String>> {
+        Pipeline::start(Resolved::with_topology(cfg, topology)?)
+    }
+
+    /// Starts a pipeline from a resolved configuration: the session folder (so that a setup
+    /// error leaves none), the console and the threads.
     pub fn start(mut r: Resolved) -> Result<PipelineHandle, Vec<String>> {
-        // Before any thread of ours starts: candle sizes its pool from the environment once.
-        crate::decode::limit_candle_threads(r.cfg.decode.threads);
         warn_exposed(&[r.uri.bound_endpoint(), r.publish.as_ref()]);
-        let (events_tx, events_rx) = crossbeam_channel::bounded::<Event>(EVENT_QUEUE);
-        let stages = Stages::build(&mut r, events_rx)?;
-        let names = stages.names();
+        let stages = std::mem::take(&mut r.stages);
+        let names = latency_keys(stages.iter().map(|s| s.name()));
         let started = clock::now();
         let metrics = Arc::new(Metrics::with_stages(started, names.clone()));
-        metrics.register(&counted_reasons());
+        metrics.register(&super::resolve::counted_reasons());
         let mut handle = PipelineHandle {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
@@ -203,12 +134,12 @@ impl Pipeline {
         };
         let session = open_session(&r.cfg, r.session_dir.clone(), started)?;
         handle.session_dir = session.as_ref().map(|s| s.dir.clone());
-        let console = start_console(&r, &metrics, &mut handle)?;
+        let console = start_console(&r, &names, &metrics, &mut handle)?;
         let edges = Edges::new(&r.cfg, &names, &metrics);
         let publish_ep = r.publish.take();
-        let simulator = r.simulator.take();
-        let mut wiring = Wiring { r: &r, simulator, metrics, handle, errors: Vec::new() };
-        wiring.start(stages, edges, session, console, publish_ep, events_tx)?;
+        let source = r.source_opener();
+        let mut wiring = Wiring { r: &r, metrics, handle, errors: Vec::new() };
+        wiring.start(stages, edges, session, console, publish_ep, source)?;
         let Wiring { handle, errors, .. } = wiring;
         if errors.is_empty() {
             Ok(handle)
@@ -219,18 +150,28 @@ impl Pipeline {
     }
 }
 
-/// The console's page or report, started; `None` when the configuration asks for neither.
+/// The console's page or report, started, its first event naming the path's latency keys;
+/// `None` when the configuration asks for neither.
 fn start_console(
     r: &Resolved,
+    names: &[&str],
     metrics: &Arc<Metrics>,
     handle: &mut PipelineHandle,
 ) -> Result<Option<ConsoleFeed>, Errors> {
-    let Some(mut setup) =
-        console_setup(&r.cfg, handle.session_dir.as_deref(), r.gallery.clone()).map_err(one)?
-    else {
+    let cfg = &r.cfg.console;
+    let report = cfg.report_path(handle.session_dir.as_deref());
+    if cfg.listen.is_none() && report.is_none() {
         return Ok(None);
+    }
+    let mut hello = r.console_hello();
+    hello.insert("stages".into(), names.iter().map(|n| serde_json::Value::from(*n)).collect());
+    let setup = ConsoleSetup {
+        listen: cfg.listen.clone(),
+        hello,
+        gallery: r.gallery.clone(),
+        report,
+        token: r.web_token.clone(),
     };
-    setup.token = r.web_token.clone();
     let (feed, thread) = crate::console::start(setup, metrics.clone()).map_err(one)?;
     handle.threads.push(thread);
     Ok(Some(feed))
@@ -239,8 +180,6 @@ fn start_console(
 /// Starting the threads: what they share, and the errors of those that could not start.
 struct Wiring<'a> {
     r: &'a Resolved,
-    /// The simulated run the ingest thread plays (`sim://`).
-    simulator: Option<Simulator>,
     metrics: Arc<Metrics>,
     handle: PipelineHandle,
     errors: Errors,
@@ -265,15 +204,15 @@ impl Wiring<'_> {
     }
 
     /// Sinks first (so that subscribers can connect before any volume flows), then the stage
-    /// threads, the recorder, the marker reader and ingest last.
+    /// threads with their workers, the recorder, the marker reader and ingest last.
     fn start(
         &mut self,
-        stages: Stages,
+        stages: Vec<Box<dyn Stage>>,
         edges: Edges,
         session: Option<Session>,
         console: Option<ConsoleFeed>,
         publish_ep: Option<Endpoint>,
-        events_tx: crossbeam_channel::Sender<Event>,
+        source: OpenSource,
     ) -> Result<(), Errors> {
         // The Prometheus endpoint and the results server serve until publish has sent its
         // last status.
@@ -287,64 +226,34 @@ impl Wiring<'_> {
             Some(s) => (Some(s.writer), Some(s.log)),
             None => (None, None),
         };
-        // Edge k runs from stage k to stage k + 1 of ingest, the path, decode, publish: ingest
-        // sends on the first, publish reads the last, stage k of the path reads k, sends k + 1.
+        // Edge k runs from stage k to stage k + 1 of ingest, the path, publish: ingest sends on
+        // the first, publish reads the last, stage k of the path reads k, sends k + 1.
         let Edges { frames, record } = edges;
         let (txs, mut rxs): (Vec<EdgeTx<Frame>>, Vec<EdgeRx<Frame>>) = frames.into_iter().unzip();
         let mut txs = txs.into_iter();
         let (Some(ingest_tx), Some(publish_rx)) = (txs.next(), rxs.pop()) else {
             return Err(one("the volume path has no edges"));
         };
-        // Decoded trials reach publish off the volume path, from the decode worker.
-        let (late_tx, late_rx) = crossbeam_channel::bounded::<Frame>(LATE_QUEUE);
-        let waker = publish_rx.waker();
-        let curve = self.r.publish_curve.clone();
-        let sink = PublishSink { endpoint: publish_ep, curve, log, console, results };
+        // The workers' frames reach publish off the volume path.
+        let (results_tx, results_rx) = crossbeam_channel::bounded::<Frame>(RESULTS_QUEUE);
+        let worker_out = Results { tx: results_tx, waker: publish_rx.waker() };
+        let sink = PublishSink { endpoint: publish_ep, log, console, results };
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<String, String>>(1);
-        self.start_publish(sink, publish_rx, late_rx, published_all, recorded_all, ready_tx.clone());
+        self.start_publish(sink, publish_rx, results_rx, published_all, recorded_all, ready_tx.clone());
         self.await_ready(&ready_rx, "publish");
 
-        let decode_stage: Box<dyn Stage> = match stages.decoding {
-            Some((adapter, pool)) => {
-                // Never blocks the volume path: when the worker is this far behind, the newest
-                // trial's decode is dropped and counted (the edge's `dropped`).
-                let (worker_tx, worker_rx) = edge::<Frame>(
-                    "decode hand-off",
-                    LATE_QUEUE,
-                    self.r.cfg.pipeline.queue_bytes,
-                    WhenFull::DropNewest,
-                );
-                self.metrics.add_edge(worker_tx.stats());
-                // MindEye2's pictures: made one at a time beside the decodes, in a pool of their own.
-                let pictures = match adapter.stage.picture_network() {
-                    Some(net) => {
-                        let queue = PictureQueue::new();
-                        let picture_rx = queue.rx.clone();
-                        let (late, waker, m) = (late_tx.clone(), waker.clone(), self.metrics.clone());
-                        let (device, budget_ms) = (adapter.stage.device().to_string(), adapter.budget_ms);
-                        let pool = decode_pool("mirage/picture", self.r.cfg.decode.threads)?;
-                        let work =
-                            move || picture_worker(net, device, budget_ms, picture_rx, late, waker, &m);
-                        let thread = spawn("picture", move || pool.install(work)).map_err(|e| vec![e])?;
-                        self.handle.threads.push(thread);
-                        Some(queue)
-                    }
-                    None => None,
-                };
-                let m = self.metrics.clone();
-                let boundary = Boundary::after_stage(stages.path.len());
-                let work =
-                    move || decode_worker(adapter, boundary, worker_rx, (late_tx, pictures), waker, &m);
-                let thread = spawn("decoder", move || pool.install(work)).map_err(|e| vec![e])?;
-                self.handle.threads.push(thread);
-                Box::new(DecodeDispatch { worker: worker_tx })
-            }
-            None => Box::new(Identity("decode")),
-        };
-        let mut path = stages.path;
-        path.push((decode_stage, None));
-        for (i, ((stage, events), (rx, tx))) in path.into_iter().zip(rxs.into_iter().zip(txs)).enumerate() {
+        for (i, (mut stage, (rx, tx))) in stages.into_iter().zip(rxs.into_iter().zip(txs)).enumerate() {
             let (m, boundary) = (self.metrics.clone(), Boundary::after_stage(i));
+            let hand_off = match stage.off_path() {
+                Some(off) => match self.start_worker(stage.name(), off, boundary, &worker_out) {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        self.errors.extend(e);
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let priority = self.r.cfg.pipeline.realtime_priority;
             let stage_pool = match stage.threads() {
                 1 => Ok(None),
@@ -362,10 +271,12 @@ impl Wiring<'_> {
                 }
             };
             self.spawn_volume_path(stage.name(), move || match stage_pool {
-                Some(pool) => pool.install(|| stage_loop(stage, rx, tx, boundary, events, &m)),
-                None => stage_loop(stage, rx, tx, boundary, events, &m),
+                Some(pool) => pool.install(|| stage_loop(stage, rx, tx, boundary, hand_off, &m)),
+                None => stage_loop(stage, rx, tx, boundary, hand_off, &m),
             });
         }
+        // Publish reads the workers' frames until the last worker's copy of this is gone.
+        drop(worker_out);
 
         let (record_tx, record_rx) = record;
         let recording = writer.is_some();
@@ -377,16 +288,42 @@ impl Wiring<'_> {
                 record_loop(writer, record_rx, flush_every_volume, &m);
             });
         }
-        if let Some(markers) = self.r.cfg.glm.markers.as_deref().and_then(|m| m.strip_prefix("lsl://")) {
-            let (name, tx) = (markers.to_string(), events_tx.clone());
+        let (markers_tx, markers_rx) = crossbeam_channel::bounded::<Event>(MARKER_QUEUE);
+        if let Some(name) = self.r.marker_stream() {
             let (s, m) = (self.handle.stop.clone(), self.metrics.clone());
-            self.spawn("markers", move || crate::ingest::markers::marker_loop(&name, &tx, &s, &m));
+            self.spawn("markers", move || crate::ingest::markers::marker_loop(&name, &markers_tx, &s, &m));
         }
-        self.start_ingest(ingest_tx, recording.then_some(record_tx), events_tx, ready_tx);
+        self.start_ingest(source, ingest_tx, recording.then_some(record_tx), markers_rx, ready_tx);
         if let Some(desc) = self.await_ready(&ready_rx, "ingest") {
             self.handle.source = desc;
         }
         Ok(())
+    }
+
+    /// Starts the worker `owner` sends work off the path to (and, first, the workers it sends
+    /// work to in turn), in a pool below the volume path's priority; its hand-off, registered
+    /// with the metrics as `OWNER hand-off`.
+    fn start_worker(
+        &mut self,
+        owner: &'static str,
+        off: OffPath,
+        boundary: Boundary,
+        out: &Results,
+    ) -> Result<HandOff, Errors> {
+        let OffPath { mut worker, threads, capacity, when_full, dropped } = off;
+        let name = worker.name();
+        let (tx, rx) = handoff::<Frame>(format!("{owner} hand-off"), capacity, when_full);
+        self.metrics.add_edge(tx.stats());
+        let next = match worker.off_path() {
+            Some(o) => Some(self.start_worker(name, o, boundary, out)?),
+            None => None,
+        };
+        let pool = pool(&format!("mirage/{name}"), threads, || lower_priority(WORKER_NICE))?;
+        let (m, out) = (self.metrics.clone(), out.clone());
+        let work = move || stage_loop(worker, rx, out, boundary, next, &m);
+        let thread = spawn(name, move || pool.install(work)).map_err(one)?;
+        self.handle.threads.push(thread);
+        Ok(HandOff { tx, dropped, worker: name })
     }
 
     /// The thread that started last says whether its setup worked; its error is kept.
@@ -440,21 +377,14 @@ impl Wiring<'_> {
         &mut self,
         sink: PublishSink,
         rx: EdgeRx<Frame>,
-        late_rx: crossbeam_channel::Receiver<Frame>,
+        results_rx: crossbeam_channel::Receiver<Frame>,
         published_all: Arc<AtomicBool>,
         recorded_all: Arc<AtomicBool>,
         ready: crossbeam_channel::Sender<Result<String, String>>,
     ) {
         let cfg = &self.r.cfg;
-        let feedback = cfg.publish.lsl_feedback.clone().map(|name| crate::publish::FeedbackOutlet {
-            name,
-            rois: if cfg.glm.enabled {
-                cfg.glm.rois.iter().map(|r| r.name.clone()).collect()
-            } else {
-                Vec::new()
-            },
-            tr: self.r.known_tr(),
-        });
+        let feedback: Option<FeedbackOutlet> = self.r.feedback_outlet();
+        let curve = self.r.publish_curve.clone();
         let lsl_wait_s = cfg.publish.lsl_wait_s;
         let (hwm, interval) = (cfg.publish.send_hwm, cfg.publish.status_interval_s);
         let m = self.metrics.clone();
@@ -462,7 +392,7 @@ impl Wiring<'_> {
         let published_all = SetOnDrop(published_all);
         self.spawn_volume_path("publish", move || {
             let _done = published_all;
-            let PublishSink { endpoint, curve, log, console, results } = sink;
+            let PublishSink { endpoint, log, console, results } = sink;
             let publisher =
                 match Publisher::new(endpoint.as_ref(), curve.as_ref(), hwm, feedback.as_ref(), log) {
                     Ok(p) => p,
@@ -489,7 +419,7 @@ impl Wiring<'_> {
                 None => publisher,
             };
             let _ = ready.send(Ok(String::new()));
-            publish_loop(publisher, rx, Some(late_rx), &m, interval, &recorded_all);
+            publish_loop(publisher, rx, results_rx, &m, interval, &recorded_all);
         });
     }
 
@@ -497,32 +427,21 @@ impl Wiring<'_> {
     /// while the rest drains.
     fn start_ingest(
         &mut self,
+        open: OpenSource,
         out: EdgeTx<Frame>,
         record: Option<EdgeTx<RecordItem>>,
-        events: crossbeam_channel::Sender<Event>,
+        markers: crossbeam_channel::Receiver<Event>,
         ready: crossbeam_channel::Sender<Result<String, String>>,
     ) {
-        let cfg = &self.r.cfg;
-        let limits = SourceLimits { max_voxels: cfg.ingest.max_voxels };
-        let run = crate::volume::sanitize_run_id(&cfg.ingest.run);
         // The URI's `?tr=` wins over `ingest.tr`, which wins over the sender's headers.
         let n_stages = self.metrics.stage_names().len() - 2;
+        let cfg = &self.r.cfg;
         let plan = IngestPlan { stop_after: cfg.ingest.stop_after, tr: self.r.configured_tr(), n_stages };
-        let (uri, m, s) = (self.r.uri.clone(), self.metrics.clone(), self.handle.stop.clone());
-        let policy =
-            crate::ingest::zap::Policy { allow: self.r.allow.clone(), curve: self.r.ingest_curve.clone() };
-        // The simulated run resolved once is the one played.
-        let simulator = self.simulator.take();
-        let open = move || match (simulator, &uri) {
-            (Some(sim), IngestUri::Sim { playback, .. }) => {
-                Ok(Box::new(SimSource::with_simulator(sim, *playback)) as Box<dyn crate::ingest::Source>)
-            }
-            _ => open_source(&uri, limits, &run, &policy),
-        };
+        let (m, s) = (self.metrics.clone(), self.handle.stop.clone());
         self.spawn_volume_path("ingest", move || match open() {
             Ok(source) => {
                 let _ = ready.send(Ok(source.describe()));
-                let (source, last_tr) = ingest_loop(source, out, record, &events, &m, &s, plan);
+                let (source, last_tr) = ingest_loop(source, out, record, &markers, &m, &s, plan);
                 // Ingest is over: helpers such as the marker reader stop too.
                 s.store(true, Ordering::Release);
                 answer_stop_while_draining(source, last_tr, &m);
@@ -537,14 +456,13 @@ impl Wiring<'_> {
 /// What the publish thread writes to besides its edge.
 struct PublishSink {
     endpoint: Option<Endpoint>,
-    curve: Option<crate::curve::Curve>,
     log: Option<MessageLog>,
     console: Option<ConsoleFeed>,
     results: Option<Arc<ResultsBoard>>,
 }
 
 /// A pool of `threads` threads named `PREFIXi`, each calling `on_start` first (to set its
-/// priority): the decode and picture workers', and those of a stage asking for `Stage::threads`.
+/// priority): the workers', and those of a stage asking for `Stage::threads`.
 fn pool(
     prefix: &str,
     threads: usize,
@@ -557,54 +475,6 @@ fn pool(
         .start_handler(move |_| on_start())
         .build()
         .map_err(|e| one(format!("{prefix} threads: {e}")))
-}
-
-/// A pool of decode threads, below the volume path's priority.
-fn decode_pool(prefix: &str, threads: usize) -> Result<rayon::ThreadPool, Errors> {
-    pool(prefix, threads, || lower_priority(DECODE_NICE))
-}
-
-/// Calibration mode's state, when `decode.mode = "calibrate"`: the protocol checked against
-/// the model and gallery, and where the head will be saved.
-fn live_calibration(r: &Resolved, stage: &DecodeStage) -> Result<Option<LiveCalibration>, String> {
-    if r.cfg.decode.mode != crate::decode::Mode::Calibrate {
-        return Ok(None);
-    }
-    let protocol = r.protocol.clone().ok_or("calibration mode needs calibrate.protocol")?;
-    let out = r.alignment_out().ok_or("calibration mode needs decode.model")?;
-    let decoder =
-        stage.decoder().ok_or("calibration mode fits MIRAGE heads' alignment, not a mindeye2 model's")?;
-    LiveCalibration::new(protocol, r.cfg.calibrate.clone(), out, decoder, stage.gallery())
-        .map(Some)
-        .map_err(|e| e.to_string())
-}
-
-/// The console's setup: a page when `console.listen` is set, a report when recording with
-/// `console.report`; `None` when neither.
-fn console_setup(
-    cfg: &Config,
-    session_dir: Option<&Path>,
-    gallery: Option<Arc<Gallery>>,
-) -> Result<Option<ConsoleSetup>, String> {
-    let report = cfg.console.report_path(session_dir);
-    if cfg.console.listen.is_none() && report.is_none() {
-        return Ok(None);
-    }
-    let mode = match cfg.decode.mode {
-        crate::decode::Mode::Calibrate => "calibrate",
-        crate::decode::Mode::Decode => "decode",
-    };
-    let mut hello = serde_json::Map::new();
-    hello.insert("version".into(), env!("CARGO_PKG_VERSION").into());
-    hello.insert("source".into(), cfg.ingest.uri.clone().into());
-    hello.insert("mode".into(), mode.into());
-    hello.insert("decoding".into(), cfg.decode.model.is_some().into());
-    hello.insert("fd_threshold_mm".into(), cfg.motion.fd_threshold_mm.into());
-    hello.insert("latency_budget_ms".into(), cfg.decode.latency_budget_ms.into());
-    let rois: Vec<serde_json::Value> = cfg.glm.rois.iter().map(|r| r.name.clone().into()).collect();
-    hello.insert("rois".into(), rois.into());
-    hello.insert("report".into(), false.into());
-    Ok(Some(ConsoleSetup { listen: cfg.console.listen.clone(), hello, gallery, report, token: None }))
 }
 
 #[cfg(test)]
@@ -620,18 +490,29 @@ mod tests {
         let snap = handle.wait();
         let edges: Vec<(&str, WhenFull, u64)> =
             snap.queues.iter().map(|q| (q.name.as_str(), q.policy, q.pushed)).collect();
-        assert_eq!(
-            edges,
-            [
-                ("ingest->motion", WhenFull::Block, 6),
-                ("motion->glm", WhenFull::Block, 6),
-                ("glm->decode", WhenFull::Block, 6),
-                ("decode->publish", WhenFull::DropNewest, 6),
-                // Not recording: the edge exists, nothing is pushed to it.
-                ("ingest->record", WhenFull::Block, 0),
-            ],
+        // One edge into each stage of the path from the one before: lossless up to the last
+        // stage, the edge into publish by its policy; then the recorder's.
+        let last = snap.stages.len() - 2;
+        let mut want: Vec<(String, WhenFull, u64)> = snap
+            .stages
+            .windows(2)
+            .enumerate()
+            .map(|(k, w)| {
+                let policy = if k == last { WhenFull::DropNewest } else { WhenFull::Block };
+                (format!("{}->{}", w[0], w[1]), policy, 6)
+            })
+            .collect();
+        // Not recording: the edge exists, nothing is pushed to it.
+        want.push(("ingest->record".into(), WhenFull::Block, 0));
+        let want: Vec<(&str, WhenFull, u64)> = want.iter().map(|(n, p, k)| (n.as_str(), *p, *k)).collect();
+        assert_eq!(edges, want, "{:?}", snap.queues);
+        // The stages the architecture names, in its order, between ingest and publish.
+        let at = |name: &str| snap.stages.iter().position(|s| s == name);
+        assert!(at("ingest") == Some(0) && at("publish") == Some(snap.stages.len() - 1), "{:?}", snap.stages);
+        assert!(
+            at("motion") < at("glm") && at("glm") < at("decode") && at("motion").is_some(),
             "{:?}",
-            snap.queues
+            snap.stages
         );
         assert_eq!(snap.received, 6);
     }
@@ -663,24 +544,22 @@ mod tests {
     #[test]
     fn a_stage_added_to_the_topology_gets_its_thread_edges_stamps_and_place() {
         let cfg = super::super::quiet::sim_config(6);
-        let mut r = Resolved::new(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
         let seen: Arc<[std::sync::atomic::AtomicU64; 3]> = Arc::default();
         // Between motion and the GLM: one line, as in the topology.
-        r.stages.insert(1, Box::new(Probe { seen: seen.clone() }));
-        let snap = Pipeline::start(r).unwrap_or_else(|e| panic!("{e:?}")).wait();
-        let edges: Vec<(&str, u64)> = snap.queues.iter().map(|q| (q.name.as_str(), q.pushed)).collect();
-        assert_eq!(
-            edges,
-            [
-                ("ingest->motion", 6),
-                ("motion->probe", 6),
-                ("probe->glm", 6),
-                ("glm->decode", 6),
-                ("decode->publish", 6),
-                ("ingest->record", 0)
-            ]
-        );
-        assert_eq!(snap.stages, ["ingest", "motion", "probe", "glm", "decode", "publish"]);
+        let mut topology = Topology::standard();
+        let probe = seen.clone();
+        topology
+            .0
+            .insert(1, Box::new(move |_| Ok(Box::new(Probe { seen: probe.clone() }) as Box<dyn Stage>)));
+        let snap = Pipeline::build_with(&cfg, &topology).unwrap_or_else(|e| panic!("{e:?}")).wait();
+        // Its place: right after motion, before the GLM, with an edge in and out like any stage.
+        let at = |name: &str| snap.stages.iter().position(|s| s == name);
+        let (motion, probe, glm) = (at("motion"), at("probe"), at("glm"));
+        assert!(motion.is_some() && probe == motion.map(|m| m + 1) && probe < glm, "{:?}", snap.stages);
+        let pushed = |edge: String| snap.queues.iter().find(|q| q.name == edge).map(|q| q.pushed);
+        let next = &snap.stages[probe.unwrap_or_default() + 1];
+        assert_eq!(pushed("motion->probe".into()), Some(6), "{:?}", snap.queues);
+        assert_eq!(pushed(format!("probe->{next}")), Some(6), "{:?}", snap.queues);
         assert_eq!(snap.stage_latency_ms["probe"].count, 6, "{:?}", snap.stage_latency_ms);
         let [all, motion, glm] = seen.each_ref().map(|a| a.load(Ordering::Relaxed));
         // Every frame, after motion realigned it and before the GLM saw it.
@@ -738,7 +617,7 @@ mod tests {
 
     #[test]
     fn every_counter_is_named_once_explained_and_exported_before_it_happens() {
-        let all = counted_reasons();
+        let all = super::super::resolve::counted_reasons();
         let mut names: Vec<&str> = all.iter().map(|r| r.name).collect();
         names.sort_unstable();
         names.dedup();
@@ -787,7 +666,7 @@ mod tests {
             })
             .reason(),
             I::Sim(crate::sim::SimError::Config(s())).reason(),
-            I::Marker(crate::glm::events::EventError::Marker { marker: s(), reason: s() }).reason(),
+            I::Marker(crate::event::EventError::Marker { marker: s(), reason: s() }).reason(),
             M::Shape(s()).reason(),
             M::Degenerate(s()).reason(),
             M::ReferenceFile { path: "x".into(), reason: s() }.reason(),
@@ -801,7 +680,10 @@ mod tests {
             D::Train(s()).reason(),
         ]);
         for r in reasons {
-            assert!(counted_reasons().contains(&r), "{r:?} is counted but not registered");
+            assert!(
+                super::super::resolve::counted_reasons().contains(&r),
+                "{r:?} is counted but not registered"
+            );
         }
     }
 }

@@ -1,22 +1,124 @@
-//! The configuration resolved: every input it names loaded and checked once, with every error
-//! collected, before any thread, socket or session file of the run exists. The runner builds
-//! every stage and sink from a [`Resolved`], never from the raw [`Config`] paths.
+//! The configuration resolved, and the topology: every input the configuration names loaded
+//! and checked once, with every error collected, before any thread, socket or session file of
+//! the run exists, and the volume path's stages built in order, each by its own folder. This
+//! file is the one place the runner's side knows which stages there are: [`Topology::standard`]
+//! lists them, one line each, and everything else (latency keys, status, the console, the
+//! bench) follows from the stages it builds.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use serde_json::{Map, Value};
+
 use crate::access::Token;
+use crate::calibrate::live::CalibratingDecoder;
 use crate::calibrate::protocol::Protocol;
 use crate::clock;
 use crate::config::Config;
 use crate::curve::Curve;
 use crate::decode::gallery::Gallery;
+use crate::decode::stage::DecodeWorker;
 use crate::decode::DecodeStage;
 use crate::ingest::allow::Allowlist;
+use crate::ingest::sim::SimSource;
 use crate::ingest::uri::parse_publish_uri;
-use crate::ingest::{Endpoint, IngestUri};
+use crate::ingest::{open_source, Endpoint, IngestError, IngestUri, Source, SourceLimits};
+use crate::publish::FeedbackOutlet;
+use crate::reason::Reason;
 use crate::sim::Simulator;
-use crate::stage::Stage;
+use crate::stage::{Identity, Stage};
+
+/// What a stage's build may use besides the configuration: the inputs loaded once.
+pub struct Inputs<'a> {
+    /// The configuration, validated.
+    pub cfg: &'a Config,
+    /// The simulated run of `sim://` ingest (its anatomy's ROI is `"sim"` masks and ROIs).
+    pub simulator: Option<&'a Simulator>,
+    /// The gallery, loaded once.
+    pub gallery: Option<&'a Arc<Gallery>>,
+    /// The calibration protocol, when one is configured.
+    pub protocol: Option<&'a Protocol>,
+    /// The session folder, when recording.
+    pub session_dir: Option<&'a std::path::Path>,
+}
+
+/// Builds one stage of the volume path.
+pub type StageBuild = Box<dyn Fn(&Inputs<'_>) -> Result<Box<dyn Stage>, String>>;
+
+/// The volume path between ingest and publish: its stages' builds, in order.
+pub struct Topology(pub Vec<StageBuild>);
+
+impl Topology {
+    /// The path mirage runs. Adding a stage is one line here (and its folder).
+    pub fn standard() -> Topology {
+        Topology(vec![
+            Box::new(|i| crate::motion::stage::build(&i.cfg.motion).map_err(|e| e.to_string())),
+            Box::new(|i| crate::glm::stage::build(&i.cfg.glm, sim_roi(i.simulator))),
+            Box::new(decode_stage),
+        ])
+    }
+}
+
+/// The simulated brain's grid and visual ROI, for `"sim"` masks and ROIs.
+fn sim_roi(sim: Option<&Simulator>) -> Option<crate::glm::stage::SimRoi<'_>> {
+    sim.map(|s| (s.dims(), s.anatomy().roi.as_slice()))
+}
+
+/// The decode stage: the model loaded, its decoder off the path (in calibration mode, the one
+/// that fits the alignment as it goes); a pass-through without a model.
+fn decode_stage(i: &Inputs<'_>) -> Result<Box<dyn Stage>, String> {
+    let cfg = i.cfg;
+    if cfg.decode.model.is_none() {
+        return Ok(Box::new(Identity("decode")));
+    }
+    let stage = DecodeStage::new(&cfg.decode, i.gallery.cloned()).map_err(|e| e.to_string())?;
+    let decoder = DecodeWorker::new(stage, &cfg.decode);
+    let worker: Box<dyn Stage> = match cfg.decode.mode {
+        crate::decode::Mode::Decode => Box::new(decoder),
+        crate::decode::Mode::Calibrate => {
+            let protocol = i.protocol.cloned().ok_or("calibration mode needs calibrate.protocol")?;
+            let out = alignment_out(cfg, i.session_dir).ok_or("calibration mode needs decode.model")?;
+            Box::new(CalibratingDecoder::new(decoder, protocol, cfg.calibrate.clone(), out)?)
+        }
+    };
+    Ok(crate::decode::stage::dispatch(worker, cfg.decode.threads))
+}
+
+/// Where calibration mode saves the fitted alignment: `calibrate.out`, else the session
+/// folder, else beside the model.
+fn alignment_out(cfg: &Config, session_dir: Option<&std::path::Path>) -> Option<PathBuf> {
+    match (&cfg.calibrate.out, session_dir, &cfg.decode.model) {
+        (Some(out), _, _) => Some(out.clone()),
+        (None, Some(dir), _) => Some(dir.join("alignment.safetensors")),
+        (None, None, Some(model)) => {
+            Some(model.join(format!("alignment-{}.safetensors", clock::utc_label(clock::unix_now()))))
+        }
+        (None, None, None) => None,
+    }
+}
+
+/// Every reason a run can count, registered up front: the runner's, the sources' and sinks',
+/// and the stages' typed errors and tallies.
+pub fn counted_reasons() -> Vec<Reason> {
+    [
+        super::REASONS,
+        crate::ingest::markers::REASONS,
+        crate::console::REASONS,
+        crate::ingest::wire::REASONS,
+        crate::ingest::REASONS,
+        &[crate::event::EVENTS_DROPPED],
+        crate::publish::REASONS,
+        crate::publish::results::REASONS,
+        crate::motion::REASONS,
+        crate::glm::REASONS,
+        crate::decode::REASONS,
+        &[crate::calibrate::live::CALIBRATION_FAILED],
+    ]
+    .concat()
+}
+
+/// Opens the run's source on the ingest thread (LSL handles are not `Send`).
+pub type OpenSource = Box<dyn FnOnce() -> Result<Box<dyn Source>, IngestError> + Send>;
 
 /// A run's configuration with its inputs loaded: what the runner builds from.
 pub struct Resolved {
@@ -39,25 +141,30 @@ pub struct Resolved {
     /// The simulated run of `sim://` ingest, made once: the source plays it, and `"sim"` masks
     /// and ROIs are its anatomy's.
     pub simulator: Option<Simulator>,
-    /// The volume path between ingest and the decode hand-off, in order, each stage built by
-    /// its own folder (a stage switched off is a pass-through that keeps its place).
+    /// The volume path between ingest and publish, in order, each stage built by its own
+    /// folder (a stage switched off is a pass-through that keeps its place).
     pub stages: Vec<Box<dyn Stage>>,
     /// The gallery, loaded once: the decode stage ranks against it, the console scores on it.
     pub gallery: Option<Arc<Gallery>>,
-    /// The decode stage (model, alignment and gallery loaded), when a model is configured.
-    pub decode: Option<DecodeStage>,
-    /// The calibration protocol, when one is configured.
-    pub protocol: Option<Protocol>,
 }
 
 impl Resolved {
-    /// Validates `cfg`, then loads every input it names; returns every error found, not just
-    /// the first (validation errors alone when there are any: loading would repeat them).
+    /// Validates `cfg`, then loads every input it names and builds the standard topology;
+    /// returns every error found, not just the first (validation errors alone when there are
+    /// any: loading would repeat them).
     pub fn new(cfg: &Config) -> Result<Resolved, Vec<String>> {
+        Resolved::with_topology(cfg, &Topology::standard())
+    }
+
+    /// As [`Resolved::new`], with the volume path `topology` builds.
+    pub fn with_topology(cfg: &Config, topology: &Topology) -> Result<Resolved, Vec<String>> {
         let errors = cfg.validate();
         if !errors.is_empty() {
             return Err(errors);
         }
+        // Before any thread of ours starts and before a model loads: candle sizes its pool from
+        // the environment once.
+        crate::decode::limit_candle_threads(cfg.decode.threads);
         let mut errors = Vec::new();
         let uri = keep(&mut errors, cfg.ingest_uri().map_err(|e| e.to_string()));
         let allow = keep(&mut errors, Allowlist::parse(&cfg.ingest.allow)).unwrap_or_default();
@@ -79,23 +186,11 @@ impl Resolved {
             }
             _ => None,
         };
-        let sim_roi = simulator.as_ref().map(|s| (s.dims(), s.anatomy().roi.as_slice()));
-        // The topology: adding a stage to the volume path is one line here.
-        let stages: Vec<Option<Box<dyn Stage>>> = vec![
-            keep(&mut errors, crate::motion::stage::build(&cfg.motion).map_err(|e| e.to_string())),
-            keep(&mut errors, crate::glm::stage::build(&cfg.glm, sim_roi)),
-        ];
         let gallery = match &cfg.decode.gallery {
             Some(dir) if cfg.decode.model.is_some() => {
                 keep(&mut errors, Gallery::load(dir).map(Arc::new).map_err(|e| e.to_string()))
             }
             _ => None,
-        };
-        let decode = match &cfg.decode.model {
-            Some(_) => {
-                keep(&mut errors, DecodeStage::new(&cfg.decode, gallery.clone()).map_err(|e| e.to_string()))
-            }
-            None => None,
         };
         let protocol = match &cfg.calibrate.protocol {
             Some(path) => {
@@ -103,17 +198,26 @@ impl Resolved {
             }
             None => None,
         };
+        let session_dir = cfg
+            .record
+            .dir
+            .as_ref()
+            .map(|d| PathBuf::from(d.replace("{time}", &clock::utc_label(clock::unix_now()))));
+        let inputs = Inputs {
+            cfg,
+            simulator: simulator.as_ref(),
+            gallery: gallery.as_ref(),
+            protocol: protocol.as_ref(),
+            session_dir: session_dir.as_deref(),
+        };
+        let stages: Vec<Option<Box<dyn Stage>>> =
+            topology.0.iter().map(|build| keep(&mut errors, build(&inputs))).collect();
         let (Some(uri), Some(stages)) = (uri, stages.into_iter().collect::<Option<Vec<_>>>()) else {
             return Err(errors);
         };
         if !errors.is_empty() {
             return Err(errors);
         }
-        let session_dir = cfg
-            .record
-            .dir
-            .as_ref()
-            .map(|d| PathBuf::from(d.replace("{time}", &clock::utc_label(clock::unix_now()))));
         Ok(Resolved {
             cfg: cfg.clone(),
             uri,
@@ -126,8 +230,6 @@ impl Resolved {
             simulator,
             stages,
             gallery,
-            decode,
-            protocol,
         })
     }
 
@@ -146,18 +248,59 @@ impl Resolved {
         self.configured_tr().or(sim)
     }
 
-    /// Where calibration mode saves the fitted alignment: `calibrate.out`, else the session
-    /// folder, else beside the model.
-    pub fn alignment_out(&self) -> Option<PathBuf> {
+    /// What opens the source on the ingest thread: the simulated run resolved once (taken out),
+    /// or the transport the URI names, letting in only the senders `ingest.allow` and
+    /// `ingest.curve` name.
+    pub fn source_opener(&mut self) -> OpenSource {
         let cfg = &self.cfg;
-        match (&cfg.calibrate.out, &self.session_dir, &cfg.decode.model) {
-            (Some(out), _, _) => Some(out.clone()),
-            (None, Some(dir), _) => Some(dir.join("alignment.safetensors")),
-            (None, None, Some(model)) => {
-                Some(model.join(format!("alignment-{}.safetensors", clock::utc_label(clock::unix_now()))))
+        let limits = SourceLimits { max_voxels: cfg.ingest.max_voxels };
+        let run = crate::volume::sanitize_run_id(&cfg.ingest.run);
+        let policy =
+            crate::ingest::zap::Policy { allow: self.allow.clone(), curve: self.ingest_curve.clone() };
+        let (uri, simulator) = (self.uri.clone(), self.simulator.take());
+        Box::new(move || match (simulator, &uri) {
+            (Some(sim), IngestUri::Sim { playback, .. }) => {
+                Ok(Box::new(SimSource::with_simulator(sim, *playback)) as Box<dyn Source>)
             }
-            (None, None, None) => None,
-        }
+            _ => open_source(&uri, limits, &run, &policy),
+        })
+    }
+
+    /// The LSL stream of trial markers to read beside the source (`glm.markers`).
+    pub fn marker_stream(&self) -> Option<String> {
+        self.cfg.glm.markers.as_deref().and_then(|m| m.strip_prefix("lsl://")).map(str::to_string)
+    }
+
+    /// The LSL feedback outlet `publish.lsl_feedback` names: a channel per ROI (`glm.rois`;
+    /// none with the GLM off).
+    pub fn feedback_outlet(&self) -> Option<FeedbackOutlet> {
+        let cfg = &self.cfg;
+        let rois = match cfg.glm.enabled {
+            true => cfg.glm.rois.iter().map(|r| r.name.clone()).collect(),
+            false => Vec::new(),
+        };
+        cfg.publish.lsl_feedback.clone().map(|name| FeedbackOutlet { name, rois, tr: self.known_tr() })
+    }
+
+    /// The fields of the console's first event that describe the run (its stages are the
+    /// runner's to add): source, mode, whether it decodes, thresholds and ROIs.
+    pub fn console_hello(&self) -> Map<String, Value> {
+        let cfg = &self.cfg;
+        let mode = match cfg.decode.mode {
+            crate::decode::Mode::Calibrate => "calibrate",
+            crate::decode::Mode::Decode => "decode",
+        };
+        let mut hello = Map::new();
+        hello.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+        hello.insert("source".into(), cfg.ingest.uri.clone().into());
+        hello.insert("mode".into(), mode.into());
+        hello.insert("decoding".into(), cfg.decode.model.is_some().into());
+        hello.insert("fd_threshold_mm".into(), cfg.motion.fd_threshold_mm.into());
+        hello.insert("latency_budget_ms".into(), cfg.decode.latency_budget_ms.into());
+        let rois: Vec<Value> = cfg.glm.rois.iter().map(|r| r.name.clone().into()).collect();
+        hello.insert("rois".into(), rois.into());
+        hello.insert("report".into(), false.into());
+        hello
     }
 }
 
@@ -195,10 +338,12 @@ mod tests {
         cfg.glm.mask = crate::glm::SIM_ROI.into();
         let r = Resolved::new(&cfg).unwrap_or_else(|e| panic!("{e:?}"));
         let sim = r.simulator.as_ref().expect("sim:// ingest makes its simulator once");
-        let names: Vec<&str> = r.stages.iter().map(|s| s.name()).collect();
-        assert_eq!(names, ["motion", "glm"]);
-        assert!(r.decode.is_none());
         assert_eq!(r.known_tr(), Some(sim.config().tr));
         assert!(r.session_dir.is_none());
+        let names: Vec<&str> = r.stages.iter().map(|s| s.name()).collect();
+        assert_eq!(names, ["motion", "glm", "decode"]);
+        // No model: decoding is a pass-through that keeps its place, with nothing off the path.
+        let mut stages = r.stages;
+        assert!(stages[2].off_path().is_none());
     }
 }

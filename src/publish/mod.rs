@@ -16,21 +16,87 @@ pub mod listener;
 pub mod prometheus;
 pub mod results;
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::settings::none_string;
+
+use std::sync::atomic::Ordering;
 
 use crate::clock;
 use crate::console::{ConsoleFeed, ConsoleInput};
-use crate::decode::Decoded;
+use crate::decode::{Decoded, Picture};
 use crate::frame::Frame;
-use crate::glm::{RoiValue, TrialBetas};
+use crate::glm::{GlmOutput, RoiValue, TrialBetas};
 use crate::ingest::Endpoint;
 use crate::io::session::MessageLog;
 use crate::message::{Message, Payload};
+use crate::metrics::Metrics;
 use crate::motion::MotionEstimate;
+use crate::reason::Reason;
 use crate::topic::{
-    BetasHeader, DecodeHeader, HeadShape, MotionHeader, RoiHeader, RoiReading, Topic, TrialHeader,
-    VolumeHeader,
+    BetasHeader, CalibrationHeader, DecodeHeader, HeadShape, MotionHeader, RoiHeader, RoiReading, Topic,
+    TrialHeader, VolumeHeader,
 };
+
+/// A message the publish socket could not send.
+pub const PUBLISH: Reason = Reason::new("publish", "messages the publish socket could not send");
+/// Counted when: a subscriber whose CURVE key is not in `publish.curve.clients` tried to connect.
+pub const SUBSCRIBER_REFUSED: Reason =
+    Reason::new("subscriber_refused", "PUB connections refused: CURVE key not in publish.curve.clients");
+/// What publishing counts (the results server's are [`results::REASONS`]).
+pub const REASONS: &[Reason] = &[PUBLISH, SUBSCRIBER_REFUSED];
+
+/// `[publish]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// ZMQ PUB address `tcp://HOST:PORT` (bound), or `"none"`. Use 127.0.0.1 unless
+    /// subscribers are on other machines; `tcp://*:PORT` exposes it on every interface.
+    #[serde(with = "none_string")]
+    pub uri: Option<String>,
+    /// Name of the LSL feedback outlet, or `"none"`.
+    #[serde(with = "none_string")]
+    pub lsl_feedback: Option<String>,
+    /// Seconds to wait at start for a consumer of the feedback outlet, so a client started
+    /// with the daemon misses no sample (0: do not wait).
+    pub lsl_wait_s: f64,
+    /// Seconds between `status` messages.
+    pub status_interval_s: f64,
+    /// Messages queued per subscriber before PUB drops for that subscriber.
+    pub send_hwm: i32,
+    /// Prometheus endpoint `IP:PORT` serving `GET /metrics`, or `"none"`.
+    #[serde(with = "none_string")]
+    pub metrics: Option<String>,
+    /// pyneal-style results server `IP:PORT` (a volume's 4-digit index in, one JSON line
+    /// out), or `"none"`.
+    #[serde(with = "none_string")]
+    pub results: Option<String>,
+    /// ZeroMQ CURVE on the PUB socket: encrypted, only the listed subscribers' keys let in.
+    pub curve: crate::curve::CurveConfig,
+}
+
+impl Default for PublishConfig {
+    fn default() -> PublishConfig {
+        PublishConfig {
+            uri: Some("tcp://127.0.0.1:5560".into()),
+            lsl_feedback: Some("mirage-feedback".into()),
+            lsl_wait_s: 0.0,
+            status_interval_s: 1.0,
+            send_hwm: 1000,
+            metrics: None,
+            results: None,
+            curve: Default::default(),
+        }
+    }
+}
+
+impl crate::settings::InputFiles for PublishConfig {
+    /// The CURVE certificates.
+    fn resolve_inputs(&mut self, base: &std::path::Path) {
+        self.curve.resolve_inputs(base);
+    }
+}
 
 /// Why publishing could not start or a message could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -325,9 +391,11 @@ impl Publisher {
         let topic = msg.topic;
         // The console scores decodes against the truth and shows pictures, so it takes their
         // payloads too.
-        let for_console = self.console.as_ref().filter(|_| topic != "volume").map(|feed| {
-            let payloads =
-                if matches!(topic, "decode" | "picture") { msg.payloads.clone() } else { Vec::new() };
+        let for_console = self.console.as_ref().filter(|_| topic != VolumeHeader::NAME).map(|feed| {
+            let payloads = match topic {
+                DecodeHeader::NAME | crate::topic::PictureHeader::NAME => msg.payloads.clone(),
+                _ => Vec::new(),
+            };
             (feed, payloads)
         });
         let (header, frames) = msg.into_frames();
@@ -339,7 +407,7 @@ impl Publisher {
         }
         // Payloads but a volume's (the recorded volumes reproduce it) go into the session log.
         let logged: Vec<Vec<u8>> = match &self.log {
-            Some(_) if topic != "volume" => frames[2..].to_vec(),
+            Some(_) if topic != VolumeHeader::NAME => frames[2..].to_vec(),
             _ => Vec::new(),
         };
         if let Some((s, _, _)) = &self.socket {
@@ -402,5 +470,71 @@ impl Publisher {
     /// Messages that could not be sent or logged so far.
     pub fn send_errors(&self) -> u64 {
         self.send_errors
+    }
+
+    /// Sends the results a frame carries, whatever its kind: the betas of the trials it closed,
+    /// calibration progress, decoded trials and pictures; keeps the counts of `m` they change.
+    pub fn publish_results(&mut self, frame: &Frame, m: &Metrics) {
+        for t in frame.outputs.get::<GlmOutput>().map(|g| g.trials.as_slice()).unwrap_or_default() {
+            self.send(betas_message(frame, t));
+        }
+        for h in frame.outputs.get::<Vec<CalibrationHeader>>().into_iter().flatten() {
+            self.send(h.message(Vec::new()));
+            if let Ok(mut c) = m.calibration.lock() {
+                *c = Some(calibration_progress(h));
+            }
+            if matches!(h.phase.as_str(), "failed" | "incomplete") {
+                tracing::error!("calibration: {}", h.error.as_deref().unwrap_or(&h.phase));
+            }
+        }
+        let decoded = frame.outputs.get::<Vec<Decoded>>().map(Vec::as_slice).unwrap_or_default();
+        for d in decoded {
+            self.send(decode_message(d));
+            m.decoded.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(closed) = decoded.first().and_then(|d| d.closed_time) {
+            m.record_trial_decode((clock::now() - closed) * 1e3);
+        }
+        for p in frame.outputs.get::<Vec<Picture>>().into_iter().flatten() {
+            self.send(picture_message(p));
+        }
+    }
+
+    /// Sends a volume's own messages: its `motion`, its `roi` feedback and the `volume` itself,
+    /// with the latency of each of `stages` (the path's latency keys).
+    pub fn publish_volume(&mut self, frame: &Frame, stages: &[&str]) {
+        if let Some(mo) = frame.outputs.get::<MotionEstimate>() {
+            self.send(motion_message(frame, mo));
+        }
+        let roi = roi_values(frame);
+        if !roi.is_empty() {
+            self.send(roi_message(frame, roi));
+        }
+        self.send(volume_message(frame, stages));
+    }
+
+    /// Pushes a volume's feedback sample, stamped with its acquisition time (or `now`).
+    pub fn push_feedback(&mut self, frame: &Frame, now: f64) {
+        let psc: Vec<f64> = roi_values(frame).iter().map(|r| r.psc.unwrap_or(f64::NAN)).collect();
+        let latency = frame.stamps.total_ms().unwrap_or(f64::NAN);
+        self.feedback(frame.volume.index, latency, &psc, frame.volume.acq_time.unwrap_or(now));
+    }
+}
+
+/// A frame's ROI feedback (none before the GLM or with it off).
+fn roi_values(frame: &Frame) -> &[RoiValue] {
+    frame.outputs.get::<GlmOutput>().map(|g| g.roi.as_slice()).unwrap_or_default()
+}
+
+/// Calibration's progress in a few words, for the status line (`collecting 5/12`,
+/// `fitting fold 2/6 40/200`, `done`).
+fn calibration_progress(h: &CalibrationHeader) -> String {
+    match (h.phase.as_str(), h.step) {
+        ("collecting", _) => format!("collecting {}/{}", h.collected, h.needed),
+        ("fitting", Some((step, steps))) => match &h.fit_stage {
+            Some(stage) => format!("fitting {stage} {step}/{steps}"),
+            None => format!("fitting {step}/{steps}"),
+        },
+        (phase, _) => phase.to_string(),
     }
 }

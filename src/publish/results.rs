@@ -25,6 +25,8 @@ pub const BAD_REQUEST: Reason =
 /// A results client outside `ingest.allow`.
 pub const REFUSED: Reason =
     Reason::new("results_refused", "results-server connections from outside ingest.allow, closed unanswered");
+/// What the results server counts.
+pub const REASONS: &[Reason] = &[BAD_REQUEST, REFUSED];
 
 /// Volumes kept for lookup; older ones of a longer run are forgotten.
 const MAX_VOLUMES: usize = 1 << 16;

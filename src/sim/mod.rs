@@ -139,6 +139,15 @@ pub struct SimConfig {
     pub max_voxels: usize,
 }
 
+impl crate::settings::InputFiles for SimConfig {
+    /// The anatomy template and the protocol.
+    fn resolve_inputs(&mut self, base: &std::path::Path) {
+        for p in [&mut self.anatomy, &mut self.protocol].into_iter().flatten() {
+            crate::settings::rebase(p, base);
+        }
+    }
+}
+
 impl Default for SimConfig {
     fn default() -> SimConfig {
         SimConfig {

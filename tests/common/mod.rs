@@ -48,7 +48,10 @@ pub fn free_port() -> u16 {
 /// The headers of the messages a session folder recorded under `topic`, in publish order;
 /// each header of a typed topic is checked to read back as its type (`mirage_rt::topic`).
 pub fn published(session: &Path, topic: &str) -> Vec<serde_json::Value> {
-    use mirage_rt::topic::{self, BetasHeader, DecodeHeader, MotionHeader, RoiHeader, VolumeHeader};
+    use mirage_rt::topic::{
+        self, BetasHeader, CalibrationHeader, DecodeHeader, MotionHeader, PictureHeader, RoiHeader,
+        StatusHeader, VolumeHeader,
+    };
     let headers: Vec<serde_json::Value> = std::fs::read_to_string(session.join("messages.jsonl"))
         .unwrap_or_else(|e| panic!("{}: {e}", session.display()))
         .lines()
@@ -63,11 +66,23 @@ pub fn published(session: &Path, topic: &str) -> Vec<serde_json::Value> {
             "roi" => topic::read::<RoiHeader>(topic, h).map(drop),
             "betas" => topic::read::<BetasHeader>(topic, h).map(drop),
             "decode" => topic::read::<DecodeHeader>(topic, h).map(drop),
+            "picture" => topic::read::<PictureHeader>(topic, h).map(drop),
+            "calibration" => topic::read::<CalibrationHeader>(topic, h).map(drop),
+            "status" => topic::read::<StatusHeader>(topic, h).map(drop),
             _ => Ok(()),
         };
         typed.unwrap_or_else(|e| panic!("{e}: {h}"));
     }
     headers
+}
+
+/// The page events a report embeds.
+pub fn report_events(report: &Path) -> Vec<serde_json::Value> {
+    let html = std::fs::read_to_string(report).unwrap();
+    let start =
+        html.find("window.MIRAGE_REPLAY = ").expect("replay script") + "window.MIRAGE_REPLAY = ".len();
+    let end = start + html[start..].find(";</script>").expect("end of the replay script");
+    serde_json::from_str(&html[start..end]).unwrap()
 }
 
 /// The headers a session folder recorded under `T`'s topic, read as `T`.

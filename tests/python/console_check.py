@@ -39,6 +39,7 @@ return {
   decode_cards: cards.length,
   recons_loaded: recons.filter((i) => i.complete && i.naturalWidth > 0).length,
   newest_trial: cards.length ? cards[0].getAttribute('data-trial') : null,
+  latency_rows: Array.from(document.querySelectorAll('#latency td[data-pct="p50"]')).map((c) => c.getAttribute('data-stage')),
   e2e_p50: e2e,
   e2e_p50_ok: e2e !== null && /^-?\d+(\.\d+)?$/.test(e2e) && isFinite(parseFloat(e2e)),
   mode: text('#mode'),

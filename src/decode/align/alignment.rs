@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::AlignError;
 use crate::decode::model::{read_f32_tensor, write_f32_safetensors, Decoder, HeadAdjust};
-use crate::glm::events::DEFAULT_CONDITION;
+use crate::event::DEFAULT_CONDITION;
 
 /// Format tag in every calibrated alignment's metadata.
 pub const FORMAT: &str = "mirage-alignment/2";

@@ -1,6 +1,7 @@
-//! Calibration mode in the runner: collect the protocol's imagery trials as they close, fit
-//! the alignment head on a thread of its own (decoding goes on meanwhile), save it, and switch
-//! the decode stage to it without a restart.
+//! Calibration mode, live: collect the protocol's imagery trials as they close, fit the
+//! alignment head on a thread of its own (decoding goes on meanwhile), save it, and switch the
+//! decoder to it without a restart. [`CalibratingDecoder`] is the decoder doing all that, the
+//! worker the decode stage hands its trials to in calibration mode.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,7 +15,16 @@ use crate::calibrate::{
 use crate::decode::align::Adapter;
 use crate::decode::gallery::Gallery;
 use crate::decode::model::Decoder;
-use crate::glm::TrialBetas;
+use crate::decode::stage::DecodeWorker;
+use crate::frame::{Frame, FrameKind, Tally};
+use crate::glm::{GlmOutput, TrialBetas};
+use crate::reason::Reason;
+use crate::stage::{OffPath, Stage, StageError};
+use crate::topic::CalibrationHeader;
+
+/// Calibration mode ended without a fitted alignment.
+pub const CALIBRATION_FAILED: Reason =
+    Reason::new("calibration_failed", "calibrations that failed or ended incomplete");
 
 type FitResult = Result<(Adapter, FitSummary), CalibrateError>;
 
@@ -223,5 +233,101 @@ impl LiveCalibration {
             _ => self.protocol.n_trials(),
         };
         CalibrationEvent { phase, collected, needed: self.protocol.n_trials(), ..Default::default() }
+    }
+}
+
+/// The decoder in calibration mode: decodes as [`DecodeWorker`] does, feeds each closed trial to
+/// the live calibration, reports its progress as `calibration` headers in the frame, and
+/// switches the decoder to the fitted alignment once it is saved.
+pub struct CalibratingDecoder {
+    decoder: DecodeWorker,
+    calibration: LiveCalibration,
+}
+
+impl CalibratingDecoder {
+    /// Calibration mode around `decoder`: `protocol` checked against its model and gallery, the
+    /// fitted head saved to `out`.
+    pub fn new(
+        decoder: DecodeWorker,
+        protocol: Protocol,
+        cfg: CalibrateConfig,
+        out: PathBuf,
+    ) -> Result<CalibratingDecoder, String> {
+        let heads = decoder
+            .stage
+            .decoder()
+            .ok_or("calibration mode fits MIRAGE heads' alignment, not a mindeye2 model's")?;
+        let calibration = LiveCalibration::new(protocol, cfg, out, heads, decoder.stage.gallery())
+            .map_err(|e| e.to_string())?;
+        Ok(CalibratingDecoder { decoder, calibration })
+    }
+
+    /// Puts into `frame` the fit's progress (waiting for the fit when `wait`), and switches to
+    /// the fitted alignment when it is ready.
+    fn poll(&mut self, frame: &mut Frame, wait: bool) {
+        let Some(heads) = self.decoder.stage.decoder().cloned() else { return };
+        let (event, adapter) = self.calibration.poll(wait, &heads);
+        let finished = if wait { self.calibration.finish() } else { None };
+        report(frame, event.into_iter().chain(finished));
+        if let Some(adapter) = adapter {
+            tracing::info!("calibration: switching to the fitted alignment");
+            self.decoder.stage.set_adapter(adapter);
+        }
+    }
+}
+
+/// Adds `events` to the frame's `calibration` headers, counting those that failed.
+fn report(frame: &mut Frame, events: impl IntoIterator<Item = CalibrationEvent>) {
+    let headers: Vec<CalibrationHeader> = events.into_iter().map(|e| e.header()).collect();
+    let failed = headers.iter().filter(|h| matches!(h.phase.as_str(), "failed" | "incomplete")).count();
+    if failed > 0 {
+        frame.outputs.update::<Tally>(|t| t.0.push((CALIBRATION_FAILED.name, failed as u64)));
+    }
+    if !headers.is_empty() {
+        frame.outputs.update::<Vec<CalibrationHeader>>(|v| v.extend(headers));
+    }
+}
+
+impl Stage for CalibratingDecoder {
+    fn name(&self) -> &'static str {
+        self.decoder.name()
+    }
+
+    fn warm_up(&mut self) -> Result<(), StageError> {
+        self.decoder.warm_up()
+    }
+
+    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
+        let decoded = self.decoder.process(frame);
+        let trials = frame.outputs.get::<GlmOutput>().map(|g| g.trials.clone()).unwrap_or_default();
+        if let Some(heads) = self.decoder.stage.decoder().cloned() {
+            let events: Vec<CalibrationEvent> =
+                trials.iter().filter_map(|t| self.calibration.observe(t, &heads)).collect();
+            report(frame, events);
+        }
+        let end = frame.kind == FrameKind::EndOfRun;
+        self.poll(frame, end);
+        decoded
+    }
+
+    /// Between trials: calibration progress, and the switch to a fitted head.
+    fn idle(&mut self, last: &Frame) -> Option<Frame> {
+        let mut f = Frame::results_after(last);
+        self.poll(&mut f, false);
+        f.outputs.get::<Vec<CalibrationHeader>>().is_some_and(|v| !v.is_empty()).then_some(f)
+    }
+
+    fn flush(&mut self, last: &Frame) -> Option<Frame> {
+        let mut f = Frame::end_of_run_after(last);
+        self.poll(&mut f, true);
+        f.outputs.get::<Vec<CalibrationHeader>>().is_some_and(|v| !v.is_empty()).then_some(f)
+    }
+
+    fn off_path(&mut self) -> Option<OffPath> {
+        self.decoder.off_path()
+    }
+
+    fn hand_off(&self, frame: &Frame) -> Vec<Frame> {
+        self.decoder.hand_off(frame)
     }
 }
