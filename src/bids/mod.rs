@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 
 use crate::io::nifti::NiftiWriter;
 use crate::io::session::{read_messages, IndexEntry, LoggedMessage, SessionReader};
+use crate::io::tsv;
 use crate::topic::{BetasHeader, MotionHeader, Topic};
 use crate::volume::Dtype;
 
@@ -653,7 +654,10 @@ fn write_if_absent(path: &Path, text: &str) -> Result<(), ExportError> {
 /// Adds `sub` to `participants.tsv` (made with its header when absent).
 fn add_participant(path: &Path, sub: &str) -> Result<(), ExportError> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|_| "participant_id\n".to_string());
-    if text.lines().skip(1).any(|l| l.split('\t').next() == Some(sub)) {
+    // Ragged: others add rows to this table by hand, and so did earlier exports of ours.
+    let table = tsv::parse_as(&text, &path.display().to_string(), tsv::Shape::Ragged)
+        .map_err(|e| write_error(path, e.detail()))?;
+    if table.rows.iter().any(|r| r.get(0) == Some(sub)) {
         return Ok(());
     }
     write_file(path, &format!("{text}{sub}\n"), true)
