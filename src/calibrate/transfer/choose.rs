@@ -104,7 +104,18 @@ pub(super) fn choose(p: &Problem, progress: &mut dyn FnMut(&Progress)) -> Result
         gain: p.folds.estimate(&pairs, &gains),
     };
 
-    // The fitted parts, on every trial.
+    let (adjusts, modes) = fitted_parts(p, (input, k), pipe)?;
+    Ok((input, Some(input_report), head_reports, Some(two_way_report), adjusts, modes))
+}
+
+/// The parts chosen, fitted on every calibration trial: input candidate `(input, k)`'s voxel
+/// modes (as rows over voxels; none without modes) and the corrections `pipe` keeps.
+fn fitted_parts(
+    p: &Problem,
+    (input, k): (usize, usize),
+    pipe: &Pipeline,
+) -> Result<(Vec<Option<HeadAdjust>>, Option<Tensor>), CalibrateError> {
+    let cfg = p.cfg;
     let (n_cal, uses_run) = (p.folds.n_cal, cfg.inputs[input].uses_run());
     let (w, mu) = fold_weights(&p.run.gram[input], n_cal, &[], uses_run, k);
     let modes = if mu.nrows() > 0 {
@@ -123,5 +134,5 @@ pub(super) fn choose(p: &Problem, progress: &mut dyn FnMut(&Progress)) -> Result
         let Some(ridge) = Ridge::fit(&b, &all, choice.alpha) else { continue };
         adjusts[h.index] = Some(materialise(p, h, input, &w, &ridge)?);
     }
-    Ok((input, Some(input_report), head_reports, Some(two_way_report), adjusts, modes))
+    Ok((adjusts, modes))
 }

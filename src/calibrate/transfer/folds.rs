@@ -13,6 +13,23 @@ pub(super) struct Folds {
 }
 
 impl Folds {
+    /// The folds of the `n_cal` calibration trials showing `stimuli`, the stimuli numbered in
+    /// order of first appearance.
+    pub(super) fn of_stimuli(n_cal: usize, stimuli: &[String]) -> Folds {
+        let mut names: Vec<&String> = Vec::new();
+        let stim_of: Vec<usize> = stimuli
+            .iter()
+            .map(|s| match names.iter().position(|x| *x == s) {
+                Some(i) => i,
+                None => {
+                    names.push(s);
+                    names.len() - 1
+                }
+            })
+            .collect();
+        Folds { n_cal, stim_of, n_stim: names.len() }
+    }
+
     pub(super) fn trials_of(&self, stims: &[usize]) -> Vec<usize> {
         (0..self.n_cal).filter(|&j| stims.contains(&self.stim_of[j])).collect()
     }

@@ -37,8 +37,6 @@ mod pipeline;
 mod report;
 mod space;
 
-use candle_core::Tensor;
-
 pub use report::{Estimate, HeadReport, InputReport, TransferReport, TwoWayReport};
 
 use super::{CalibrateConfig, CalibrateError, CalibrationSet, Progress};
@@ -46,8 +44,7 @@ use crate::decode::align::{Alignment, InputNorm};
 use crate::decode::model::Decoder;
 use choose::choose;
 use folds::Folds;
-use linalg::{c, gram};
-use space::{head_side, run_stats, HeadSide, RunSide};
+use space::{head_side, HeadSide, RunSide};
 
 /// Everything one fit needs, computed once.
 struct Problem<'a> {
@@ -72,38 +69,10 @@ pub fn fit(
     set.check(decoder, cfg.min_trials)?;
     let n_other = set.others.len() / v;
     let n_run = n + n_other;
-    let dev = &decoder.device;
 
-    // Stimuli, in order of first appearance.
-    let mut names: Vec<&String> = Vec::new();
-    let stim_of: Vec<usize> = set
-        .stimuli
-        .iter()
-        .map(|s| match names.iter().position(|x| *x == s) {
-            Some(i) => i,
-            None => {
-                names.push(s);
-                names.len() - 1
-            }
-        })
-        .collect();
-    let n_stim = names.len();
-    let folds = Folds { n_cal: n, stim_of, n_stim };
-
-    // The run's statistics (every trial) and each input candidate's normalised betas.
-    let all: Vec<f32> = [set.betas.as_slice(), set.others.as_slice()].concat();
-    let stats = run_stats(&all, n_run, v);
-    let xs = Tensor::from_vec(all, (n_run, v), dev).map_err(c)?;
-    let mean = Tensor::from_slice(&stats.0, v, dev).map_err(c)?;
-    let std = Tensor::from_slice(&stats.1, v, dev).map_err(c)?;
-    let mut z = Vec::new();
-    let mut grams = Vec::new();
-    for input in &cfg.inputs {
-        let zi = input.apply(decoder, &xs, (&mean, &std)).map_err(c)?;
-        grams.push(gram(&zi, None)?);
-        z.push(zi);
-    }
-    let run = RunSide { n_run, stats, z, gram: grams };
+    let folds = Folds::of_stimuli(n, &set.stimuli);
+    let n_stim = folds.n_stim;
+    let run = RunSide::new(decoder, set, cfg, n_run)?;
 
     // Each head with targets: its alignment space and Gram matrix.
     let mut heads = Vec::new();
@@ -180,7 +149,7 @@ pub fn fit(
 mod tests {
     use std::collections::{BTreeMap, HashMap};
 
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Tensor};
     use candle_nn::VarBuilder;
 
     use serde_json::Value;

@@ -6,7 +6,7 @@ use faer::Mat;
 
 use super::folds::Folds;
 use super::linalg::{c, gram, pinv_solve};
-use crate::calibrate::{CalibrateConfig, CalibrateError};
+use crate::calibrate::{CalibrateConfig, CalibrateError, CalibrationSet};
 use crate::decode::model::Decoder;
 
 /// The calibration run: every trial's betas (calibration trials first), normalised per input
@@ -16,6 +16,33 @@ pub(super) struct RunSide {
     pub(super) stats: (Vec<f32>, Vec<f32>),
     pub(super) z: Vec<Tensor>,
     pub(super) gram: Vec<Mat<f64>>,
+}
+
+impl RunSide {
+    /// The run's statistics (every trial: the calibration trials, then the others) and each
+    /// input candidate's normalised betas, with their Gram matrices.
+    pub(super) fn new(
+        decoder: &Decoder,
+        set: &CalibrationSet,
+        cfg: &CalibrateConfig,
+        n_run: usize,
+    ) -> Result<RunSide, CalibrateError> {
+        let v = decoder.cfg.n_voxels;
+        let dev = &decoder.device;
+        let all: Vec<f32> = [set.betas.as_slice(), set.others.as_slice()].concat();
+        let stats = run_stats(&all, n_run, v);
+        let xs = Tensor::from_vec(all, (n_run, v), dev).map_err(c)?;
+        let mean = Tensor::from_slice(&stats.0, v, dev).map_err(c)?;
+        let std = Tensor::from_slice(&stats.1, v, dev).map_err(c)?;
+        let mut z = Vec::new();
+        let mut grams = Vec::new();
+        for input in &cfg.inputs {
+            let zi = input.apply(decoder, &xs, (&mean, &std)).map_err(c)?;
+            grams.push(gram(&zi, None)?);
+            z.push(zi);
+        }
+        Ok(RunSide { n_run, stats, z, gram: grams })
+    }
 }
 
 /// One head's vectors in its alignment space: Gram matrix over the basis
@@ -36,7 +63,7 @@ pub(super) struct HeadSide {
 
 /// Per-voxel mean and sample standard deviation of `n` rows of `v` values (zero spreads
 /// become 1).
-pub(super) fn run_stats(x: &[f32], n: usize, v: usize) -> (Vec<f32>, Vec<f32>) {
+fn run_stats(x: &[f32], n: usize, v: usize) -> (Vec<f32>, Vec<f32>) {
     let mut mean = vec![0f64; v];
     for row in x.chunks_exact(v) {
         mean.iter_mut().zip(row).for_each(|(m, &b)| *m += f64::from(b));
