@@ -138,7 +138,8 @@ fn parse_bytes(bytes: &[u8], what: &str, shape: Shape) -> Result<Table, TsvError
                 _ => String::new(),
             };
             let (n, m) = (cells.len(), table.header.len());
-            return Err(table.error(Some(line), format!("{n} cells where the header has {m}{hint}")));
+            let s = if n == 1 { "" } else { "s" };
+            return Err(table.error(Some(line), format!("{n} cell{s} where the header has {m}{hint}")));
         }
         table.rows.push(Row { line, cells });
     }
@@ -198,7 +199,7 @@ mod tests {
     fn rows_must_be_as_wide_as_the_header_unless_ragged() {
         let text = "a\tb\n1\t2\n3\n";
         let e = parse(text, "t.tsv").unwrap_err();
-        assert_eq!(e.to_string(), "t.tsv: line 3: 1 cells where the header has 2");
+        assert_eq!(e.to_string(), "t.tsv: line 3: 1 cell where the header has 2");
         assert_eq!(e.line, Some(3));
         let t = parse_as(text, "t.tsv", Shape::Ragged).unwrap();
         assert_eq!(t.rows[1].get(0), Some("3"));
@@ -215,7 +216,7 @@ mod tests {
         let e = parse("onset duration\n1 2\n", "events.tsv").unwrap_err().to_string();
         assert!(e.contains("no tab; is it whitespace-separated?"), "{e}");
         let e = parse("onset\tduration\n1,2\n", "events.tsv").unwrap_err().to_string();
-        assert!(e.contains("line 2: 1 cells where the header has 2; is it comma-separated?"), "{e}");
+        assert!(e.contains("line 2: 1 cell where the header has 2; is it comma-separated?"), "{e}");
         // A one-column table is fine.
         assert_eq!(parse("participant_id\nsub-01\n", "p").unwrap().rows[0].cells, ["sub-01"]);
     }
