@@ -27,6 +27,7 @@ use serde_json::{json, Value};
 
 use crate::io::nifti::NiftiWriter;
 use crate::io::session::{read_messages, IndexEntry, LoggedMessage, SessionReader};
+use crate::io::tsv;
 use crate::topic::{BetasHeader, MotionHeader, Topic};
 use crate::volume::Dtype;
 
@@ -292,35 +293,141 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
         return Err(ExportError::Empty(dir.to_path_buf()));
     }
     let messages = read_messages(dir)?;
-    let motion: Vec<MotionHeader> = typed(&messages);
-    let betas: Vec<BetasHeader> = typed(&messages);
-    let version = reader.meta["mirage_version"].as_str().unwrap_or("unknown").to_string();
-    let commit = reader.meta["mirage_commit"].as_str().unwrap_or("unknown").to_string();
-
-    let sub = format!("sub-{}", opts.subject);
-    let ses = opts.session.as_ref().map(|s| format!("ses-{s}"));
-    let rel: PathBuf =
-        [Some(sub.clone()), ses.clone()].into_iter().flatten().collect::<PathBuf>().join("func");
-    let deriv = out.join("derivatives").join("mirage-rt");
-    // The session's last status: one latency summary, written beside each run.
-    let latency = messages.iter().rev().find(|m| m.topic == crate::metrics::MetricsSnapshot::NAME).map(|m| {
-        let status = &m.header;
-        json!({
-            "Description": "the session's last status message: per-stage latency percentiles (ms) and counts",
-            "latency_ms": status["latency_ms"],
-            "trigger_to_feedback_ms": status["trigger_to_feedback_ms"],
-            "received": status["received"],
-            "recorded": status["recorded"],
-            "errors": status["errors"],
-        })
-    });
+    let session = SessionExport::new(dir, out, opts, &reader, &messages);
     let mut exported = Vec::new();
     for (k, (run, idx)) in runs(&reader).into_iter().enumerate() {
-        let number = opts.first_run + k as u32;
+        exported.push(session.export_run(run, &idx, opts.first_run + k as u32)?);
+    }
+    session.write_dataset_files()?;
+    Ok(exported)
+}
+
+/// What every run of one export shares: the session read, the options and where files go.
+struct SessionExport<'a> {
+    dir: &'a Path,
+    out: &'a Path,
+    opts: &'a ExportOptions,
+    reader: &'a SessionReader,
+    messages: &'a [LoggedMessage],
+    motion: Vec<MotionHeader>,
+    betas: Vec<BetasHeader>,
+    /// `sub-…`.
+    sub: String,
+    /// `ses-…`, if any.
+    ses: Option<String>,
+    /// `sub-…[/ses-…]/func`, below the dataset and below its derivatives.
+    rel: PathBuf,
+    /// `OUT/derivatives/mirage-rt`.
+    deriv: PathBuf,
+    /// The session's last status as a latency summary, written beside each run.
+    latency: Option<Value>,
+}
+
+/// One run being exported: its volumes in sender index order, their motion and TR, and where
+/// its files go.
+struct PlannedRun<'a> {
+    run: String,
+    /// `sub-…[_ses-…]_task-…_run-…`.
+    stem: String,
+    entries: Vec<&'a IndexEntry>,
+    /// Each volume's motion message, if it has one.
+    motion: Vec<Option<&'a MotionHeader>>,
+    tr: f64,
+    /// The run's raw folder (`OUT/sub-…/func`) and derivatives folder.
+    raw_dir: PathBuf,
+    deriv_dir: PathBuf,
+}
+
+impl PlannedRun<'_> {
+    fn raw_file(&self, suffix: &str) -> PathBuf {
+        self.raw_dir.join(format!("{}_{suffix}", self.stem))
+    }
+
+    fn deriv_file(&self, suffix: &str) -> PathBuf {
+        self.deriv_dir.join(format!("{}_{suffix}", self.stem))
+    }
+}
+
+impl<'a> SessionExport<'a> {
+    fn new(
+        dir: &'a Path,
+        out: &'a Path,
+        opts: &'a ExportOptions,
+        reader: &'a SessionReader,
+        messages: &'a [LoggedMessage],
+    ) -> Self {
+        let sub = format!("sub-{}", opts.subject);
+        let ses = opts.session.as_ref().map(|s| format!("ses-{s}"));
+        let rel: PathBuf =
+            [Some(sub.clone()), ses.clone()].into_iter().flatten().collect::<PathBuf>().join("func");
+        SessionExport {
+            dir,
+            out,
+            opts,
+            reader,
+            messages,
+            motion: typed(messages),
+            betas: typed(messages),
+            sub,
+            ses,
+            rel,
+            deriv: out.join("derivatives").join("mirage-rt"),
+            latency: latency_summary(messages),
+        }
+    }
+
+    /// Exports one run as BIDS run `number`: its series, sidecars and events, and its
+    /// derivatives.
+    fn export_run(&self, run: String, idx: &[usize], number: u32) -> Result<RunExport, ExportError> {
+        let r = self.plan_run(run, idx, number)?;
+        let force = self.opts.force;
+        let (first, last) = (r.entries[0].index, r.entries[r.entries.len() - 1].index);
+        let present: std::collections::BTreeSet<u64> = r.entries.iter().map(|e| e.index).collect();
+        let missing: Vec<u64> = (first..=last).filter(|i| !present.contains(i)).collect();
+
+        // The series as received and, where motion ran, as it realigned them.
+        let bold = r.raw_file("bold.nii.gz");
+        let realigned =
+            r.motion.iter().any(Option::is_some).then(|| r.deriv_file("desc-realigned_bold.nii.gz"));
+        write_series(self.reader, idx, &r.motion, (&bold, realigned.as_deref()), r.tr, force)?;
+        write_file(&r.raw_file("bold.json"), &pretty(&self.bold_sidecar(&r, &missing)), force)?;
+        let run_betas: Vec<&BetasHeader> = self.betas.iter().filter(|b| b.trial.run == r.run).collect();
+        let markers = unestimated_markers(self.reader, &r.run, &run_betas);
+        let (events, trials) = events_tsv(&run_betas, &markers);
+        let events_path = r.raw_file("events.tsv");
+        write_file(&events_path, &events, force)?;
+
+        // Derivatives: what ran live.
+        if realigned.is_some() {
+            write_file(
+                &r.deriv_file("desc-realigned_bold.json"),
+                &pretty(&self.realigned_sidecar(&r)),
+                force,
+            )?;
+        }
+        let confounds_path = r.deriv_file("desc-confounds_timeseries.tsv");
+        write_file(&confounds_path, &confounds_tsv(&r.motion), force)?;
+        write_file(&r.deriv_file("desc-confounds_timeseries.json"), &pretty(&confounds_json()), force)?;
+        if let Some(summary) = &self.latency {
+            write_file(&r.deriv_file("desc-latency_summary.json"), &pretty(summary), force)?;
+        }
+        // Without motion the live GLM had no motion regressors.
+        let design_inputs = match realigned.as_deref() {
+            Some(series) => (series, events_path.as_path(), Some(confounds_path.as_path())),
+            None => (bold.as_path(), events_path.as_path(), None),
+        };
+        let trial_files = self.write_trial_files(&r, design_inputs)?;
+        Ok(RunExport { run: r.run, number, volumes: idx.len(), missing, trials, bold, trial_files })
+    }
+
+    /// Run `run`'s volumes (entries `idx`) with their motion, TR and file names; refuses a
+    /// run whose grid changes or that has no repetition time.
+    fn plan_run(&self, run: String, idx: &[usize], number: u32) -> Result<PlannedRun<'_>, ExportError> {
+        let reader = self.reader;
         let stem = [
-            Some(sub.clone()),
-            ses.clone(),
-            Some(format!("task-{}", opts.task)),
+            Some(self.sub.clone()),
+            self.ses.clone(),
+            Some(format!("task-{}", self.opts.task)),
             Some(format!("run-{number}")),
         ]
         .into_iter()
@@ -342,122 +449,117 @@ pub fn export(dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Vec<RunExp
                 reason: "no repetition time in its headers or ingest.tr".into(),
             });
         };
-        let (lo, hi) = (first.index, entries[entries.len() - 1].index);
-        let present: std::collections::BTreeSet<u64> = entries.iter().map(|e| e.index).collect();
-        let missing: Vec<u64> = (lo..=hi).filter(|i| !present.contains(i)).collect();
-
-        // The series as received and, where motion ran, as it realigned them.
         let by_index: BTreeMap<u64, &MotionHeader> =
-            motion.iter().filter(|m| m.run == run).map(|m| (m.index, m)).collect();
-        let rows: Vec<Option<&MotionHeader>> =
-            entries.iter().map(|e| by_index.get(&e.index).copied()).collect();
-        let drel = deriv.join(&rel);
-        let bold = out.join(&rel).join(format!("{stem}_bold.nii.gz"));
-        let realigned =
-            rows.iter().any(Option::is_some).then(|| drel.join(format!("{stem}_desc-realigned_bold.nii.gz")));
-        write_series(&reader, &idx, &rows, (&bold, realigned.as_deref()), tr, opts.force)?;
-        let sidecar = json!({
-            "RepetitionTime": tr,
-            "TaskName": opts.task,
-            "MirageRunId": run,
-            "MirageFirstVolumeIndex": lo,
+            self.motion.iter().filter(|m| m.run == run).map(|m| (m.index, m)).collect();
+        let motion = entries.iter().map(|e| by_index.get(&e.index).copied()).collect();
+        let (raw_dir, deriv_dir) = (self.out.join(&self.rel), self.deriv.join(&self.rel));
+        Ok(PlannedRun { run, stem, entries, motion, tr, raw_dir, deriv_dir })
+    }
+
+    /// The raw series' sidecar: TR and task, and what the daemon knew of the run's volumes.
+    fn bold_sidecar(&self, r: &PlannedRun, missing: &[u64]) -> Value {
+        json!({
+            "RepetitionTime": r.tr,
+            "TaskName": self.opts.task,
+            "MirageRunId": r.run,
+            "MirageFirstVolumeIndex": r.entries[0].index,
             "MirageMissingVolumes": missing,
-            "MirageReceivedDtype": received_dtypes(&entries),
+            "MirageReceivedDtype": received_dtypes(&r.entries),
             "MirageStoredPrecision": "float32: the daemon keeps samples as float32, so float64 and 32-bit integer \
                                       values are as received where float32 holds them (integers up to 2^24)",
             "MirageTimeSource": "acquisition times from the sender's headers where sent, else receive times (daemon clock)",
-            "MirageVolumeTimes": entries.iter().map(|e| e.acq_time.unwrap_or(e.recv_time)).collect::<Vec<_>>(),
-        });
-        write_file(&out.join(&rel).join(format!("{stem}_bold.json")), &pretty(&sidecar), opts.force)?;
-        let run_betas: Vec<&BetasHeader> = betas.iter().filter(|b| b.trial.run == run).collect();
-        let (events, trials) = events_tsv(&run_betas, &unestimated_markers(&reader, &run, &run_betas));
-        let events_path = out.join(&rel).join(format!("{stem}_events.tsv"));
-        write_file(&events_path, &events, opts.force)?;
-
-        // Derivatives: what ran live.
-        if realigned.is_some() {
-            let sidecar = json!({
-                "RepetitionTime": tr,
-                "TaskName": opts.task,
-                "Description": "the live online realignment reproduced: each volume resliced (trilinear) onto its \
-                                reference volume's grid through the matrix its motion message recorded; volumes \
-                                before the reference, or without a message, as received",
-                "Sources": [format!("bids:raw:{}", rel.join(format!("{stem}_bold.nii.gz")).display())],
-            });
-            write_file(
-                &drel.join(format!("{stem}_desc-realigned_bold.json")),
-                &pretty(&sidecar),
-                opts.force,
-            )?;
-        }
-        let confounds_path = drel.join(format!("{stem}_desc-confounds_timeseries.tsv"));
-        write_file(&confounds_path, &confounds_tsv(&rows), opts.force)?;
-        write_file(
-            &drel.join(format!("{stem}_desc-confounds_timeseries.json")),
-            &pretty(&confounds_json()),
-            opts.force,
-        )?;
-        if let Some(summary) = &latency {
-            write_file(
-                &drel.join(format!("{stem}_desc-latency_summary.json")),
-                &pretty(summary),
-                opts.force,
-            )?;
-        }
-        let reference = rows.iter().flatten().find_map(|m| m.reference_index);
-        let grid = entries.iter().find(|e| Some(e.index) == reference).unwrap_or(&first);
-        let indices: Vec<u64> = entries.iter().map(|e| e.index).collect();
-        let files = trials::RunFiles {
-            session: dir,
-            run: &run,
-            dir: &drel,
-            stem: &stem,
-            grid: (grid.dims, grid.affine),
-            indices: &indices,
-            force: opts.force,
-        };
-        let trial_files = trials::write(&files, &messages)?;
-        if trial_files.betas > 0 {
-            let glm: crate::glm::GlmConfig =
-                serde_json::from_value(reader.meta["config"]["glm"].clone()).unwrap_or_default();
-            // Without motion the live GLM had no motion regressors.
-            let (series, confounds) = match realigned.as_deref() {
-                Some(r) => (r, Some(confounds_path.as_path())),
-                None => (bold.as_path(), None),
-            };
-            trials::write_design(&files, (series, &events_path, confounds), &glm, tr)?;
-        }
-        exported.push(RunExport { run, number, volumes: idx.len(), missing, trials, bold, trial_files });
+            "MirageVolumeTimes": r.entries.iter().map(|e| e.acq_time.unwrap_or(e.recv_time)).collect::<Vec<_>>(),
+        })
     }
 
-    // Dataset files: made when absent, added to (participants) when present.
-    let generated = json!([{"Name": "mirage-rt", "Version": version, "CodeURL": "https://github.com/mirage-rt/mirage-rt", "Commit": commit}]);
-    let raw = json!({
-        "Name": "mirage-rt session export",
-        "BIDSVersion": "1.8.0",
-        "DatasetType": "raw",
-        "GeneratedBy": generated,
-    });
-    write_if_absent(&out.join("dataset_description.json"), &pretty(&raw))?;
-    write_if_absent(&out.join("README"), README)?;
-    let columns = json!({
-        "trial_type": {"Description": "the trial's condition as the live GLM modelled it (e.g. seen, imagery)"},
-        "stimulus": {"Description": "the stimulus number the trial's event named (n/a: none)"},
-        "trial": {"Description": "the trial's number in the run, as in the live betas and decode messages (n/a: a recorded marker the live GLM estimated no trial for)"},
-    });
-    write_if_absent(&out.join(format!("task-{}_events.json", opts.task)), &pretty(&columns))?;
-    add_participant(&out.join("participants.tsv"), &sub)?;
-    let mut gen = generated.clone();
-    gen[0]["Configuration"] = reader.meta["config"].clone();
-    let derived = json!({
-        "Name": "mirage-rt live derivatives",
-        "BIDSVersion": "1.8.0",
-        "DatasetType": "derivative",
-        "GeneratedBy": gen,
-        "SourceDatasets": [{"URL": "../../"}],
-    });
-    write_file(&deriv.join("dataset_description.json"), &pretty(&derived), true)?;
-    Ok(exported)
+    /// The realigned series' sidecar: how it was made, from which raw file.
+    fn realigned_sidecar(&self, r: &PlannedRun) -> Value {
+        json!({
+            "RepetitionTime": r.tr,
+            "TaskName": self.opts.task,
+            "Description": "the live online realignment reproduced: each volume resliced (trilinear) onto its \
+                            reference volume's grid through the matrix its motion message recorded; volumes \
+                            before the reference, or without a message, as received",
+            "Sources": [format!("bids:raw:{}", self.rel.join(format!("{}_bold.nii.gz", r.stem)).display())],
+        })
+    }
+
+    /// The run's trial betas, mask, ROI time series and decode results and, where it has
+    /// betas, the GLM's design over `(series, events, confounds)`.
+    fn write_trial_files(
+        &self,
+        r: &PlannedRun,
+        design_inputs: (&Path, &Path, Option<&Path>),
+    ) -> Result<TrialFiles, ExportError> {
+        let reference = r.motion.iter().flatten().find_map(|m| m.reference_index);
+        let grid = r.entries.iter().find(|e| Some(e.index) == reference).unwrap_or(&r.entries[0]);
+        let indices: Vec<u64> = r.entries.iter().map(|e| e.index).collect();
+        let files = trials::RunFiles {
+            session: self.dir,
+            run: &r.run,
+            dir: &r.deriv_dir,
+            stem: &r.stem,
+            grid: (grid.dims, grid.affine),
+            indices: &indices,
+            force: self.opts.force,
+        };
+        let trial_files = trials::write(&files, self.messages)?;
+        if trial_files.betas > 0 {
+            let glm: crate::glm::GlmConfig =
+                serde_json::from_value(self.reader.meta["config"]["glm"].clone()).unwrap_or_default();
+            trials::write_design(&files, design_inputs, &glm, r.tr)?;
+        }
+        Ok(trial_files)
+    }
+
+    /// The dataset's files: made when absent, added to (participants) when present; the
+    /// derivatives' description always (it carries the configuration of this export's session).
+    fn write_dataset_files(&self) -> Result<(), ExportError> {
+        let (out, meta) = (self.out, &self.reader.meta);
+        let version = meta["mirage_version"].as_str().unwrap_or("unknown");
+        let commit = meta["mirage_commit"].as_str().unwrap_or("unknown");
+        let generated = json!([{"Name": "mirage-rt", "Version": version, "CodeURL": "https://github.com/mirage-rt/mirage-rt", "Commit": commit}]);
+        let raw = json!({
+            "Name": "mirage-rt session export",
+            "BIDSVersion": "1.8.0",
+            "DatasetType": "raw",
+            "GeneratedBy": generated,
+        });
+        write_if_absent(&out.join("dataset_description.json"), &pretty(&raw))?;
+        write_if_absent(&out.join("README"), README)?;
+        let columns = json!({
+            "trial_type": {"Description": "the trial's condition as the live GLM modelled it (e.g. seen, imagery)"},
+            "stimulus": {"Description": "the stimulus number the trial's event named (n/a: none)"},
+            "trial": {"Description": "the trial's number in the run, as in the live betas and decode messages (n/a: a recorded marker the live GLM estimated no trial for)"},
+        });
+        write_if_absent(&out.join(format!("task-{}_events.json", self.opts.task)), &pretty(&columns))?;
+        add_participant(&out.join("participants.tsv"), &self.sub)?;
+        let mut gen = generated.clone();
+        gen[0]["Configuration"] = meta["config"].clone();
+        let derived = json!({
+            "Name": "mirage-rt live derivatives",
+            "BIDSVersion": "1.8.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": gen,
+            "SourceDatasets": [{"URL": "../../"}],
+        });
+        write_file(&self.deriv.join("dataset_description.json"), &pretty(&derived), true)
+    }
+}
+
+/// The session's last status message as a latency summary: per-stage percentiles and counts.
+fn latency_summary(messages: &[LoggedMessage]) -> Option<Value> {
+    messages.iter().rev().find(|m| m.topic == crate::metrics::MetricsSnapshot::NAME).map(|m| {
+        let status = &m.header;
+        json!({
+            "Description": "the session's last status message: per-stage latency percentiles (ms) and counts",
+            "latency_ms": status["latency_ms"],
+            "trigger_to_feedback_ms": status["trigger_to_feedback_ms"],
+            "received": status["received"],
+            "recorded": status["recorded"],
+            "errors": status["errors"],
+        })
+    })
 }
 
 /// The dataset's README.
@@ -552,7 +654,10 @@ fn write_if_absent(path: &Path, text: &str) -> Result<(), ExportError> {
 /// Adds `sub` to `participants.tsv` (made with its header when absent).
 fn add_participant(path: &Path, sub: &str) -> Result<(), ExportError> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|_| "participant_id\n".to_string());
-    if text.lines().skip(1).any(|l| l.split('\t').next() == Some(sub)) {
+    // Ragged: others add rows to this table by hand, and so did earlier exports of ours.
+    let table = tsv::parse_as(&text, &path.display().to_string(), tsv::Shape::Ragged)
+        .map_err(|e| write_error(path, e.detail()))?;
+    if table.rows.iter().any(|r| r.get(0) == Some(sub)) {
         return Ok(());
     }
     write_file(path, &format!("{text}{sub}\n"), true)

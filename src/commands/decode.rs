@@ -11,6 +11,7 @@ use crate::decode::metrics;
 use crate::decode::model::{device, Decoder, FusionConfig};
 use crate::decode::train::{train as fit, write_model, NamedTensor, Targets, TrainOptions};
 use crate::io::npy::{read_npy, write_npy};
+use crate::io::tsv;
 
 /// Largest array read from an `.npy` (values).
 const MAX_VALUES: usize = 1 << 31;
@@ -301,15 +302,16 @@ pub fn decode(
 
 /// Reads per-sample condition labels from a TSV with a `condition` or `trial_type` column.
 fn read_conditions(path: &Path, n: usize) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().context("empty conditions file")?.split('\t').collect();
-    let col = header
+    let table = tsv::read(path)?;
+    if table.header.is_empty() {
+        anyhow::bail!("{}: empty conditions file", path.display());
+    }
+    let col = table
+        .header
         .iter()
-        .position(|h| *h == "condition" || *h == "trial_type")
-        .context("no condition or trial_type column")?;
-    let labels: Vec<String> =
-        lines.map(|l| l.split('\t').nth(col).unwrap_or("").trim().to_string()).collect();
+        .position(|h| h == "condition" || h == "trial_type")
+        .with_context(|| format!("{}: no condition or trial_type column", path.display()))?;
+    let labels: Vec<String> = table.rows.iter().map(|r| r.get(col).unwrap_or("").to_string()).collect();
     if labels.len() != n {
         anyhow::bail!("{}: {} labels for {n} samples", path.display(), labels.len());
     }

@@ -4,51 +4,56 @@
 use std::path::Path;
 
 pub use crate::event::{Event, EventError, Onset, DEFAULT_CONDITION};
+use crate::io::tsv;
 
 /// Reads a BIDS events file: tab-separated with a header naming at least `onset` and
 /// `duration`; `trial_type` (condition), `stim_id` and `trial_id` are used when present.
 pub fn read_events_tsv(path: &Path) -> Result<Vec<Event>, EventError> {
-    let p = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| EventError::File { path: p.clone(), reason: e.to_string() })?;
-    parse_events_tsv(&text, &p)
+    let table = tsv::read(path).map_err(file_error)?;
+    events_of(&table)
 }
 
 /// Parses the text of a BIDS events file (see [`read_events_tsv`]); `source` names it in errors.
 pub fn parse_events_tsv(text: &str, source: &str) -> Result<Vec<Event>, EventError> {
-    let err = |reason: String| EventError::File { path: source.to_string(), reason };
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> =
-        lines.next().ok_or_else(|| err("empty file".into()))?.split('\t').map(str::trim).collect();
-    let col = |name: &str| header.iter().position(|h| *h == name);
-    let onset = col("onset").ok_or_else(|| err("no onset column".into()))?;
-    let duration = col("duration").ok_or_else(|| err("no duration column".into()))?;
-    let (ttype, stim, trial) = (col("trial_type"), col("stim_id"), col("trial_id"));
+    let table = tsv::parse(text, source).map_err(file_error)?;
+    events_of(&table)
+}
+
+fn file_error(e: tsv::TsvError) -> EventError {
+    EventError::File { reason: e.detail(), path: e.what }
+}
+
+/// The events of a table read from a BIDS events file.
+fn events_of(table: &tsv::Table) -> Result<Vec<Event>, EventError> {
+    let err = |line: Option<usize>, reason: String| file_error(table.error(line, reason));
+    if table.header.is_empty() {
+        return Err(err(None, "empty file".into()));
+    }
+    let header = &table.header;
+    let onset = table.column("onset").ok_or_else(|| err(None, "no onset column".into()))?;
+    let duration = table.column("duration").ok_or_else(|| err(None, "no duration column".into()))?;
+    let (ttype, stim, trial) =
+        (table.column("trial_type"), table.column("stim_id"), table.column("trial_id"));
     let mut events = Vec::new();
-    for (n, line) in lines.enumerate() {
-        let cells: Vec<&str> = line.split('\t').map(str::trim).collect();
-        let row = n + 2;
-        let cell = |i: usize| {
-            cells.get(i).copied().ok_or_else(|| err(format!("line {row}: missing column {}", header[i])))
-        };
+    for row in &table.rows {
+        let at = Some(row.line);
+        let cell = |i: usize| row.get(i).ok_or_else(|| err(at, format!("missing column {}", header[i])));
         let num = |i: usize| -> Result<f64, EventError> {
             let c = cell(i)?;
             c.parse::<f64>()
                 .ok()
                 .filter(|x| x.is_finite())
-                .ok_or_else(|| err(format!("line {row}: {} {c:?} is not a number", header[i])))
+                .ok_or_else(|| err(at, format!("{} {c:?} is not a number", header[i])))
         };
         let opt_int = |i: Option<usize>| -> Result<Option<u64>, EventError> {
             match i.map(cell).transpose()? {
                 None | Some("n/a") | Some("") => Ok(None),
-                Some(c) => {
-                    c.parse().map(Some).map_err(|_| err(format!("line {row}: {c:?} is not an integer")))
-                }
+                Some(c) => c.parse().map(Some).map_err(|_| err(at, format!("{c:?} is not an integer"))),
             }
         };
         let d = num(duration)?;
         if d < 0.0 {
-            return Err(err(format!("line {row}: negative duration")));
+            return Err(err(at, "negative duration".into()));
         }
         events.push(Event {
             trial: opt_int(trial)?,
@@ -83,5 +88,15 @@ mod tests {
         assert!(read_events_tsv(&p).unwrap_err().to_string().contains("duration"));
         std::fs::write(&p, "onset\tduration\nsoon\t2\n").unwrap();
         assert!(read_events_tsv(&p).unwrap_err().to_string().contains("line 2"));
+    }
+
+    #[test]
+    fn a_comma_separated_events_file_is_named_as_such() {
+        let e = parse_events_tsv("onset,duration,trial_type\n1,2,seen\n", "events.tsv").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "events: events.tsv: line 1: the header has no tab; is it comma-separated? BIDS files are \
+             tab-separated"
+        );
     }
 }

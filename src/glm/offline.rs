@@ -8,6 +8,7 @@ use anyhow::Context;
 use super::design::read_design;
 use super::{Drift, FullFit, GlmConfig, GlmEstimator};
 use crate::io::nifti::NiftiReader;
+use crate::io::tsv;
 use crate::motion::rigid::{RigidParams, PARAM_NAMES};
 use crate::motion::MotionEstimate;
 use crate::volume::{sanitize_run_id, Affine, Volume};
@@ -55,13 +56,11 @@ pub struct SeriesFit {
 /// Reads the six motion parameters of every volume from a TSV whose header names them
 /// (`trans_x` … `rot_z`, in any column order, other columns ignored); `n/a` rows are `None`.
 pub fn read_motion_tsv(path: &Path) -> anyhow::Result<Vec<Option<MotionEstimate>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("--motion {}", path.display()))?;
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().map(|h| h.split('\t').map(str::trim).collect()).unwrap_or_default();
+    let table = tsv::read(path).map_err(|e| anyhow::anyhow!("--motion {e}"))?;
     let cols: Vec<usize> = PARAM_NAMES
         .iter()
         .map(|name| {
-            header.iter().position(|h| h == name).with_context(|| {
+            table.column(name).with_context(|| {
                 format!(
                     "--motion {}: no {name} column (want a header naming trans_x … rot_z)",
                     path.display()
@@ -69,22 +68,22 @@ pub fn read_motion_tsv(path: &Path) -> anyhow::Result<Vec<Option<MotionEstimate>
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    lines
-        .enumerate()
-        .map(|(row, line)| {
-            let cells: Vec<&str> = line.split('\t').map(str::trim).collect();
+    table
+        .rows
+        .iter()
+        .map(|row| {
             let values: Vec<Option<f64>> = cols
                 .iter()
-                .map(|&c| match cells.get(c) {
-                    Some(&"n/a") => Ok(None),
+                .map(|&c| match row.get(c) {
+                    Some("n/a") => Ok(None),
                     Some(v) => v.parse::<f64>().ok().filter(|x| x.is_finite()).map(Some).with_context(|| {
-                        format!("--motion {}: row {}: {v:?} is not a number", path.display(), row + 1)
+                        format!("--motion {}: line {}: {v:?} is not a number", path.display(), row.line)
                     }),
                     None => anyhow::bail!(
-                        "--motion {}: row {} has {} columns",
+                        "--motion {}: line {} has {} columns",
                         path.display(),
-                        row + 1,
-                        cells.len()
+                        row.line,
+                        row.cells.len()
                     ),
                 })
                 .collect::<anyhow::Result<_>>()?;
