@@ -21,6 +21,7 @@ pub mod event;
 pub mod frame;
 pub mod fuzzing;
 pub mod glm;
+pub mod http;
 pub mod ingest;
 pub mod io;
 pub mod message;

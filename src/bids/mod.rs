@@ -803,7 +803,11 @@ mod tests {
         };
         let (a, b) = (m(0.0, 0.0), m(0.5, 0.7));
         let tsv = confounds_tsv(&[Some(&a), Some(&b), None]);
-        let lines: Vec<Vec<&str>> = tsv.lines().map(|l| l.split('\t').collect()).collect();
+        let table = crate::io::tsv::parse(&tsv, "confounds").unwrap();
+        let lines: Vec<Vec<&str>> = std::iter::once(&table.header)
+            .chain(table.rows.iter().map(|r| &r.cells))
+            .map(|cells| cells.iter().map(String::as_str).collect())
+            .collect();
         assert_eq!(lines[0][..2], ["trans_x", "trans_y"]);
         assert_eq!(lines[0][6], "trans_x_derivative1");
         assert_eq!(lines[0][12], "framewise_displacement");

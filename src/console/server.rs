@@ -7,22 +7,29 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::Html;
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::broadcast;
 
 use super::{ConsoleInput, ConsoleState, PAGE};
-use crate::access::{Denied, Token};
+use crate::access::Token;
+use crate::http::Limits;
 use crate::metrics::Metrics;
 
 /// Page events a slow page may fall behind by before it skips some (counted).
 const BROADCAST_CAPACITY: usize = 4096;
+
+/// A few pages at once; each must send its request head within five seconds, and an event
+/// stream then lasts the run.
+const LIMITS: Limits =
+    Limits { max_connections: 64, header_timeout: Duration::from_secs(5), connection_timeout: None };
+
+/// The 401's text.
+const NEEDS_TOKEN: &str = "this console needs its token: open the URL mirage printed\n";
 
 /// The state and the live event channel, shared by the feed task and every page.
 struct Shared {
@@ -53,6 +60,7 @@ pub(super) fn run(
     let shared = Arc::new(Shared { state: Mutex::new(state), live, metrics: metrics.clone() });
     rt.block_on(async {
         let serving = listener.is_some();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         if let Some(l) = listener {
             match tokio::net::TcpListener::from_std(l) {
                 Ok(l) => {
@@ -61,14 +69,13 @@ pub(super) fn run(
                         .route("/events", get(events))
                         .layer(middleware::from_fn(move |req: Request, next: Next| {
                             let token = token.clone();
-                            async move { guard(token.as_ref(), req, next).await }
+                            async move { crate::http::guard(token.as_ref(), NEEDS_TOKEN, req, next).await }
                         }))
                         .with_state(shared.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = axum::serve(l, app).await {
-                            tracing::error!("console: {e}");
-                        }
-                    });
+                    let stopped = async move {
+                        let _ = stopped.await;
+                    };
+                    tokio::spawn(crate::http::serve(l, app, LIMITS, metrics.clone(), "console", stopped));
                 }
                 Err(e) => {
                     tracing::error!("console: {e}");
@@ -96,21 +103,8 @@ pub(super) fn run(
         if serving {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
+        let _ = stop.send(());
     });
-}
-
-/// Serves `req` only with the run's token, when it has one: 401 without, 403 with another.
-async fn guard(token: Option<&Token>, req: Request, next: Next) -> Response {
-    let Some(token) = token else { return next.run(req).await };
-    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match token.check(req.uri().query(), auth) {
-        Ok(()) => next.run(req).await,
-        Err(Denied::Missing) => {
-            (StatusCode::UNAUTHORIZED, "this console needs its token: open the URL mirage printed\n")
-                .into_response()
-        }
-        Err(Denied::Wrong) => (StatusCode::FORBIDDEN, "wrong token\n").into_response(),
-    }
 }
 
 /// `/events`: the backlog, then live events, as server-sent events.

@@ -142,18 +142,16 @@ impl Column {
     }
 }
 
-/// Reads a design matrix: a plain TSV (a header row of names is optional) or FSL's VEST
-/// `design.mat` (`/NumWaves`, `/NumPoints`, … then `/Matrix` and the rows).
+/// Reads a design matrix: a TSV or CSV (a header row of names is optional), a whitespace-
+/// separated text matrix (numpy's `savetxt`, FSL's `.txt`), or FSL's VEST `design.mat`
+/// (`/NumWaves`, `/NumPoints`, … then `/Matrix` and the rows).
+///
+/// Tab- and comma-separated files go through [`crate::io::tsv`]; runs of spaces are no
+/// delimiter the `csv` crate knows, so whitespace matrices are split here.
 pub fn read_design(path: &std::path::Path) -> Result<Vec<Column>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    if lines.first().is_some_and(|l| l.starts_with('/')) {
-        let at = lines.iter().position(|l| l.starts_with("/Matrix")).ok_or("VEST file without /Matrix")?;
-        lines = lines[at + 1..].to_vec();
-    }
-    let split =
-        |l: &str| l.split(['\t', ' ', ',']).filter(|c| !c.is_empty()).map(str::to_string).collect::<Vec<_>>();
-    let first = lines.first().map(|l| split(l)).ok_or("the design has no rows")?;
+    let rows = design_rows(&text, &path.display().to_string())?;
+    let (_, first) = rows.first().ok_or("the design has no rows")?;
     let has_header = first.iter().any(|c| c.parse::<f64>().is_err());
     let names: Vec<String> = if has_header {
         first.clone()
@@ -161,21 +159,45 @@ pub fn read_design(path: &std::path::Path) -> Result<Vec<Column>, String> {
         (1..=first.len()).map(|i| format!("regressor_{i:02}")).collect()
     };
     let mut cols = vec![Vec::new(); names.len()];
-    for (n, line) in lines.iter().enumerate().skip(usize::from(has_header)) {
-        let cells = split(line);
+    for (line, cells) in rows.iter().skip(usize::from(has_header)) {
         if cells.len() != names.len() {
-            return Err(format!("design row {} has {} values, expected {}", n + 1, cells.len(), names.len()));
+            return Err(format!("design line {line} has {} values, expected {}", cells.len(), names.len()));
         }
         for (c, cell) in cells.iter().enumerate() {
             let v = cell
                 .parse::<f64>()
                 .ok()
                 .filter(|v| v.is_finite())
-                .ok_or(format!("design row {}: {cell:?} is not a number", n + 1))?;
+                .ok_or(format!("design line {line}: {cell:?} is not a number"))?;
             cols[c].push(v);
         }
     }
     Ok(names.into_iter().zip(cols).map(|(name, values)| Column::Given { name, values }).collect())
+}
+
+/// A design's non-blank rows, header included, each with its 1-based line in the file.
+fn design_rows(text: &str, what: &str) -> Result<Vec<(usize, Vec<String>)>, String> {
+    let lines = || text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty());
+    let Some((_, first)) = lines().next() else { return Ok(Vec::new()) };
+    let split_whitespace =
+        |(n, l): (usize, &str)| (n, l.split_whitespace().map(str::to_string).collect::<Vec<_>>());
+    if first.starts_with('/') {
+        let matrix =
+            lines().position(|(_, l)| l.starts_with("/Matrix")).ok_or("VEST file without /Matrix")?;
+        return Ok(lines().skip(matrix + 1).map(split_whitespace).collect());
+    }
+    let table = if first.contains('\t') {
+        crate::io::tsv::parse(text, what)
+    } else if first.contains(',') {
+        crate::io::tsv::parse_csv(text, what)
+    } else {
+        return Ok(lines().map(split_whitespace).collect());
+    };
+    let table = table.map_err(|e| e.to_string())?;
+    let header_line = lines().next().map_or(1, |(n, _)| n);
+    Ok(std::iter::once((header_line, table.header))
+        .chain(table.rows.into_iter().map(|r| (r.line, r.cells)))
+        .collect())
 }
 
 #[cfg(test)]
@@ -209,7 +231,19 @@ mod tests {
         let cols = read_design(&p).unwrap();
         assert_eq!(cols[0], Column::Given { name: "regressor_01".into(), values: vec![1.0, 3.0] });
         std::fs::write(&p, "1 2\n3\n").unwrap();
-        assert!(read_design(&p).unwrap_err().contains("row 2"));
+        assert!(read_design(&p).unwrap_err().contains("line 2"));
+        std::fs::write(&p, "a,b\n1,0.5\n\n2,-1\n").unwrap();
+        assert_eq!(read_design(&p).unwrap()[1], Column::Given { name: "b".into(), values: vec![0.5, -1.0] });
+        std::fs::write(&p, "1\t2\n3\t4\n").unwrap();
+        assert_eq!(
+            read_design(&p).unwrap()[1],
+            Column::Given { name: "regressor_02".into(), values: vec![2.0, 4.0] }
+        );
+        std::fs::write(&p, "a\tb\n1\t0.5\n2\n").unwrap();
+        let e = read_design(&p).unwrap_err();
+        assert!(e.contains("line 3"), "{e}");
+        std::fs::write(&p, "a\tb\n1\tx\n").unwrap();
+        assert!(read_design(&p).unwrap_err().contains("line 2: \"x\""));
     }
 
     #[test]

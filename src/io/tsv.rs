@@ -99,9 +99,20 @@ pub fn parse_as(text: &str, what: &str, shape: Shape) -> Result<Table, TsvError>
     parse_bytes(text.as_bytes(), what, shape)
 }
 
+/// Parses comma-separated `text` (a design written by pandas or MATLAB's `writematrix`) as
+/// [`parse`] parses tab-separated text.
+pub fn parse_csv(text: &str, what: &str) -> Result<Table, TsvError> {
+    parse_with(text.as_bytes(), what, Shape::Rectangular, b',')
+}
+
 fn parse_bytes(bytes: &[u8], what: &str, shape: Shape) -> Result<Table, TsvError> {
+    parse_with(bytes, what, shape, b'\t')
+}
+
+fn parse_with(bytes: &[u8], what: &str, shape: Shape, delimiter: u8) -> Result<Table, TsvError> {
+    let tabs = delimiter == b'\t';
     let mut reader = csv::ReaderBuilder::new()
-        .delimiter(b'\t')
+        .delimiter(delimiter)
         .has_headers(false)
         // Widths are checked here, after blank lines are skipped, so that a line of spaces is
         // skipped as blank rather than refused as one cell.
@@ -123,7 +134,7 @@ fn parse_bytes(bytes: &[u8], what: &str, shape: Shape) -> Result<Table, TsvError
         let line = record.position().map_or(0, |p| line_of(bytes, p));
         let cells: Vec<String> = record.iter().map(str::to_string).collect();
         if !has_header {
-            if let [only] = cells.as_slice() {
+            if let (true, [only]) = (tabs, cells.as_slice()) {
                 if let Some(hint) = separator_hint(only) {
                     return Err(table.error(Some(line), format!("the header has no tab; {hint}")));
                 }
@@ -134,7 +145,7 @@ fn parse_bytes(bytes: &[u8], what: &str, shape: Shape) -> Result<Table, TsvError
         }
         if shape == Shape::Rectangular && cells.len() != table.header.len() {
             let hint = match cells.as_slice() {
-                [only] => separator_hint(only).map(|h| format!("; {h}")).unwrap_or_default(),
+                [only] if tabs => separator_hint(only).map(|h| format!("; {h}")).unwrap_or_default(),
                 _ => String::new(),
             };
             let (n, m) = (cells.len(), table.header.len());

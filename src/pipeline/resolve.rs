@@ -104,6 +104,7 @@ pub fn counted_reasons() -> Vec<Reason> {
         super::REASONS,
         crate::ingest::markers::REASONS,
         crate::console::REASONS,
+        crate::http::REASONS,
         crate::ingest::wire::REASONS,
         crate::ingest::REASONS,
         &[crate::event::EVENTS_DROPPED],

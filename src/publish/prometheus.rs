@@ -1,18 +1,33 @@
 //! A Prometheus endpoint: `GET /metrics` answers with the pipeline's counters, queue gauges
-//! and latency histograms in the text exposition format. Plain HTTP/1.0 on std's
-//! `TcpListener`: one scrape every few seconds needs no web framework.
+//! and latency histograms in the text exposition format, served by [`crate::http`] like the
+//! console.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::access::{Denied, Token};
+use axum::extract::Request;
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::access::Token;
+use crate::http::Limits;
 use crate::metrics::Metrics;
 
-/// Largest request read, bytes.
-const MAX_REQUEST: usize = 8192;
+/// A scraper is one client every few seconds: a few connections at once is plenty, and a
+/// scrape (head and answer) has two seconds.
+const LIMITS: Limits = Limits {
+    max_connections: 16,
+    header_timeout: Duration::from_secs(2),
+    connection_timeout: Some(Duration::from_secs(2)),
+};
+
+/// The 401's text.
+const NEEDS_TOKEN: &str = "this endpoint needs the run's token\n";
 
 /// Binds `addr` (`HOST:PORT`); the listener is served by [`serve`].
 pub fn bind(addr: &str) -> Result<TcpListener, String> {
@@ -22,48 +37,31 @@ pub fn bind(addr: &str) -> Result<TcpListener, String> {
 /// Answers scrapes until `done` is set; with a `token`, only those that present it
 /// (`?token=…` or `Authorization: Bearer …`, as Prometheus' `authorization` setting sends).
 pub fn serve(listener: TcpListener, metrics: Arc<Metrics>, done: Arc<AtomicBool>, token: Option<Token>) {
-    super::listener::serve(listener, "metrics", &done, |stream| answer(stream, &metrics, token.as_ref()));
-}
-
-/// The request line's target and the `Authorization` header of a request's head.
-fn target_and_authorization(head: &str) -> (&str, Option<&str>) {
-    let mut lines = head.lines();
-    let target = lines.next().and_then(|l| l.split(' ').nth(1)).unwrap_or_default();
-    let auth = lines
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("authorization")))
-        .map(|(_, v)| v.trim());
-    (target, auth)
-}
-
-fn answer(mut stream: TcpStream, metrics: &Metrics, token: Option<&Token>) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let (target, auth) = target_and_authorization(&head);
-    let (path, query) = target.split_once('?').map_or((target, None), |(p, q)| (p, Some(q)));
-    let denied = token.map(|t| t.check(query, auth)).and_then(Result::err);
-    let (status, body) = match denied {
-        Some(Denied::Missing) => ("401 Unauthorized", "this endpoint needs the run's token\n".to_string()),
-        Some(Denied::Wrong) => ("403 Forbidden", "wrong token\n".to_string()),
-        None if head.starts_with("GET ") && (path == "/metrics" || path == "/") => {
-            ("200 OK", metrics.prometheus())
-        }
-        None => ("404 Not Found", "GET /metrics\n".to_string()),
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return tracing::error!("metrics endpoint: {e}"),
     };
-    write!(
-        stream,
-        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    stream.flush()
+    rt.block_on(async {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => return tracing::error!("metrics endpoint: {e}"),
+        };
+        let scrape = {
+            let metrics = metrics.clone();
+            move || {
+                let body = metrics.prometheus();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            }
+        };
+        let app = Router::new()
+            .route("/", get(scrape.clone()))
+            .route("/metrics", get(scrape))
+            .fallback(|| async { (StatusCode::NOT_FOUND, "GET /metrics\n").into_response() })
+            .layer(middleware::from_fn(move |req: Request, next: Next| {
+                let token = token.clone();
+                async move { crate::http::guard(token.as_ref(), NEEDS_TOKEN, req, next).await }
+            }));
+        crate::http::serve(listener, app, LIMITS, metrics, "metrics endpoint", crate::http::when_set(done))
+            .await;
+    });
 }
