@@ -99,12 +99,14 @@ impl Certificate {
         Ok(Certificate { public, secret })
     }
 
-    /// The secret key's 32 bytes; `path` (the file read) names it in the error.
+    /// The secret key's 32 bytes; `path` (the file read) names it in the error. A file that
+    /// others may read is refused, as OpenSSH refuses such private keys.
     fn secret_key(&self, path: &Path) -> Result<[u8; 32], String> {
         let secret = self
             .secret
             .as_deref()
             .ok_or_else(|| format!("{} holds no secret-key (give the .key_secret file)", path.display()))?;
+        owner_only(path)?;
         key_bytes(secret)
     }
 
@@ -137,6 +139,21 @@ impl Certificate {
         write_new(&public_path, &format!("{}{}", banner("Public"), body(None)), 0o644)?;
         write_new(&secret_path, &format!("{}{}", banner("**Secret**"), body(Some(secret))), 0o600)?;
         Ok((public_path, secret_path))
+    }
+}
+
+/// Refuses a secret file that group or others may read or write: anyone on the machine could
+/// then pose as its owner. pyzmq's `create_certificates` leaves them as the umask makes them.
+fn owner_only(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?.permissions().mode();
+    match mode & 0o077 {
+        0 => Ok(()),
+        _ => Err(format!(
+            "{}: a secret key that others can access (mode {:o}); run chmod 600 on it",
+            path.display(),
+            mode & 0o777
+        )),
     }
 }
 
@@ -305,7 +322,14 @@ mod tests {
         };
         assert!(load(public.clone(), vec![public.clone()]).contains("publish.curve.secret"));
         assert!(load(secret.clone(), vec![]).contains("publish.curve.clients: no client"));
-        assert!(load(secret, vec![bad]).contains("publish.curve.clients"));
+        assert!(load(secret.clone(), vec![bad]).contains("publish.curve.clients"));
         assert!(Curve::load(&CurveConfig::default(), "x").unwrap().is_none());
+
+        // A secret others can read (as pyzmq's create_certificates leaves it) is refused.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load(secret.clone(), vec![public.clone()]);
+        assert!(e.contains("others can access (mode 644)") && e.contains("chmod 600"), "{e}");
+        assert!(ClientCurve::load(&public, &secret).unwrap_err().contains("mode 644"));
     }
 }

@@ -150,6 +150,10 @@ pub struct IngestFlags {
     pub out_of_order: bool,
     /// First volume of a new run id or a new grid.
     pub new_run: bool,
+    /// The index is implausible for the run (see [`crate::ingest::intake::IndexTracker`]): the
+    /// volume is recorded and set aside, never sent down the path.
+    #[serde(default)]
+    pub implausible_index: bool,
 }
 
 /// What a frame carries: a new volume, or results, not a new volume (its `volume` is then the

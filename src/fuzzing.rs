@@ -99,11 +99,44 @@ pub fn web_token(data: &[u8]) {
     let _ = crate::access::Token::new(&text);
 }
 
+/// A run's volume indices as a sender might send them: 9 bytes per volume, the index (8, little
+/// endian) and the TRs since the volume before (1). Ingest's index bookkeeping must hold its
+/// invariants: what it counts missing lies between the taken indices, and an implausible
+/// index moves no clock.
+pub fn index_sequence(data: &[u8]) {
+    use std::sync::atomic::Ordering;
+    let (mut tracker, m) =
+        (crate::ingest::intake::IndexTracker::default(), crate::metrics::Metrics::new(0.0));
+    let (mut t, mut taken) = (0.0, Vec::new());
+    for chunk in data.chunks_exact(9) {
+        let mut index = [0u8; 8];
+        index.copy_from_slice(&chunk[..8]);
+        t += f64::from(chunk[8]);
+        let v = crate::volume::Volume {
+            data: Vec::new(),
+            dims: [1, 1, 1],
+            affine: crate::volume::IDENTITY_AFFINE,
+            index: u64::from_le_bytes(index),
+            run: "r".into(),
+            tr: Some(1.0),
+            acq_time: None,
+            recv_time: t,
+            dtype: crate::volume::Dtype::F32,
+        };
+        if !tracker.observe(&v, &m).implausible_index {
+            taken.push(v.index);
+        }
+    }
+    let (Some(lo), Some(hi)) = (taken.iter().min(), taken.iter().max()) else { return };
+    let missing = m.missing.load(Ordering::Relaxed);
+    assert!(missing <= hi - lo, "missing {missing} beyond the span {lo}..={hi} of the taken indices");
+}
+
 /// One fuzz target: arbitrary bytes in, nothing out.
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 10] = [
+pub const TARGETS: [(&str, Target); 11] = [
     ("wire_message", wire_message),
     ("lsl_geometry", lsl_geometry),
     ("marker", marker),
@@ -114,4 +147,5 @@ pub const TARGETS: [(&str, Target); 10] = [
     ("results_request", results_request),
     ("allowlist", allowlist),
     ("web_token", web_token),
+    ("index_sequence", index_sequence),
 ];

@@ -1,10 +1,8 @@
 //! The one HTTP stack of the daemon: every web listener (the console, the Prometheus endpoint)
-//! serves an axum router through [`serve`], with a header deadline, a bound on concurrent
-//! connections and a stop that does not wait on clients.
+//! is an axum router served by [`serve`] on hyper's HTTP/1, under [`crate::listen`]'s limits.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::Request;
 use axum::http::{header, StatusCode};
@@ -13,32 +11,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::sync::Semaphore;
 
 use crate::access::{Denied, Token};
+use crate::listen::{Limits, Requested};
 use crate::metrics::Metrics;
-use crate::reason::Reason;
 
-/// Connections an HTTP listener refused because it already served its limit.
-pub const HTTP_REFUSED: Reason =
-    Reason::new("http_refused", "web connections (console, metrics) refused: the listener was at its limit");
-
-/// Reasons this module counts.
-pub const REASONS: &[Reason] = &[HTTP_REFUSED];
-
-/// How one listener treats its clients.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Connections served at once; one more is closed unanswered and counted.
-    pub max_connections: usize,
-    /// Time a client has to send a request's whole head, however it trickles in.
-    pub header_timeout: Duration,
-    /// Time a connection may live in all; `None` for streams that last the run (server-sent events).
-    pub connection_timeout: Option<Duration>,
-}
-
-/// Serves `app` on `listener` until `stop` completes; then stops accepting and drops every open
-/// connection at once, so no client can hold the daemon open.
+/// Serves `app` on `listener` until `stop` completes; a request's head must arrive within
+/// `limits.request_timeout`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -47,54 +26,27 @@ pub async fn serve(
     what: &'static str,
     stop: impl Future<Output = ()>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let mut connections = tokio::task::JoinSet::new();
-    tokio::pin!(stop);
-    loop {
-        let accepted = tokio::select! {
-            () = &mut stop => break,
-            accepted = listener.accept() => accepted,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of descriptors, say: back off rather than spin.
-                tracing::warn!("{what}: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics.count(HTTP_REFUSED);
-            drop(stream);
-            continue;
-        };
-        let service = TowerToHyperService::new(app.clone());
-        connections.spawn(async move {
-            let _slot = slot;
-            let connection = hyper::server::conn::http1::Builder::new()
+    crate::listen::serve(listener, limits, metrics, what, stop, move |stream, requested: Requested| {
+        // The request's head has been read once the router is called.
+        let app = app.clone().layer(axum::middleware::map_request(move |req: Request| {
+            requested.mark();
+            async move { req }
+        }));
+        let service = TowerToHyperService::new(app);
+        async move {
+            // One request per connection: an idle kept-alive connection would hold a slot.
+            let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            let served = match limits.connection_timeout {
-                Some(t) => tokio::time::timeout(t, connection).await.unwrap_or(Ok(())),
-                None => connection.await,
-            };
+                .header_read_timeout(limits.request_timeout)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
             if let Err(e) = served {
                 tracing::debug!("{what}: {e}");
             }
-        });
-    }
-    connections.shutdown().await;
-}
-
-/// Completes once `done` is set (checked every 20 ms): the stop signal of a listener whose
-/// owner ends it with a flag.
-pub async fn when_set(done: Arc<std::sync::atomic::AtomicBool>) {
-    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        }
+    })
+    .await;
 }
 
 /// Middleware body: serves `req` only with the run's token, when it has one (401 without,

@@ -24,6 +24,7 @@ pub mod glm;
 pub mod http;
 pub mod ingest;
 pub mod io;
+pub mod listen;
 pub mod message;
 pub mod metrics;
 pub mod motion;

@@ -322,3 +322,105 @@ fn offline_glm_with_the_motion_parameters_reproduces_the_live_estimate() {
 fn betas_header(m: &mirage_rt::message::Received) -> mirage_rt::topic::BetasHeader {
     mirage_rt::topic::read(&m.topic, &m.header).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// Streams simulated `run` to a pyneal receiver on `port` as pyneal-scanner does (C-order
+/// buffers, one reply per volume), with a copy of volume `at` sent as index `stray` right after
+/// it; returns the receiver's replies.
+fn send_over_pyneal(run: &Path, port: u16, stray: Option<(u64, u64)>) -> Vec<String> {
+    let img = read_nifti(run.join("bold.nii.gz"), 1 << 24).unwrap();
+    let [nx, ny, nz] = img.dims;
+    let affine = serde_json::to_string(&img.affine).unwrap();
+    let tr = img.header.tr_seconds().unwrap();
+    let ctx = zmq::Context::new();
+    let s = common::pyneal_socket(&ctx, port);
+    common::pyneal_hello(&s);
+    let mut replies = Vec::new();
+    let mut send = |index: u64, v: &[f32]| {
+        let mut c_order = vec![0f32; v.len()];
+        for k in 0..nz {
+            for j in 0..ny {
+                for i in 0..nx {
+                    c_order[(i * ny + j) * nz + k] = v[i + nx * (j + ny * k)];
+                }
+            }
+        }
+        let header = serde_json::json!({"volIdx": index, "dtype": "float32", "shape": [nx, ny, nz],
+            "affine": affine, "TR": tr.to_string()});
+        let payload: Vec<u8> = c_order.iter().flat_map(|x| x.to_le_bytes()).collect();
+        s.send_multipart([header.to_string().into_bytes(), payload], 0).unwrap();
+        replies.push(s.recv_string(0).unwrap().unwrap());
+    };
+    for (i, v) in img.volumes.iter().enumerate() {
+        send(i as u64, v);
+        if let Some((at, index)) = stray.filter(|(at, _)| *at == i as u64) {
+            send(index, &img.volumes[at as usize]);
+        }
+    }
+    replies
+}
+
+/// A run's recorded `betas` messages: each header and its `betas` payload's bytes.
+type RecordedBetas = Vec<(mirage_rt::topic::BetasHeader, Vec<u8>)>;
+
+/// One pyneal run of simulated `run` through the live GLM, with an optional stray index: the
+/// recorded `betas` messages (header, betas payload), the receiver's replies and the last status.
+fn pyneal_glm_run(
+    run: &Path,
+    dir: &Path,
+    name: &str,
+    stray: Option<(u64, u64)>,
+) -> (RecordedBetas, Vec<String>, serde_json::Value) {
+    use mirage_rt::io::session::{read_messages, read_payload};
+    let pp = free_port();
+    let session = dir.join(name);
+    let events = format!("glm.events=\"{}\"", run.join("events.tsv").display());
+    let mask = format!("glm.mask=\"{}\"", run.join("truth/roi_mask.nii.gz").display());
+    let extra = ["--set", "motion.enabled=false", "--set", &events, "--set", &mask, "--stop-after", "120"];
+    let args = common::pyneal_daemon_args(pp, "none", &session, &extra);
+    let daemon = Daemon::start(&common::as_strs(&args), dir);
+    let replies = send_over_pyneal(run, pp, stray);
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    let betas = read_messages(&session)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.topic == "betas")
+        .map(|m| {
+            let header = mirage_rt::topic::read(&m.topic, &m.header).unwrap();
+            (header, read_payload(&session, &m, "betas").unwrap().unwrap())
+        })
+        .collect();
+    (betas, replies, published(&session, "status").pop().unwrap())
+}
+
+#[test]
+fn one_stray_volume_index_costs_one_volume_not_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (run, _) = simulated_run(dir.path(), &[]);
+    let (clean, _, clean_status) = pyneal_glm_run(&run, dir.path(), "clean", None);
+    for stray in [1000, 1 << 63] {
+        let (betas, replies, status) =
+            pyneal_glm_run(&run, dir.path(), &format!("stray-{stray}"), Some((19, stray)));
+        assert!(replies[20].starts_with(&format!("error volIdx {stray}")), "{}", replies[20]);
+        assert!(
+            replies.iter().enumerate().all(|(k, r)| k == 20 || r.starts_with("received volIdx")),
+            "{replies:?}"
+        );
+        assert_eq!(
+            (status["errors"]["implausible_index"].as_u64(), status["missing"].as_u64()),
+            (Some(1), Some(0))
+        );
+        assert_eq!(status["published"], clean_status["published"], "{status}");
+        // Every trial closes where it did without the stray, estimable as it was, with the same betas.
+        assert_eq!(betas.len(), clean.len());
+        for ((ha, a), (hb, b)) in clean.iter().zip(&betas) {
+            assert_eq!(
+                (ha.index, ha.trial.estimable, ha.trial.n_volumes),
+                (hb.index, hb.trial.estimable, hb.trial.n_volumes)
+            );
+            assert!(a == b, "trial {}: betas differ", ha.trial.trial);
+        }
+    }
+    let live: Vec<_> = clean.iter().filter(|(h, _)| !h.trial.at_run_end).collect();
+    assert!(!live.is_empty() && live.iter().all(|(h, _)| h.trial.estimable));
+}

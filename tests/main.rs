@@ -14,6 +14,7 @@ mod export;
 mod file_replay;
 mod fuzz_corpus;
 mod glm;
+mod listeners;
 mod lsl_ingest;
 mod mindeye2;
 mod motion;

@@ -301,3 +301,34 @@ fn curve_settings_are_checked_before_anything_starts() {
     let out = common::run(&mut cmd);
     assert!(out.contains("configuration is valid"), "{out}");
 }
+
+#[test]
+fn a_token_that_no_listener_will_ask_for_is_warned_of_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    let check = |listen: &str, token: Option<&str>, env: Option<&str>| {
+        let mut text = format!("[ingest]\nuri = \"sim://?volumes=2\"\n[console]\nlisten = \"{listen}\"\n");
+        if let Some(t) = token {
+            text.push_str(&format!("[security]\ntoken = \"{t}\"\n"));
+        }
+        std::fs::write(&config, text).unwrap();
+        let mut cmd = common::mirage();
+        cmd.arg("check").arg("--config").arg(&config).env_remove(mirage_rt::access::TOKEN_ENV);
+        if let Some(e) = env {
+            cmd.env(mirage_rt::access::TOKEN_ENV, e);
+        }
+        let (status, out) = run_with_timeout(&mut cmd, Duration::from_secs(60));
+        assert!(status.success(), "{out}");
+        out
+    };
+    let port = free_port();
+    let loopback = format!("127.0.0.1:{port}");
+    let out = check(&loopback, Some("abcdefghijklmnop1234"), None);
+    assert!(out.contains("security.token is set but not enforced"), "{out}");
+    let out = check(&loopback, None, Some("abcdefghijklmnop1234"));
+    assert!(out.contains("MIRAGE_TOKEN is set but not enforced"), "{out}");
+    let out = check(&loopback, None, None);
+    assert!(!out.contains("not enforced"), "{out}");
+    let out = check(&format!("0.0.0.0:{port}"), Some("abcdefghijklmnop1234"), None);
+    assert!(!out.contains("not enforced") && out.contains("configuration is valid"), "{out}");
+}

@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 
 use super::{ConsoleInput, ConsoleState, PAGE};
 use crate::access::Token;
-use crate::http::Limits;
+use crate::listen::Limits;
 use crate::metrics::Metrics;
 
 /// Page events a slow page may fall behind by before it skips some (counted).
@@ -26,7 +26,7 @@ const BROADCAST_CAPACITY: usize = 4096;
 /// A few pages at once; each must send its request head within five seconds, and an event
 /// stream then lasts the run.
 const LIMITS: Limits =
-    Limits { max_connections: 64, header_timeout: Duration::from_secs(5), connection_timeout: None };
+    Limits { max_connections: 64, request_timeout: Duration::from_secs(5), connection_timeout: None };
 
 /// The 401's text.
 const NEEDS_TOKEN: &str = "this console needs its token: open the URL mirage printed\n";

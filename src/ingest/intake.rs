@@ -13,12 +13,30 @@ use crate::volume::Volume;
 /// Live events held between two volumes; beyond this they are dropped (counted).
 pub const MAX_PENDING_EVENTS: usize = 4096;
 
-/// Tracks indices per run to flag duplicates, gaps and reordering.
+/// How far past the expected index a volume's may be before it is taken for a glitch: the
+/// expected index is the previous highest plus one, plus the TRs that have passed since it
+/// arrived.
+pub const MAX_INDEX_LEAD: u64 = 16;
+
+/// Volumes in a row that continue one another past an implausible jump before the jump is taken
+/// as real (the sender's indices did move on); the ones before are set aside.
+pub const JUMP_CONFIRMATIONS: u32 = 3;
+
+/// Tracks indices per run to flag duplicates, gaps, reordering and implausible indices.
+///
+/// An index is implausible when it is below the run's first, or more than [`MAX_INDEX_LEAD`]
+/// beyond the expected one. Such a volume moves none of the run's clocks (its highest index,
+/// what is missing); [`JUMP_CONFIRMATIONS`] volumes in a row continuing one another from there
+/// make the jump real, and the gap before the first of them is then counted missing.
 #[derive(Default)]
 pub struct IndexTracker {
     run: Option<(String, [usize; 3])>,
-    max_seen: Option<u64>,
+    first: u64,
+    /// The highest index taken, and the receipt time of its volume.
+    max_seen: Option<(u64, f64)>,
     seen: HashSet<u64>,
+    /// An implausible run of indices so far: its first index, its last, how many.
+    jump: Option<(u64, u64, u32)>,
 }
 
 impl IndexTracker {
@@ -32,21 +50,33 @@ impl IndexTracker {
                 tracing::info!("ingest: new run {:?} grid {:?} from volume {}", v.run, v.dims, v.index);
             }
             flags.new_run = true;
-            self.run = Some(key);
-            self.max_seen = None;
-            self.seen.clear();
+            *self = IndexTracker { run: Some(key), first: v.index, ..IndexTracker::default() };
+        }
+        // Where the gap before `v` starts: itself, or the first of a jump it confirms.
+        let mut from = v.index;
+        if let Some((max, at)) = self.max_seen {
+            match self.plausible(v, max, at) {
+                Some(first) => from = first,
+                None => {
+                    flags.implausible_index = true;
+                    return flags;
+                }
+            }
         }
         flags.duplicate = !self.seen.insert(v.index);
         match self.max_seen {
-            Some(max) if v.index > max + 1 => flags.gap_before = v.index - max - 1,
-            Some(max) if v.index < max && !flags.duplicate => {
+            Some((max, _)) if v.index > max.saturating_add(1) => flags.gap_before = from - max - 1,
+            Some((max, _)) if v.index < max && !flags.duplicate => {
                 flags.out_of_order = true;
                 // It fills a hole counted earlier.
                 let _ = m.missing.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| x.checked_sub(1));
             }
             _ => {}
         }
-        self.max_seen = Some(self.max_seen.map_or(v.index, |m| m.max(v.index)));
+        self.jump = None;
+        if self.max_seen.is_none_or(|(max, _)| v.index > max) {
+            self.max_seen = Some((v.index, v.recv_time));
+        }
         if flags.duplicate {
             m.duplicates.fetch_add(1, Ordering::Relaxed);
         }
@@ -55,6 +85,28 @@ impl IndexTracker {
         }
         m.missing.fetch_add(flags.gap_before, Ordering::Relaxed);
         flags
+    }
+
+    /// Whether `v`'s index fits a run whose highest index so far, `max`, arrived at `at`: `None`
+    /// if not, else where the gap before it starts (its own index, or the first index of the jump
+    /// it confirms). An implausible one is remembered, and the last of [`JUMP_CONFIRMATIONS`] in
+    /// a row is taken.
+    fn plausible(&mut self, v: &Volume, max: u64, at: f64) -> Option<u64> {
+        if v.index < self.first {
+            return None;
+        }
+        let elapsed = v.tr.filter(|t| *t > 0.0).map_or(0.0, |tr| ((v.recv_time - at) / tr).floor());
+        let passed =
+            if elapsed.is_finite() && elapsed > 0.0 { elapsed.min(u32::MAX as f64) as u64 } else { 0 };
+        let expected = max.saturating_add(1).saturating_add(passed);
+        if v.index <= expected.saturating_add(MAX_INDEX_LEAD) {
+            return Some(v.index);
+        }
+        self.jump = match self.jump {
+            Some((first, last, n)) if last.checked_add(1) == Some(v.index) => Some((first, v.index, n + 1)),
+            _ => Some((v.index, v.index, 1)),
+        };
+        self.jump.filter(|(.., n)| *n >= JUMP_CONFIRMATIONS).map(|(first, ..)| first)
     }
 }
 
@@ -162,6 +214,55 @@ mod tests {
         assert_eq!(flags[4], (false, 0, false, false));
         // Missing: 2 counted, 1 filled; one late arrival; one resend.
         assert_eq!(counts, [1, 1, 1]);
+    }
+
+    /// `(implausible, gap_before)` of each `(index, receipt time)` at a 1 s TR, and `missing`.
+    fn observe_timed(volumes: &[(u64, f64)]) -> (Vec<(bool, u64)>, u64) {
+        let (mut tracker, m) = (IndexTracker::default(), Metrics::new(0.0));
+        let flags = volumes
+            .iter()
+            .map(|&(i, t)| {
+                let mut v = volume("r1", i, [4, 4, 2]);
+                (v.tr, v.recv_time) = (Some(1.0), t);
+                let f = tracker.observe(&v, &m);
+                (f.implausible_index, f.gap_before)
+            })
+            .collect();
+        (flags, m.missing.load(Ordering::Relaxed))
+    }
+
+    #[test]
+    fn one_stray_index_is_set_aside_and_moves_no_clock() {
+        for stray in [1000, 1 << 63, u64::MAX] {
+            let mut run: Vec<(u64, f64)> = (0..20).map(|i| (i, i as f64)).collect();
+            run.push((stray, 20.0));
+            run.extend((20..60).map(|i| (i, i as f64 + 0.5)));
+            let (flags, missing) = observe_timed(&run);
+            assert_eq!(flags[20], (true, 0), "{stray}");
+            assert!(flags.iter().enumerate().all(|(k, f)| k == 20 || *f == (false, 0)), "{stray}: {flags:?}");
+            assert_eq!(missing, 0, "{stray}");
+        }
+        // Before the run's first index.
+        let (flags, _) = observe_timed(&[(5, 0.0), (6, 1.0), (2, 2.0), (7, 3.0)]);
+        assert_eq!(flags, [(false, 0), (false, 0), (true, 0), (false, 0)]);
+    }
+
+    #[test]
+    fn a_jump_the_clock_explains_or_that_continues_is_taken_as_a_real_gap() {
+        // 30 s without volumes at a 1 s TR: index 40 after 9 is expected, 30 missing.
+        let (flags, missing) = observe_timed(&[(8, 8.0), (9, 9.0), (40, 39.0), (41, 40.0)]);
+        assert_eq!(flags[2], (false, 30));
+        assert_eq!(missing, 30);
+        // Just within the lead, at once; then one beyond it.
+        let lead = MAX_INDEX_LEAD;
+        let (flags, _) = observe_timed(&[(0, 0.0), (1 + lead, 0.1), (2 + 2 * lead + 1, 0.2)]);
+        assert_eq!(flags.iter().map(|f| f.0).collect::<Vec<_>>(), [false, false, true]);
+        // The sender's indices really moved on: the third in a row is taken, and the gap before
+        // the first of them counts missing (the two set aside were received, not missing).
+        let (flags, missing) =
+            observe_timed(&[(0, 0.0), (1, 1.0), (500, 2.0), (501, 3.0), (502, 4.0), (503, 5.0)]);
+        assert_eq!(flags, [(false, 0), (false, 0), (true, 0), (true, 0), (false, 498), (false, 0)]);
+        assert_eq!(missing, 498);
     }
 
     #[test]

@@ -40,9 +40,14 @@ pub const SIM: Reason = Reason::new("sim", "a simulator that could not be made")
 /// Counted when: a sender outside `ingest.allow` tried to connect (refused before any data).
 pub const SENDER_REFUSED: Reason =
     Reason::new("sender_refused", "connections from senders outside ingest.allow, refused");
+/// Counted when: a volume's index was implausible for its run; it was recorded and set aside.
+pub const IMPLAUSIBLE_INDEX: Reason = Reason::new(
+    "implausible_index",
+    "volumes set aside (recorded, not processed): index before the run's first or far past the expected one",
+);
 /// What ingest refuses or fails on (the wire's reasons included; bad markers are the marker reader's).
 /// (With the wire's, [`wire::REASONS`].)
-pub const REASONS: &[Reason] = &[SOCKET, LSL_STREAM, FILE, SIM, SENDER_REFUSED];
+pub const REASONS: &[Reason] = &[SOCKET, LSL_STREAM, FILE, SIM, SENDER_REFUSED, IMPLAUSIBLE_INDEX];
 
 /// `[ingest]`
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

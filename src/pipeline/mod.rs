@@ -193,8 +193,9 @@ fn ingest_loop(
 ) -> (Box<dyn crate::ingest::Source>, Option<f64>) {
     tracing::info!("ingest: {}", source.describe());
     let mut intake = Intake::new(tr);
-    let mut seq = 0u64;
-    while !stop.load(Ordering::Acquire) && stop_after.is_none_or(|n| seq < n) {
+    // Every volume recorded takes a `seq`; those set aside are not taken down the path.
+    let (mut seq, mut set_aside) = (0u64, 0u64);
+    while !stop.load(Ordering::Acquire) && stop_after.is_none_or(|n| seq - set_aside < n) {
         let event = source.next(POLL);
         markers.try_iter().for_each(|e| intake.event(e, m));
         match event {
@@ -230,6 +231,26 @@ fn ingest_loop(
                     None => false,
                 };
                 let tr = volume.tr;
+                if accepted.flags.implausible_index {
+                    m.count(crate::ingest::IMPLAUSIBLE_INDEX);
+                    let text = format!(
+                        "volume index {index} is implausible for run {:?} (before its first, or over {} past the \
+                         expected one): recorded, set aside",
+                        volume.run,
+                        crate::ingest::intake::MAX_INDEX_LEAD
+                    );
+                    tracing::warn!("ingest: {text}");
+                    if recording
+                        && source.answers_sender()
+                        && !m.record_attempts.wait_for(seq + 1, one_tr(tr))
+                    {
+                        m.count(ACK_BEFORE_RECORDED);
+                    }
+                    source.acknowledge(Ack::Rejected { reason: &text });
+                    seq += 1;
+                    set_aside += 1;
+                    continue;
+                }
                 let mut stamps = Stamps::new(n_stages);
                 stamps.set(Boundary::RECEIVED, volume.recv_time);
                 stamps.set(Boundary::INGESTED, clock::now());
@@ -241,13 +262,13 @@ fn ingest_loop(
                 // The volume path has the frame; a waiting sender hears back once the volume
                 // is written to the session (the flush to disk is not waited for), or after one
                 // TR (counted) so that a slow disk never stalls it.
-                let one_tr =
-                    Duration::from_secs_f64(tr.filter(|t| t.is_finite()).unwrap_or(1.0).clamp(0.01, 10.0));
-                if recording && source.answers_sender() && !m.record_attempts.wait_for(seq + 1, one_tr) {
+                if recording && source.answers_sender() && !m.record_attempts.wait_for(seq + 1, one_tr(tr)) {
                     m.count(ACK_BEFORE_RECORDED);
                 }
                 // The last volume's answer tells the sender the run is over.
-                let last = closed || stop.load(Ordering::Acquire) || stop_after.is_some_and(|n| seq + 1 >= n);
+                let last = closed
+                    || stop.load(Ordering::Acquire)
+                    || stop_after.is_some_and(|n| seq - set_aside + 1 >= n);
                 source.acknowledge(Ack::Accepted { index, last });
                 if closed {
                     break;
@@ -258,6 +279,11 @@ fn ingest_loop(
     }
     tracing::info!("ingest: stopped after {seq} volumes");
     (source, intake.last_tr())
+}
+
+/// How long a waiting sender's answer may wait on the recorder: one TR (1 s when unknown).
+fn one_tr(tr: Option<f64>) -> Duration {
+    Duration::from_secs_f64(tr.filter(|t| t.is_finite()).unwrap_or(1.0).clamp(0.01, 10.0))
 }
 
 /// After the run ends, answers `STOP` to whatever a waiting sender still sends, for one TR and

@@ -97,6 +97,20 @@ fn alignment_out(cfg: &Config, session_dir: Option<&std::path::Path>) -> Option<
     }
 }
 
+/// The warning for a token that is configured (in `security.token` or `$MIRAGE_TOKEN`) and
+/// that no listener will ask for, since the console and metrics listen on loopback only.
+fn unenforced_token_warning(cfg: &Config) -> Option<String> {
+    let from = match (&cfg.security.token, std::env::var_os(crate::access::TOKEN_ENV)) {
+        (Some(_), _) => "security.token",
+        (None, Some(_)) => crate::access::TOKEN_ENV,
+        (None, None) => return None,
+    };
+    Some(format!(
+        "{from} is set but not enforced: the console and the metrics endpoint listen on loopback \
+         only, where any local user may connect; they ask for the token only beyond loopback"
+    ))
+}
+
 /// Every reason a run can count, registered up front: the runner's, the sources' and sinks',
 /// and the stages' typed errors and tallies.
 pub fn counted_reasons() -> Vec<Reason> {
@@ -104,7 +118,7 @@ pub fn counted_reasons() -> Vec<Reason> {
         super::REASONS,
         crate::ingest::markers::REASONS,
         crate::console::REASONS,
-        crate::http::REASONS,
+        crate::listen::REASONS,
         crate::ingest::wire::REASONS,
         crate::ingest::REASONS,
         &[crate::event::EVENTS_DROPPED],
@@ -172,7 +186,12 @@ impl Resolved {
         let exposed = |a: &Option<String>| a.as_deref().is_some_and(crate::config::beyond_loopback);
         let web_token = match exposed(&cfg.console.listen) || exposed(&cfg.publish.metrics) {
             true => keep(&mut errors, Token::resolve(cfg.security.token.as_deref())),
-            false => None,
+            false => {
+                if let Some(warning) = unenforced_token_warning(cfg) {
+                    tracing::warn!("{warning}");
+                }
+                None
+            }
         };
         let ingest_curve = keep(&mut errors, Curve::load(&cfg.ingest.curve, "ingest.curve")).flatten();
         let publish_curve = keep(&mut errors, Curve::load(&cfg.publish.curve, "publish.curve")).flatten();

@@ -12,7 +12,6 @@
 //! estimable) — and stamps each sample with the volume's acquisition time (LSL clock) when the
 //! sender gave one, so a consumer can compute trigger-to-feedback latency.
 
-pub mod listener;
 pub mod prometheus;
 pub mod results;
 

@@ -15,14 +15,14 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::access::Token;
-use crate::http::Limits;
+use crate::listen::Limits;
 use crate::metrics::Metrics;
 
 /// A scraper is one client every few seconds: a few connections at once is plenty, and a
 /// scrape (head and answer) has two seconds.
 const LIMITS: Limits = Limits {
     max_connections: 16,
-    header_timeout: Duration::from_secs(2),
+    request_timeout: Duration::from_secs(2),
     connection_timeout: Some(Duration::from_secs(2)),
 };
 
@@ -31,17 +31,13 @@ const NEEDS_TOKEN: &str = "this endpoint needs the run's token\n";
 
 /// Binds `addr` (`HOST:PORT`); the listener is served by [`serve`].
 pub fn bind(addr: &str) -> Result<TcpListener, String> {
-    super::listener::bind(addr, "metrics endpoint", "127.0.0.1:9464")
+    crate::listen::bind(addr, "metrics endpoint", "127.0.0.1:9464")
 }
 
 /// Answers scrapes until `done` is set; with a `token`, only those that present it
 /// (`?token=…` or `Authorization: Bearer …`, as Prometheus' `authorization` setting sends).
 pub fn serve(listener: TcpListener, metrics: Arc<Metrics>, done: Arc<AtomicBool>, token: Option<Token>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => return tracing::error!("metrics endpoint: {e}"),
-    };
-    rt.block_on(async {
+    crate::listen::block_on("metrics endpoint", || async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => return tracing::error!("metrics endpoint: {e}"),
@@ -61,7 +57,7 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>, done: Arc<AtomicBool>
                 let token = token.clone();
                 async move { crate::http::guard(token.as_ref(), NEEDS_TOKEN, req, next).await }
             }));
-        crate::http::serve(listener, app, LIMITS, metrics, "metrics endpoint", crate::http::when_set(done))
-            .await;
+        let stop = crate::listen::when_set(done);
+        crate::http::serve(listener, app, LIMITS, metrics, "metrics endpoint", stop).await;
     });
 }

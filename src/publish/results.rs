@@ -7,21 +7,25 @@
 //! has been published; a trial's decode joins the volume that closed the trial when it arrives.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::ingest::allow::Allowlist;
+use crate::listen::Limits;
 use crate::metrics::{Metrics, Reason};
 use crate::topic::{self, BetasHeader, DecodeHeader, MotionHeader, RoiHeader, Topic, VolumeHeader};
 
 /// A request the results server could not answer.
-pub const BAD_REQUEST: Reason =
-    Reason::new("results_bad_request", "results-server requests that were not a 4-digit volume index");
+pub const BAD_REQUEST: Reason = Reason::new(
+    "results_bad_request",
+    "results-server requests that were not a 4-digit volume index in time",
+);
 /// A results client outside `ingest.allow`.
 pub const REFUSED: Reason =
     Reason::new("results_refused", "results-server connections from outside ingest.allow, closed unanswered");
@@ -127,14 +131,22 @@ impl ResultsBoard {
     }
 }
 
+/// Task scripts connect once per volume and send four bytes at once: a few dozen connections
+/// at a time is ample, and a request has a second to arrive, whatever pace it trickles in at.
+const LIMITS: Limits = Limits {
+    max_connections: 64,
+    request_timeout: Duration::from_secs(1),
+    connection_timeout: Some(Duration::from_secs(2)),
+};
+
 /// Binds `addr` (`IP:PORT`) for [`serve`].
 pub fn bind(addr: &str) -> Result<TcpListener, String> {
-    super::listener::bind(addr, "results server", "127.0.0.1:5556")
+    crate::listen::bind(addr, "results server", "127.0.0.1:5556")
 }
 
-/// Answers requests until `done` is set; a malformed request is answered with an error line
-/// and counted (`results_bad_request`); a client outside `allow` is closed unanswered and
-/// counted (`results_refused`).
+/// Answers requests, many clients at once, until `done` is set; a malformed or late request is
+/// answered with an error line and counted (`results_bad_request`); a client outside `allow` is
+/// closed unanswered and counted (`results_refused`).
 pub fn serve(
     listener: TcpListener,
     board: Arc<ResultsBoard>,
@@ -142,12 +154,26 @@ pub fn serve(
     done: Arc<AtomicBool>,
     allow: Allowlist,
 ) {
-    super::listener::serve(listener, "results server", &done, |stream| match stream.peer_addr() {
-        Ok(peer) if allow.allows(peer.ip()) => answer(stream, &board, &metrics),
-        _ => {
-            metrics.count(REFUSED);
-            Ok(())
-        }
+    crate::listen::block_on("results server", || async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => return tracing::error!("results server: {e}"),
+        };
+        let stop = crate::listen::when_set(done);
+        let m = metrics.clone();
+        crate::listen::serve(listener, LIMITS, metrics, "results server", stop, move |stream, requested| {
+            let (board, metrics, allowed) =
+                (board.clone(), m.clone(), stream.peer_addr().is_ok_and(|p| allow.allows(p.ip())));
+            async move {
+                if !allowed {
+                    return metrics.count(REFUSED);
+                }
+                if let Err(e) = answer(stream, &board, &metrics, &requested).await {
+                    tracing::debug!("results server: {e}");
+                }
+            }
+        })
+        .await;
     });
 }
 
@@ -161,28 +187,45 @@ pub fn parse_request(bytes: &[u8]) -> Result<u64, String> {
     text.parse().map_err(|_| format!("request {text:?}: not a volume index"))
 }
 
-fn answer(mut stream: TcpStream, board: &ResultsBoard, metrics: &Metrics) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    // pyneal's clients send exactly four characters and then wait; read until four arrive.
+async fn answer(
+    mut stream: TcpStream,
+    board: &ResultsBoard,
+    metrics: &Metrics,
+    requested: &crate::listen::Requested,
+) -> std::io::Result<()> {
+    // pyneal's clients send exactly four characters and then wait; read until four arrive, or
+    // the request's time is up.
     let mut buf = [0u8; 16];
     let mut n = 0;
-    while n < 4 {
-        let got = stream.read(&mut buf[n..])?;
-        if got == 0 {
-            break;
+    let read = async {
+        while n < 4 {
+            match stream.read(&mut buf[n..]).await? {
+                0 => break,
+                got => n += got,
+            }
         }
-        n += got;
-    }
-    let reply = match parse_request(&buf[..n]) {
-        Ok(index) => board.lookup(index),
-        Err(e) => {
+        std::io::Result::Ok(())
+    };
+    let in_time = tokio::time::timeout(LIMITS.request_timeout, read).await;
+    requested.mark();
+    let reply = match in_time {
+        Ok(read) => {
+            read?;
+            match parse_request(&buf[..n]) {
+                Ok(index) => board.lookup(index),
+                Err(e) => {
+                    metrics.count(BAD_REQUEST);
+                    json!({"foundResults": false, "error": e})
+                }
+            }
+        }
+        Err(_) => {
             metrics.count(BAD_REQUEST);
-            json!({"foundResults": false, "error": e})
+            json!({"foundResults": false, "error": "no 4-digit request within a second"})
         }
     };
-    stream.write_all(format!("{reply}\n").as_bytes())?;
-    stream.flush()
+    stream.write_all(format!("{reply}\n").as_bytes()).await?;
+    stream.flush().await
 }
 
 #[cfg(test)]

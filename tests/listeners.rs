@@ -1,0 +1,145 @@
+//! Every listener (the results server, the metrics endpoint, the console) against hostile
+//! clients on loopback: connections that trickle a partial request or send nothing, by the
+//! hundred, do not stall a client that asks properly, and SIGTERM ends the daemon whatever
+//! they do.
+
+use crate::common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// Connections held open against one listener, each having sent `partial` (maybe nothing).
+fn hold(port: u16, n: usize, partial: &[u8]) -> Vec<TcpStream> {
+    (0..n)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+            let _ = s.write_all(partial);
+            Some(s)
+        })
+        .collect()
+}
+
+/// One request as a well-behaved client makes it (the whole request at once); its answer and
+/// how long it took. A client that gets no answer within 10 s counts as stalled; one that
+/// cannot connect gets an empty answer.
+fn ask(port: u16, request: &[u8]) -> (String, Duration) {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if s.write_all(request).is_ok() {
+            let _ = s.read_to_end(&mut out);
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), start.elapsed())
+}
+
+/// The three listeners' well-formed requests and what their answer holds.
+fn requests(ports: [u16; 3]) -> [(u16, &'static [u8], &'static str); 3] {
+    let [results, metrics, console] = ports;
+    [
+        (results, b"0003", "\"foundResults\":true"),
+        (metrics, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 200 OK"),
+        (console, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 200 OK"),
+    ]
+}
+
+/// Median and largest of a listener's legitimate latencies, in ms.
+fn summary(mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    (ms[ms.len() / 2], ms[ms.len() - 1])
+}
+
+/// Twenty legitimate requests to each listener, each answered in full; their latencies.
+fn legitimate(ports: [u16; 3], what: &str) -> Vec<(f64, f64)> {
+    requests(ports)
+        .iter()
+        .map(|(port, request, want)| {
+            let ms = (0..20)
+                .map(|_| {
+                    let (answer, took) = ask(*port, request);
+                    assert!(answer.contains(want), "{what}, port {port}: {answer:?}");
+                    took.as_secs_f64() * 1e3
+                })
+                .collect();
+            summary(ms)
+        })
+        .collect()
+}
+
+#[test]
+fn slow_clients_and_floods_stall_no_listener_and_sigterm_ends_the_daemon_regardless() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [common::free_port(), common::free_port(), common::free_port()];
+    let [results, metrics, console] = ports.map(|p| format!("127.0.0.1:{p}"));
+    let session = dir.path().join("s");
+    let daemon = common::Daemon::start(
+        &[
+            "--ingest",
+            "sim://?shape=16,16,8&volumes=100000&tr=0.2",
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--quiet",
+            "--record",
+            session.to_str().unwrap(),
+            "--metrics",
+            &metrics,
+            "--set",
+            &format!("publish.results=\"{results}\""),
+            "--set",
+            &format!("console.listen=\"{console}\""),
+        ],
+        dir.path(),
+    );
+    // Until volume 3 is published (each try is answered at once, found or not).
+    let mut found = false;
+    for _ in 0..600 {
+        found = ask(ports[0], b"0003").0.contains("\"foundResults\":true");
+        if found {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(found, "{}", daemon.log());
+    let quiet = legitimate(ports, "no attack");
+
+    // 200 connections per listener that sent the first byte of a request and nothing more.
+    let trickling: Vec<Vec<TcpStream>> = ports.iter().map(|&p| hold(p, 200, b"G")).collect();
+    let slow = legitimate(ports, "slow clients");
+    // Then 300 more per listener that send nothing at all, held beside the first.
+    let idle: Vec<Vec<TcpStream>> = ports.iter().map(|&p| hold(p, 300, b"")).collect();
+    let flooded = legitimate(ports, "slow clients and a flood");
+    let held: usize = trickling.iter().chain(&idle).map(Vec::len).sum();
+    assert_eq!(held, 1500);
+    // The daemon keeps at most its limit of them open (64 a listener), not 1,500.
+    let descriptors = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid())).unwrap().count();
+    assert!(descriptors < 3 * 64 + 200, "{descriptors} descriptors open");
+
+    let (scrape, _) = ask(ports[1], b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let evicted = scrape
+        .lines()
+        .find(|l| l.starts_with("mirage_errors_total{reason=\"listener_evicted\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(evicted.is_some_and(|n| n > 0.0), "{scrape}");
+
+    // SIGTERM with every attacking connection still open.
+    let start = Instant::now();
+    daemon.terminate();
+    let (status, log) = daemon.wait(Duration::from_secs(30));
+    let exit = start.elapsed();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("stopped by signal"), "{log}");
+    for (name, (q, (s, f))) in
+        ["results", "metrics", "console"].iter().zip(quiet.iter().zip(slow.iter().zip(&flooded)))
+    {
+        eprintln!(
+            "{name}: legitimate p50/max ms: quiet {:.2}/{:.2}, 200 slow {:.2}/{:.2}, +300 idle {:.2}/{:.2}",
+            q.0, q.1, s.0, s.1, f.0, f.1
+        );
+    }
+    eprintln!("daemon descriptors with {held} hostile connections held: {descriptors}");
+    eprintln!("exit after SIGTERM with {held} hostile connections open: {:.0} ms", exit.as_secs_f64() * 1e3);
+    drop((trickling, idle));
+}
