@@ -60,6 +60,9 @@ def row(name, s):
 
 def scenario_md(title, args, target, r, slug, repeats=()):
     out = [f"### {title}", "", f"`mirage bench {' '.join(args)} --json … --plot docs/benchmarks/{slug}.svg`", ""]
+    if r["setup"].get("date"):
+        # A subsection regenerated alone (--scenario) may come from another machine than the header's.
+        out += [f"Measured {r['setup']['date']} on {r['setup']['machine']}.", ""]
     if target:
         out += [f"Target: {target}.", ""]
     out += ["| latency (ms) | n | p50 | p90 | p99 | p99.9 | max |", "|---|---|---|---|---|---|---|"]
@@ -94,16 +97,29 @@ def scenario_md(title, args, target, r, slug, repeats=()):
 
 
 def criterion_md():
-    rows = []
-    for est in sorted(glob.glob(os.path.join(ROOT, "target", "criterion", "*", "*", "new", "estimates.json"))):
-        parts = est.split(os.sep)
-        group, name = parts[-4], parts[-3]
+    """The criterion section: every bench found in `target/criterion`, and the rows on record in
+    BENCHMARKS.md of benches not rerun here (each row says the day it was measured)."""
+    rows = {}
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    if os.path.exists(path):
+        old = open(path).read().splitlines()
+        if "## Criterion benches" in old:
+            for line in old[old.index("## Criterion benches"):]:
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                if line.startswith("| ") and len(cells) == 5 and cells[0] not in ("group", "---"):
+                    rows[(cells[0], cells[1])] = line
+    for est in sorted(glob.glob(os.path.join(ROOT, "target", "criterion", "*", "*", "*", "new", "estimates.json"))
+                      + glob.glob(os.path.join(ROOT, "target", "criterion", "*", "*", "new", "estimates.json"))):
+        rel = os.path.relpath(est, os.path.join(ROOT, "target", "criterion")).split(os.sep)[:-2]
+        group, name = rel[0], "/".join(rel[1:])
         e = json.load(open(est))
         med = e["median"]
         ci = med["confidence_interval"]
         unit = lambda ns: f"{ns / 1e6:.3f} ms" if ns >= 1e5 else f"{ns / 1e3:.2f} µs"
         when = datetime.datetime.fromtimestamp(os.path.getmtime(est), datetime.timezone.utc).strftime("%Y-%m-%d")
-        rows.append(f"| {group} | {name} | {unit(med['point_estimate'])} | {unit(ci['lower_bound'])} – {unit(ci['upper_bound'])} | {when} |")
+        rows[(group, name)] = (f"| {group} | {name} | {unit(med['point_estimate'])} | "
+                               f"{unit(ci['lower_bound'])} – {unit(ci['upper_bound'])} | {when} |")
+    rows = [rows[k] for k in sorted(rows)]
     if not rows:
         return []
     return ["## Criterion benches", "",
@@ -542,13 +558,14 @@ def main():
     ap.add_argument("--criterion", action="store_true", help="run `cargo bench` first")
     ap.add_argument("--quick", action="store_true", help="fewer volumes (for trying the script)")
     ap.add_argument("--render", action="store_true", help="re-render the last run's reports, run nothing")
-    ap.add_argument("--only", choices=["calibration", "soak", "mindeye2", "peers"],
+    ap.add_argument("--only", choices=["calibration", "soak", "mindeye2", "peers", "criterion"],
                     help="re-render this section of BENCHMARKS.md from its data, keeping the others")
     ap.add_argument("--scenario", action="append", default=[],
                     help="run only the end-to-end scenarios whose title holds this, updating their subsections")
     a = ap.parse_args()
     if a.only:
-        section = {"calibration": calibration_md, "soak": soak_md, "mindeye2": mindeye2_md, "peers": peers_md}[a.only]()
+        section = {"calibration": calibration_md, "soak": soak_md, "mindeye2": mindeye2_md, "peers": peers_md,
+                   "criterion": criterion_md}[a.only]()
         return update_section(section, before="## Decode on a GPU")
     sh(["cargo", "build", "--release", "-q"])
     if a.criterion:
