@@ -31,6 +31,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// Online realignment.
     pub motion: MotionConfig,
+    /// Spatial smoothing before the GLM.
+    pub smooth: crate::smooth::SmoothConfig,
     /// Online GLM.
     pub glm: GlmConfig,
     /// The MIRAGE decoder.
@@ -192,6 +194,7 @@ impl Config {
         }
         errors.extend(self.exposure_errors());
         errors.extend(self.motion.validate());
+        errors.extend(self.smooth.validate());
         errors.extend(self.glm.validate());
         errors.extend(self.decode.validate());
         errors.extend(self.calibrate.validate());

@@ -48,6 +48,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Smooth a 4-D NIfTI offline with the smoothing stage's code (a Gaussian of FWHM mm).
+    Smooth {
+        /// Input series (.nii or .nii.gz).
+        input: PathBuf,
+        /// Full width at half maximum, mm.
+        #[arg(long, default_value_t = 5.0)]
+        fwhm: f64,
+        /// Smoothed series.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Realign a 4-D NIfTI offline with the online motion stage's code.
     Realign {
         /// Input series (.nii or .nii.gz).
@@ -500,6 +511,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Simulate(a) => simulate(a),
         Command::Scanner(a) => scanner(a),
         Command::Convert { dir, vendor, out } => commands::scanner::convert(&dir, vendor, &out).map(|_| ()),
+        Command::Smooth { input, fwhm, out } => {
+            let done = commands::smooth::smooth(
+                &input,
+                &out,
+                fwhm,
+                mirage_rt::ingest::IngestConfig::default().max_voxels,
+            )?;
+            eprintln!(
+                "mirage: smoothed {} volumes (FWHM {fwhm} mm); smoothing stage {}",
+                done.seconds.len(),
+                commands::per_volume_times(&done.seconds)
+            );
+            Ok(())
+        }
         Command::Realign { input, out, params, matrices, reference, config } => {
             let cfg = commands::load_config(config.as_deref())?;
             let outputs = RealignOutputs { out, params, matrices };

@@ -220,7 +220,7 @@ fn a_stage_added_to_the_topology_shows_in_status_the_bench_and_the_console() {
     };
     // Between motion and the GLM: the one line.
     let mut topology = Topology::standard();
-    topology.0.insert(1, Box::new(|_| Ok(Box::new(Probe) as Box<dyn mirage_rt::stage::Stage>)));
+    topology.0.insert(1, Box::new(|_| Ok(Some(Box::new(Probe) as Box<dyn mirage_rt::stage::Stage>))));
     let report = bench_with(&args, false, &topology).unwrap();
 
     let status = common::published_as::<mirage_rt::topic::StatusHeader>(&session).pop().expect("a status");

@@ -10,6 +10,7 @@ pub mod run;
 pub mod scanner;
 pub mod sim_model;
 pub mod simulate;
+pub mod smooth;
 
 use std::path::{Path, PathBuf};
 

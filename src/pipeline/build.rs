@@ -548,9 +548,10 @@ mod tests {
         // Between motion and the GLM: one line, as in the topology.
         let mut topology = Topology::standard();
         let probe = seen.clone();
-        topology
-            .0
-            .insert(1, Box::new(move |_| Ok(Box::new(Probe { seen: probe.clone() }) as Box<dyn Stage>)));
+        topology.0.insert(
+            1,
+            Box::new(move |_| Ok(Some(Box::new(Probe { seen: probe.clone() }) as Box<dyn Stage>))),
+        );
         let snap = Pipeline::build_with(&cfg, &topology).unwrap_or_else(|e| panic!("{e:?}")).wait();
         // Its place: right after motion, before the GLM, with an edge in and out like any stage.
         let at = |name: &str| snap.stages.iter().position(|s| s == name);

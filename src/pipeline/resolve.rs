@@ -42,8 +42,9 @@ pub struct Inputs<'a> {
     pub session_dir: Option<&'a std::path::Path>,
 }
 
-/// Builds one stage of the volume path.
-pub type StageBuild = Box<dyn Fn(&Inputs<'_>) -> Result<Box<dyn Stage>, String>>;
+/// Builds one stage of the volume path; `None` when the run has no such step (one that is off
+/// and costs the path nothing; a switched-off step that keeps its place is an [`Identity`]).
+pub type StageBuild = Box<dyn Fn(&Inputs<'_>) -> Result<Option<Box<dyn Stage>>, String>>;
 
 /// The volume path between ingest and publish: its stages' builds, in order.
 pub struct Topology(pub Vec<StageBuild>);
@@ -52,9 +53,10 @@ impl Topology {
     /// The path mirage runs. Adding a stage is one line here (and its folder).
     pub fn standard() -> Topology {
         Topology(vec![
-            Box::new(|i| crate::motion::stage::build(&i.cfg.motion).map_err(|e| e.to_string())),
-            Box::new(|i| crate::glm::stage::build(&i.cfg.glm, sim_roi(i.simulator))),
-            Box::new(decode_stage),
+            Box::new(|i| crate::motion::stage::build(&i.cfg.motion).map(Some).map_err(|e| e.to_string())),
+            Box::new(|i| Ok(crate::smooth::stage::build(&i.cfg.smooth))),
+            Box::new(|i| crate::glm::stage::build(&i.cfg.glm, sim_roi(i.simulator)).map(Some)),
+            Box::new(|i| decode_stage(i).map(Some)),
         ])
     }
 }
@@ -230,11 +232,12 @@ impl Resolved {
             protocol: protocol.as_ref(),
             session_dir: session_dir.as_deref(),
         };
-        let stages: Vec<Option<Box<dyn Stage>>> =
+        let built: Vec<Option<Option<Box<dyn Stage>>>> =
             topology.0.iter().map(|build| keep(&mut errors, build(&inputs))).collect();
-        let (Some(uri), Some(stages)) = (uri, stages.into_iter().collect::<Option<Vec<_>>>()) else {
+        let (Some(uri), Some(built)) = (uri, built.into_iter().collect::<Option<Vec<_>>>()) else {
             return Err(errors);
         };
+        let stages: Vec<Box<dyn Stage>> = built.into_iter().flatten().collect();
         if !errors.is_empty() {
             return Err(errors);
         }
