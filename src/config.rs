@@ -35,6 +35,8 @@ pub struct Config {
     pub smooth: crate::smooth::SmoothConfig,
     /// Online GLM.
     pub glm: GlmConfig,
+    /// The neurofeedback value's recipe.
+    pub feedback: crate::feedback::FeedbackConfig,
     /// The MIRAGE decoder.
     pub decode: DecodeConfig,
     /// Calibration mode: the domain-alignment head and its fit.
@@ -107,11 +109,12 @@ impl Config {
     /// (`record.dir`, `calibrate.out`, `console.report`) stay relative to the working
     /// directory, like `--set` values.
     pub fn resolve_inputs_against(&mut self, base: &Path) {
-        let sections: [&mut dyn InputFiles; 7] = [
+        let sections: [&mut dyn InputFiles; 8] = [
             &mut self.ingest,
             &mut self.sim,
             &mut self.motion,
             &mut self.glm,
+            &mut self.feedback,
             &mut self.decode,
             &mut self.calibrate,
             &mut self.publish,
@@ -196,6 +199,7 @@ impl Config {
         errors.extend(self.motion.validate());
         errors.extend(self.smooth.validate());
         errors.extend(self.glm.validate());
+        errors.extend(self.feedback.validate());
         errors.extend(self.decode.validate());
         errors.extend(self.calibrate.validate());
         errors.extend(self.console.validate());

@@ -142,6 +142,10 @@ pub struct RoiHeader {
     pub acq_time: Option<f64>,
     /// One reading per ROI.
     pub rois: Vec<RoiReading>,
+    /// The feedback recipe's value shown (`feedback.recipe`): 0 outside regulation blocks, null
+    /// where undefined or with no recipe.
+    #[serde(default)]
+    pub feedback: Option<f64>,
 }
 
 impl Topic for RoiHeader {
@@ -514,6 +518,7 @@ mod tests {
                 run: "r".into(),
                 acq_time: None,
                 rois: vec![RoiReading { name: "v1".into(), mean: Some(1.0), psc: None }],
+                feedback: Some(40.0),
             }),
             s(BetasHeader { trial: trial(), index: 9, tr: Some(2.0), shape: [2, 2, 2] }),
             s(DecodeHeader::sample(trial(), 7, 0.5)),

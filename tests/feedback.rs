@@ -49,6 +49,7 @@ fn reference(
     motion: Option<&[[f64; 6]]>,
     blocks: &[(usize, usize)],
     operation: &str,
+    tr: f64,
 ) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (dir.path().join("in.json"), dir.path().join("out.json"));
@@ -57,7 +58,7 @@ fn reference(
         options["motion_missing"] = json!("omit");
     }
     let doc = json!({
-        "tr": 2.0,
+        "tr": tr,
         "roi_means": means,
         "motion": motion,
         "blocks": {"regulation": blocks.iter().map(|b| [b.0, b.1]).collect::<Vec<_>>()},
@@ -78,8 +79,9 @@ fn ours(
     motion: Option<&[[f64; 6]]>,
     blocks: &[(usize, usize)],
     combine: Combine,
+    tr: f64,
 ) -> Vec<VolumeSteps> {
-    let protocol = Protocol::new(means.len(), 2000.0, blocks.to_vec()).unwrap();
+    let protocol = Protocol::new(means.len(), tr * 1000.0, blocks.to_vec()).unwrap();
     let mut psc = ContinuousPsc::new(protocol, means[0].len(), combine, Display::default(), motion.is_some());
     (0..means.len()).map(|t| psc.step(&means[t], motion.map(|m| m[t]))).collect()
 }
@@ -132,15 +134,85 @@ fn agree(got: &[VolumeSteps], want: &Value, what: &str) {
 #[test]
 fn continuous_psc_equals_the_opennft_reference_step_by_step() {
     let (means, motion, blocks) = world(120);
-    let want = reference(&means, Some(&motion), &blocks, "mean(norm_percValues)");
-    let got = ours(&means, Some(&motion), &blocks, Combine::Mean);
+    let want = reference(&means, Some(&motion), &blocks, "mean(norm_percValues)", 2.0);
+    let got = ours(&means, Some(&motion), &blocks, Combine::Mean, 2.0);
     agree(&got, &want, "mean, motion regressors");
     // Regulation volumes show values, and the NaN a missing baseline would give is absent.
     let shown = got.iter().filter(|v| v.display > 0.0).count();
     eprintln!("volumes with a value shown: {shown} of {}", got.len());
     assert!(shown > 10 && got.iter().all(|v| v.feedback.is_finite()));
-    let want = reference(&means, None, &blocks, "norm_percValues(1)-norm_percValues(2)");
-    agree(&ours(&means, None, &blocks, Combine::Difference(0, 1)), &want, "difference, no motion regressors");
-    let want = reference(&means, Some(&motion), &blocks, "median(norm_percValues)");
-    agree(&ours(&means, Some(&motion), &blocks, Combine::Median), &want, "median");
+    let want = reference(&means, None, &blocks, "norm_percValues(1)-norm_percValues(2)", 2.0);
+    agree(
+        &ours(&means, None, &blocks, Combine::Difference(0, 1), 2.0),
+        &want,
+        "difference, no motion regressors",
+    );
+    let want = reference(&means, Some(&motion), &blocks, "median(norm_percValues)", 2.0);
+    agree(&ours(&means, Some(&motion), &blocks, Combine::Median, 2.0), &want, "median");
+}
+
+#[test]
+fn the_live_feedback_of_a_replayed_run_equals_the_offline_recipe_and_the_reference() {
+    use mirage_rt::topic::{MotionHeader, RoiHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    common::run(
+        common::mirage()
+            .args(["simulate", "--seed", "5", "--shape", "32,32,20", "--volumes", "80", "--out"])
+            .arg(&run),
+    );
+    let tr = mirage_rt::io::nifti::read_nifti(run.join("bold.nii.gz"), 1 << 24)
+        .unwrap()
+        .header
+        .tr_seconds()
+        .unwrap();
+    // Regulation blocks of 10 volumes from volumes 11, 31, 51 and 71 (onsets in seconds).
+    let protocol = dir.path().join("protocol.tsv");
+    let rows: String =
+        [10, 30, 50, 70].iter().map(|v| format!("{}\t{}\tregulation\n", *v as f64 * tr, 10.0 * tr)).collect();
+    std::fs::write(&protocol, format!("onset\tduration\ttrial_type\n{rows}")).unwrap();
+    let session = dir.path().join("s");
+    let ingest = format!("file://{}?speed=max", run.join("bold.nii.gz").display());
+    let rois = format!(
+        "glm.rois=[{{name = \"visual\", path = \"{}\"}}]",
+        run.join("truth/roi_mask.nii.gz").display()
+    );
+    let proto = format!("feedback.protocol=\"{}\"", protocol.display());
+    let args = [
+        "--ingest",
+        &ingest,
+        "--publish",
+        "none",
+        "--no-lsl",
+        "--quiet",
+        "--record",
+        session.to_str().unwrap(),
+        "--set",
+        &rois,
+        "--set",
+        "feedback.recipe=\"opennft\"",
+        "--set",
+        &proto,
+        "--set",
+        "feedback.volumes=80",
+    ];
+    let (status, log) = common::Daemon::start(&args, dir.path()).wait(Duration::from_secs(120));
+    assert!(status.success(), "{log}");
+    let roi = common::published_as::<RoiHeader>(&session);
+    let motion = common::published_as::<MotionHeader>(&session);
+    assert_eq!((roi.len(), motion.len()), (80, 80));
+    let means: Vec<Vec<f64>> = roi.iter().map(|r| vec![r.rois[0].mean.unwrap_or(f64::NAN)]).collect();
+    let params: Vec<[f64; 6]> = motion.iter().map(|m| m.params()).collect();
+    let blocks = [(11, 20), (31, 40), (51, 60), (71, 80)];
+    let offline = ours(&means, Some(&params), &blocks, Combine::Mean, tr);
+    for (r, o) in roi.iter().zip(&offline) {
+        assert_eq!(r.feedback, Some(o.display).filter(|v| v.is_finite()), "volume {}", r.index);
+    }
+    let want = reference(&means, Some(&params), &blocks, "mean(norm_percValues)", tr);
+    for (r, v) in roi.iter().zip(want["per_volume"]["disp_value"].as_array().unwrap()) {
+        assert_eq!(r.feedback, Some(number(v)).filter(|x| x.is_finite()), "volume {}", r.index);
+    }
+    let shown = roi.iter().filter(|r| r.feedback.is_some_and(|v| v > 0.0)).count();
+    eprintln!("live OpenNFT feedback: {shown} of 80 volumes above 0");
+    assert!(shown > 0);
 }

@@ -1,4 +1,122 @@
-//! Neurofeedback signals from the ROI means: recipes a lab can trust and compare, starting with
-//! OpenNFT's own continuous PSC ([`opennft`]).
+//! Neurofeedback signals from the ROI means: a `feedback` value per volume by a configured
+//! recipe, after the GLM. The first recipe is OpenNFT's own continuous PSC ([`opennft`]), so a
+//! lab moving from OpenNFT sees the number it knows; `psc` stays beside it.
 
 pub mod opennft;
+pub mod stage;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::reason::Reason;
+
+/// A volume the feedback recipe could not take (no TR, past the planned run length).
+pub const FEEDBACK: Reason =
+    Reason::new("feedback", "volumes the feedback recipe could not take (no TR, past feedback.volumes)");
+
+/// What the feedback stage counts.
+pub const REASONS: &[Reason] = &[FEEDBACK];
+
+/// Which recipe makes the `feedback` value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recipe {
+    /// No feedback value (the stage is not on the path).
+    #[default]
+    None,
+    /// OpenNFT's continuous PSC, step for step ([`opennft`]).
+    Opennft,
+}
+
+/// How the ROIs' values become one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CombineRois {
+    /// Their mean (OpenNFT's GUI default).
+    #[default]
+    Mean,
+    /// Their median.
+    Median,
+    /// The first ROI's minus the second's (differential feedback).
+    Difference,
+}
+
+/// `[feedback]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackConfig {
+    /// The recipe.
+    pub recipe: Recipe,
+    /// A BIDS events file whose `regulation` rows are the regulation blocks (none: `glm.events`);
+    /// every other volume is baseline.
+    pub protocol: Option<PathBuf>,
+    /// The `trial_type` of the regulation blocks.
+    pub regulation: String,
+    /// The `glm.rois` the value is made of, by name, in order (empty: all of them).
+    pub rois: Vec<String>,
+    /// How they are combined.
+    pub combine: CombineRois,
+    /// The motion parameters in the recipe's nuisance GLM (OpenNFT has them).
+    pub motion_regressors: bool,
+    /// The planned run length in volumes (OpenNFT's linear trend spans it; none: `ingest.stop_after`).
+    pub volumes: Option<usize>,
+    /// The value shown for a full-scale change (OpenNFT's `MaxFeedbackVal`).
+    pub max: f64,
+    /// The lowest value shown with `negative` (`MinFeedbackVal`).
+    pub min: f64,
+    /// Decimals kept (`FeedbackValDec`).
+    pub decimals: i32,
+    /// Values below 0 are shown (`NegFeedback`), else clipped to 0.
+    pub negative: bool,
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> FeedbackConfig {
+        FeedbackConfig {
+            recipe: Recipe::None,
+            protocol: None,
+            regulation: "regulation".into(),
+            rois: Vec::new(),
+            combine: CombineRois::Mean,
+            motion_regressors: true,
+            volumes: None,
+            max: 100.0,
+            min: -100.0,
+            decimals: 0,
+            negative: false,
+        }
+    }
+}
+
+impl crate::settings::InputFiles for FeedbackConfig {
+    /// The protocol file.
+    fn resolve_inputs(&mut self, base: &std::path::Path) {
+        self.protocol.iter_mut().for_each(|p| crate::settings::rebase(p, base));
+    }
+}
+
+impl FeedbackConfig {
+    /// Every mistake in the section (the ROIs and the protocol are checked when the stage is built).
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if !(self.max.is_finite() && self.max > 0.0 && self.min.is_finite() && self.min < 0.0) {
+            errors.push(format!("feedback.max = {}, min = {}: want max > 0 > min", self.max, self.min));
+        }
+        if !(0..=6).contains(&self.decimals) {
+            errors.push(format!("feedback.decimals = {}: want 0 to 6", self.decimals));
+        }
+        if self.combine == CombineRois::Difference && !self.rois.is_empty() && self.rois.len() != 2 {
+            errors.push("feedback.combine = \"difference\" needs two feedback.rois (A - B)".into());
+        }
+        errors
+    }
+}
+
+/// A volume's feedback, as its recipe made it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Feedback {
+    /// The value shown (`dispValue`): 0 outside regulation blocks, `None` where it is undefined
+    /// (no baseline block before this regulation block yet, or a missing ROI mean).
+    pub value: Option<f64>,
+}

@@ -56,6 +56,7 @@ impl Topology {
             Box::new(|i| crate::motion::stage::build(&i.cfg.motion).map(Some).map_err(|e| e.to_string())),
             Box::new(|i| Ok(crate::smooth::stage::build(&i.cfg.smooth))),
             Box::new(|i| crate::glm::stage::build(&i.cfg.glm, sim_roi(i.simulator)).map(Some)),
+            Box::new(|i| crate::feedback::stage::build(&i.cfg.feedback, &i.cfg.glm, i.cfg.ingest.stop_after)),
             Box::new(|i| decode_stage(i).map(Some)),
         ])
     }
@@ -128,6 +129,7 @@ pub fn counted_reasons() -> Vec<Reason> {
         crate::publish::results::REASONS,
         crate::motion::REASONS,
         crate::glm::REASONS,
+        crate::feedback::REASONS,
         crate::decode::REASONS,
         &[crate::calibrate::live::CALIBRATION_FAILED],
     ]
@@ -302,7 +304,13 @@ impl Resolved {
             true => cfg.glm.rois.iter().map(|r| r.name.clone()).collect(),
             false => Vec::new(),
         };
-        cfg.publish.lsl_feedback.clone().map(|name| FeedbackOutlet { name, rois, tr: self.known_tr() })
+        let feedback = cfg.feedback.recipe != crate::feedback::Recipe::None;
+        cfg.publish.lsl_feedback.clone().map(|name| FeedbackOutlet {
+            name,
+            rois,
+            tr: self.known_tr(),
+            feedback,
+        })
     }
 
     /// The fields of the console's first event that describe the run (its stages are the

@@ -25,6 +25,7 @@ use std::sync::atomic::Ordering;
 use crate::clock;
 use crate::console::{ConsoleFeed, ConsoleInput};
 use crate::decode::{Decoded, Picture};
+use crate::feedback::Feedback;
 use crate::frame::Frame;
 use crate::glm::{GlmOutput, RoiValue, TrialBetas};
 use crate::ingest::Endpoint;
@@ -186,6 +187,7 @@ pub fn roi_message(frame: &Frame, rois: &[RoiValue]) -> Message {
             .iter()
             .map(|r| RoiReading { name: r.name.clone(), mean: finite(r.mean), psc: r.psc })
             .collect(),
+        feedback: frame.outputs.get::<Feedback>().and_then(|f| f.value),
     };
     header.message(Vec::new())
 }
@@ -275,7 +277,8 @@ pub fn picture_message(p: &crate::decode::Picture) -> Message {
 }
 
 /// The LSL feedback outlet: one float32 sample per volume, `volume_index`, `latency_ms`, then
-/// each ROI's percent signal change (`NAME_psc`, NaN until estimable).
+/// each ROI's percent signal change (`NAME_psc`, NaN until estimable), then with a feedback
+/// recipe its value (`feedback`, NaN where undefined).
 #[derive(Clone, Debug, PartialEq)]
 pub struct FeedbackOutlet {
     /// Stream name (and source id `mirage-NAME`).
@@ -284,6 +287,8 @@ pub struct FeedbackOutlet {
     pub rois: Vec<String>,
     /// Repetition time when known before the run (declared as the nominal rate 1/TR).
     pub tr: Option<f64>,
+    /// A `feedback` channel last (a feedback recipe is configured).
+    pub feedback: bool,
 }
 
 impl FeedbackOutlet {
@@ -294,6 +299,9 @@ impl FeedbackOutlet {
             ("latency_ms".to_string(), "milliseconds", "Latency"),
         ];
         c.extend(self.rois.iter().map(|r| (format!("{r}_psc"), "percent", "fMRI")));
+        if self.feedback {
+            c.push(("feedback".to_string(), "display", "Feedback"));
+        }
         c
     }
 
@@ -332,6 +340,8 @@ pub struct Publisher {
     /// its context.
     socket: Option<(zmq::Socket, Option<crate::ingest::zap::ZapGuard>, zmq::Context)>,
     outlet: Option<lsl::StreamOutlet>,
+    /// The outlet ends with a `feedback` channel.
+    feedback_channel: bool,
     log: Option<MessageLog>,
     console: Option<ConsoleFeed>,
     results: Option<std::sync::Arc<results::ResultsBoard>>,
@@ -369,7 +379,8 @@ impl Publisher {
             Some(f) => Some(f.create()?),
             None => None,
         };
-        Ok(Publisher { socket, outlet, log, console: None, results: None, send_errors: 0 })
+        let feedback_channel = feedback.is_some_and(|f| f.feedback);
+        Ok(Publisher { socket, outlet, feedback_channel, log, console: None, results: None, send_errors: 0 })
     }
 
     /// Also hands every message but volumes to the operator's console.
@@ -514,7 +525,10 @@ impl Publisher {
 
     /// Pushes a volume's feedback sample, stamped with its acquisition time (or `now`).
     pub fn push_feedback(&mut self, frame: &Frame, now: f64) {
-        let psc: Vec<f64> = roi_values(frame).iter().map(|r| r.psc.unwrap_or(f64::NAN)).collect();
+        let mut psc: Vec<f64> = roi_values(frame).iter().map(|r| r.psc.unwrap_or(f64::NAN)).collect();
+        if self.feedback_channel {
+            psc.push(frame.outputs.get::<Feedback>().and_then(|f| f.value).unwrap_or(f64::NAN));
+        }
         let latency = frame.stamps.total_ms().unwrap_or(f64::NAN);
         self.feedback(frame.volume.index, latency, &psc, frame.volume.acq_time.unwrap_or(now));
     }

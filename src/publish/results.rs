@@ -81,6 +81,9 @@ impl ResultsBoard {
             RoiHeader::NAME => {
                 let Ok(r) = topic::read::<RoiHeader>(topic, header) else { return };
                 let e = b.entry(&r.run, r.index);
+                if r.feedback.is_some() {
+                    e.insert("feedback".into(), json!(r.feedback));
+                }
                 for roi in r.rois {
                     e.insert(format!("{}_psc", roi.name), json!(roi.psc));
                     e.insert(roi.name, json!(roi.mean));
@@ -282,7 +285,14 @@ mod tests {
             reference_index: Some(0),
         }));
         let rois = vec![topic::RoiReading { name: "visual".into(), mean: Some(5.0), psc: None }];
-        record(sent(RoiHeader { seq: 3, index: 3, run: "r".into(), acq_time: None, rois }));
+        record(sent(RoiHeader {
+            seq: 3,
+            index: 3,
+            run: "r".into(),
+            acq_time: None,
+            rois,
+            feedback: Some(30.0),
+        }));
         record(sent(BetasHeader {
             trial: topic::TrialHeader::sample(7, 2, "imagery"),
             index: 3,
@@ -300,6 +310,7 @@ mod tests {
             (json!(true), json!(5.0), Value::Null)
         );
         assert_eq!((r["trans_x"].clone(), r["framewise_displacement"].clone()), (json!(0.1), json!(0.2)));
+        assert_eq!(r["feedback"], json!(30.0));
         assert!(r.get("decode").is_none());
         record(sent(DecodeHeader::sample(topic::TrialHeader::sample(7, 2, "imagery"), 2, 0.5)));
         assert_eq!(board.lookup(3)["decode"]["top_id"], "2");

@@ -76,15 +76,16 @@ pub struct GaussianSmoother {
     fwhm_mm: f64,
     /// The voxel size the kernels were made for, and the kernel of each axis.
     kernels: Option<([f64; 3], [Vec<f64>; 3])>,
-    /// Work buffers: the volume in f64, and one line.
+    /// Work buffers: the volume in f64, a second copy, and one line.
     work: Vec<f64>,
+    spare: Vec<f64>,
     line: Vec<f64>,
 }
 
 impl GaussianSmoother {
     /// A smoother of `fwhm_mm`.
     pub fn new(fwhm_mm: f64) -> GaussianSmoother {
-        GaussianSmoother { fwhm_mm, kernels: None, work: Vec::new(), line: Vec::new() }
+        GaussianSmoother { fwhm_mm, kernels: None, work: Vec::new(), spare: Vec::new(), line: Vec::new() }
     }
 
     /// The volume smoothed (a new volume with `v`'s grid and metadata).
@@ -102,6 +103,13 @@ impl GaussianSmoother {
         for axis in 0..3 {
             let n = v.dims[axis];
             if kernels[axis].len() == 1 || n == 0 {
+                continue;
+            }
+            if axis > 0 && !has_nan {
+                // Whole rows along x at a time, so the inner loop is contiguous.
+                std::mem::swap(&mut self.work, &mut self.spare);
+                self.work.resize(self.spare.len(), 0.0);
+                filter_rows(&self.spare, &mut self.work, v.dims, axis, &kernels[axis]);
                 continue;
             }
             // Every line along `axis`: its first voxel runs over the other two axes.
@@ -136,6 +144,26 @@ impl GaussianSmoother {
     }
 }
 
+/// Correlates `src` with `k` along `axis` (1: y, 2: z) into `dst`, a whole x row at a time, edges
+/// mirrored as in [`filter_line`] (no NaN).
+fn filter_rows(src: &[f64], dst: &mut [f64], [nx, ny, nz]: [usize; 3], axis: usize, k: &[f64]) {
+    let r = k.len() as i64 / 2;
+    for z in 0..nz {
+        for y in 0..ny {
+            let out = &mut dst[(z * ny + y) * nx..][..nx];
+            out.fill(0.0);
+            for (t, w) in k.iter().enumerate() {
+                let (yy, zz) = match axis {
+                    1 => (reflect(y as i64 + t as i64 - r, ny as i64), z),
+                    _ => (y, reflect(z as i64 + t as i64 - r, nz as i64)),
+                };
+                let row = &src[(zz * ny + yy) * nx..][..nx];
+                out.iter_mut().zip(row).for_each(|(o, x)| *o += w * x);
+            }
+        }
+    }
+}
+
 /// Correlates the line of `n` voxels from `start` by `stride` in `data` with `k`, in place;
 /// with `skip_nan`, NaN voxels stay NaN, lend nothing, and the weights are renormalised over
 /// the rest.
@@ -148,24 +176,29 @@ fn filter_line(
     line: &mut Vec<f64>,
     skip_nan: bool,
 ) {
-    let r = (k.len() / 2) as i64;
+    let r = k.len() / 2;
     line.clear();
     line.extend((0..n).map(|i| data[start + i * stride]));
-    let n_i = n as i64;
     for i in 0..n {
+        let out = &mut data[start + i * stride];
+        if !skip_nan && i >= r && i + r < n {
+            // The interior: no edge to mirror, no NaN to skip.
+            *out = line[i - r..=i + r].iter().zip(k).map(|(x, w)| x * w).sum();
+            continue;
+        }
         if skip_nan && line[i].is_nan() {
             continue;
         }
         let (mut acc, mut weight) = (0.0, 0.0);
         for (t, w) in k.iter().enumerate() {
-            let x = line[reflect(i as i64 + t as i64 - r, n_i)];
+            let x = line[reflect(i as i64 + t as i64 - r as i64, n as i64)];
             if skip_nan && x.is_nan() {
                 continue;
             }
             acc += w * x;
             weight += w;
         }
-        data[start + i * stride] = match skip_nan {
+        *out = match skip_nan {
             false => acc,
             true if weight > 0.0 => acc / weight,
             true => f64::NAN,

@@ -1,0 +1,148 @@
+//! The feedback stage, after the GLM: turns each volume's ROI means (and motion) into the
+//! recipe's `feedback` value, which publish adds to the `roi` message, the LSL outlet and the
+//! results server.
+
+use super::opennft::{Combine, ContinuousPsc, Display, Protocol};
+use super::{CombineRois, Feedback, FeedbackConfig, Recipe};
+use crate::event::{Event, Onset};
+use crate::frame::{Frame, FrameKind};
+use crate::glm::GlmOutput;
+use crate::motion::MotionEstimate;
+use crate::stage::{Stage, StageError};
+
+/// The regulation blocks in seconds from the run's first volume: `(onset, duration)`.
+type Blocks = Vec<(f64, f64)>;
+
+/// The feedback stage: OpenNFT's continuous PSC, made at the first volume (it needs the TR).
+pub struct FeedbackStage {
+    cfg: FeedbackConfig,
+    blocks: Blocks,
+    /// The ROIs' indices in the GLM's ROI list.
+    rois: Vec<usize>,
+    volumes: usize,
+    psc: Option<ContinuousPsc>,
+}
+
+impl FeedbackStage {
+    /// The protocol in volumes at `tr` seconds.
+    fn protocol(&self, tr: f64) -> Result<Protocol, String> {
+        let regulation = self
+            .blocks
+            .iter()
+            .map(|&(onset, duration)| {
+                let first = (onset / tr).round() as usize + 1;
+                (first, first + ((duration / tr).round() as usize).max(1) - 1)
+            })
+            .collect();
+        Protocol::new(self.volumes, tr * 1000.0, regulation).map_err(|e| format!("feedback protocol: {e}"))
+    }
+}
+
+impl Stage for FeedbackStage {
+    fn name(&self) -> &'static str {
+        "feedback"
+    }
+
+    fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
+        if frame.kind != FrameKind::Volume {
+            return Ok(());
+        }
+        let err = |message: String| StageError { stage: "feedback", reason: super::FEEDBACK.name, message };
+        let Some(glm) = frame.outputs.get::<GlmOutput>() else { return Ok(()) };
+        let means: Vec<f64> =
+            self.rois.iter().map(|&i| glm.roi.get(i).map_or(f64::NAN, |r| r.mean)).collect();
+        let motion = frame.outputs.get::<MotionEstimate>().map(|m| {
+            let p = &m.params;
+            [p.trans[0], p.trans[1], p.trans[2], p.rot[0], p.rot[1], p.rot[2]]
+        });
+        if self.psc.is_none() {
+            let tr = frame.volume.tr.ok_or_else(|| err("the recipe needs the TR: set ingest.tr".into()))?;
+            let combine = match self.cfg.combine {
+                CombineRois::Mean => Combine::Mean,
+                CombineRois::Median => Combine::Median,
+                CombineRois::Difference => Combine::Difference(0, 1),
+            };
+            let display = Display {
+                max: self.cfg.max,
+                min: self.cfg.min,
+                decimals: self.cfg.decimals,
+                negative: self.cfg.negative,
+            };
+            let protocol = self.protocol(tr).map_err(err)?;
+            self.psc = Some(ContinuousPsc::new(
+                protocol,
+                self.rois.len(),
+                combine,
+                display,
+                self.cfg.motion_regressors,
+            ));
+        }
+        let Some(psc) = self.psc.as_mut() else { return Ok(()) };
+        if psc.volumes() >= self.volumes {
+            frame.outputs.insert(Feedback { value: None });
+            return Err(err(format!("volume past the planned {} (feedback.volumes)", self.volumes)));
+        }
+        let steps = psc.step(&means, motion);
+        frame.outputs.insert(Feedback { value: Some(steps.display).filter(|v| v.is_finite()) });
+        Ok(())
+    }
+}
+
+/// The stage `cfg` asks for, or none (`recipe = "none"`); an error names what is missing.
+pub fn build(
+    cfg: &FeedbackConfig,
+    glm: &crate::glm::GlmConfig,
+    stop_after: Option<u64>,
+) -> Result<Option<Box<dyn Stage>>, String> {
+    if cfg.recipe == Recipe::None {
+        return Ok(None);
+    }
+    if !glm.enabled || glm.rois.is_empty() {
+        return Err("feedback.recipe needs the GLM on and glm.rois".into());
+    }
+    let rois = match cfg.rois.is_empty() {
+        true => (0..glm.rois.len()).collect(),
+        false => cfg
+            .rois
+            .iter()
+            .map(|name| {
+                glm.rois.iter().position(|r| &r.name == name).ok_or_else(|| {
+                    let known: Vec<&str> = glm.rois.iter().map(|r| r.name.as_str()).collect();
+                    format!("feedback.rois: no ROI {name:?} in glm.rois ({})", known.join(", "))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    if cfg.combine == CombineRois::Difference && rois.len() != 2 {
+        return Err("feedback.combine = \"difference\" needs exactly two ROIs".into());
+    }
+    let volumes = cfg.volumes.or(stop_after.map(|n| n as usize)).ok_or(
+        "feedback.volumes: OpenNFT's linear trend spans the planned run; give its length in volumes",
+    )?;
+    let path = cfg
+        .protocol
+        .as_ref()
+        .or(glm.events.as_ref())
+        .ok_or("feedback.protocol: give the events file of the regulation blocks")?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("feedback.protocol {}: {e}", path.display()))?;
+    let events = crate::glm::events::parse_events_tsv(&text, &path.display().to_string())
+        .map_err(|e| e.to_string())?;
+    let blocks = regulation_blocks(&events, &cfg.regulation, glm.default_duration_s);
+    if blocks.is_empty() {
+        return Err(format!("feedback.regulation: no {:?} rows in {}", cfg.regulation, path.display()));
+    }
+    Ok(Some(Box::new(FeedbackStage { cfg: cfg.clone(), blocks, rois, volumes, psc: None })))
+}
+
+/// The `(onset, duration)` of the events whose condition is `regulation`.
+fn regulation_blocks(events: &[Event], regulation: &str, default_duration: f64) -> Blocks {
+    events
+        .iter()
+        .filter(|e| e.condition == regulation)
+        .filter_map(|e| match e.onset {
+            Onset::Relative(s) => Some((s, e.duration.unwrap_or(default_duration))),
+            Onset::Absolute(_) => None,
+        })
+        .collect()
+}
