@@ -143,3 +143,46 @@ fn slow_clients_and_floods_stall_no_listener_and_sigterm_ends_the_daemon_regardl
     eprintln!("exit after SIGTERM with {held} hostile connections open: {:.0} ms", exit.as_secs_f64() * 1e3);
     drop((trickling, idle));
 }
+
+#[test]
+fn a_run_that_ends_by_itself_exits_with_slow_clients_still_attached() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [common::free_port(), common::free_port(), common::free_port()];
+    let [results, metrics, console] = ports.map(|p| format!("127.0.0.1:{p}"));
+    let mut daemon = common::Daemon::start(
+        &[
+            "--ingest",
+            "sim://?shape=16,16,8&volumes=60&tr=0.1",
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--record",
+            "none",
+            "--metrics",
+            &metrics,
+            "--set",
+            &format!("publish.results=\"{results}\""),
+            "--set",
+            &format!("console.listen=\"{console}\""),
+        ],
+        dir.path(),
+    );
+    daemon.wait_for_log("metrics", Duration::from_secs(30));
+    // Wait until every listener answers, then attach clients that each sent one byte.
+    for (port, request, want) in requests(ports) {
+        let mut ok = false;
+        for _ in 0..600 {
+            let (answer, _) = ask(port, request);
+            ok = answer.contains(want) || (port == ports[0] && answer.contains("foundResults"));
+            if ok {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(ok, "port {port}: {}", daemon.log());
+    }
+    let slow: Vec<Vec<TcpStream>> = ports.iter().map(|&p| hold(p, 20, b"G")).collect();
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    drop(slow);
+}
