@@ -68,31 +68,24 @@ fn legitimate(ports: [u16; 3], what: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// A daemon on `ingest` recording to `record` with its results server, metrics endpoint and
+/// console on `ports` (in that order).
+fn with_listeners(ingest: &str, record: &str, ports: [u16; 3], dir: &std::path::Path) -> common::Daemon {
+    let [results, metrics, console] = ports.map(|p| format!("127.0.0.1:{p}"));
+    let (results, console) =
+        (format!("publish.results=\"{results}\""), format!("console.listen=\"{console}\""));
+    let args =
+        ["--ingest", ingest, "--publish", "none", "--no-lsl", "--record", record, "--metrics", &metrics];
+    common::Daemon::start(&[&args[..], &["--set", &results, "--set", &console]].concat(), dir)
+}
+
 #[test]
 fn slow_clients_and_floods_stall_no_listener_and_sigterm_ends_the_daemon_regardless() {
     let dir = tempfile::tempdir().unwrap();
     let ports = [common::free_port(), common::free_port(), common::free_port()];
-    let [results, metrics, console] = ports.map(|p| format!("127.0.0.1:{p}"));
     let session = dir.path().join("s");
-    let daemon = common::Daemon::start(
-        &[
-            "--ingest",
-            "sim://?shape=16,16,8&volumes=100000&tr=0.2",
-            "--publish",
-            "none",
-            "--no-lsl",
-            "--quiet",
-            "--record",
-            session.to_str().unwrap(),
-            "--metrics",
-            &metrics,
-            "--set",
-            &format!("publish.results=\"{results}\""),
-            "--set",
-            &format!("console.listen=\"{console}\""),
-        ],
-        dir.path(),
-    );
+    let record = session.to_str().unwrap();
+    let daemon = with_listeners("sim://?shape=16,16,8&volumes=100000&tr=0.2", record, ports, dir.path());
     // Until volume 3 is published (each try is answered at once, found or not).
     let mut found = false;
     for _ in 0..600 {
@@ -148,25 +141,7 @@ fn slow_clients_and_floods_stall_no_listener_and_sigterm_ends_the_daemon_regardl
 fn a_run_that_ends_by_itself_exits_with_slow_clients_still_attached() {
     let dir = tempfile::tempdir().unwrap();
     let ports = [common::free_port(), common::free_port(), common::free_port()];
-    let [results, metrics, console] = ports.map(|p| format!("127.0.0.1:{p}"));
-    let mut daemon = common::Daemon::start(
-        &[
-            "--ingest",
-            "sim://?shape=16,16,8&volumes=60&tr=0.1",
-            "--publish",
-            "none",
-            "--no-lsl",
-            "--record",
-            "none",
-            "--metrics",
-            &metrics,
-            "--set",
-            &format!("publish.results=\"{results}\""),
-            "--set",
-            &format!("console.listen=\"{console}\""),
-        ],
-        dir.path(),
-    );
+    let mut daemon = with_listeners("sim://?shape=16,16,8&volumes=60&tr=0.1", "none", ports, dir.path());
     daemon.wait_for_log("metrics", Duration::from_secs(30));
     // Wait until every listener answers, then attach clients that each sent one byte.
     for (port, request, want) in requests(ports) {
