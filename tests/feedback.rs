@@ -36,6 +36,20 @@ fn world(n: usize) -> World {
     (means, motion, blocks)
 }
 
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn number(v: &Value) -> f64 {
     match v {
         Value::String(s) if s == "NaN" => f64::NAN,
@@ -212,7 +226,49 @@ fn the_live_feedback_of_a_replayed_run_equals_the_offline_recipe_and_the_referen
     for (r, v) in roi.iter().zip(want["per_volume"]["disp_value"].as_array().unwrap()) {
         assert_eq!(r.feedback, Some(number(v)).filter(|x| x.is_finite()), "volume {}", r.index);
     }
+    // The export's ROI time series carries it as a column.
+    let bids = dir.path().join("bids");
+    common::run(common::mirage().arg("export").arg(&session).arg("--bids").arg(&bids).args([
+        "--subject",
+        "01",
+        "--task",
+        "nf",
+    ]));
+    let series =
+        walk(&bids).into_iter().find(|p| p.to_string_lossy().ends_with("desc-roi_timeseries.tsv")).unwrap();
+    let table = mirage_rt::io::tsv::read(&series).unwrap();
+    let col = table.column("feedback").expect("a feedback column");
+    for (row, r) in table.rows.iter().zip(&roi) {
+        let cell = row.get(col).unwrap();
+        assert_eq!(cell.parse::<f64>().ok(), r.feedback, "volume {}: {cell}", r.index);
+    }
     let shown = roi.iter().filter(|r| r.feedback.is_some_and(|v| v > 0.0)).count();
     eprintln!("live OpenNFT feedback: {shown} of 80 volumes above 0");
     assert!(shown > 0);
+}
+
+#[test]
+fn a_recipe_naming_an_unknown_roi_or_condition_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let protocol = dir.path().join("protocol.tsv");
+    std::fs::write(&protocol, "onset\tduration\ttrial_type\n20\t20\tregulation\n").unwrap();
+    let config = dir.path().join("run.toml");
+    let check = |extra: &str| {
+        let text = format!(
+            "[ingest]\nuri = \"sim://?volumes=40\"\n[glm]\nrois = [{{name = \"visual\", path = \"sim\"}}]\n\
+             [feedback]\nrecipe = \"opennft\"\nvolumes = 40\nprotocol = \"{}\"\n{extra}",
+            protocol.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        common::run_with_timeout(
+            common::mirage().arg("check").arg("--config").arg(&config),
+            Duration::from_secs(60),
+        )
+    };
+    let (status, out) = check("");
+    assert!(status.success(), "{out}");
+    let (status, out) = check("rois = [\"nowhere\"]\n");
+    assert!(!status.success() && out.contains("\"nowhere\"") && out.contains("visual"), "{out}");
+    let (status, out) = check("regulation = \"tapping\"\n");
+    assert!(!status.success() && out.contains("\"tapping\""), "{out}");
 }

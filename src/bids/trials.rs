@@ -144,24 +144,32 @@ fn write_betas(f: &RunFiles, messages: &[LoggedMessage], out: &mut TrialFiles) -
     Ok(())
 }
 
-/// Each ROI's mean signal and percent signal change per volume of the series (`n/a` where the
-/// volume had no reading).
+/// Each ROI's mean signal and percent signal change per volume of the series, and the feedback
+/// recipe's value (`feedback`) when the run had one (`n/a` where the volume had no reading).
 fn write_roi(f: &RunFiles, messages: &[LoggedMessage]) -> Result<(), ExportError> {
     let readings: BTreeMap<u64, RoiHeader> =
         of_run::<RoiHeader>(messages, |h| &h.run, f.run).into_iter().map(|(h, _)| (h.index, h)).collect();
     let Some(first) = readings.values().next() else { return Ok(()) };
     let names: Vec<String> = first.rois.iter().map(|r| r.name.clone()).collect();
-    let mut tsv =
-        names.iter().flat_map(|n| [format!("{n}_mean"), format!("{n}_psc")]).collect::<Vec<_>>().join("\t");
+    let feedback = readings.values().any(|h| h.feedback.is_some());
+    let mut columns: Vec<String> =
+        names.iter().flat_map(|n| [format!("{n}_mean"), format!("{n}_psc")]).collect();
+    if feedback {
+        columns.push("feedback".into());
+    }
+    let mut tsv = columns.join("\t");
     tsv.push('\n');
     for index in f.indices {
-        let row: Vec<String> = names
+        let mut row: Vec<String> = names
             .iter()
             .flat_map(|name| {
                 let r = readings.get(index).and_then(|h| h.rois.iter().find(|r| &r.name == name));
                 [cell(r.and_then(|r| r.mean)), cell(r.and_then(|r| r.psc))]
             })
             .collect();
+        if feedback {
+            row.push(cell(readings.get(index).and_then(|h| h.feedback)));
+        }
         tsv += &(row.join("\t") + "\n");
     }
     write_file(&f.path("roi", "timeseries.tsv"), &tsv, f.force)
