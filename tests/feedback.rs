@@ -165,52 +165,45 @@ fn continuous_psc_equals_the_opennft_reference_step_by_step() {
     agree(&ours(&means, Some(&motion), &blocks, Combine::Median, 2.0), &want, "median");
 }
 
-#[test]
-fn the_live_feedback_of_a_replayed_run_equals_the_offline_recipe_and_the_reference() {
-    use mirage_rt::topic::{MotionHeader, RoiHeader};
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
+/// A daemon replaying a simulated 80-volume run (its TR returned) into OpenNFT's recipe over the
+/// simulator's visual ROI, regulation blocks of 10 volumes from volumes 11, 31, 51 and 71,
+/// recording to `session`; `extra` flags follow.
+fn replay_with_feedback(
+    dir: &std::path::Path,
+    session: &std::path::Path,
+    extra: &[&str],
+) -> (common::Daemon, f64) {
+    let run = dir.join("run");
     common::run(
         common::mirage()
             .args(["simulate", "--seed", "5", "--shape", "32,32,20", "--volumes", "80", "--out"])
             .arg(&run),
     );
-    let tr = mirage_rt::io::nifti::read_nifti(run.join("bold.nii.gz"), 1 << 24)
-        .unwrap()
-        .header
-        .tr_seconds()
-        .unwrap();
-    // Regulation blocks of 10 volumes from volumes 11, 31, 51 and 71 (onsets in seconds).
-    let protocol = dir.path().join("protocol.tsv");
+    let image = mirage_rt::io::nifti::read_nifti(run.join("bold.nii.gz"), 1 << 24).unwrap();
+    let tr = image.header.tr_seconds().unwrap();
+    let protocol = dir.join("protocol.tsv");
     let rows: String =
         [10, 30, 50, 70].iter().map(|v| format!("{}\t{}\tregulation\n", *v as f64 * tr, 10.0 * tr)).collect();
     std::fs::write(&protocol, format!("onset\tduration\ttrial_type\n{rows}")).unwrap();
-    let session = dir.path().join("s");
     let ingest = format!("file://{}?speed=max", run.join("bold.nii.gz").display());
-    let rois = format!(
-        "glm.rois=[{{name = \"visual\", path = \"{}\"}}]",
-        run.join("truth/roi_mask.nii.gz").display()
-    );
+    let mask = run.join("truth/roi_mask.nii.gz");
+    let rois = format!("glm.rois=[{{name = \"visual\", path = \"{}\"}}]", mask.display());
     let proto = format!("feedback.protocol=\"{}\"", protocol.display());
-    let args = [
-        "--ingest",
-        &ingest,
-        "--publish",
-        "none",
-        "--no-lsl",
-        "--quiet",
-        "--record",
-        session.to_str().unwrap(),
-        "--set",
-        &rois,
-        "--set",
-        "feedback.recipe=\"opennft\"",
-        "--set",
-        &proto,
-        "--set",
-        "feedback.volumes=80",
-    ];
-    let (status, log) = common::Daemon::start(&args, dir.path()).wait(Duration::from_secs(120));
+    let mut args =
+        vec!["--ingest", &ingest, "--publish", "none", "--quiet", "--record", session.to_str().unwrap()];
+    args.extend(["--set", &rois, "--set", "feedback.recipe=\"opennft\"", "--set", &proto]);
+    args.extend(["--set", "feedback.volumes=80"]);
+    args.extend(extra);
+    (common::Daemon::start(&args, dir), tr)
+}
+
+#[test]
+fn the_live_feedback_of_a_replayed_run_equals_the_offline_recipe_and_the_reference() {
+    use mirage_rt::topic::{MotionHeader, RoiHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let session = dir.path().join("s");
+    let (daemon, tr) = replay_with_feedback(dir.path(), &session, &["--no-lsl"]);
+    let (status, log) = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{log}");
     let roi = common::published_as::<RoiHeader>(&session);
     let motion = common::published_as::<MotionHeader>(&session);
@@ -271,4 +264,35 @@ fn a_recipe_naming_an_unknown_roi_or_condition_does_not_start() {
     assert!(!status.success() && out.contains("\"nowhere\"") && out.contains("visual"), "{out}");
     let (status, out) = check("regulation = \"tapping\"\n");
     assert!(!status.success() && out.contains("\"tapping\""), "{out}");
+}
+
+#[test]
+fn the_example_display_reads_the_live_feedback_headless() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = dir.path().join("s");
+    let outlet = common::unique_name("mirage-feedback");
+    let name = format!("publish.lsl_feedback=\"{outlet}\"");
+    let (mut daemon, _) =
+        replay_with_feedback(dir.path(), &session, &["--set", &name, "--set", "publish.lsl_wait_s=60"]);
+    daemon.wait_for_log("waiting up to 60 s for an LSL consumer", Duration::from_secs(60));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/feedback_display.py");
+    let py = std::env::var("MIRAGE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut cmd = std::process::Command::new(py);
+    cmd.arg(script).arg(format!("lsl:{outlet}")).args(["--headless", "--count", "80"]);
+    let (status, out) = common::run_with_timeout(&mut cmd, Duration::from_secs(120));
+    assert!(status.success(), "{out}\n{}", daemon.log());
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    let shown: Vec<(u64, Option<f64>)> = out
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["index"].as_u64().unwrap(), v["feedback"].as_f64()))
+        .collect();
+    let published: Vec<(u64, Option<f64>)> = common::published_as::<mirage_rt::topic::RoiHeader>(&session)
+        .iter()
+        .map(|r| (r.index, r.feedback))
+        .collect();
+    assert_eq!(shown.len(), 80, "{out}");
+    assert_eq!(shown, published);
 }
