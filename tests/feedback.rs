@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use mirage_rt::feedback::opennft::{Combine, ContinuousPsc, Display, Protocol, VolumeSteps};
+use mirage_rt::feedback::opennft::{Combine, Display, Mode, OpenNftFeedback, Protocol, VolumeSteps};
 use serde_json::{json, Value};
 
 /// A run: each volume's ROI means, its motion parameters, and the regulation blocks.
@@ -57,11 +57,14 @@ fn number(v: &Value) -> f64 {
     }
 }
 
+/// A run's regulation blocks, display blocks and feedback mode.
+type Blocks<'a> = (&'a [(usize, usize)], &'a [(usize, usize)], Mode);
+
 /// The reference's steps for a run.
 fn reference(
     means: &[Vec<f64>],
     motion: Option<&[[f64; 6]]>,
-    blocks: &[(usize, usize)],
+    (blocks, display, mode): Blocks,
     operation: &str,
     tr: f64,
 ) -> Value {
@@ -71,11 +74,15 @@ fn reference(
     if motion.is_none() {
         options["motion_missing"] = json!("omit");
     }
+    if mode == Mode::Intermittent {
+        options["prot"] = json!("Inter");
+    }
+    let pairs = |b: &[(usize, usize)]| b.iter().map(|b| [b.0, b.1]).collect::<Vec<_>>();
     let doc = json!({
         "tr": tr,
         "roi_means": means,
         "motion": motion,
-        "blocks": {"regulation": blocks.iter().map(|b| [b.0, b.1]).collect::<Vec<_>>()},
+        "blocks": {"regulation": pairs(blocks), "display": pairs(display)},
         "options": options,
     });
     std::fs::write(&input, doc.to_string()).unwrap();
@@ -91,12 +98,14 @@ fn reference(
 fn ours(
     means: &[Vec<f64>],
     motion: Option<&[[f64; 6]]>,
-    blocks: &[(usize, usize)],
+    (blocks, display, mode): Blocks,
     combine: Combine,
     tr: f64,
 ) -> Vec<VolumeSteps> {
-    let protocol = Protocol::new(means.len(), tr * 1000.0, blocks.to_vec()).unwrap();
-    let mut psc = ContinuousPsc::new(protocol, means[0].len(), combine, Display::default(), motion.is_some());
+    let protocol =
+        Protocol::with_display(means.len(), tr * 1000.0, blocks.to_vec(), display.to_vec()).unwrap();
+    let mut psc =
+        OpenNftFeedback::new(protocol, mode, means[0].len(), combine, Display::default(), motion.is_some());
     (0..means.len()).map(|t| psc.step(&means[t], motion.map(|m| m[t]))).collect()
 }
 
@@ -146,28 +155,61 @@ fn agree(got: &[VolumeSteps], want: &Value, what: &str) {
 }
 
 #[test]
+fn intermittent_psc_equals_the_opennft_reference_step_by_step() {
+    // 10 baseline, 10 regulation, 4 display volumes, repeated; a value at each block's end, held
+    // through its display volumes.
+    let n = 120;
+    let regulation: Vec<(usize, usize)> = (0..5).map(|k| (11 + 24 * k, 20 + 24 * k)).collect();
+    let display: Vec<(usize, usize)> = regulation.iter().map(|&(_, off)| (off + 1, off + 4)).collect();
+    let (means, motion, _) = world(n);
+    let blocks = (&regulation[..], &display[..], Mode::Intermittent);
+    let want = reference(&means, Some(&motion), blocks, "mean(norm_percValues)", 2.0);
+    let got = ours(&means, Some(&motion), blocks, Combine::Mean, 2.0);
+    agree(&got, &want, "intermittent");
+    // Shown at the end of each block and through its display volumes, 0 elsewhere.
+    let shown: Vec<usize> = (0..n).filter(|&t| got[t].display != 0.0).map(|t| t + 1).collect();
+    eprintln!("intermittent: values shown at volumes {shown:?}");
+    assert!(shown
+        .iter()
+        .all(|t| regulation.iter().any(|b| b.1 == *t) || display.iter().any(|b| (b.0..=b.1).contains(t))));
+    assert!(!shown.is_empty());
+}
+
+#[test]
 fn continuous_psc_equals_the_opennft_reference_step_by_step() {
     let (means, motion, blocks) = world(120);
-    let want = reference(&means, Some(&motion), &blocks, "mean(norm_percValues)", 2.0);
-    let got = ours(&means, Some(&motion), &blocks, Combine::Mean, 2.0);
+    let want =
+        reference(&means, Some(&motion), (&blocks, &[], Mode::Continuous), "mean(norm_percValues)", 2.0);
+    let got = ours(&means, Some(&motion), (&blocks, &[], Mode::Continuous), Combine::Mean, 2.0);
     agree(&got, &want, "mean, motion regressors");
     // Regulation volumes show values, and the NaN a missing baseline would give is absent.
     let shown = got.iter().filter(|v| v.display > 0.0).count();
     eprintln!("volumes with a value shown: {shown} of {}", got.len());
     assert!(shown > 10 && got.iter().all(|v| v.feedback.is_finite()));
-    let want = reference(&means, None, &blocks, "norm_percValues(1)-norm_percValues(2)", 2.0);
+    let want = reference(
+        &means,
+        None,
+        (&blocks, &[], Mode::Continuous),
+        "norm_percValues(1)-norm_percValues(2)",
+        2.0,
+    );
     agree(
-        &ours(&means, None, &blocks, Combine::Difference(0, 1), 2.0),
+        &ours(&means, None, (&blocks, &[], Mode::Continuous), Combine::Difference(0, 1), 2.0),
         &want,
         "difference, no motion regressors",
     );
-    let want = reference(&means, Some(&motion), &blocks, "median(norm_percValues)", 2.0);
-    agree(&ours(&means, Some(&motion), &blocks, Combine::Median, 2.0), &want, "median");
+    let want =
+        reference(&means, Some(&motion), (&blocks, &[], Mode::Continuous), "median(norm_percValues)", 2.0);
+    agree(
+        &ours(&means, Some(&motion), (&blocks, &[], Mode::Continuous), Combine::Median, 2.0),
+        &want,
+        "median",
+    );
 }
 
 /// A daemon replaying a simulated 80-volume run (its TR returned) into OpenNFT's recipe over the
-/// simulator's visual ROI, regulation blocks of 10 volumes from volumes 11, 31, 51 and 71,
-/// recording to `session`; `extra` flags follow.
+/// simulator's visual ROI, regulation blocks of 10 volumes from volumes 11, 31, 51 and 71 and
+/// display blocks of 4 after the first three, recording to `session`; `extra` flags follow.
 fn replay_with_feedback(
     dir: &std::path::Path,
     session: &std::path::Path,
@@ -182,8 +224,12 @@ fn replay_with_feedback(
     let image = mirage_rt::io::nifti::read_nifti(run.join("bold.nii.gz"), 1 << 24).unwrap();
     let tr = image.header.tr_seconds().unwrap();
     let protocol = dir.join("protocol.tsv");
-    let rows: String =
+    let mut rows: String =
         [10, 30, 50, 70].iter().map(|v| format!("{}\t{}\tregulation\n", *v as f64 * tr, 10.0 * tr)).collect();
+    rows += &[20, 40, 60]
+        .iter()
+        .map(|v| format!("{}\t{}\tdisplay\n", *v as f64 * tr, 4.0 * tr))
+        .collect::<String>();
     std::fs::write(&protocol, format!("onset\tduration\ttrial_type\n{rows}")).unwrap();
     let ingest = format!("file://{}?speed=max", run.join("bold.nii.gz").display());
     let mask = run.join("truth/roi_mask.nii.gz");
@@ -211,11 +257,12 @@ fn the_live_feedback_of_a_replayed_run_equals_the_offline_recipe_and_the_referen
     let means: Vec<Vec<f64>> = roi.iter().map(|r| vec![r.rois[0].mean.unwrap_or(f64::NAN)]).collect();
     let params: Vec<[f64; 6]> = motion.iter().map(|m| m.params()).collect();
     let blocks = [(11, 20), (31, 40), (51, 60), (71, 80)];
-    let offline = ours(&means, Some(&params), &blocks, Combine::Mean, tr);
+    let offline = ours(&means, Some(&params), (&blocks, &[], Mode::Continuous), Combine::Mean, tr);
     for (r, o) in roi.iter().zip(&offline) {
         assert_eq!(r.feedback, Some(o.display).filter(|v| v.is_finite()), "volume {}", r.index);
     }
-    let want = reference(&means, Some(&params), &blocks, "mean(norm_percValues)", tr);
+    let want =
+        reference(&means, Some(&params), (&blocks, &[], Mode::Continuous), "mean(norm_percValues)", tr);
     for (r, v) in roi.iter().zip(want["per_volume"]["disp_value"].as_array().unwrap()) {
         assert_eq!(r.feedback, Some(number(v)).filter(|x| x.is_finite()), "volume {}", r.index);
     }
@@ -295,4 +342,39 @@ fn the_example_display_reads_the_live_feedback_headless() {
         .collect();
     assert_eq!(shown.len(), 80, "{out}");
     assert_eq!(shown, published);
+}
+
+#[test]
+fn live_intermittent_feedback_equals_the_reference_on_its_recorded_means() {
+    use mirage_rt::topic::{MotionHeader, RoiHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let session = dir.path().join("s");
+    let recipe = ["--no-lsl", "--set", "feedback.recipe=\"opennft_intermittent\""];
+    let (daemon, tr) = replay_with_feedback(dir.path(), &session, &recipe);
+    let (status, log) = daemon.wait(Duration::from_secs(120));
+    assert!(status.success(), "{log}");
+    let roi = common::published_as::<RoiHeader>(&session);
+    let means: Vec<Vec<f64>> = roi.iter().map(|r| vec![r.rois[0].mean.unwrap_or(f64::NAN)]).collect();
+    let params: Vec<[f64; 6]> =
+        common::published_as::<MotionHeader>(&session).iter().map(|m| m.params()).collect();
+    let (regulation, display) = ([(11, 20), (31, 40), (51, 60), (71, 80)], [(21, 24), (41, 44), (61, 64)]);
+    let want = reference(
+        &means,
+        Some(&params),
+        (&regulation, &display, Mode::Intermittent),
+        "mean(norm_percValues)",
+        tr,
+    );
+    let shown = want["per_volume"]["disp_value"].as_array().unwrap();
+    for (r, v) in roi.iter().zip(shown) {
+        assert_eq!(r.feedback, Some(number(v)).filter(|x| x.is_finite()), "volume {}", r.index);
+    }
+    // Outside block ends and display volumes the value is 0.
+    let held: Vec<u64> = roi.iter().filter(|r| r.feedback != Some(0.0)).map(|r| r.index + 1).collect();
+    assert!(
+        held.iter()
+            .all(|&t| [20, 40, 60, 80].contains(&t)
+                || display.iter().any(|b| (b.0..=b.1).contains(&(t as usize)))),
+        "{held:?}"
+    );
 }

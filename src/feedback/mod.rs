@@ -27,6 +27,10 @@ pub enum Recipe {
     None,
     /// OpenNFT's continuous PSC, step for step ([`opennft`]).
     Opennft,
+    /// OpenNFT's intermittent PSC: one value per regulation block, shown at its end and through
+    /// the display volumes after it.
+    #[serde(rename = "opennft_intermittent")]
+    OpennftIntermittent,
 }
 
 /// How the ROIs' values become one.
@@ -53,6 +57,8 @@ pub struct FeedbackConfig {
     pub protocol: Option<PathBuf>,
     /// The `trial_type` of the regulation blocks.
     pub regulation: String,
+    /// The `trial_type` of the feedback display blocks (intermittent feedback shows its value there).
+    pub display: String,
     /// The `glm.rois` the value is made of, by name, in order (empty: all of them).
     pub rois: Vec<String>,
     /// How they are combined.
@@ -77,6 +83,7 @@ impl Default for FeedbackConfig {
             recipe: Recipe::None,
             protocol: None,
             regulation: "regulation".into(),
+            display: "display".into(),
             rois: Vec::new(),
             combine: CombineRois::Mean,
             motion_regressors: true,

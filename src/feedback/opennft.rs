@@ -25,8 +25,9 @@ use faer::Mat;
 /// The AR(1) coefficient of OpenNFT's ROI path (`P.aAR1`).
 pub const AR1: f64 = 0.2;
 
-/// The protocol as OpenNFT encodes it: the condition of every volume (1 baseline, 2 regulation)
-/// and the baseline blocks (runs of baseline volumes), all 1-based inclusive volume numbers.
+/// The protocol as OpenNFT encodes it: the condition of every volume (1 baseline, 2 regulation,
+/// 3 feedback display) and the baseline blocks (runs of baseline volumes), all 1-based inclusive
+/// volume numbers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Protocol {
     /// The planned run length (OpenNFT's `NrOfVolumes - nrSkipVol`).
@@ -35,7 +36,9 @@ pub struct Protocol {
     pub tr_ms: f64,
     /// Regulation blocks `(first, last)`.
     pub regulation: Vec<(usize, usize)>,
-    /// Baseline blocks `(first, last)`: the runs of volumes outside every regulation block.
+    /// Feedback display blocks `(first, last)` (intermittent feedback's condition 3).
+    pub display: Vec<(usize, usize)>,
+    /// Baseline blocks `(first, last)`: the runs of volumes in neither.
     pub baseline: Vec<(usize, usize)>,
 }
 
@@ -46,15 +49,28 @@ impl Protocol {
     /// The run must start with a baseline, and be shorter than 100 first baseline blocks:
     /// beyond that OpenNFT's scaling switches to a sliding window, which is not reproduced.
     pub fn new(n_volumes: usize, tr_ms: f64, regulation: Vec<(usize, usize)>) -> Result<Protocol, String> {
+        Protocol::with_display(n_volumes, tr_ms, regulation, Vec::new())
+    }
+
+    /// As [`Protocol::new`], with feedback display blocks (intermittent feedback shows its value
+    /// there); volumes in neither kind of block are baseline.
+    pub fn with_display(
+        n_volumes: usize,
+        tr_ms: f64,
+        regulation: Vec<(usize, usize)>,
+        display: Vec<(usize, usize)>,
+    ) -> Result<Protocol, String> {
         if !(tr_ms.is_finite() && tr_ms > 0.0) {
             return Err(format!("TR {tr_ms} ms: give a positive repetition time"));
         }
         let mut cond = vec![1u8; n_volumes];
-        for &(on, off) in &regulation {
-            if on == 0 || off < on || off > n_volumes {
-                return Err(format!("regulation block {on}..{off} is not within volumes 1..{n_volumes}"));
+        for (blocks, c, what) in [(&regulation, 2, "regulation"), (&display, 3, "display")] {
+            for &(on, off) in blocks {
+                if on == 0 || off < on || off > n_volumes {
+                    return Err(format!("{what} block {on}..{off} is not within volumes 1..{n_volumes}"));
+                }
+                cond[on - 1..off].iter_mut().for_each(|x| *x = c);
             }
-            cond[on - 1..off].iter_mut().for_each(|c| *c = 2);
         }
         let mut baseline: Vec<(usize, usize)> = Vec::new();
         for (i, c) in cond.iter().enumerate() {
@@ -65,7 +81,7 @@ impl Protocol {
                 _ => {}
             }
         }
-        let p = Protocol { n_volumes, tr_ms, regulation, baseline };
+        let p = Protocol { n_volumes, tr_ms, regulation, display, baseline };
         match p.baseline.first() {
             Some(&(1, last)) if n_volumes < 100 * last => Ok(p),
             Some(&(1, last)) => Err(format!(
@@ -76,11 +92,13 @@ impl Protocol {
         }
     }
 
-    /// The condition of 1-based volume `t` (1 baseline, 2 regulation).
+    /// The condition of 1-based volume `t` (1 baseline, 2 regulation, 3 display).
     pub fn condition(&self, t: usize) -> u8 {
-        match self.regulation.iter().any(|&(on, off)| (on..=off).contains(&t)) {
-            true => 2,
-            false => 1,
+        let within = |blocks: &[(usize, usize)]| blocks.iter().any(|&(on, off)| (on..=off).contains(&t));
+        match (within(&self.regulation), within(&self.display)) {
+            (true, _) => 2,
+            (_, true) => 3,
+            _ => 1,
         }
     }
 
@@ -93,6 +111,16 @@ impl Protocol {
     pub fn n_vol_delay(&self) -> usize {
         (6000.0 / self.tr_ms).ceil() as usize
     }
+}
+
+/// When the value is made (OpenNFT's `Prot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Every regulation volume, against the baseline block before (`Cont`).
+    Continuous,
+    /// Once per regulation block, at its last volume, from the medians over the block and the
+    /// baseline before it, shown through the display volumes after it (`Inter`).
+    Intermittent,
 }
 
 /// How the ROIs' normalised values become the one feedback value (`P.RoiAnatOperation`).
@@ -178,9 +206,10 @@ struct RoiState {
     f_neg: u32,
 }
 
-/// OpenNFT's continuous PSC over a run, volume by volume.
-pub struct ContinuousPsc {
+/// OpenNFT's PSC feedback over a run, volume by volume.
+pub struct OpenNftFeedback {
     protocol: Protocol,
+    mode: Mode,
     combine: Combine,
     display: Display,
     /// With the six motion parameters in the GLM's third stage (OpenNFT always has them).
@@ -194,27 +223,33 @@ pub struct ContinuousPsc {
     first_motion: Option<[f64; 6]>,
     rois: Vec<RoiState>,
     block_nf: usize,
+    /// Intermittent feedback's value held for display, and whether it is shown.
+    held: f64,
+    showing: bool,
 }
 
-impl ContinuousPsc {
-    /// The feedback of `n_rois` ROIs over `protocol`.
+impl OpenNftFeedback {
+    /// The feedback of `n_rois` ROIs over `protocol`, made as `mode` says.
     pub fn new(
         protocol: Protocol,
+        mode: Mode,
         n_rois: usize,
         combine: Combine,
         display: Display,
         use_motion: bool,
-    ) -> ContinuousPsc {
+    ) -> OpenNftFeedback {
         let n = protocol.n_volumes;
         let trend = zscore(&(1..=n).map(|i| i as f64).collect::<Vec<_>>());
-        // One task column, the regulation condition's, when the protocol has one (nrBasFct).
-        let task = match protocol.regulation.is_empty() {
-            true => Vec::new(),
-            false => vec![ar_filter(AR1, &block_design(&protocol.regulation, n, protocol.tr_ms))],
-        };
-        ContinuousPsc {
+        // A task column per condition the protocol has, regulation then display (nrBasFct).
+        let task = [&protocol.regulation, &protocol.display]
+            .into_iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| ar_filter(AR1, &block_design(b, n, protocol.tr_ms)))
+            .collect();
+        OpenNftFeedback {
             task,
             protocol,
+            mode,
             combine,
             display,
             use_motion,
@@ -223,6 +258,8 @@ impl ContinuousPsc {
             first_motion: None,
             rois: vec![RoiState::default(); n_rois],
             block_nf: 0,
+            held: 0.0,
+            showing: false,
         }
     }
 
@@ -293,7 +330,10 @@ impl ContinuousPsc {
                 false => RoiSteps { raw: given, scaled: f64::NAN, ..steps },
             });
         }
-        let (feedback, display) = self.feedback(t, &mut rois);
+        let (feedback, display) = match self.mode {
+            Mode::Continuous => self.feedback(t, &mut rois),
+            Mode::Intermittent => self.intermittent(t, &mut rois),
+        };
         VolumeSteps { rois, feedback, display }
     }
 
@@ -315,6 +355,68 @@ impl ContinuousPsc {
             cols.extend(self.task.iter().map(|c| c[..t].to_vec()));
         }
         (cols, nuisance)
+    }
+
+    /// Intermittent PSC at volume `t` (mainLoopEntry.m:81-97, nfbCalc.m:117-183): at the last
+    /// volume of regulation block k, each ROI's median over the block minus its median over the
+    /// baseline before it (both from `nVolDelay` volumes in; for k ≥ 2 the baseline runs on
+    /// `nVolDelay - 1` volumes), each scaled by the ROIs' mean limits; shown then and through the
+    /// display volumes after it, 0 elsewhere.
+    fn intermittent(&mut self, t: usize, rois: &mut [RoiSteps]) -> (f64, f64) {
+        let condition = self.protocol.condition(t);
+        match condition {
+            3 => self.showing = true,
+            _ => (self.showing, self.held) = (false, 0.0),
+        }
+        let mut value = 0.0;
+        if let Some(k) = self.protocol.regulation.iter().position(|b| b.1 == t).filter(|_| condition == 2) {
+            self.block_nf = k + 1;
+            self.showing = true;
+            let d = self.protocol.n_vol_delay();
+            let (nf_first, nf_last) = self.protocol.regulation[k];
+            let cond_vols: Vec<usize> = (nf_first + d..=nf_last).collect();
+            let base_vols = self.protocol.baseline.get(k).map(|&(first, last)| {
+                let mut v: Vec<usize> = (first + d..=last).collect();
+                if k >= 1 {
+                    if let Some(&end) = v.last() {
+                        v.extend(end + 1..end + d);
+                    }
+                }
+                v
+            });
+            value = match base_vols {
+                Some(b) if !b.is_empty() && b.iter().chain(&cond_vols).all(|&v| v <= t) => {
+                    let n = rois.len() as f64;
+                    let mpos_min = rois.iter().map(|r| r.pos_min).sum::<f64>() / n;
+                    let mpos_max = rois.iter().map(|r| r.pos_max).sum::<f64>() / n;
+                    let range = mpos_max - mpos_min;
+                    let mut norms = Vec::with_capacity(rois.len());
+                    for (r, steps) in self.rois.iter().zip(rois.iter_mut()) {
+                        let at = |vols: &[usize]| {
+                            median(&vols.iter().map(|&v| r.scaled[v - 1]).collect::<Vec<_>>())
+                        };
+                        let norm = (at(&cond_vols) - mpos_min) / range - (at(&b) - mpos_min) / range;
+                        steps.norm = Some(norm);
+                        norms.push(norm);
+                    }
+                    self.combined(&norms)
+                }
+                _ => f64::NAN,
+            };
+            self.held = self.shown(value);
+        }
+        (value, if self.showing { self.held } else { 0.0 })
+    }
+
+    /// The ROIs' normalised values combined as configured.
+    fn combined(&self, norms: &[f64]) -> f64 {
+        match self.combine {
+            Combine::Mean => norms.iter().sum::<f64>() / norms.len() as f64,
+            Combine::Median => median(norms),
+            Combine::Difference(a, b) => {
+                norms.get(a).copied().unwrap_or(f64::NAN) - norms.get(b).copied().unwrap_or(f64::NAN)
+            }
+        }
     }
 
     /// Continuous PSC at volume `t` (nfbCalc.m:43-114): fills each ROI's `norm`.
@@ -340,13 +442,7 @@ impl ContinuousPsc {
             steps.norm = Some(norm);
             norms.push(norm);
         }
-        let value = match self.combine {
-            Combine::Mean => norms.iter().sum::<f64>() / norms.len() as f64,
-            Combine::Median => median(&norms),
-            Combine::Difference(a, b) => {
-                norms.get(a).copied().unwrap_or(f64::NAN) - norms.get(b).copied().unwrap_or(f64::NAN)
-            }
-        };
+        let value = self.combined(&norms);
         (value, self.shown(value))
     }
 
@@ -553,7 +649,8 @@ mod tests {
 
     fn run(means: &[f64]) -> Vec<VolumeSteps> {
         let protocol = Protocol::new(means.len(), 2000.0, vec![(11, 20), (31, 40)]).unwrap();
-        let mut psc = ContinuousPsc::new(protocol, 1, Combine::Mean, Display::default(), true);
+        let mut psc =
+            OpenNftFeedback::new(protocol, Mode::Continuous, 1, Combine::Mean, Display::default(), true);
         means.iter().map(|&m| psc.step(&[m], None)).collect()
     }
 

@@ -2,7 +2,7 @@
 //! recipe's `feedback` value, which publish adds to the `roi` message, the LSL outlet and the
 //! results server.
 
-use super::opennft::{Combine, ContinuousPsc, Display, Protocol};
+use super::opennft::{Combine, Display, Mode, OpenNftFeedback, Protocol};
 use super::{CombineRois, Feedback, FeedbackConfig, Recipe};
 use crate::event::{Event, Onset};
 use crate::frame::{Frame, FrameKind};
@@ -17,24 +17,27 @@ type Blocks = Vec<(f64, f64)>;
 pub struct FeedbackStage {
     cfg: FeedbackConfig,
     blocks: Blocks,
+    display: Blocks,
     /// The ROIs' indices in the GLM's ROI list.
     rois: Vec<usize>,
     volumes: usize,
-    psc: Option<ContinuousPsc>,
+    psc: Option<OpenNftFeedback>,
 }
 
 impl FeedbackStage {
     /// The protocol in volumes at `tr` seconds.
     fn protocol(&self, tr: f64) -> Result<Protocol, String> {
-        let regulation = self
-            .blocks
-            .iter()
-            .map(|&(onset, duration)| {
-                let first = (onset / tr).round() as usize + 1;
-                (first, first + ((duration / tr).round() as usize).max(1) - 1)
-            })
-            .collect();
-        Protocol::new(self.volumes, tr * 1000.0, regulation).map_err(|e| format!("feedback protocol: {e}"))
+        let volumes = |blocks: &Blocks| {
+            blocks
+                .iter()
+                .map(|&(onset, duration)| {
+                    let first = (onset / tr).round() as usize + 1;
+                    (first, first + ((duration / tr).round() as usize).max(1) - 1)
+                })
+                .collect()
+        };
+        Protocol::with_display(self.volumes, tr * 1000.0, volumes(&self.blocks), volumes(&self.display))
+            .map_err(|e| format!("feedback protocol: {e}"))
     }
 }
 
@@ -69,8 +72,12 @@ impl Stage for FeedbackStage {
                 negative: self.cfg.negative,
             };
             let protocol = self.protocol(tr).map_err(err)?;
-            self.psc = Some(ContinuousPsc::new(
+            self.psc = Some(OpenNftFeedback::new(
                 protocol,
+                match self.cfg.recipe {
+                    Recipe::OpennftIntermittent => Mode::Intermittent,
+                    _ => Mode::Continuous,
+                },
                 self.rois.len(),
                 combine,
                 display,
@@ -132,14 +139,18 @@ pub fn build(
     if blocks.is_empty() {
         return Err(format!("feedback.regulation: no {:?} rows in {}", cfg.regulation, path.display()));
     }
-    Ok(Some(Box::new(FeedbackStage { cfg: cfg.clone(), blocks, rois, volumes, psc: None })))
+    let display = match cfg.recipe {
+        Recipe::OpennftIntermittent => regulation_blocks(&events, &cfg.display, glm.default_duration_s),
+        _ => Vec::new(),
+    };
+    Ok(Some(Box::new(FeedbackStage { cfg: cfg.clone(), blocks, display, rois, volumes, psc: None })))
 }
 
-/// The `(onset, duration)` of the events whose condition is `regulation`.
-fn regulation_blocks(events: &[Event], regulation: &str, default_duration: f64) -> Blocks {
+/// The `(onset, duration)` of the events whose condition is `condition`.
+fn regulation_blocks(events: &[Event], condition: &str, default_duration: f64) -> Blocks {
     events
         .iter()
-        .filter(|e| e.condition == regulation)
+        .filter(|e| e.condition == condition)
         .filter_map(|e| match e.onset {
             Onset::Relative(s) => Some((s, e.duration.unwrap_or(default_duration))),
             Onset::Absolute(_) => None,
