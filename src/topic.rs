@@ -127,6 +127,10 @@ pub struct RoiReading {
     pub mean: Option<f64>,
     /// Drift- and motion-detrended percent signal change, null until estimable.
     pub psc: Option<f64>,
+    /// This ROI's own feedback value, shown as the recipe's `feedback` is (null without a recipe
+    /// or where undefined).
+    #[serde(default)]
+    pub feedback: Option<f64>,
 }
 
 /// `roi`: each configured ROI's feedback for one volume.
@@ -517,7 +521,12 @@ mod tests {
                 index: 1,
                 run: "r".into(),
                 acq_time: None,
-                rois: vec![RoiReading { name: "v1".into(), mean: Some(1.0), psc: None }],
+                rois: vec![RoiReading {
+                    name: "v1".into(),
+                    mean: Some(1.0),
+                    psc: None,
+                    feedback: Some(40.0),
+                }],
                 feedback: Some(40.0),
             }),
             s(BetasHeader { trial: trial(), index: 9, tr: Some(2.0), shape: [2, 2, 2] }),

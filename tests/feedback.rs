@@ -142,6 +142,16 @@ fn agree(got: &[VolumeSteps], want: &Value, what: &str) {
         }
         eprintln!("{what}: {name} agrees to {worst:.1e} of its range");
     }
+    // Each ROI's normalised value where the reference has one (regulation volumes).
+    for (t, (v, g)) in want["per_volume"]["norm_perc_values"].as_array().unwrap().iter().zip(got).enumerate()
+    {
+        let theirs: Vec<f64> = v.as_array().map(|a| a.iter().map(number).collect()).unwrap_or_default();
+        let mine: Vec<f64> = g.rois.iter().filter_map(|r| r.norm).collect();
+        assert_eq!(mine.len(), theirs.len(), "{what}: volume {}", t + 1);
+        for (a, b) in mine.iter().zip(&theirs) {
+            assert!((a - b).abs() <= 1e-9, "{what}: norm at volume {}: ours {a}, reference {b}", t + 1);
+        }
+    }
     for (key, pick) in [("fb_value", 0), ("disp_value", 1)] {
         for (t, (v, g)) in want["per_volume"][key].as_array().unwrap().iter().zip(got).enumerate() {
             let (a, b) = (if pick == 0 { g.feedback } else { g.display }, number(v));
@@ -260,6 +270,8 @@ fn the_live_feedback_of_a_replayed_run_equals_the_offline_recipe_and_the_referen
     let offline = ours(&means, Some(&params), (&blocks, &[], Mode::Continuous), Combine::Mean, tr);
     for (r, o) in roi.iter().zip(&offline) {
         assert_eq!(r.feedback, Some(o.display).filter(|v| v.is_finite()), "volume {}", r.index);
+        // One ROI: its own value is the combined one.
+        assert_eq!(r.rois[0].feedback, r.feedback, "volume {}", r.index);
     }
     let want =
         reference(&means, Some(&params), (&blocks, &[], Mode::Continuous), "mean(norm_percValues)", tr);

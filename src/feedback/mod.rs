@@ -121,9 +121,18 @@ impl FeedbackConfig {
 }
 
 /// A volume's feedback, as its recipe made it.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Feedback {
     /// The value shown (`dispValue`): 0 outside regulation blocks, `None` where it is undefined
     /// (no baseline block before this regulation block yet, or a missing ROI mean).
     pub value: Option<f64>,
+    /// Each of the recipe's ROIs' own value, shown alike, by ROI name.
+    pub rois: Vec<(String, Option<f64>)>,
+}
+
+impl Feedback {
+    /// The own value of the ROI `name`, when the recipe uses it.
+    pub fn of(&self, name: &str) -> Option<f64> {
+        self.rois.iter().find(|(n, _)| n == name).and_then(|(_, v)| *v)
+    }
 }

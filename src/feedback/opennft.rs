@@ -177,6 +177,8 @@ pub struct RoiSteps {
     pub scaled: f64,
     /// The scaled value minus the baseline's median, in a regulation volume.
     pub norm: Option<f64>,
+    /// This ROI's own value shown, as the combined one is (0 where it is 0, NaN where undefined).
+    pub shown: f64,
 }
 
 /// One volume's result: each ROI's steps and the feedback.
@@ -223,8 +225,10 @@ pub struct OpenNftFeedback {
     first_motion: Option<[f64; 6]>,
     rois: Vec<RoiState>,
     block_nf: usize,
-    /// Intermittent feedback's value held for display, and whether it is shown.
+    /// Intermittent feedback's value held for display (combined, then each ROI's), and whether
+    /// it is shown.
     held: f64,
+    held_rois: Vec<f64>,
     showing: bool,
 }
 
@@ -259,6 +263,7 @@ impl OpenNftFeedback {
             rois: vec![RoiState::default(); n_rois],
             block_nf: 0,
             held: 0.0,
+            held_rois: vec![0.0; n_rois],
             showing: false,
         }
     }
@@ -324,6 +329,7 @@ impl OpenNftFeedback {
                 pos_max,
                 scaled,
                 norm: None,
+                shown: 0.0,
             };
             rois.push(match given.is_finite() {
                 true => steps,
@@ -366,7 +372,10 @@ impl OpenNftFeedback {
         let condition = self.protocol.condition(t);
         match condition {
             3 => self.showing = true,
-            _ => (self.showing, self.held) = (false, 0.0),
+            _ => {
+                (self.showing, self.held) = (false, 0.0);
+                self.held_rois.iter_mut().for_each(|v| *v = 0.0);
+            }
         }
         let mut value = 0.0;
         if let Some(k) = self.protocol.regulation.iter().position(|b| b.1 == t).filter(|_| condition == 2) {
@@ -404,6 +413,11 @@ impl OpenNftFeedback {
                 _ => f64::NAN,
             };
             self.held = self.shown(value);
+            let each: Vec<f64> = rois.iter().map(|r| r.norm.map_or(f64::NAN, |n| self.shown(n))).collect();
+            self.held_rois = each;
+        }
+        for (steps, held) in rois.iter_mut().zip(&self.held_rois) {
+            steps.shown = if self.showing { *held } else { 0.0 };
         }
         (value, if self.showing { self.held } else { 0.0 })
     }
@@ -429,10 +443,12 @@ impl OpenNftFeedback {
         }
         let Some(&(first, last)) = self.block_nf.checked_sub(1).and_then(|k| self.protocol.baseline.get(k))
         else {
+            rois.iter_mut().for_each(|r| r.shown = f64::NAN);
             return (f64::NAN, f64::NAN);
         };
         let from = first + self.protocol.n_vol_delay();
         if last > t {
+            rois.iter_mut().for_each(|r| r.shown = f64::NAN);
             return (f64::NAN, f64::NAN);
         }
         let mut norms = Vec::with_capacity(rois.len());
@@ -440,6 +456,7 @@ impl OpenNftFeedback {
             let base: Vec<f64> = (from..=last).map(|v| r.scaled[v - 1]).collect();
             let norm = steps.scaled - median(&base);
             steps.norm = Some(norm);
+            steps.shown = self.shown(norm);
             norms.push(norm);
         }
         let value = self.combined(&norms);

@@ -86,11 +86,18 @@ impl Stage for FeedbackStage {
         }
         let Some(psc) = self.psc.as_mut() else { return Ok(()) };
         if psc.volumes() >= self.volumes {
-            frame.outputs.insert(Feedback { value: None });
+            frame.outputs.insert(Feedback { value: None, rois: Vec::new() });
             return Err(err(format!("volume past the planned {} (feedback.volumes)", self.volumes)));
         }
         let steps = psc.step(&means, motion);
-        frame.outputs.insert(Feedback { value: Some(steps.display).filter(|v| v.is_finite()) });
+        let finite = |v: f64| Some(v).filter(|v| v.is_finite());
+        let rois = self
+            .rois
+            .iter()
+            .zip(&steps.rois)
+            .map(|(&i, s)| (glm.roi.get(i).map_or_else(String::new, |r| r.name.clone()), finite(s.shown)))
+            .collect();
+        frame.outputs.insert(Feedback { value: finite(steps.display), rois });
         Ok(())
     }
 }

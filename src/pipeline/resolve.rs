@@ -300,11 +300,17 @@ impl Resolved {
     /// none with the GLM off).
     pub fn feedback_outlet(&self) -> Option<FeedbackOutlet> {
         let cfg = &self.cfg;
-        let rois = match cfg.glm.enabled {
+        let rois: Vec<String> = match cfg.glm.enabled {
             true => cfg.glm.rois.iter().map(|r| r.name.clone()).collect(),
             false => Vec::new(),
         };
-        let feedback = cfg.feedback.recipe != crate::feedback::Recipe::None;
+        // With a recipe: its ROIs' channels (all of glm.rois unless it names some), then its value.
+        let feedback = (cfg.feedback.recipe != crate::feedback::Recipe::None).then(|| {
+            match cfg.feedback.rois.is_empty() {
+                true => rois.clone(),
+                false => cfg.feedback.rois.clone(),
+            }
+        });
         cfg.publish.lsl_feedback.clone().map(|name| FeedbackOutlet {
             name,
             rois,

@@ -178,6 +178,7 @@ pub fn motion_message(frame: &Frame, m: &MotionEstimate) -> Message {
 
 /// Builds the `roi` message: each ROI's mean and detrended percent signal change.
 pub fn roi_message(frame: &Frame, rois: &[RoiValue]) -> Message {
+    let feedback = frame.outputs.get::<Feedback>();
     let header = RoiHeader {
         seq: frame.seq,
         index: frame.volume.index,
@@ -185,9 +186,14 @@ pub fn roi_message(frame: &Frame, rois: &[RoiValue]) -> Message {
         acq_time: frame.volume.acq_time,
         rois: rois
             .iter()
-            .map(|r| RoiReading { name: r.name.clone(), mean: finite(r.mean), psc: r.psc })
+            .map(|r| RoiReading {
+                name: r.name.clone(),
+                mean: finite(r.mean),
+                psc: r.psc,
+                feedback: feedback.and_then(|f| f.of(&r.name)),
+            })
             .collect(),
-        feedback: frame.outputs.get::<Feedback>().and_then(|f| f.value),
+        feedback: feedback.and_then(|f| f.value),
     };
     header.message(Vec::new())
 }
@@ -287,8 +293,8 @@ pub struct FeedbackOutlet {
     pub rois: Vec<String>,
     /// Repetition time when known before the run (declared as the nominal rate 1/TR).
     pub tr: Option<f64>,
-    /// A `feedback` channel last (a feedback recipe is configured).
-    pub feedback: bool,
+    /// With a feedback recipe, its ROIs: a `NAME_feedback` channel each, then `feedback`.
+    pub feedback: Option<Vec<String>>,
 }
 
 impl FeedbackOutlet {
@@ -299,7 +305,8 @@ impl FeedbackOutlet {
             ("latency_ms".to_string(), "milliseconds", "Latency"),
         ];
         c.extend(self.rois.iter().map(|r| (format!("{r}_psc"), "percent", "fMRI")));
-        if self.feedback {
+        if let Some(rois) = &self.feedback {
+            c.extend(rois.iter().map(|r| (format!("{r}_feedback"), "display", "Feedback")));
             c.push(("feedback".to_string(), "display", "Feedback"));
         }
         c
@@ -340,8 +347,8 @@ pub struct Publisher {
     /// its context.
     socket: Option<(zmq::Socket, Option<crate::ingest::zap::ZapGuard>, zmq::Context)>,
     outlet: Option<lsl::StreamOutlet>,
-    /// The outlet ends with a `feedback` channel.
-    feedback_channel: bool,
+    /// With a feedback recipe, the outlet ends with its ROIs' channels, then `feedback`.
+    feedback_channels: Option<Vec<String>>,
     log: Option<MessageLog>,
     console: Option<ConsoleFeed>,
     results: Option<std::sync::Arc<results::ResultsBoard>>,
@@ -379,8 +386,8 @@ impl Publisher {
             Some(f) => Some(f.create()?),
             None => None,
         };
-        let feedback_channel = feedback.is_some_and(|f| f.feedback);
-        Ok(Publisher { socket, outlet, feedback_channel, log, console: None, results: None, send_errors: 0 })
+        let feedback_channels = feedback.and_then(|f| f.feedback.clone());
+        Ok(Publisher { socket, outlet, feedback_channels, log, console: None, results: None, send_errors: 0 })
     }
 
     /// Also hands every message but volumes to the operator's console.
@@ -526,8 +533,10 @@ impl Publisher {
     /// Pushes a volume's feedback sample, stamped with its acquisition time (or `now`).
     pub fn push_feedback(&mut self, frame: &Frame, now: f64) {
         let mut psc: Vec<f64> = roi_values(frame).iter().map(|r| r.psc.unwrap_or(f64::NAN)).collect();
-        if self.feedback_channel {
-            psc.push(frame.outputs.get::<Feedback>().and_then(|f| f.value).unwrap_or(f64::NAN));
+        if let Some(rois) = &self.feedback_channels {
+            let f = frame.outputs.get::<Feedback>();
+            psc.extend(rois.iter().map(|r| f.and_then(|f| f.of(r)).unwrap_or(f64::NAN)));
+            psc.push(f.and_then(|f| f.value).unwrap_or(f64::NAN));
         }
         let latency = frame.stamps.total_ms().unwrap_or(f64::NAN);
         self.feedback(frame.volume.index, latency, &psc, frame.volume.acq_time.unwrap_or(now));

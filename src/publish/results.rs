@@ -85,6 +85,9 @@ impl ResultsBoard {
                     e.insert("feedback".into(), json!(r.feedback));
                 }
                 for roi in r.rois {
+                    if roi.feedback.is_some() {
+                        e.insert(format!("{}_feedback", roi.name), json!(roi.feedback));
+                    }
                     e.insert(format!("{}_psc", roi.name), json!(roi.psc));
                     e.insert(roi.name, json!(roi.mean));
                 }
@@ -284,7 +287,12 @@ mod tests {
             converged: true,
             reference_index: Some(0),
         }));
-        let rois = vec![topic::RoiReading { name: "visual".into(), mean: Some(5.0), psc: None }];
+        let rois = vec![topic::RoiReading {
+            name: "visual".into(),
+            mean: Some(5.0),
+            psc: None,
+            feedback: Some(20.0),
+        }];
         record(sent(RoiHeader {
             seq: 3,
             index: 3,
@@ -310,7 +318,7 @@ mod tests {
             (json!(true), json!(5.0), Value::Null)
         );
         assert_eq!((r["trans_x"].clone(), r["framewise_displacement"].clone()), (json!(0.1), json!(0.2)));
-        assert_eq!(r["feedback"], json!(30.0));
+        assert_eq!((r["feedback"].clone(), r["visual_feedback"].clone()), (json!(30.0), json!(20.0)));
         assert!(r.get("decode").is_none());
         record(sent(DecodeHeader::sample(topic::TrialHeader::sample(7, 2, "imagery"), 2, 0.5)));
         assert_eq!(board.lookup(3)["decode"]["top_id"], "2");
