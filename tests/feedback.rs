@@ -215,6 +215,11 @@ fn continuous_psc_equals_the_opennft_reference_step_by_step() {
         &want,
         "median",
     );
+    let weighted = "0.7*norm_percValues(1)+0.3*norm_percValues(2)";
+    let want = reference(&means, Some(&motion), (&blocks, &[], Mode::Continuous), weighted, 2.0);
+    let got =
+        ours(&means, Some(&motion), (&blocks, &[], Mode::Continuous), Combine::Weighted(vec![0.7, 0.3]), 2.0);
+    agree(&got, &want, "weighted sum");
 }
 
 /// A daemon replaying a simulated 80-volume run (its TR returned) into OpenNFT's recipe over the

@@ -44,6 +44,8 @@ pub enum CombineRois {
     Median,
     /// The first ROI's minus the second's (differential feedback).
     Difference,
+    /// A weighted sum: `feedback.weights`, one per ROI.
+    Weighted,
 }
 
 /// `[feedback]`
@@ -63,6 +65,8 @@ pub struct FeedbackConfig {
     pub rois: Vec<String>,
     /// How they are combined.
     pub combine: CombineRois,
+    /// The weights of `combine = "weighted"`, one per ROI, in order.
+    pub weights: Vec<f64>,
     /// The motion parameters in the recipe's nuisance GLM (OpenNFT has them).
     pub motion_regressors: bool,
     /// The planned run length in volumes (OpenNFT's linear trend spans it; none: `ingest.stop_after`).
@@ -86,6 +90,7 @@ impl Default for FeedbackConfig {
             display: "display".into(),
             rois: Vec::new(),
             combine: CombineRois::Mean,
+            weights: Vec::new(),
             motion_regressors: true,
             volumes: None,
             max: 100.0,
@@ -115,6 +120,13 @@ impl FeedbackConfig {
         }
         if self.combine == CombineRois::Difference && !self.rois.is_empty() && self.rois.len() != 2 {
             errors.push("feedback.combine = \"difference\" needs two feedback.rois (A - B)".into());
+        }
+        if self.combine == CombineRois::Weighted
+            && (self.weights.is_empty() || self.weights.iter().any(|w| !w.is_finite()))
+        {
+            errors.push(
+                "feedback.combine = \"weighted\" needs feedback.weights, a finite number per ROI".into(),
+            );
         }
         errors
     }

@@ -132,6 +132,8 @@ pub enum Combine {
     Median,
     /// `norm_percValues(a) - norm_percValues(b)`: differential feedback (0-based ROI indices).
     Difference(usize, usize),
+    /// `w1*norm_percValues(1) + w2*norm_percValues(2) + …`: a weighted sum, a weight per ROI.
+    Weighted(Vec<f64>),
 }
 
 /// The displayed value's range and rounding (`MaxFeedbackVal`, `MinFeedbackVal`,
@@ -430,6 +432,7 @@ impl OpenNftFeedback {
             Combine::Difference(a, b) => {
                 norms.get(a).copied().unwrap_or(f64::NAN) - norms.get(b).copied().unwrap_or(f64::NAN)
             }
+            Combine::Weighted(ref w) => norms.iter().zip(w).map(|(n, w)| n * w).sum(),
         }
     }
 

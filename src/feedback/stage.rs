@@ -64,6 +64,7 @@ impl Stage for FeedbackStage {
                 CombineRois::Mean => Combine::Mean,
                 CombineRois::Median => Combine::Median,
                 CombineRois::Difference => Combine::Difference(0, 1),
+                CombineRois::Weighted => Combine::Weighted(self.cfg.weights.clone()),
             };
             let display = Display {
                 max: self.cfg.max,
@@ -129,6 +130,9 @@ pub fn build(
     };
     if cfg.combine == CombineRois::Difference && rois.len() != 2 {
         return Err("feedback.combine = \"difference\" needs exactly two ROIs".into());
+    }
+    if cfg.combine == CombineRois::Weighted && cfg.weights.len() != rois.len() {
+        return Err(format!("feedback.weights: {} weights for {} ROIs", cfg.weights.len(), rois.len()));
     }
     let volumes = cfg.volumes.or(stop_after.map(|n| n as usize)).ok_or(
         "feedback.volumes: OpenNFT's linear trend spans the planned run; give its length in volumes",
