@@ -9,7 +9,7 @@ use anyhow::Context;
 use crate::io::nifti::{NiftiReader, NiftiWriter};
 use crate::motion::rigid::PARAM_NAMES;
 use crate::motion::{MotionConfig, MotionCorrector, MotionEstimate};
-use crate::volume::{sanitize_run_id, Volume};
+use crate::volume::sanitize_run_id;
 
 /// Where the reference comes from.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,20 +62,7 @@ pub fn realign(
             .map(|f| f.to_string_lossy().split('.').next().unwrap_or("run").to_string())
             .unwrap_or_default(),
     );
-    let read = |index: u64, reader: &mut NiftiReader| -> anyhow::Result<Option<Volume>> {
-        let h = reader.header().clone();
-        Ok(reader.read_volume()?.map(|data| Volume {
-            data,
-            dims: h.volume_dims(),
-            affine: h.affine(),
-            index,
-            run: run.clone(),
-            tr: h.tr_seconds(),
-            acq_time: None,
-            recv_time: 0.0,
-            dtype: h.dtype,
-        }))
-    };
+    let read = |index: u64, reader: &mut NiftiReader| reader.next_volume(index, &run);
     let mut corrector = match reference {
         ReferenceChoice::File(p) => {
             cfg.reference_file = Some(p.clone());

@@ -7,7 +7,6 @@ use anyhow::Context;
 
 use crate::io::nifti::{NiftiReader, NiftiWriter};
 use crate::smooth::GaussianSmoother;
-use crate::volume::Volume;
 
 /// What a smoothing run did: volumes written and each one's time, seconds.
 pub struct Smoothed {
@@ -25,18 +24,7 @@ pub fn smooth(input: &Path, out: &Path, fwhm_mm: f64, max_voxels: usize) -> anyh
     let mut smoother = GaussianSmoother::new(fwhm_mm);
     let mut seconds = Vec::with_capacity(h.n_volumes());
     let mut index = 0u64;
-    while let Some(data) = reader.read_volume()? {
-        let v = Volume {
-            data,
-            dims: h.volume_dims(),
-            affine: h.affine(),
-            index,
-            run: "run".into(),
-            tr: h.tr_seconds(),
-            acq_time: None,
-            recv_time: 0.0,
-            dtype: h.dtype,
-        };
+    while let Some(v) = reader.next_volume(index, "run")? {
         let start = std::time::Instant::now();
         let s = smoother.process(&v);
         seconds.push(start.elapsed().as_secs_f64());

@@ -109,7 +109,8 @@ impl crate::settings::InputFiles for FeedbackConfig {
 }
 
 impl FeedbackConfig {
-    /// Every mistake in the section (the ROIs and the protocol are checked when the stage is built).
+    /// Every mistake in the section (the ROIs, their number and the protocol are checked when the
+    /// stage is built).
     pub fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
         if !(self.max.is_finite() && self.max > 0.0 && self.min.is_finite() && self.min < 0.0) {
@@ -117,9 +118,6 @@ impl FeedbackConfig {
         }
         if !(0..=6).contains(&self.decimals) {
             errors.push(format!("feedback.decimals = {}: want 0 to 6", self.decimals));
-        }
-        if self.combine == CombineRois::Difference && !self.rois.is_empty() && self.rois.len() != 2 {
-            errors.push("feedback.combine = \"difference\" needs two feedback.rois (A - B)".into());
         }
         if self.combine == CombineRois::Weighted
             && (self.weights.is_empty() || self.weights.iter().any(|w| !w.is_finite()))

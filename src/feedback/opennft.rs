@@ -226,6 +226,7 @@ pub struct OpenNftFeedback {
     motion: Vec<[f64; 6]>,
     first_motion: Option<[f64; 6]>,
     rois: Vec<RoiState>,
+    /// Continuous feedback's regulation block (1-based; 0 before the first).
     block_nf: usize,
     /// Intermittent feedback's value held for display (combined, then each ROI's), and whether
     /// it is shown.
@@ -381,7 +382,6 @@ impl OpenNftFeedback {
         }
         let mut value = 0.0;
         if let Some(k) = self.protocol.regulation.iter().position(|b| b.1 == t).filter(|_| condition == 2) {
-            self.block_nf = k + 1;
             self.showing = true;
             let d = self.protocol.n_vol_delay();
             let (nf_first, nf_last) = self.protocol.regulation[k];

@@ -10,16 +10,18 @@ use crate::glm::GlmOutput;
 use crate::motion::MotionEstimate;
 use crate::stage::{Stage, StageError};
 
-/// The regulation blocks in seconds from the run's first volume: `(onset, duration)`.
+/// Blocks in seconds from the run's first volume: `(onset, duration)`.
 type Blocks = Vec<(f64, f64)>;
 
-/// The feedback stage: OpenNFT's continuous PSC, made at the first volume (it needs the TR).
+/// The feedback stage: OpenNFT's continuous or intermittent PSC, made at the first volume (it
+/// needs the TR).
 pub struct FeedbackStage {
     cfg: FeedbackConfig,
     blocks: Blocks,
     display: Blocks,
-    /// The ROIs' indices in the GLM's ROI list.
+    /// The ROIs' indices in the GLM's ROI list, and their names.
     rois: Vec<usize>,
+    names: Vec<String>,
     volumes: usize,
     psc: Option<OpenNftFeedback>,
 }
@@ -92,12 +94,8 @@ impl Stage for FeedbackStage {
         }
         let steps = psc.step(&means, motion);
         let finite = |v: f64| Some(v).filter(|v| v.is_finite());
-        let rois = self
-            .rois
-            .iter()
-            .zip(&steps.rois)
-            .map(|(&i, s)| (glm.roi.get(i).map_or_else(String::new, |r| r.name.clone()), finite(s.shown)))
-            .collect();
+        let rois =
+            self.names.iter().zip(&steps.rois).map(|(name, s)| (name.clone(), finite(s.shown))).collect();
         frame.outputs.insert(Feedback { value: finite(steps.display), rois });
         Ok(())
     }
@@ -146,19 +144,20 @@ pub fn build(
         std::fs::read_to_string(path).map_err(|e| format!("feedback.protocol {}: {e}", path.display()))?;
     let events = crate::glm::events::parse_events_tsv(&text, &path.display().to_string())
         .map_err(|e| e.to_string())?;
-    let blocks = regulation_blocks(&events, &cfg.regulation, glm.default_duration_s);
+    let blocks = blocks_of(&events, &cfg.regulation, glm.default_duration_s);
     if blocks.is_empty() {
         return Err(format!("feedback.regulation: no {:?} rows in {}", cfg.regulation, path.display()));
     }
     let display = match cfg.recipe {
-        Recipe::OpennftIntermittent => regulation_blocks(&events, &cfg.display, glm.default_duration_s),
+        Recipe::OpennftIntermittent => blocks_of(&events, &cfg.display, glm.default_duration_s),
         _ => Vec::new(),
     };
-    Ok(Some(Box::new(FeedbackStage { cfg: cfg.clone(), blocks, display, rois, volumes, psc: None })))
+    let names = rois.iter().map(|&i: &usize| glm.rois[i].name.clone()).collect();
+    Ok(Some(Box::new(FeedbackStage { cfg: cfg.clone(), blocks, display, rois, names, volumes, psc: None })))
 }
 
 /// The `(onset, duration)` of the events whose condition is `condition`.
-fn regulation_blocks(events: &[Event], condition: &str, default_duration: f64) -> Blocks {
+fn blocks_of(events: &[Event], condition: &str, default_duration: f64) -> Blocks {
     events
         .iter()
         .filter(|e| e.condition == condition)

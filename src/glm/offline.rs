@@ -11,7 +11,7 @@ use crate::io::nifti::NiftiReader;
 use crate::io::tsv;
 use crate::motion::rigid::{RigidParams, PARAM_NAMES};
 use crate::motion::MotionEstimate;
-use crate::volume::{sanitize_run_id, Affine, Volume};
+use crate::volume::{sanitize_run_id, Affine};
 
 /// Where the regressors come from.
 #[derive(Clone, Debug)]
@@ -160,18 +160,8 @@ pub fn fit_series(
     let (dims, affine) = (h.volume_dims(), h.affine());
     let mut seconds = Vec::with_capacity(n);
     let mut index = 0u64;
-    while let Some(data) = reader.read_volume()? {
-        let v = Volume {
-            data,
-            dims,
-            affine,
-            index,
-            run: run.clone(),
-            tr: Some(tr),
-            acq_time: None,
-            recv_time: 0.0,
-            dtype: h.dtype,
-        };
+    while let Some(mut v) = reader.next_volume(index, &run)? {
+        v.tr = Some(tr);
         let m = motion.as_ref().and_then(|m| m.get(index as usize)).and_then(Option::as_ref);
         let start = std::time::Instant::now();
         let out = est.process(&v, m, index == 0).with_context(|| format!("volume {index}"))?;

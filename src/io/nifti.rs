@@ -14,7 +14,7 @@ use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 use flate2::Compression;
 
-use crate::volume::{affine_det3, voxel_size, Affine, Dtype, Endian};
+use crate::volume::{affine_det3, voxel_size, Affine, Dtype, Endian, Volume};
 
 /// Size of the NIfTI-1 header in bytes.
 pub const HEADER_SIZE: usize = 348;
@@ -362,6 +362,24 @@ impl NiftiReader {
     /// The file being read.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Reads the next volume as a [`Volume`] of run `run` numbered `index`, with the header's
+    /// grid, affine, TR and sample type (the offline commands' input), or `None` after the last.
+    pub fn next_volume(&mut self, index: u64, run: &str) -> Result<Option<Volume>, NiftiError> {
+        let h = &self.header;
+        let (dims, affine, tr, dtype) = (h.volume_dims(), h.affine(), h.tr_seconds(), h.dtype);
+        Ok(self.read_volume()?.map(|data| Volume {
+            data,
+            dims,
+            affine,
+            index,
+            run: run.to_string(),
+            tr,
+            acq_time: None,
+            recv_time: 0.0,
+            dtype,
+        }))
     }
 
     /// Reads the next volume as f32 (scaling applied), or `None` after the last one.

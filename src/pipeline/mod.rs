@@ -231,6 +231,17 @@ fn ingest_loop(
                     None => false,
                 };
                 let tr = volume.tr;
+                // A waiting sender hears back once the volume is written to the session (the
+                // flush to disk is not waited for), or after one TR (counted) so that a slow disk
+                // never stalls it.
+                let await_record = |source: &dyn crate::ingest::Source| {
+                    if recording
+                        && source.answers_sender()
+                        && !m.record_attempts.wait_for(seq + 1, one_tr(tr))
+                    {
+                        m.count(ACK_BEFORE_RECORDED);
+                    }
+                };
                 if accepted.flags.implausible_index {
                     m.count(crate::ingest::IMPLAUSIBLE_INDEX);
                     let text = format!(
@@ -240,12 +251,7 @@ fn ingest_loop(
                         crate::ingest::intake::MAX_INDEX_LEAD
                     );
                     tracing::warn!("ingest: {text}");
-                    if recording
-                        && source.answers_sender()
-                        && !m.record_attempts.wait_for(seq + 1, one_tr(tr))
-                    {
-                        m.count(ACK_BEFORE_RECORDED);
-                    }
+                    await_record(source.as_ref());
                     source.acknowledge(Ack::Rejected { reason: &text });
                     seq += 1;
                     set_aside += 1;
@@ -259,12 +265,8 @@ fn ingest_loop(
                     frame.outputs.insert(LiveEvents(accepted.events));
                 }
                 let closed = out.push(frame) == Err(PushError::Closed);
-                // The volume path has the frame; a waiting sender hears back once the volume
-                // is written to the session (the flush to disk is not waited for), or after one
-                // TR (counted) so that a slow disk never stalls it.
-                if recording && source.answers_sender() && !m.record_attempts.wait_for(seq + 1, one_tr(tr)) {
-                    m.count(ACK_BEFORE_RECORDED);
-                }
+                // The volume path has the frame; the sender hears back once it is recorded.
+                await_record(source.as_ref());
                 // The last volume's answer tells the sender the run is over.
                 let last = closed
                     || stop.load(Ordering::Acquire)
