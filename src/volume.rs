@@ -315,9 +315,24 @@ pub fn sanitize_run_id(raw: &str) -> String {
     }
 }
 
+/// The run id of a series file: its name before the first dot, sanitised (`run-01.nii.gz` →
+/// `run-01`).
+pub fn run_id_of_file(path: &std::path::Path) -> String {
+    let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    sanitize_run_id(name.split('.').next().unwrap_or("run"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_series_files_run_id_is_its_name_before_the_first_dot() {
+        use std::path::Path;
+        assert_eq!(run_id_of_file(Path::new("/data/sub 01/run-01.nii.gz")), "run-01");
+        assert_eq!(run_id_of_file(Path::new("b o+ld.nii")), "bold");
+        assert_eq!(run_id_of_file(Path::new("/")), "run");
+    }
 
     #[test]
     fn dtype_parse_names_and_typestrings() {

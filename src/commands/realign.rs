@@ -9,7 +9,7 @@ use anyhow::Context;
 use crate::io::nifti::{NiftiReader, NiftiWriter};
 use crate::motion::rigid::PARAM_NAMES;
 use crate::motion::{MotionConfig, MotionCorrector, MotionEstimate};
-use crate::volume::sanitize_run_id;
+use crate::volume::run_id_of_file;
 
 /// Where the reference comes from.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,12 +56,7 @@ pub fn realign(
     max_voxels: usize,
 ) -> anyhow::Result<Realigned> {
     let mut cfg = cfg.clone();
-    let run = sanitize_run_id(
-        &input
-            .file_name()
-            .map(|f| f.to_string_lossy().split('.').next().unwrap_or("run").to_string())
-            .unwrap_or_default(),
-    );
+    let run = run_id_of_file(input);
     let read = |index: u64, reader: &mut NiftiReader| reader.next_volume(index, &run);
     let mut corrector = match reference {
         ReferenceChoice::File(p) => {

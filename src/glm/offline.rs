@@ -11,7 +11,7 @@ use crate::io::nifti::NiftiReader;
 use crate::io::tsv;
 use crate::motion::rigid::{RigidParams, PARAM_NAMES};
 use crate::motion::MotionEstimate;
-use crate::volume::{sanitize_run_id, Affine};
+use crate::volume::{run_id_of_file, Affine};
 
 /// Where the regressors come from.
 #[derive(Clone, Debug)]
@@ -151,12 +151,7 @@ pub fn fit_series(
             GlmEstimator::new(&cfg)?.with_design(columns)
         }
     };
-    let run = sanitize_run_id(
-        &input
-            .file_name()
-            .map(|f| f.to_string_lossy().split('.').next().unwrap_or("run").to_string())
-            .unwrap_or_default(),
-    );
+    let run = run_id_of_file(input);
     let (dims, affine) = (h.volume_dims(), h.affine());
     let mut seconds = Vec::with_capacity(n);
     let mut index = 0u64;
