@@ -7,6 +7,7 @@ use crate::common;
 use std::time::Duration;
 
 use mirage_rt::feedback::opennft::{Combine, Display, Mode, OpenNftFeedback, Protocol, VolumeSteps};
+use mirage_rt::feedback::steps::{RoiStep, Steps, StepsFeedback, StepsVolume};
 use serde_json::{json, Value};
 
 /// A run: each volume's ROI means, its motion parameters, and the regulation blocks.
@@ -394,4 +395,350 @@ fn live_intermittent_feedback_equals_the_reference_on_its_recorded_means() {
                 || display.iter().any(|b| (b.0..=b.1).contains(&(t as usize)))),
         "{held:?}"
     );
+}
+
+/// The `steps` recipe's settings as the reference reads them.
+fn steps_json(s: &Steps) -> Value {
+    json!({"trend": s.trend, "task": s.task, "motion": s.motion, "nuisance": s.nuisance,
+           "despike": s.despike, "smooth_s": s.smooth_s, "normalise": s.normalise, "full_scale": s.full_scale})
+}
+
+/// A nuisance series for [`world`]: a global signal with the world's drift, noise and spike.
+fn global_signal(n: usize) -> Vec<f64> {
+    let mut rng = mirage_rt::rng::Rng::new(9, 0);
+    (1..=n).map(|t| 900.0 + 0.015 * t as f64 + rng.normal() + if t == 47 { 36.0 } else { 0.0 }).collect()
+}
+
+/// The `steps` recipe over a run, ours and the reference's, compared step by step to 1e-6 of each
+/// step's range; returns ours.
+fn steps_agree(
+    (means, motion, blocks): &World,
+    nuisance: Option<&[f64]>,
+    steps: Steps,
+    (combine, name): (Combine, Value),
+    display: Display,
+    (tr, named, what): (f64, Option<&[(usize, usize)]>, &str),
+) -> Vec<StepsVolume> {
+    let n = means.len();
+    let protocol =
+        Protocol::with_baseline(n, tr * 1000.0, blocks.clone(), Vec::new(), named.map(<[_]>::to_vec))
+            .unwrap();
+    let mut recipe = StepsFeedback::new(steps.clone(), protocol, means[0].len(), combine, display.clone());
+    let got: Vec<StepsVolume> =
+        (0..n).map(|t| recipe.step(&means[t], Some(motion[t]), nuisance.map(|v| v[t]))).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (dir.path().join("in.json"), dir.path().join("out.json"));
+    let finite = |v: f64| if v.is_finite() { json!(v) } else { Value::Null };
+    let doc = json!({
+        "tr": tr, "n_volumes": n,
+        "roi_means": means.iter().map(|r| r.iter().map(|&v| finite(v)).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "motion": motion, "nuisance": nuisance.map(|v| v.iter().map(|&x| finite(x)).collect::<Vec<_>>()),
+        "regulation": blocks.iter().map(|b| [b.0, b.1]).collect::<Vec<_>>(),
+        "baseline": named.map(|b| b.iter().map(|b| [b.0, b.1]).collect::<Vec<_>>()),
+        "steps": steps_json(&steps), "combine": name,
+        "display": {"max": display.max, "min": display.min, "decimals": display.decimals, "negative": display.negative},
+    });
+    std::fs::write(&input, doc.to_string()).unwrap();
+    let (status, out) = common::run_with_timeout(
+        common::python("feedback_steps_reference.py").arg("--in").arg(&input).arg("--out").arg(&output),
+        Duration::from_secs(300),
+    );
+    assert!(status.success(), "{out}");
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(&output).unwrap()).unwrap();
+    type Step = fn(&RoiStep) -> f64;
+    let each: [(&str, Step); 6] = [
+        ("baseline", |s| s.baseline),
+        ("percent", |s| s.percent),
+        ("despiked", |s| s.despiked),
+        ("smoothed", |s| s.smoothed),
+        ("norm", |s| s.norm.unwrap_or(f64::NAN)),
+        ("shown", |s| s.shown),
+    ];
+    let same = |a: f64, b: f64, tol: f64| (a.is_nan() && b.is_nan()) || (a - b).abs() <= tol;
+    for (key, step) in each {
+        let rows = want["per_roi"][key].as_array().unwrap();
+        let scale = rows
+            .iter()
+            .flat_map(|r| r.as_array().unwrap())
+            .map(number)
+            .filter(|v| v.is_finite())
+            .fold(1e-12f64, |m, v| m.max(v.abs()));
+        let mut worst = 0f64;
+        for (t, (row, g)) in rows.iter().zip(&got).enumerate() {
+            for (j, v) in row.as_array().unwrap().iter().enumerate() {
+                let (a, b) = (step(&g.rois[j]), number(v));
+                assert!(
+                    same(a, b, 1e-6 * scale),
+                    "{what}: {key} volume {} ROI {j}: ours {a}, reference {b}",
+                    t + 1
+                );
+                if a.is_finite() {
+                    worst = worst.max((a - b).abs() / scale);
+                }
+            }
+        }
+        eprintln!("steps, {what}: {key} agrees to {worst:.1e} of its range");
+    }
+    for (key, pick) in [("feedback", 0), ("display", 1)] {
+        for (t, (v, g)) in want[key].as_array().unwrap().iter().zip(&got).enumerate() {
+            let a = if pick == 0 { g.feedback } else { g.display };
+            assert!(same(a, number(v), 1e-6), "{what}: {key} volume {}: ours {a}, reference {v}", t + 1);
+        }
+    }
+    got
+}
+
+#[test]
+fn the_steps_recipe_equals_its_reference_step_by_step() {
+    let w = world(120);
+    let defaults = Steps {
+        trend: true,
+        task: true,
+        motion: false,
+        nuisance: false,
+        despike: 3.0,
+        smooth_s: 0.0,
+        normalise: true,
+        full_scale: 1.0,
+    };
+    let got = steps_agree(
+        &w,
+        None,
+        defaults.clone(),
+        (Combine::Mean, json!("mean")),
+        Display::default(),
+        (2.0, None, "defaults"),
+    );
+    assert!(got.iter().filter(|v| v.display > 0.0).count() > 10);
+    let every = Steps { motion: true, nuisance: true, despike: 2.5, smooth_s: 4.0, ..defaults.clone() };
+    let negative = Display { negative: true, decimals: 2, ..Display::default() };
+    let global = global_signal(120);
+    steps_agree(
+        &w,
+        Some(&global),
+        every,
+        (Combine::Difference(0, 1), json!("difference")),
+        negative.clone(),
+        (2.0, None, "motion, nuisance, smoothing, difference"),
+    );
+    let bare = Steps {
+        trend: false,
+        task: false,
+        despike: 0.0,
+        normalise: false,
+        full_scale: 0.0,
+        ..defaults.clone()
+    };
+    steps_agree(
+        &w,
+        None,
+        bare,
+        (Combine::Weighted(vec![0.7, 0.3]), json!([0.7, 0.3])),
+        negative,
+        (2.0, None, "bare, weighted"),
+    );
+    // Named baseline blocks: the two volumes before each regulation block (instructions) are in
+    // none, so they are not in the baseline's median.
+    let named: Vec<(usize, usize)> = (0..6).map(|k| (1 + 20 * k, 8 + 20 * k)).collect();
+    let with = steps_agree(
+        &w,
+        None,
+        defaults,
+        (Combine::Mean, json!("mean")),
+        Display::default(),
+        (2.0, Some(&named), "named baseline"),
+    );
+    assert!(
+        with.iter().zip(&got).any(|(a, b)| a.feedback != b.feedback),
+        "the named baseline changes values"
+    );
+}
+
+#[test]
+fn a_missing_roi_mean_costs_the_steps_recipe_that_volume_only() {
+    let (mut means, motion, blocks) = world(120);
+    let mut global = global_signal(120);
+    // ROI 0 has no mean at volume 35 (a regulation volume) and the nuisance ROI none at 55.
+    means[34][0] = f64::NAN;
+    global[54] = f64::NAN;
+    let steps = Steps {
+        trend: true,
+        task: true,
+        motion: true,
+        nuisance: true,
+        despike: 3.0,
+        smooth_s: 3.0,
+        normalise: true,
+        full_scale: 1.0,
+    };
+    let w = (means.clone(), motion.clone(), blocks.clone());
+    let got = steps_agree(
+        &w,
+        Some(&global),
+        steps.clone(),
+        (Combine::Mean, json!("mean")),
+        Display::default(),
+        (2.0, None, "gaps"),
+    );
+    assert!(
+        got[34].feedback.is_nan() && got[34].rois[0].percent.is_nan() && got[34].rois[1].percent.is_finite()
+    );
+    assert!(got[54].rois.iter().all(|r| r.percent.is_nan()));
+    // Elsewhere the same as a run whose gaps were never there, but for what the fit saw.
+    let later = got.iter().skip(56).filter(|v| v.feedback.is_finite()).count();
+    assert_eq!(later, 120 - 56, "every later volume has a value");
+}
+
+#[test]
+fn the_steps_recipe_names_a_wrong_nuisance_roi_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let protocol = dir.path().join("protocol.tsv");
+    std::fs::write(&protocol, "onset\tduration\ttrial_type\n20\t20\tregulation\n").unwrap();
+    let config = dir.path().join("run.toml");
+    let check = |extra: &str| {
+        let text = format!(
+            "[ingest]\nuri = \"sim://?volumes=40\"\n[glm]\nrois = [{{name = \"visual\", path = \"sim\"}}]\n\
+             [feedback]\nrecipe = \"steps\"\nvolumes = 40\nprotocol = \"{}\"\n{extra}",
+            protocol.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        common::run_with_timeout(
+            common::mirage().arg("check").arg("--config").arg(&config),
+            Duration::from_secs(60),
+        )
+    };
+    let (status, out) = check("");
+    assert!(status.success(), "{out}");
+    let (status, out) = check("nuisance = \"wm\"\n");
+    assert!(!status.success() && out.contains("feedback.nuisance") && out.contains("\"wm\""), "{out}");
+    let (status, out) = check("nuisance = \"visual\"\n");
+    assert!(!status.success() && out.contains("nuisance"), "{out}");
+    let (status, out) = check("despike = -1\n");
+    assert!(!status.success() && out.contains("feedback.despike"), "{out}");
+    let (status, out) = check("baseline = \"rest\"\n");
+    assert!(!status.success() && out.contains("feedback.baseline") && out.contains("\"rest\""), "{out}");
+}
+
+#[test]
+fn the_live_steps_feedback_with_a_nuisance_roi_equals_the_offline_recipe_and_the_reference() {
+    use mirage_rt::topic::{MotionHeader, RoiHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let session = dir.path().join("s");
+    let brain = dir.path().join("run/truth/brain_mask.nii.gz");
+    let rois = format!(
+        "glm.rois=[{{name = \"visual\", path = \"{}\"}}, {{name = \"brain\", path = \"{}\"}}]",
+        dir.path().join("run/truth/roi_mask.nii.gz").display(),
+        brain.display()
+    );
+    let recipe = [
+        "--no-lsl",
+        "--set",
+        "feedback.recipe=\"steps\"",
+        "--set",
+        "feedback.nuisance=\"brain\"",
+        "--set",
+        "feedback.motion_regressors=true",
+        "--set",
+        "feedback.smooth_s=2.0",
+        "--set",
+        &rois,
+    ];
+    let (daemon, tr) = replay_with_feedback(dir.path(), &session, &recipe);
+    let (status, log) = daemon.wait(Duration::from_secs(120));
+    assert!(status.success(), "{log}");
+    let roi = common::published_as::<RoiHeader>(&session);
+    let mean = |r: &RoiHeader, k: usize| r.rois[k].mean.unwrap_or(f64::NAN);
+    let means: Vec<Vec<f64>> = roi.iter().map(|r| vec![mean(r, 0)]).collect();
+    let global: Vec<f64> = roi.iter().map(|r| mean(r, 1)).collect();
+    let motion: Vec<[f64; 6]> =
+        common::published_as::<MotionHeader>(&session).iter().map(|m| m.params()).collect();
+    assert_eq!((roi.len(), motion.len()), (80, 80));
+    let steps = Steps {
+        trend: true,
+        task: true,
+        motion: true,
+        nuisance: true,
+        despike: 3.0,
+        smooth_s: 2.0,
+        normalise: true,
+        full_scale: 1.0,
+    };
+    let blocks = vec![(11, 20), (31, 40), (51, 60), (71, 80)];
+    let w = (means, motion, blocks);
+    let offline = steps_agree(
+        &w,
+        Some(&global),
+        steps,
+        (Combine::Mean, json!("mean")),
+        Display::default(),
+        (tr, None, "live"),
+    );
+    for (r, o) in roi.iter().zip(&offline) {
+        assert_eq!(r.feedback, Some(o.display).filter(|v| v.is_finite()), "volume {}", r.index);
+        assert_eq!(r.rois[0].feedback, r.feedback, "volume {}", r.index);
+        assert_eq!(r.rois[1].feedback, None, "the nuisance ROI has no feedback of its own");
+    }
+    let shown = roi.iter().filter(|r| r.feedback.is_some_and(|v| v > 0.0)).count();
+    eprintln!("live steps feedback: {shown} of 80 volumes above 0");
+    assert!(shown > 0);
+}
+
+#[test]
+fn the_console_report_plots_every_feedback_value_and_the_last_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = dir.path().join("s");
+    let console = format!("127.0.0.1:{}", common::free_port());
+    let extra = ["--no-lsl", "--set", "feedback.recipe=\"steps\"", "--console", &console];
+    let (daemon, _) = replay_with_feedback(dir.path(), &session, &extra);
+    let (status, log) = daemon.wait(Duration::from_secs(120));
+    assert!(status.success(), "{log}");
+    let roi = common::published_as::<mirage_rt::topic::RoiHeader>(&session);
+    let values: Vec<f64> = roi.iter().filter_map(|r| r.feedback).collect();
+    assert!(values.iter().any(|&v| v > 0.0), "{values:?}");
+    let report = session.join("report.html");
+    let (status, out) = common::run_with_timeout(
+        common::python("console_check.py")
+            .arg(format!("file://{}", report.display()))
+            .args(["--report", "--no-decodes"]),
+        Duration::from_secs(200),
+    );
+    assert!(status.success(), "console check (needs chromium: scripts/setup.sh --tests):\n{out}");
+    let seen: Value = serde_json::from_str(out.lines().rev().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    assert_eq!(seen["after"]["feedback_points"], Value::from(values.len()), "{seen}");
+    assert_eq!(seen["after"]["feedback_last"].as_f64(), values.last().copied(), "{seen}");
+}
+
+#[test]
+fn the_steps_defaults_are_the_recipe_the_feedback_worlds_chose() {
+    // The rule of benches/benchmarks.py (`feedback_choice`) over the figures on record.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks/feedback_worlds.json");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let worlds = doc["results"].as_array().unwrap();
+    let score = |label: &str| -> Option<f64> {
+        let ok = worlds.iter().all(|w| {
+            let s = &w["signals"][label];
+            s["worst_in_regulation_min"].as_f64().unwrap() > -1.0
+                && s["spike_change_max"].as_f64().unwrap_or(0.0) < 1.0
+        });
+        let corr: f64 = worlds.iter().map(|w| w["signals"][label]["corr"].as_f64().unwrap()).sum();
+        ok.then_some(corr / worlds.len() as f64)
+    };
+    let chosen = doc["grid"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|g| g.as_str())
+        .filter_map(|g| score(g).map(|c| (g, c)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("a grid recipe meets the rule")
+        .0;
+    let sets = &doc["recipes"][chosen];
+    let get = |key: &str| sets[key].as_str().unwrap_or_else(|| panic!("{chosen}: no {key}")).to_string();
+    let d = mirage_rt::feedback::FeedbackConfig::default();
+    eprintln!("the feedback worlds chose {chosen:?}");
+    assert_eq!(get("feedback.smooth_s").parse::<f64>().unwrap(), d.smooth_s, "{chosen}");
+    assert_eq!(get("feedback.despike").parse::<f64>().unwrap(), d.despike, "{chosen}");
+    assert_eq!(get("feedback.trend").parse::<bool>().unwrap(), d.trend, "{chosen}");
+    assert_eq!(get("feedback.motion_regressors").parse::<bool>().unwrap(), d.motion_regressors, "{chosen}");
+    assert!(d.task_regressors && d.normalise && d.nuisance.is_none());
 }

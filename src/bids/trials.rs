@@ -144,16 +144,28 @@ fn write_betas(f: &RunFiles, messages: &[LoggedMessage], out: &mut TrialFiles) -
     Ok(())
 }
 
-/// Each ROI's mean signal and percent signal change per volume of the series, and the feedback
-/// recipe's value (`feedback`) when the run had one (`n/a` where the volume had no reading).
+/// Each ROI's mean signal and percent signal change per volume of the series, with a feedback
+/// recipe each recipe ROI's own value (`NAME_feedback`) and the value shown (`feedback`); `n/a`
+/// where the volume had no reading or no value.
 fn write_roi(f: &RunFiles, messages: &[LoggedMessage]) -> Result<(), ExportError> {
     let readings: BTreeMap<u64, RoiHeader> =
         of_run::<RoiHeader>(messages, |h| &h.run, f.run).into_iter().map(|(h, _)| (h.index, h)).collect();
     let Some(first) = readings.values().next() else { return Ok(()) };
     let names: Vec<String> = first.rois.iter().map(|r| r.name.clone()).collect();
     let feedback = readings.values().any(|h| h.feedback.is_some());
-    let mut columns: Vec<String> =
-        names.iter().flat_map(|n| [format!("{n}_mean"), format!("{n}_psc")]).collect();
+    let own: Vec<bool> = names
+        .iter()
+        .map(|n| readings.values().any(|h| h.rois.iter().any(|r| &r.name == n && r.feedback.is_some())))
+        .collect();
+    let mut columns: Vec<String> = names
+        .iter()
+        .zip(&own)
+        .flat_map(|(n, &own)| {
+            let mut c = vec![format!("{n}_mean"), format!("{n}_psc")];
+            c.extend(own.then(|| format!("{n}_feedback")));
+            c
+        })
+        .collect();
     if feedback {
         columns.push("feedback".into());
     }
@@ -162,9 +174,12 @@ fn write_roi(f: &RunFiles, messages: &[LoggedMessage]) -> Result<(), ExportError
     for index in f.indices {
         let mut row: Vec<String> = names
             .iter()
-            .flat_map(|name| {
+            .zip(&own)
+            .flat_map(|(name, &own)| {
                 let r = readings.get(index).and_then(|h| h.rois.iter().find(|r| &r.name == name));
-                [cell(r.and_then(|r| r.mean)), cell(r.and_then(|r| r.psc))]
+                let mut c = vec![cell(r.and_then(|r| r.mean)), cell(r.and_then(|r| r.psc))];
+                c.extend(own.then(|| cell(r.and_then(|r| r.feedback))));
+                c
             })
             .collect();
         if feedback {

@@ -1,9 +1,11 @@
 //! Neurofeedback signals from the ROI means: a `feedback` value per volume by a configured
-//! recipe, after the GLM. The first recipe is OpenNFT's own continuous PSC ([`opennft`]), so a
-//! lab moving from OpenNFT sees the number it knows; `psc` stays beside it.
+//! recipe, after the GLM: OpenNFT's own PSC ([`opennft`]), so a lab moving from OpenNFT sees the
+//! number it knows, or mirage's composable steps ([`steps`]), whose defaults the feedback worlds
+//! chose; `psc` stays beside them.
 
 pub mod opennft;
 pub mod stage;
+pub mod steps;
 
 use std::path::PathBuf;
 
@@ -31,6 +33,8 @@ pub enum Recipe {
     /// the display volumes after it.
     #[serde(rename = "opennft_intermittent")]
     OpennftIntermittent,
+    /// mirage's own recipe: detrend, despike, smooth, normalise, show, each optional ([`steps`]).
+    Steps,
 }
 
 /// How the ROIs' values become one.
@@ -59,6 +63,8 @@ pub struct FeedbackConfig {
     pub protocol: Option<PathBuf>,
     /// The `trial_type` of the regulation blocks.
     pub regulation: String,
+    /// The `trial_type` of the baseline blocks (none: every volume in no other block).
+    pub baseline: Option<String>,
     /// The `trial_type` of the feedback display blocks (intermittent feedback shows its value there).
     pub display: String,
     /// The `glm.rois` the value is made of, by name, in order (empty: all of them).
@@ -67,8 +73,23 @@ pub struct FeedbackConfig {
     pub combine: CombineRois,
     /// The weights of `combine = "weighted"`, one per ROI, in order.
     pub weights: Vec<f64>,
-    /// The motion parameters in the recipe's nuisance GLM (OpenNFT has them).
+    /// The six motion parameters in the recipe's fit (OpenNFT has them; for `steps` the
+    /// feedback worlds chose them).
     pub motion_regressors: bool,
+    /// `steps`: a linear trend in the fit.
+    pub trend: bool,
+    /// `steps`: the task regressor in the fit, its fit kept in the signal.
+    pub task_regressors: bool,
+    /// `steps`: a `glm.rois` name whose mean enters the fit (white matter, whole brain).
+    pub nuisance: Option<String>,
+    /// `steps`: clip values beyond this many robust σ (0: off).
+    pub despike: f64,
+    /// `steps`: exponential smoothing's time constant in seconds (0: off).
+    pub smooth_s: f64,
+    /// `steps`: minus the last baseline block's median.
+    pub normalise: bool,
+    /// `steps`: the percent change shown as `max` (0: the percent itself, unclipped).
+    pub full_scale: f64,
     /// The planned run length in volumes (OpenNFT's linear trend spans it; none: `ingest.stop_after`).
     pub volumes: Option<usize>,
     /// The value shown for a full-scale change (OpenNFT's `MaxFeedbackVal`).
@@ -87,11 +108,19 @@ impl Default for FeedbackConfig {
             recipe: Recipe::None,
             protocol: None,
             regulation: "regulation".into(),
+            baseline: None,
             display: "display".into(),
             rois: Vec::new(),
             combine: CombineRois::Mean,
             weights: Vec::new(),
             motion_regressors: true,
+            trend: true,
+            task_regressors: true,
+            nuisance: None,
+            despike: 3.0,
+            smooth_s: 2.0,
+            normalise: true,
+            full_scale: 1.0,
             volumes: None,
             max: 100.0,
             min: -100.0,
@@ -115,6 +144,13 @@ impl FeedbackConfig {
         let mut errors = Vec::new();
         if !(self.max.is_finite() && self.max > 0.0 && self.min.is_finite() && self.min < 0.0) {
             errors.push(format!("feedback.max = {}, min = {}: want max > 0 > min", self.max, self.min));
+        }
+        for (key, v) in
+            [("despike", self.despike), ("smooth_s", self.smooth_s), ("full_scale", self.full_scale)]
+        {
+            if !(v.is_finite() && v >= 0.0) {
+                errors.push(format!("feedback.{key} = {v}: want a number ≥ 0 (0: off)"));
+            }
         }
         if !(0..=6).contains(&self.decimals) {
             errors.push(format!("feedback.decimals = {}: want 0 to 6", self.decimals));

@@ -60,6 +60,18 @@ impl Protocol {
         regulation: Vec<(usize, usize)>,
         display: Vec<(usize, usize)>,
     ) -> Result<Protocol, String> {
+        Protocol::with_baseline(n_volumes, tr_ms, regulation, display, None)
+    }
+
+    /// As [`Protocol::with_display`], with the baseline blocks named (none: every volume in
+    /// neither kind of block); named, other volumes belong to no block.
+    pub fn with_baseline(
+        n_volumes: usize,
+        tr_ms: f64,
+        regulation: Vec<(usize, usize)>,
+        display: Vec<(usize, usize)>,
+        named: Option<Vec<(usize, usize)>>,
+    ) -> Result<Protocol, String> {
         if !(tr_ms.is_finite() && tr_ms > 0.0) {
             return Err(format!("TR {tr_ms} ms: give a positive repetition time"));
         }
@@ -71,6 +83,19 @@ impl Protocol {
                 }
                 cond[on - 1..off].iter_mut().for_each(|x| *x = c);
             }
+        }
+        if let Some(named) = &named {
+            let mut inside = vec![false; n_volumes];
+            for &(on, off) in named {
+                if on == 0 || off < on || off > n_volumes {
+                    return Err(format!("baseline block {on}..{off} is not within volumes 1..{n_volumes}"));
+                }
+                if cond[on - 1..off].iter().any(|&c| c != 1) {
+                    return Err(format!("baseline block {on}..{off} overlaps a regulation or display block"));
+                }
+                inside[on - 1..off].iter_mut().for_each(|x| *x = true);
+            }
+            cond.iter_mut().zip(&inside).filter(|(c, i)| **c == 1 && !**i).for_each(|(c, _)| *c = 0);
         }
         let mut baseline: Vec<(usize, usize)> = Vec::new();
         for (i, c) in cond.iter().enumerate() {
@@ -88,7 +113,7 @@ impl Protocol {
                 "{n_volumes} volumes is 100 first baseline blocks ({last} volumes) or more: OpenNFT's sliding-window \
                  scaling would take over, which is not reproduced"
             )),
-            _ => Err("the run must start with a baseline block (volume 1 is in a regulation block)".into()),
+            _ => Err("the run must start with a baseline block (volume 1 is in no baseline block)".into()),
         }
     }
 
@@ -136,6 +161,20 @@ pub enum Combine {
     Weighted(Vec<f64>),
 }
 
+impl Combine {
+    /// The ROIs' normalised values combined.
+    pub fn apply(&self, norms: &[f64]) -> f64 {
+        match self {
+            Combine::Mean => norms.iter().sum::<f64>() / norms.len() as f64,
+            Combine::Median => median(norms),
+            Combine::Difference(a, b) => {
+                norms.get(*a).copied().unwrap_or(f64::NAN) - norms.get(*b).copied().unwrap_or(f64::NAN)
+            }
+            Combine::Weighted(w) => norms.iter().zip(w).map(|(n, w)| n * w).sum(),
+        }
+    }
+}
+
 /// The displayed value's range and rounding (`MaxFeedbackVal`, `MinFeedbackVal`,
 /// `FeedbackValDec`, `NegFeedback`; OpenNFT's GUI defaults 100, -100, 0, false).
 #[derive(Clone, Debug, PartialEq)]
@@ -153,6 +192,25 @@ pub struct Display {
 impl Default for Display {
     fn default() -> Display {
         Display { max: 100.0, min: -100.0, decimals: 0, negative: false }
+    }
+}
+
+impl Display {
+    /// `dispValue` of a value in units of full scale: `max·value` rounded half away from zero,
+    /// then clipped as nfbCalc.m:79-89 clips it.
+    pub fn show(&self, value: f64) -> f64 {
+        let scale = 10f64.powi(self.decimals);
+        let x = self.max * value;
+        let mut v = if x.is_finite() { (x.abs() * scale + 0.5).floor().copysign(x) / scale } else { x };
+        if !self.negative && v < 0.0 {
+            v = 0.0;
+        } else if self.negative && v < self.min {
+            v = self.min;
+        }
+        if v > self.max {
+            v = self.max;
+        }
+        v
     }
 }
 
@@ -410,30 +468,19 @@ impl OpenNftFeedback {
                         steps.norm = Some(norm);
                         norms.push(norm);
                     }
-                    self.combined(&norms)
+                    self.combine.apply(&norms)
                 }
                 _ => f64::NAN,
             };
-            self.held = self.shown(value);
-            let each: Vec<f64> = rois.iter().map(|r| r.norm.map_or(f64::NAN, |n| self.shown(n))).collect();
+            self.held = self.display.show(value);
+            let each: Vec<f64> =
+                rois.iter().map(|r| r.norm.map_or(f64::NAN, |n| self.display.show(n))).collect();
             self.held_rois = each;
         }
         for (steps, held) in rois.iter_mut().zip(&self.held_rois) {
             steps.shown = if self.showing { *held } else { 0.0 };
         }
         (value, if self.showing { self.held } else { 0.0 })
-    }
-
-    /// The ROIs' normalised values combined as configured.
-    fn combined(&self, norms: &[f64]) -> f64 {
-        match self.combine {
-            Combine::Mean => norms.iter().sum::<f64>() / norms.len() as f64,
-            Combine::Median => median(norms),
-            Combine::Difference(a, b) => {
-                norms.get(a).copied().unwrap_or(f64::NAN) - norms.get(b).copied().unwrap_or(f64::NAN)
-            }
-            Combine::Weighted(ref w) => norms.iter().zip(w).map(|(n, w)| n * w).sum(),
-        }
     }
 
     /// Continuous PSC at volume `t` (nfbCalc.m:43-114): fills each ROI's `norm`.
@@ -459,28 +506,11 @@ impl OpenNftFeedback {
             let base: Vec<f64> = (from..=last).map(|v| r.scaled[v - 1]).collect();
             let norm = steps.scaled - median(&base);
             steps.norm = Some(norm);
-            steps.shown = self.shown(norm);
+            steps.shown = self.display.show(norm);
             norms.push(norm);
         }
-        let value = self.combined(&norms);
-        (value, self.shown(value))
-    }
-
-    /// `dispValue`: rounded half away from zero, then clipped as nfbCalc.m:79-89 clips it.
-    fn shown(&self, value: f64) -> f64 {
-        let d = &self.display;
-        let scale = 10f64.powi(d.decimals);
-        let x = d.max * value;
-        let mut v = if x.is_finite() { (x.abs() * scale + 0.5).floor().copysign(x) / scale } else { x };
-        if !d.negative && v < 0.0 {
-            v = 0.0;
-        } else if d.negative && v < d.min {
-            v = d.min;
-        }
-        if v > d.max {
-            v = d.max;
-        }
-        v
+        let value = self.combine.apply(&norms);
+        (value, self.display.show(value))
     }
 }
 
@@ -590,7 +620,7 @@ fn std_n1(x: &[f64]) -> f64 {
 }
 
 /// MATLAB's `median` (NaN of nothing).
-fn median(x: &[f64]) -> f64 {
+pub(crate) fn median(x: &[f64]) -> f64 {
     if x.is_empty() {
         return f64::NAN;
     }

@@ -3,6 +3,7 @@
 //! results server.
 
 use super::opennft::{Combine, Display, Mode, OpenNftFeedback, Protocol};
+use super::steps::{Steps, StepsFeedback};
 use super::{CombineRois, Feedback, FeedbackConfig, Recipe};
 use crate::event::{Event, Onset};
 use crate::frame::{Frame, FrameKind};
@@ -13,17 +14,49 @@ use crate::stage::{Stage, StageError};
 /// Blocks in seconds from the run's first volume: `(onset, duration)`.
 type Blocks = Vec<(f64, f64)>;
 
-/// The feedback stage: OpenNFT's continuous or intermittent PSC, made at the first volume (it
-/// needs the TR).
+/// A recipe, made at the first volume (it needs the TR).
+enum Made {
+    OpenNft(OpenNftFeedback),
+    Steps(StepsFeedback),
+}
+
+impl Made {
+    fn volumes(&self) -> usize {
+        match self {
+            Made::OpenNft(r) => r.volumes(),
+            Made::Steps(r) => r.volumes(),
+        }
+    }
+
+    /// The value shown and each ROI's.
+    fn step(&mut self, means: &[f64], motion: Option<[f64; 6]>, nuisance: Option<f64>) -> (f64, Vec<f64>) {
+        match self {
+            Made::OpenNft(r) => {
+                let s = r.step(means, motion);
+                (s.display, s.rois.iter().map(|r| r.shown).collect())
+            }
+            Made::Steps(r) => {
+                let s = r.step(means, motion, nuisance);
+                (s.display, s.rois.iter().map(|r| r.shown).collect())
+            }
+        }
+    }
+}
+
+/// The feedback stage: the configured recipe over the ROI means, after the GLM.
 pub struct FeedbackStage {
     cfg: FeedbackConfig,
     blocks: Blocks,
     display: Blocks,
+    /// The named baseline blocks (none: every volume in no other block).
+    baseline: Option<Blocks>,
     /// The ROIs' indices in the GLM's ROI list, and their names.
     rois: Vec<usize>,
     names: Vec<String>,
+    /// The nuisance ROI's index in the GLM's ROI list.
+    nuisance: Option<usize>,
     volumes: usize,
-    psc: Option<OpenNftFeedback>,
+    made: Option<Made>,
 }
 
 impl FeedbackStage {
@@ -38,8 +71,15 @@ impl FeedbackStage {
                 })
                 .collect()
         };
-        Protocol::with_display(self.volumes, tr * 1000.0, volumes(&self.blocks), volumes(&self.display))
-            .map_err(|e| format!("feedback protocol: {e}"))
+        let baseline = self.baseline.as_ref().map(volumes);
+        Protocol::with_baseline(
+            self.volumes,
+            tr * 1000.0,
+            volumes(&self.blocks),
+            volumes(&self.display),
+            baseline,
+        )
+        .map_err(|e| format!("feedback protocol: {e}"))
     }
 }
 
@@ -60,7 +100,8 @@ impl Stage for FeedbackStage {
             let p = &m.params;
             [p.trans[0], p.trans[1], p.trans[2], p.rot[0], p.rot[1], p.rot[2]]
         });
-        if self.psc.is_none() {
+        let nuisance = self.nuisance.map(|i| glm.roi.get(i).map_or(f64::NAN, |r| r.mean));
+        if self.made.is_none() {
             let tr = frame.volume.tr.ok_or_else(|| err("the recipe needs the TR: set ingest.tr".into()))?;
             let combine = match self.cfg.combine {
                 CombineRois::Mean => Combine::Mean,
@@ -75,28 +116,38 @@ impl Stage for FeedbackStage {
                 negative: self.cfg.negative,
             };
             let protocol = self.protocol(tr).map_err(err)?;
-            self.psc = Some(OpenNftFeedback::new(
-                protocol,
-                match self.cfg.recipe {
-                    Recipe::OpennftIntermittent => Mode::Intermittent,
-                    _ => Mode::Continuous,
-                },
-                self.rois.len(),
-                combine,
-                display,
-                self.cfg.motion_regressors,
-            ));
+            let n = self.rois.len();
+            let c = &self.cfg;
+            self.made = Some(match c.recipe {
+                Recipe::Steps => Made::Steps(StepsFeedback::new(
+                    steps_of(c, self.nuisance.is_some()),
+                    protocol,
+                    n,
+                    combine,
+                    display,
+                )),
+                recipe => Made::OpenNft(OpenNftFeedback::new(
+                    protocol,
+                    match recipe {
+                        Recipe::OpennftIntermittent => Mode::Intermittent,
+                        _ => Mode::Continuous,
+                    },
+                    n,
+                    combine,
+                    display,
+                    c.motion_regressors,
+                )),
+            });
         }
-        let Some(psc) = self.psc.as_mut() else { return Ok(()) };
-        if psc.volumes() >= self.volumes {
+        let Some(made) = self.made.as_mut() else { return Ok(()) };
+        if made.volumes() >= self.volumes {
             frame.outputs.insert(Feedback { value: None, rois: Vec::new() });
             return Err(err(format!("volume past the planned {} (feedback.volumes)", self.volumes)));
         }
-        let steps = psc.step(&means, motion);
+        let (value, each) = made.step(&means, motion, nuisance);
         let finite = |v: f64| Some(v).filter(|v| v.is_finite());
-        let rois =
-            self.names.iter().zip(&steps.rois).map(|(name, s)| (name.clone(), finite(s.shown))).collect();
-        frame.outputs.insert(Feedback { value: finite(steps.display), rois });
+        let rois = self.names.iter().zip(each).map(|(name, v)| (name.clone(), finite(v))).collect();
+        frame.outputs.insert(Feedback { value: finite(value), rois });
         Ok(())
     }
 }
@@ -113,19 +164,26 @@ pub fn build(
     if !glm.enabled || glm.rois.is_empty() {
         return Err("feedback.recipe needs the GLM on and glm.rois".into());
     }
-    let rois = match cfg.rois.is_empty() {
-        true => (0..glm.rois.len()).collect(),
-        false => cfg
-            .rois
-            .iter()
-            .map(|name| {
-                glm.rois.iter().position(|r| &r.name == name).ok_or_else(|| {
-                    let known: Vec<&str> = glm.rois.iter().map(|r| r.name.as_str()).collect();
-                    format!("feedback.rois: no ROI {name:?} in glm.rois ({})", known.join(", "))
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?,
+    let find = |key: &str, name: &String| {
+        glm.rois.iter().position(|r| &r.name == name).ok_or_else(|| {
+            let known: Vec<&str> = glm.rois.iter().map(|r| r.name.as_str()).collect();
+            format!("feedback.{key}: no ROI {name:?} in glm.rois ({})", known.join(", "))
+        })
     };
+    let nuisance = cfg.nuisance.as_ref().map(|name| find("nuisance", name)).transpose()?;
+    if nuisance.is_some() && cfg.recipe != Recipe::Steps {
+        return Err("feedback.nuisance: only recipe = \"steps\" regresses a nuisance ROI out".into());
+    }
+    let rois: Vec<usize> = match cfg.rois.is_empty() {
+        true => (0..glm.rois.len()).filter(|&i| Some(i) != nuisance).collect(),
+        false => cfg.rois.iter().map(|name| find("rois", name)).collect::<Result<Vec<_>, _>>()?,
+    };
+    if let Some(i) = nuisance.filter(|i| rois.contains(i)) {
+        return Err(format!("feedback.nuisance: {:?} is also a feedback ROI", glm.rois[i].name));
+    }
+    if rois.is_empty() {
+        return Err("feedback.rois: no ROI left besides the nuisance ROI".into());
+    }
     if cfg.combine == CombineRois::Difference && rois.len() != 2 {
         return Err("feedback.combine = \"difference\" needs exactly two ROIs".into());
     }
@@ -148,12 +206,45 @@ pub fn build(
     if blocks.is_empty() {
         return Err(format!("feedback.regulation: no {:?} rows in {}", cfg.regulation, path.display()));
     }
+    let baseline = match &cfg.baseline {
+        Some(name) => match blocks_of(&events, name, glm.default_duration_s) {
+            b if b.is_empty() => {
+                return Err(format!("feedback.baseline: no {name:?} rows in {}", path.display()));
+            }
+            b => Some(b),
+        },
+        None => None,
+    };
     let display = match cfg.recipe {
         Recipe::OpennftIntermittent => blocks_of(&events, &cfg.display, glm.default_duration_s),
         _ => Vec::new(),
     };
     let names = rois.iter().map(|&i: &usize| glm.rois[i].name.clone()).collect();
-    Ok(Some(Box::new(FeedbackStage { cfg: cfg.clone(), blocks, display, rois, names, volumes, psc: None })))
+    Ok(Some(Box::new(FeedbackStage {
+        cfg: cfg.clone(),
+        blocks,
+        display,
+        baseline,
+        rois,
+        names,
+        nuisance,
+        volumes,
+        made: None,
+    })))
+}
+
+/// The steps `cfg` turns on; `nuisance` when a nuisance ROI is given.
+pub fn steps_of(cfg: &FeedbackConfig, nuisance: bool) -> Steps {
+    Steps {
+        trend: cfg.trend,
+        task: cfg.task_regressors,
+        motion: cfg.motion_regressors,
+        nuisance,
+        despike: cfg.despike,
+        smooth_s: cfg.smooth_s,
+        normalise: cfg.normalise,
+        full_scale: cfg.full_scale,
+    }
 }
 
 /// The `(onset, duration)` of the events whose condition is `condition`.

@@ -33,6 +33,8 @@ return {
   motion_points: attr('#motion-plot', 'data-points'),
   params_points: attr('#params-plot', 'data-points'),
   roi_points: attr('#roi-plot', 'data-points'),
+  feedback_points: attr('#feedback-plot', 'data-points'),
+  feedback_last: (() => { const e = q('#feedback-plot'); const v = e && e.getAttribute('data-last'); return v ? Number(v) : null; })(),
   latency_points: attr('#latency-plot', 'data-points'),
   latency_updates: attr('#latency', 'data-updates'),
   decodes: attr('#decodes', 'data-count'),
@@ -140,10 +142,10 @@ def settle(driver, s, deadline, burst=200, step=0.5):
     return s
 
 
-def ready_conditions():
+def ready_conditions(decodes=True):
     return [
         ("#motion-plot data-points >= 3", lambda s: (s["motion_points"] or 0) >= 3),
-        ("a .decode-card img.recon loaded", lambda s: s["recons_loaded"] >= 1),
+        *([("a .decode-card img.recon loaded", lambda s: s["recons_loaded"] >= 1)] if decodes else []),
         ("end_to_end p50 cell holds a number", lambda s: s["e2e_p50_ok"]),
     ]
 
@@ -173,7 +175,7 @@ def check(args):
         if args.report:
             if snapshot(driver)["replay_events"] is None:
                 raise CheckFailed("window.MIRAGE_REPLAY is not an array: not a report (was the replay marker substituted?)")
-            s = wait_for(driver, deadline, ready_conditions(), "the report to render")
+            s = wait_for(driver, deadline, ready_conditions(not args.no_decodes), "the report to render")
             problems = []
             if s["conn"] != "report":
                 problems.append(f"#conn says {s['conn']!r}, not 'report'")
@@ -224,6 +226,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("url", help="the console page: http://HOST:PORT/ (live) or file:///…/report.html (--report)")
     ap.add_argument("--report", action="store_true", help="check a report file: no waiting for updates")
+    ap.add_argument("--no-decodes", action="store_true", help="a report of a run without decoding: no reconstruction to wait for")
     ap.add_argument("--screenshot", metavar="PNG", help="save a screenshot (1400x1000) once the checks pass")
     ap.add_argument("--full-page", action="store_true", help="make the screenshot as tall as the page")
     ap.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds for the whole check (default 60)")
