@@ -47,7 +47,7 @@ WORLDS = {
 }
 # The recipes run on every world: `--set` values beside `feedback.recipe`. The `steps` grid is
 # what the default is chosen from (benches/benchmarks.py states the rule); the ablations take one
-# step off (or add one) from a base.
+# step off (or add one) from the default.
 STEPS = {"feedback.recipe": '"steps"', "feedback.full_scale": "0", "feedback.despike": "3"}
 RECIPES = {
     "opennft, motion regressors": {"feedback.recipe": '"opennft"', "feedback.motion_regressors": "true"},
@@ -62,12 +62,15 @@ for smooth in ("1.5", "2"):
             GRID.append(label)
             RECIPES[label] = {**STEPS, "feedback.smooth_s": smooth, "feedback.trend": trend,
                               "feedback.motion_regressors": motion}
-BASE = {**STEPS, "feedback.smooth_s": "1.5", "feedback.trend": "false"}
+# The ablations start from the grid's choice on record (trend, motion regressors, smoothing 2 s).
+BASE = {**STEPS, "feedback.smooth_s": "2", "feedback.trend": "true", "feedback.motion_regressors": "true"}
 RECIPES.update({
-    "ablation: base, no smoothing": {**BASE, "feedback.smooth_s": "0"},
-    "ablation: base, no despiking": {**BASE, "feedback.despike": "0"},
-    "ablation: base, no task regressor": {**BASE, "feedback.task_regressors": "false"},
-    "ablation: base + nuisance ROI": {**BASE, "feedback.nuisance": '"nuisance"'},
+    "the default, no smoothing": {**BASE, "feedback.smooth_s": "0"},
+    "the default, no despiking": {**BASE, "feedback.despike": "0"},
+    "the default, no task regressor": {**BASE, "feedback.task_regressors": "false"},
+    "the default, no motion regressors, no task regressor": {**BASE, "feedback.task_regressors": "false",
+                                                             "feedback.motion_regressors": "false"},
+    "the default + nuisance ROI": {**BASE, "feedback.nuisance": '"nuisance"'},
 })
 
 
