@@ -71,6 +71,8 @@ RECIPES.update({
     "the default, no motion regressors, no task regressor": {**BASE, "feedback.task_regressors": "false",
                                                              "feedback.motion_regressors": "false"},
     "the default + nuisance ROI": {**BASE, "feedback.nuisance": '"nuisance"'},
+    "the default, no motion regressors + nuisance ROI": {**BASE, "feedback.motion_regressors": "false",
+                                                         "feedback.nuisance": '"nuisance"'},
 })
 
 
