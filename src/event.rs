@@ -118,7 +118,7 @@ pub fn parse_marker(marker: &str, timestamp: f64) -> Result<Event, EventError> {
 }
 
 /// The live events (markers) that arrived before a volume, carried in its frame: ingest puts
-/// them there, the stage that models events takes them.
+/// them there, the stages that model events (the GLM, the feedback recipe) read them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LiveEvents(pub Vec<Event>);
 

@@ -742,3 +742,107 @@ fn the_steps_defaults_are_the_recipe_the_feedback_worlds_chose() {
     assert_eq!(get("feedback.motion_regressors").parse::<bool>().unwrap(), d.motion_regressors, "{chosen}");
     assert!(d.task_regressors && d.normalise && d.nuisance.is_none());
 }
+
+#[test]
+fn steps_blocks_from_pylsl_markers_give_the_feedback_of_the_same_blocks_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = common::unique_name("mirage-blocks");
+    let (live, again) = (dir.path().join("live"), dir.path().join("again"));
+    let run = dir.path().join("run");
+    common::run(
+        common::mirage()
+            .args(["simulate", "--seed", "5", "--shape", "32,32,20", "--volumes", "60", "--out"])
+            .arg(&run),
+    );
+    let mask = run.join("truth/roi_mask.nii.gz");
+    let rois = format!("glm.rois=[{{name = \"visual\", path = \"{}\"}}]", mask.display());
+    let rois = rois.as_str();
+    let ingest = format!("file://{}?speed=tr&tr=0.25&delay=2", run.join("bold.nii.gz").display());
+    let daemon = common::Daemon::start(
+        &[
+            "--ingest",
+            &ingest,
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--quiet",
+            "--record",
+            live.to_str().unwrap(),
+            "--set",
+            &format!("glm.markers=\"lsl://{name}\""),
+            "--set",
+            rois,
+            "--set",
+            "feedback.recipe=\"steps\"",
+            "--set",
+            "feedback.markers=true",
+            "--set",
+            "feedback.volumes=60",
+        ],
+        dir.path(),
+    );
+    // A stimulus program announcing two regulation blocks (volumes 11-20 and 31-40), and one
+    // past the planned 15 s run, as soon as the daemon listens.
+    let script = format!(
+        "import pylsl, time\n\
+         info = pylsl.StreamInfo('{name}', 'Markers', 1, 0, pylsl.cf_string, '{name}')\n\
+         o = pylsl.StreamOutlet(info)\n\
+         assert o.wait_for_consumers(20)\n\
+         blocks = ['cond=regulation;onset=2.5;dur=2.5', 'cond=regulation;onset=7.5;dur=2.5', \
+         'cond=regulation;onset=20;dur=5']\n\
+         [o.push_sample([m]) for m in blocks]\n\
+         time.sleep(20)\n"
+    );
+    let mut program = std::process::Command::new("python3");
+    program.arg("-c").arg(&script);
+    let mut program = program.spawn().unwrap();
+    let (status, log) = daemon.wait(Duration::from_secs(120));
+    let _ = program.kill();
+    let _ = program.wait();
+    assert!(status.success(), "{log}");
+    let status = common::published(&live, "status");
+    assert_eq!(status.last().expect("a status message")["errors"]["feedback_marker"], 1, "{log}");
+    // The same volumes again, the blocks from a file.
+    let protocol = dir.path().join("protocol.tsv");
+    std::fs::write(&protocol, "onset\tduration\ttrial_type\n2.5\t2.5\tregulation\n7.5\t2.5\tregulation\n")
+        .unwrap();
+    let ingest = format!("file://{}?speed=max", live.display());
+    let proto = format!("feedback.protocol=\"{}\"", protocol.display());
+    let ingest = ingest.as_str();
+    let (status, log) = common::Daemon::start(
+        &[
+            "--ingest",
+            ingest,
+            "--publish",
+            "none",
+            "--no-lsl",
+            "--quiet",
+            "--record",
+            again.to_str().unwrap(),
+            "--set",
+            rois,
+            "--set",
+            "feedback.recipe=\"steps\"",
+            "--set",
+            &proto,
+            "--set",
+            "feedback.volumes=60",
+        ],
+        dir.path(),
+    )
+    .wait(Duration::from_secs(120));
+    assert!(status.success(), "{log}");
+    let (a, b) = (
+        common::published_as::<mirage_rt::topic::RoiHeader>(&live),
+        common::published_as::<mirage_rt::topic::RoiHeader>(&again),
+    );
+    assert_eq!(a.len(), 60);
+    let values = |r: &[mirage_rt::topic::RoiHeader]| r.iter().map(|r| r.feedback).collect::<Vec<_>>();
+    assert_eq!(values(&a), values(&b));
+    let shown: Vec<u64> =
+        a.iter().filter(|r| r.feedback.is_some_and(|v| v != 0.0)).map(|r| r.index + 1).collect();
+    assert!(
+        !shown.is_empty() && shown.iter().all(|v| (11..=20).contains(v) || (31..=40).contains(v)),
+        "{shown:?}"
+    );
+}

@@ -17,8 +17,14 @@ use crate::reason::Reason;
 pub const FEEDBACK: Reason =
     Reason::new("feedback", "volumes the feedback recipe could not take (no TR, past feedback.volumes)");
 
+/// A live block marker the recipe could not place (past the planned run, overlapping a block).
+pub const FEEDBACK_MARKER: Reason = Reason::new(
+    "feedback_marker",
+    "live block markers the feedback recipe refused (outside the planned run, overlapping)",
+);
+
 /// What the feedback stage counts.
-pub const REASONS: &[Reason] = &[FEEDBACK];
+pub const REASONS: &[Reason] = &[FEEDBACK, FEEDBACK_MARKER];
 
 /// Which recipe makes the `feedback` value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +71,8 @@ pub struct FeedbackConfig {
     pub regulation: String,
     /// The `trial_type` of the baseline blocks (none: every volume in no other block).
     pub baseline: Option<String>,
+    /// `steps`: blocks also from the live events (`glm.markers`) as they arrive.
+    pub markers: bool,
     /// The `trial_type` of the feedback display blocks (intermittent feedback shows its value there).
     pub display: String,
     /// The `glm.rois` the value is made of, by name, in order (empty: all of them).
@@ -109,6 +117,7 @@ impl Default for FeedbackConfig {
             protocol: None,
             regulation: "regulation".into(),
             baseline: None,
+            markers: false,
             display: "display".into(),
             rois: Vec::new(),
             combine: CombineRois::Mean,

@@ -5,8 +5,8 @@
 use super::opennft::{Combine, Display, Mode, OpenNftFeedback, Protocol};
 use super::steps::{Steps, StepsFeedback};
 use super::{CombineRois, Feedback, FeedbackConfig, Recipe};
-use crate::event::{Event, Onset};
-use crate::frame::{Frame, FrameKind};
+use crate::event::{Event, LiveEvents, Onset};
+use crate::frame::{Frame, FrameKind, Tally};
 use crate::glm::GlmOutput;
 use crate::motion::MotionEstimate;
 use crate::stage::{Stage, StageError};
@@ -56,10 +56,56 @@ pub struct FeedbackStage {
     /// The nuisance ROI's index in the GLM's ROI list.
     nuisance: Option<usize>,
     volumes: usize,
+    /// An event's duration when it gives none (`glm.default_duration_s`).
+    default_duration: f64,
+    /// With `markers`: the run's start on the daemon's clock, and events not yet placed.
+    t0: Option<f64>,
+    pending: Vec<Event>,
     made: Option<Made>,
 }
 
 impl FeedbackStage {
+    /// Places the pending block markers at `tr`; returns how many were refused. Each is tried
+    /// alone: one that does not fit the protocol is dropped, the rest stay.
+    fn place_markers(&mut self, tr: f64) -> u64 {
+        let (Some(t0), Some(Made::Steps(_))) = (self.t0, &self.made) else { return 0 };
+        let mut refused = 0;
+        let mut placed = false;
+        for e in std::mem::take(&mut self.pending) {
+            let onset = match e.onset {
+                Onset::Relative(s) => s,
+                Onset::Absolute(t) => t - t0,
+            };
+            let block = (onset, e.duration.unwrap_or(self.default_duration));
+            let list = match () {
+                _ if e.condition == self.cfg.regulation => &mut self.blocks,
+                _ if Some(&e.condition) == self.cfg.baseline.as_ref() => {
+                    self.baseline.get_or_insert_with(Vec::new)
+                }
+                _ => continue,
+            };
+            list.push(block);
+            match self.protocol(tr) {
+                Ok(_) => placed = true,
+                Err(why) => {
+                    tracing::warn!("feedback: {} marker at {onset:.2} s refused: {why}", e.condition);
+                    refused += 1;
+                    if e.condition == self.cfg.regulation {
+                        self.blocks.pop();
+                    } else if let Some(b) = self.baseline.as_mut() {
+                        b.pop();
+                    }
+                }
+            }
+        }
+        if placed {
+            if let (Ok(protocol), Some(Made::Steps(recipe))) = (self.protocol(tr), self.made.as_mut()) {
+                recipe.set_protocol(protocol);
+            }
+        }
+        refused
+    }
+
     /// The protocol in volumes at `tr` seconds.
     fn protocol(&self, tr: f64) -> Result<Protocol, String> {
         let volumes = |blocks: &Blocks| {
@@ -101,8 +147,15 @@ impl Stage for FeedbackStage {
             [p.trans[0], p.trans[1], p.trans[2], p.rot[0], p.rot[1], p.rot[2]]
         });
         let nuisance = self.nuisance.map(|i| glm.roi.get(i).map_or(f64::NAN, |r| r.mean));
+        if self.cfg.markers {
+            if let Some(events) = frame.outputs.get::<LiveEvents>() {
+                self.pending.extend(events.0.iter().cloned());
+            }
+        }
         if self.made.is_none() {
             let tr = frame.volume.tr.ok_or_else(|| err("the recipe needs the TR: set ingest.tr".into()))?;
+            let v = &frame.volume;
+            self.t0 = Some(v.acq_time.unwrap_or(v.recv_time) - v.index as f64 * tr);
             let combine = match self.cfg.combine {
                 CombineRois::Mean => Combine::Mean,
                 CombineRois::Median => Combine::Median,
@@ -138,6 +191,12 @@ impl Stage for FeedbackStage {
                     c.motion_regressors,
                 )),
             });
+        }
+        if !self.pending.is_empty() {
+            let refused = frame.volume.tr.map_or(0, |tr| self.place_markers(tr));
+            if refused > 0 {
+                frame.outputs.update::<Tally>(|t| t.0.push((super::FEEDBACK_MARKER.name, refused)));
+            }
         }
         let Some(made) = self.made.as_mut() else { return Ok(()) };
         if made.volumes() >= self.volumes {
@@ -193,24 +252,35 @@ pub fn build(
     let volumes = cfg.volumes.or(stop_after.map(|n| n as usize)).ok_or(
         "feedback.volumes: OpenNFT's linear trend spans the planned run; give its length in volumes",
     )?;
-    let path = cfg
-        .protocol
-        .as_ref()
-        .or(glm.events.as_ref())
-        .ok_or("feedback.protocol: give the events file of the regulation blocks")?;
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("feedback.protocol {}: {e}", path.display()))?;
-    let events = crate::glm::events::parse_events_tsv(&text, &path.display().to_string())
-        .map_err(|e| e.to_string())?;
+    if cfg.markers && cfg.recipe != Recipe::Steps {
+        return Err(
+            "feedback.markers: only recipe = \"steps\" takes its blocks from live markers (OpenNFT's \
+                    recipes read the whole protocol before the run)"
+                .into(),
+        );
+    }
+    let path = cfg.protocol.as_ref().or(glm.events.as_ref());
+    let events = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("feedback.protocol {}: {e}", path.display()))?;
+            crate::glm::events::parse_events_tsv(&text, &path.display().to_string())
+                .map_err(|e| e.to_string())?
+        }
+        None if cfg.markers => Vec::new(),
+        None => return Err("feedback.protocol: give the events file of the regulation blocks".into()),
+    };
+    let file = path.map_or_else(String::new, |p| p.display().to_string());
     let blocks = blocks_of(&events, &cfg.regulation, glm.default_duration_s);
-    if blocks.is_empty() {
-        return Err(format!("feedback.regulation: no {:?} rows in {}", cfg.regulation, path.display()));
+    if blocks.is_empty() && !cfg.markers {
+        return Err(format!("feedback.regulation: no {:?} rows in {file}", cfg.regulation));
     }
     let baseline = match &cfg.baseline {
         Some(name) => match blocks_of(&events, name, glm.default_duration_s) {
-            b if b.is_empty() => {
-                return Err(format!("feedback.baseline: no {name:?} rows in {}", path.display()));
+            b if b.is_empty() && !cfg.markers => {
+                return Err(format!("feedback.baseline: no {name:?} rows in {file}"));
             }
+            b if b.is_empty() => None,
             b => Some(b),
         },
         None => None,
@@ -229,6 +299,9 @@ pub fn build(
         names,
         nuisance,
         volumes,
+        default_duration: glm.default_duration_s,
+        t0: None,
+        pending: Vec::new(),
         made: None,
     })))
 }

@@ -83,12 +83,14 @@ pub struct StepsVolume {
     pub display: f64,
 }
 
-/// One ROI's state: the normal equations and the step series so far.
+/// One ROI's state: the normal equations, the volumes in them and the step series so far.
 #[derive(Clone, Debug)]
 struct RoiState {
     xtx: Vec<f64>,
     xty: Vec<f64>,
     rows: usize,
+    /// The volumes (0-based) in the fit, with their means.
+    fitted: Vec<(usize, f64)>,
     despiked: Vec<f64>,
     smoothed: Vec<f64>,
     ema: Option<f64>,
@@ -107,6 +109,10 @@ pub struct StepsFeedback {
     /// The first volume's motion and nuisance mean, subtracted from theirs (for conditioning).
     first_motion: Option<[f64; 6]>,
     first_nuisance: Option<f64>,
+    /// Every volume's row of the design so far (the task column as it was last computed).
+    rows: Vec<Vec<f64>>,
+    /// The task column's index in a row.
+    task_col: Option<usize>,
     rois: Vec<RoiState>,
     t: usize,
 }
@@ -122,6 +128,7 @@ impl StepsFeedback {
             xtx: vec![0.0; p * p],
             xty: vec![0.0; p],
             rows: 0,
+            fitted: Vec::new(),
             despiked: Vec::new(),
             smoothed: Vec::new(),
             ema: None,
@@ -135,8 +142,30 @@ impl StepsFeedback {
             alpha,
             first_motion: None,
             first_nuisance: None,
+            rows: Vec::new(),
+            task_col: None,
             rois: vec![state; n_rois],
             t: 0,
+        }
+    }
+
+    /// Replaces the protocol (blocks known later, as live markers bring them): the task
+    /// regressor is recomputed and every ROI's fit rebuilt from the rows so far, so the next fit
+    /// is exactly the fit of those rows under the new blocks. Values already shown stay.
+    pub fn set_protocol(&mut self, protocol: Protocol) {
+        self.task = task_regressor(&protocol.regulation, protocol.n_volumes, protocol.tr_ms / 1000.0);
+        self.protocol = protocol;
+        let Some(c) = self.task_col else { return };
+        for (t, row) in self.rows.iter_mut().enumerate() {
+            row[c] = self.task.get(t).copied().unwrap_or(0.0);
+        }
+        let p = columns(&self.steps);
+        for r in &mut self.rois {
+            r.xtx.iter_mut().for_each(|v| *v = 0.0);
+            r.xty.iter_mut().for_each(|v| *v = 0.0);
+            for &(t, raw) in &r.fitted {
+                accumulate(&mut r.xtx, &mut r.xty, &self.rows[t], raw, p);
+            }
         }
     }
 
@@ -169,6 +198,7 @@ impl StepsFeedback {
             row.push(self.task.get(t - 1).copied().unwrap_or(0.0));
             row.len() - 1
         });
+        self.task_col = task_col;
         if self.steps.motion {
             row.extend((0..6).map(|k| m[k] - m0[k]));
         }
@@ -193,12 +223,8 @@ impl StepsFeedback {
                 shown: 0.0,
             };
             if raw.is_finite() && row_ok {
-                for a in 0..p {
-                    r.xty[a] += row[a] * raw;
-                    for b in 0..p {
-                        r.xtx[a * p + b] += row[a] * row[b];
-                    }
-                }
+                accumulate(&mut r.xtx, &mut r.xty, &row, raw, p);
+                r.fitted.push((t - 1, raw));
                 r.rows += 1;
                 let beta = solve(&r.xtx, &r.xty, p, r.rows);
                 let baseline: f64 = (0..p).filter(|&k| Some(k) != task_col).map(|k| row[k] * beta[k]).sum();
@@ -218,6 +244,7 @@ impl StepsFeedback {
             r.smoothed.push(s.smoothed);
             rois.push(s);
         }
+        self.rows.push(row);
         let (feedback, display) = self.feedback(t, &mut rois);
         StepsVolume { rois, feedback, display }
     }
@@ -270,6 +297,16 @@ impl StepsFeedback {
                 let scale = 10f64.powi(self.display.decimals);
                 (value.abs() * scale + 0.5).floor().copysign(value) / scale
             }
+        }
+    }
+}
+
+/// Adds one row `x` with value `y` to the normal equations (p × p, row-major).
+fn accumulate(xtx: &mut [f64], xty: &mut [f64], x: &[f64], y: f64, p: usize) {
+    for a in 0..p {
+        xty[a] += x[a] * y;
+        for b in 0..p {
+            xtx[a * p + b] += x[a] * x[b];
         }
     }
 }
@@ -355,4 +392,49 @@ fn despike(history: &[f64], value: f64, k: f64) -> f64 {
         return value;
     }
     value.clamp(recent - bound, recent + bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run's ROI mean: a response in the blocks, drift and a little structure.
+    fn mean(t: usize, blocks: &[(usize, usize)]) -> f64 {
+        let on = blocks.iter().any(|&(a, b)| (a + 2..=b + 2).contains(&t));
+        1000.0 + 10.0 * on as u8 as f64 + 0.05 * t as f64 + (t as f64 * 0.7).sin()
+    }
+
+    #[test]
+    fn a_block_known_late_gives_the_fit_of_a_block_known_from_the_start() {
+        let steps = Steps {
+            trend: true,
+            task: true,
+            motion: true,
+            nuisance: false,
+            despike: 0.0,
+            smooth_s: 0.0,
+            normalise: true,
+            full_scale: 1.0,
+        };
+        let blocks = vec![(11, 20), (31, 40)];
+        let full = Protocol::new(50, 2000.0, blocks.clone()).unwrap();
+        let none = Protocol::new(50, 2000.0, Vec::new()).unwrap();
+        let new = |p: Protocol| StepsFeedback::new(steps.clone(), p, 1, Combine::Mean, Display::default());
+        let (mut known, mut late) = (new(full.clone()), new(none));
+        let motion =
+            |t: usize| Some([0.01 * t as f64, 0.0, 0.02 * (t as f64).cos(), 0.0, 1e-4 * t as f64, 0.0]);
+        for t in 1..=50 {
+            if t == 15 {
+                late.set_protocol(full.clone());
+            }
+            let m = [mean(t, &blocks)];
+            let (a, b) = (known.step(&m, motion(t), None), late.step(&m, motion(t), None));
+            if t >= 15 {
+                let (x, y) = (a.rois[0].baseline, b.rois[0].baseline);
+                assert!((x - y).abs() <= 1e-9 * x.abs(), "volume {t}: {x} against {y}");
+                let (x, y) = (a.rois[0].percent, b.rois[0].percent);
+                assert!((x - y).abs() <= 1e-6, "volume {t}: percent {x} against {y}");
+            }
+        }
+    }
 }

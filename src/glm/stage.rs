@@ -19,7 +19,8 @@ impl Stage for GlmStage {
     }
 
     fn process(&mut self, frame: &mut Frame) -> Result<(), StageError> {
-        for e in frame.outputs.take::<LiveEvents>().unwrap_or_default().0 {
+        // Left in the frame: the feedback recipe reads block markers from it too.
+        for e in frame.outputs.get::<LiveEvents>().map(|l| l.0.clone()).unwrap_or_default() {
             self.0.add_event(e);
         }
         if frame.kind != FrameKind::Volume {
