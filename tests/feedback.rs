@@ -706,6 +706,8 @@ fn the_console_report_plots_every_feedback_value_and_the_last_one() {
     let seen: Value = serde_json::from_str(out.lines().rev().find(|l| l.starts_with('{')).unwrap()).unwrap();
     assert_eq!(seen["after"]["feedback_points"], Value::from(values.len()), "{seen}");
     assert_eq!(seen["after"]["feedback_last"].as_f64(), values.last().copied(), "{seen}");
+    // The value shown and the one recipe ROI's own.
+    assert_eq!(seen["after"]["feedback_series"], 2, "{seen}");
 }
 
 #[test]

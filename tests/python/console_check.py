@@ -34,6 +34,7 @@ return {
   params_points: attr('#params-plot', 'data-points'),
   roi_points: attr('#roi-plot', 'data-points'),
   feedback_points: attr('#feedback-plot', 'data-points'),
+  feedback_series: attr('#feedback-plot', 'data-series'),
   feedback_last: (() => { const e = q('#feedback-plot'); const v = e && e.getAttribute('data-last'); return v ? Number(v) : null; })(),
   latency_points: attr('#latency-plot', 'data-points'),
   latency_updates: attr('#latency', 'data-updates'),
