@@ -161,3 +161,36 @@ fn a_run_that_ends_by_itself_exits_with_slow_clients_still_attached() {
     assert!(status.success(), "{log}");
     drop(slow);
 }
+
+#[test]
+fn any_listener_that_cannot_bind_ends_the_start_naming_it_whatever_else_is_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // The listeners a run can open: (name in the error, its flag, how its value is written).
+    let listeners: [(&str, &str, fn(u16) -> String); 5] = [
+        ("results server", "--results", |p| format!("127.0.0.1:{p}")),
+        ("metrics endpoint", "--metrics", |p| format!("127.0.0.1:{p}")),
+        ("console", "--console", |p| format!("127.0.0.1:{p}")),
+        ("publish", "--publish", |p| format!("tcp://127.0.0.1:{p}")),
+        ("ingest", "--ingest", |p| format!("zmq://127.0.0.1:{p}")),
+    ];
+    for (k, (name, _, _)) in listeners.iter().enumerate() {
+        // Its port held by another program; every other listener on a free port.
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = busy.local_addr().unwrap().port();
+        let mut args: Vec<String> =
+            vec!["run".into(), "--no-lsl".into(), "--quiet".into(), "--record".into()];
+        args.push(dir.path().join(format!("s{k}")).display().to_string());
+        for (j, (_, flag, value)) in listeners.iter().enumerate() {
+            args.push(flag.to_string());
+            args.push(value(if j == k { port } else { common::free_port() }));
+        }
+        let (status, out) = common::run_with_timeout(
+            common::mirage().args(&args).current_dir(dir.path()),
+            Duration::from_secs(60),
+        );
+        assert_eq!(status.code(), Some(2), "{name} busy: {out}");
+        assert!(out.contains(&port.to_string()), "{name} busy: the error names its address:\n{out}");
+        eprintln!("{name} busy: {}", out.lines().find(|l| l.contains(&port.to_string())).unwrap_or_default());
+        drop(busy);
+    }
+}

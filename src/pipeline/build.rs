@@ -345,13 +345,20 @@ impl Wiring<'_> {
         }
     }
 
-    /// The Prometheus endpoint and the results server, when configured.
+    /// The Prometheus endpoint and the results server, when configured: both bound before
+    /// either thread starts, so that one that cannot bind ends the start with nothing serving.
     fn start_servers(
         &mut self,
         published_all: &Arc<AtomicBool>,
     ) -> Result<Option<Arc<ResultsBoard>>, Errors> {
-        if let Some(addr) = &self.r.cfg.publish.metrics {
-            let listener = crate::publish::prometheus::bind(addr).map_err(one)?;
+        let cfg = &self.r.cfg.publish;
+        let metrics = cfg.metrics.as_ref().map(|a| crate::publish::prometheus::bind(a).map(|l| (a, l)));
+        let results = cfg.results.as_ref().map(|a| crate::publish::results::bind(a).map(|l| (a, l)));
+        let (metrics, results) = match (metrics.transpose(), results.transpose()) {
+            (Ok(m), Ok(r)) => (m, r),
+            (m, r) => return Err(m.err().into_iter().chain(r.err()).collect()),
+        };
+        if let Some((addr, listener)) = metrics {
             let (m, done, token) = (self.metrics.clone(), published_all.clone(), self.r.web_token.clone());
             let thread =
                 spawn("metrics", move || crate::publish::prometheus::serve(listener, m, done, token))
@@ -359,8 +366,7 @@ impl Wiring<'_> {
             self.handle.threads.push(thread);
             tracing::info!("metrics: http://{addr}/metrics");
         }
-        let Some(addr) = &self.r.cfg.publish.results else { return Ok(None) };
-        let listener = crate::publish::results::bind(addr).map_err(one)?;
+        let Some((addr, listener)) = results else { return Ok(None) };
         let board = Arc::new(ResultsBoard::default());
         let (b, m, done, allow) =
             (board.clone(), self.metrics.clone(), published_all.clone(), self.r.allow.clone());
