@@ -305,21 +305,46 @@ impl Topic for CalibrationHeader {
     const NAME: &'static str = "calibration";
 }
 
-/// Percentiles of one latency, in milliseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Percentiles of one latency, in milliseconds; with no samples they are sent as null, not 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize)]
 pub struct LatencySummary {
     /// Samples recorded.
     pub count: u64,
     /// Median.
+    #[serde(deserialize_with = "null_as_zero")]
     pub p50: f64,
     /// 90th percentile.
+    #[serde(deserialize_with = "null_as_zero")]
     pub p90: f64,
     /// 99th percentile.
+    #[serde(deserialize_with = "null_as_zero")]
     pub p99: f64,
     /// 99.9th percentile.
+    #[serde(deserialize_with = "null_as_zero")]
     pub p999: f64,
     /// Largest.
+    #[serde(deserialize_with = "null_as_zero")]
     pub max: f64,
+}
+
+impl Serialize for LatencySummary {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let value = |v: f64| Some(v).filter(|_| self.count > 0);
+        let mut st = s.serialize_struct("LatencySummary", 6)?;
+        st.serialize_field("count", &self.count)?;
+        st.serialize_field("p50", &value(self.p50))?;
+        st.serialize_field("p90", &value(self.p90))?;
+        st.serialize_field("p99", &value(self.p99))?;
+        st.serialize_field("p999", &value(self.p999))?;
+        st.serialize_field("max", &value(self.max))?;
+        st.end()
+    }
+}
+
+/// A percentile sent as null (no samples) reads as 0 beside its count of 0.
+fn null_as_zero<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(0.0))
 }
 
 /// Nearest-rank percentiles of the latencies of the last volumes (see `rolling_ms`), ms.
@@ -470,6 +495,18 @@ impl DecodeHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_latency_without_samples_reads_null_and_one_with_samples_its_numbers() {
+        let none = serde_json::to_value(LatencySummary::default()).unwrap();
+        assert_eq!(none["count"], 0);
+        assert!(["p50", "p90", "p99", "p999", "max"].iter().all(|k| none[*k].is_null()), "{none}");
+        assert_eq!(serde_json::from_value::<LatencySummary>(none).unwrap(), LatencySummary::default());
+        let some = LatencySummary { count: 3, p50: 1.5, p90: 2.0, p99: 2.5, p999: 2.5, max: 3.0 };
+        let v = serde_json::to_value(some).unwrap();
+        assert_eq!(v["p50"], 1.5);
+        assert_eq!(serde_json::from_value::<LatencySummary>(v).unwrap(), some);
+    }
 
     fn trial() -> TrialHeader {
         TrialHeader::sample(3, 7, "imagery")

@@ -65,6 +65,20 @@ fn a_simulated_session_exports_as_valid_bids_equal_to_what_was_recorded() {
     });
     assert_eq!(found, expect);
 
+    // The latency summary is the session's last status message, field for field.
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(bids.join(format!("{deriv}_desc-latency_summary.json"))).unwrap(),
+    )
+    .unwrap();
+    let last = common::published(&session, "status").pop().expect("a status message");
+    for key in
+        ["stage_latency_ms", "end_to_end_ms", "acquisition_to_publish_ms", "received", "recorded", "errors"]
+    {
+        assert!(!summary[key].is_null(), "{key} is null: {summary}");
+        assert_eq!(summary[key], last[key], "{key}");
+    }
+    assert!(summary["end_to_end_ms"]["p50"].as_f64().is_some_and(|v| v > 0.0), "{summary}");
+
     // The realigned series reproduces the live one from the raw volumes and the recorded
     // motion matrices, value for value.
     let realigned = bids.join("derivatives/mirage-rt").join(format!("{stem}_desc-realigned_bold.nii.gz"));

@@ -547,19 +547,28 @@ impl<'a> SessionExport<'a> {
     }
 }
 
-/// The session's last status message as a latency summary: per-stage percentiles and counts.
+/// The session's last status message as a latency summary: per-stage percentiles and counts,
+/// read as the status topic's own type so that a field can only be one the daemon sends.
 fn latency_summary(messages: &[LoggedMessage]) -> Option<Value> {
-    messages.iter().rev().find(|m| m.topic == crate::metrics::MetricsSnapshot::NAME).map(|m| {
-        let status = &m.header;
-        json!({
-            "Description": "the session's last status message: per-stage latency percentiles (ms) and counts",
-            "latency_ms": status["latency_ms"],
-            "trigger_to_feedback_ms": status["trigger_to_feedback_ms"],
-            "received": status["received"],
-            "recorded": status["recorded"],
-            "errors": status["errors"],
-        })
-    })
+    let m = messages.iter().rev().find(|m| m.topic == crate::metrics::MetricsSnapshot::NAME)?;
+    let s: crate::topic::StatusHeader = serde_json::from_value(m.header.clone())
+        .map_err(|e| tracing::warn!("export: the last status message does not read: {e}"))
+        .ok()?;
+    Some(json!({
+        "Description": "the session's last status message: per-stage latency percentiles (ms; \
+                        stage_latency_ms includes queue wait, end_to_end_ms is receipt to publish, \
+                        acquisition_to_publish_ms the sender's acquisition stamp to publish) and counts",
+        "stages": s.stages,
+        "stage_latency_ms": s.stage_latency_ms,
+        "end_to_end_ms": s.end_to_end_ms,
+        "acquisition_to_publish_ms": s.acquisition_to_publish_ms,
+        "trial_decode_ms": s.trial_decode_ms,
+        "received": s.received,
+        "recorded": s.recorded,
+        "published": s.published,
+        "decoded": s.decoded,
+        "errors": s.errors,
+    }))
 }
 
 /// The dataset's README.
