@@ -166,3 +166,23 @@ rois = [{ name = "visual", path = "data/truth/roi_mask.nii.gz" }]
     );
     assert!(status.success(), "{out}");
 }
+
+#[test]
+fn none_turns_off_every_listener_in_a_file_as_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("off.toml");
+    std::fs::write(
+        &cfg,
+        "[ingest]\nuri = \"sim://?volumes=3&shape=16,16,8&speed=max\"\n[console]\nlisten = \"none\"\n\
+         [publish]\nuri = \"none\"\nresults = \"none\"\nmetrics = \"none\"\nlsl_feedback = \"none\"\n",
+    )
+    .unwrap();
+    let (status, out) =
+        run_with_timeout(mirage().arg("check").arg("--config").arg(&cfg), Duration::from_secs(30));
+    assert!(status.success(), "{out}");
+    let (status, out) = run_with_timeout(
+        mirage().args(["run", "--quiet", "--record", "s", "--config"]).arg(&cfg).current_dir(dir.path()),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{out}");
+}

@@ -45,7 +45,8 @@ const FEED_CAPACITY: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsoleConfig {
-    /// Address of the web page, `IP:PORT` (`None`: no page).
+    /// Address of the web page, `IP:PORT` (`None`, written `"none"`: no page).
+    #[serde(with = "crate::settings::none_string")]
     pub listen: Option<String>,
     /// Write `report.html` (the page with the whole run) into the session folder at the end.
     pub report: bool,

@@ -7,7 +7,8 @@ pub use crate::event::{Event, EventError, Onset, DEFAULT_CONDITION};
 use crate::io::tsv;
 
 /// Reads a BIDS events file: tab-separated with a header naming at least `onset` and
-/// `duration`; `trial_type` (condition), `stim_id` and `trial_id` are used when present.
+/// `duration`; `trial_type` (condition), `stim_id` and `trial_id` are used when present. A
+/// duration of `n/a` (BIDS' "not applicable") is the configured default duration, with a warning.
 pub fn read_events_tsv(path: &Path) -> Result<Vec<Event>, EventError> {
     let table = tsv::read(path).map_err(file_error)?;
     events_of(&table)
@@ -35,6 +36,7 @@ fn events_of(table: &tsv::Table) -> Result<Vec<Event>, EventError> {
     let (ttype, stim, trial) =
         (table.column("trial_type"), table.column("stim_id"), table.column("trial_id"));
     let mut events = Vec::new();
+    let mut unknown_durations = 0;
     for row in &table.rows {
         let at = Some(row.line);
         let cell = |i: usize| row.get(i).ok_or_else(|| err(at, format!("missing column {}", header[i])));
@@ -51,8 +53,14 @@ fn events_of(table: &tsv::Table) -> Result<Vec<Event>, EventError> {
                 Some(c) => c.parse().map(Some).map_err(|_| err(at, format!("{c:?} is not an integer"))),
             }
         };
-        let d = num(duration)?;
-        if d < 0.0 {
+        let d = match cell(duration)? {
+            "n/a" => {
+                unknown_durations += 1;
+                None
+            }
+            _ => Some(num(duration)?),
+        };
+        if d.is_some_and(|d| d < 0.0) {
             return Err(err(at, "negative duration".into()));
         }
         events.push(Event {
@@ -63,8 +71,15 @@ fn events_of(table: &tsv::Table) -> Result<Vec<Event>, EventError> {
                 _ => DEFAULT_CONDITION.into(),
             },
             onset: Onset::Relative(num(onset)?),
-            duration: Some(d),
+            duration: d,
         });
+    }
+    if unknown_durations > 0 {
+        tracing::warn!(
+            "events {}: {unknown_durations} rows with duration n/a: each takes the default duration \
+             (glm.default_duration_s)",
+            table.what
+        );
     }
     Ok(events)
 }
@@ -86,6 +101,9 @@ mod tests {
         assert_eq!(read_events_tsv(&p).unwrap()[0].condition, "task");
         std::fs::write(&p, "onset\ttrial_type\n1\tx\n").unwrap();
         assert!(read_events_tsv(&p).unwrap_err().to_string().contains("duration"));
+        std::fs::write(&p, "onset\tduration\ttrial_type\n1\tn/a\tx\n5\t2\tx\n").unwrap();
+        let ev = read_events_tsv(&p).unwrap();
+        assert_eq!((ev[0].duration, ev[1].duration), (None, Some(2.0)), "n/a: the default duration");
         std::fs::write(&p, "onset\tduration\nsoon\t2\n").unwrap();
         assert!(read_events_tsv(&p).unwrap_err().to_string().contains("line 2"));
     }
