@@ -162,11 +162,14 @@ fn a_run_that_ends_by_itself_exits_with_slow_clients_still_attached() {
     drop(slow);
 }
 
+/// A listener: its name in the error, its flag, and its value for a port.
+type Listener = (&'static str, &'static str, fn(u16) -> String);
+
 #[test]
 fn any_listener_that_cannot_bind_ends_the_start_naming_it_whatever_else_is_on() {
     let dir = tempfile::tempdir().unwrap();
     // The listeners a run can open: (name in the error, its flag, how its value is written).
-    let listeners: [(&str, &str, fn(u16) -> String); 5] = [
+    let listeners: [Listener; 5] = [
         ("results server", "--results", |p| format!("127.0.0.1:{p}")),
         ("metrics endpoint", "--metrics", |p| format!("127.0.0.1:{p}")),
         ("console", "--console", |p| format!("127.0.0.1:{p}")),
