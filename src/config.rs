@@ -195,6 +195,9 @@ impl Config {
         {
             errors.push("ingest.tr must be a repetition time in seconds, above 0 and at most 60".into());
         }
+        if self.ingest.idle_exit_s.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+            errors.push("ingest.idle_exit_s must be a number of seconds above 0".into());
+        }
         errors.extend(self.exposure_errors());
         errors.extend(self.motion.validate());
         errors.extend(self.smooth.validate());

@@ -271,3 +271,32 @@ fn pyneals_end_user_gets_each_volumes_results_and_its_trials_decode() {
     }
     assert!(checked >= 2, "{checked} trials closed within the first {last} volumes");
 }
+
+#[test]
+fn a_run_with_pyneals_sender_ends_by_itself_when_the_sender_goes_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sim = d.join("run");
+    run(mirage()
+        .args(["simulate", "--seed", "4", "--shape", "16,16,10", "--tr", "0.5", "--volumes", "12", "--out"])
+        .arg(&sim));
+    let port = free_port();
+    let session = d.join("s");
+    // No --stop-after: the run has no length; it ends 2 s after pyneal's last volume.
+    let extra = ["--idle-exit", "2", "--set", "motion.enabled=false"];
+    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(port, "none", &session, &extra)), d);
+    let (status, out) = run_with_timeout(
+        &mut pyneal_simulated_sender(&sim.join("bold.nii.gz"), port, 500),
+        Duration::from_secs(120),
+    );
+    assert!(status.success(), "pyneal's sender failed:\n{out}\ndaemon log:\n{}", daemon.log());
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("ingest.idle_exit_s"), "{log}");
+    // Drained and flushed: every volume recorded and published, and the last status says so.
+    assert_eq!(SessionReader::open(&session).unwrap().entries.len(), 12);
+    assert_eq!(published(&session, "volume").len(), 12);
+    let status = published(&session, "status");
+    let last = status.last().expect("a status message");
+    assert_eq!((last["received"].as_u64(), last["recorded"].as_u64()), (Some(12), Some(12)), "{last}");
+}

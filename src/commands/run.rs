@@ -24,6 +24,9 @@ pub struct RunOptions {
     /// Stop after this many volumes.
     #[arg(long)]
     pub stop_after: Option<u64>,
+    /// End the run when no volume has come for this many seconds after the last one.
+    #[arg(long, value_name = "S")]
+    pub idle_exit: Option<f64>,
     /// Do not create the LSL feedback outlet.
     #[arg(long)]
     pub no_lsl: bool,
@@ -66,6 +69,9 @@ impl RunOptions {
         }
         if self.stop_after.is_some() {
             cfg.ingest.stop_after = self.stop_after;
+        }
+        if self.idle_exit.is_some() {
+            cfg.ingest.idle_exit_s = self.idle_exit;
         }
         if self.no_lsl {
             cfg.publish.lsl_feedback = None;

@@ -59,6 +59,9 @@ pub struct IngestConfig {
     pub max_voxels: usize,
     /// Stop after this many accepted volumes (`None`: run until the source ends or a signal).
     pub stop_after: Option<u64>,
+    /// End the run when no volume has come for this many seconds after the last one (a sender
+    /// gone quiet at the run's end); waiting for the first volume never times out.
+    pub idle_exit_s: Option<f64>,
     /// Run id for volumes whose sender does not name one.
     pub run: String,
     /// Repetition time in seconds, over whatever the sender's headers say (`None`: the
@@ -78,6 +81,7 @@ impl Default for IngestConfig {
             uri: "sim://?speed=max".into(),
             max_voxels: 1 << 24,
             stop_after: None,
+            idle_exit_s: None,
             run: "run".into(),
             tr: None,
             allow: Vec::new(),

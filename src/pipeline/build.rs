@@ -442,7 +442,12 @@ impl Wiring<'_> {
         // The URI's `?tr=` wins over `ingest.tr`, which wins over the sender's headers.
         let n_stages = self.metrics.stage_names().len() - 2;
         let cfg = &self.r.cfg;
-        let plan = IngestPlan { stop_after: cfg.ingest.stop_after, tr: self.r.configured_tr(), n_stages };
+        let plan = IngestPlan {
+            stop_after: cfg.ingest.stop_after,
+            idle_exit_s: cfg.ingest.idle_exit_s,
+            tr: self.r.configured_tr(),
+            n_stages,
+        };
         let (m, s) = (self.metrics.clone(), self.handle.stop.clone());
         self.spawn_volume_path("ingest", move || match open() {
             Ok(source) => {

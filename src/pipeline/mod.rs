@@ -175,6 +175,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
 /// the number of stages its frames' stamps span.
 struct IngestPlan {
     stop_after: Option<u64>,
+    idle_exit_s: Option<f64>,
     tr: Option<f64>,
     n_stages: usize,
 }
@@ -189,17 +190,28 @@ fn ingest_loop(
     markers: &crossbeam_channel::Receiver<Event>,
     m: &Metrics,
     stop: &AtomicBool,
-    IngestPlan { stop_after, tr, n_stages }: IngestPlan,
+    IngestPlan { stop_after, idle_exit_s, tr, n_stages }: IngestPlan,
 ) -> (Box<dyn crate::ingest::Source>, Option<f64>) {
     tracing::info!("ingest: {}", source.describe());
     let mut intake = Intake::new(tr);
     // Every volume recorded takes a `seq`; those set aside are not taken down the path.
     let (mut seq, mut set_aside) = (0u64, 0u64);
+    // When the last volume came (the idle exit's clock).
+    let mut last_volume: Option<std::time::Instant> = None;
     while !stop.load(Ordering::Acquire) && stop_after.is_none_or(|n| seq - set_aside < n) {
         let event = source.next(POLL);
         markers.try_iter().for_each(|e| intake.event(e, m));
         match event {
-            SourceEvent::Idle => {}
+            SourceEvent::Idle => {
+                if let (Some(limit), Some(at)) = (idle_exit_s, last_volume) {
+                    if at.elapsed().as_secs_f64() >= limit {
+                        tracing::info!(
+                            "ingest: no volume for {limit} s (ingest.idle_exit_s): the run is over"
+                        );
+                        break;
+                    }
+                }
+            }
             SourceEvent::End => break,
             SourceEvent::Refused(n) => (0..n).for_each(|_| m.count(crate::ingest::SENDER_REFUSED)),
             SourceEvent::Marker(e) => intake.event(e, m),
@@ -211,6 +223,7 @@ fn ingest_loop(
                 source.acknowledge(Ack::Rejected { reason: &text });
             }
             SourceEvent::Volume(v) => {
+                last_volume = Some(std::time::Instant::now());
                 let accepted = intake.volume(v, m);
                 let index = accepted.volume.index;
                 let volume = Arc::new(accepted.volume);
