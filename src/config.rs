@@ -177,6 +177,18 @@ impl Config {
             .collect()
     }
 
+    /// The volumes' grid when ingest replays a file (a NIfTI series or a session folder), known
+    /// before the run; `None` for live senders (their first volume names it).
+    fn replay_grid(&self) -> Option<([usize; 3], crate::volume::Affine)> {
+        let Ok(IngestUri::File { path, .. }) = self.ingest_uri() else { return None };
+        if path.is_dir() {
+            let s = crate::io::session::SessionReader::open(&path).ok()?;
+            return s.entries.first().map(|e| (e.dims, e.affine));
+        }
+        let r = crate::io::nifti::NiftiReader::open(&path, self.ingest.max_voxels).ok()?;
+        Some((r.header().volume_dims(), r.header().affine()))
+    }
+
     /// Every problem with the configuration, each naming its field.
     pub fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
@@ -194,6 +206,9 @@ impl Config {
         if self.ingest.tr.is_some_and(|t| !(t.is_finite() && t > 0.0 && t <= crate::ingest::IMPLAUSIBLE_TR_S))
         {
             errors.push("ingest.tr must be a repetition time in seconds, above 0 and at most 60".into());
+        }
+        if let (true, Some((dims, affine))) = (self.glm.enabled, self.replay_grid()) {
+            errors.extend(crate::glm::grid_errors(&self.glm, dims, &affine));
         }
         if self.ingest.idle_exit_s.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
             errors.push("ingest.idle_exit_s must be a number of seconds above 0".into());

@@ -424,3 +424,63 @@ fn one_stray_volume_index_costs_one_volume_not_the_run() {
     let live: Vec<_> = clean.iter().filter(|(h, _)| !h.trial.at_run_end).collect();
     assert!(!live.is_empty() && live.iter().all(|(h, _)| h.trial.estimable));
 }
+
+#[test]
+fn a_mask_or_roi_on_another_grid_stops_check_and_run_naming_the_file_and_both_grids() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sim = d.join("run");
+    common::run(
+        mirage().args(["simulate", "--seed", "3", "--shape", "16,16,8", "--volumes", "6", "--out"]).arg(&sim),
+    );
+    let roi = sim.join("truth/roi_mask.nii.gz");
+    // The same mask shifted 2 mm (same dimensions, another place) and cropped (another grid).
+    let script = format!(
+        "import nibabel as nib, numpy as np\n\
+         m = nib.load('{}')\n\
+         a = m.affine.copy(); a[0, 3] += 2.0\n\
+         nib.save(nib.Nifti1Image(np.asanyarray(m.dataobj), a), '{}/shifted.nii.gz')\n\
+         nib.save(nib.Nifti1Image(np.asanyarray(m.dataobj)[:12], m.affine), '{}/cropped.nii.gz')\n",
+        roi.display(),
+        d.display(),
+        d.display()
+    );
+    let (status, out) = run_with_timeout(
+        std::process::Command::new("python3").arg("-c").arg(&script),
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{out}");
+    let ingest = format!("file://{}?speed=max", sim.join("bold.nii.gz").display());
+    let config = |mask: &Path| {
+        let path = d.join("run.toml");
+        let text = format!(
+            "[ingest]\nuri = \"{ingest}\"\n[glm]\nrois = [{{name = \"v1\", path = \"{}\"}}]\n",
+            mask.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    for (file, grid) in [("shifted.nii.gz", "16x16x8"), ("cropped.nii.gz", "12x16x8")] {
+        let cfg = config(&d.join(file));
+        for cmd in ["check", "run"] {
+            let mut c = mirage();
+            c.args([cmd, "--config"]).arg(&cfg);
+            if cmd == "run" {
+                c.args(["--no-lsl", "--quiet", "--publish", "none", "--record", "none"]);
+            }
+            let (status, out) = run_with_timeout(c.current_dir(d), Duration::from_secs(60));
+            assert_eq!(status.code(), Some(2), "{cmd} with {file}: {out}");
+            assert!(
+                out.contains(file)
+                    && out.contains(&format!("its grid {grid} at"))
+                    && out.contains("the volumes' 16x16x8 at"),
+                "{cmd} with {file}: {out}"
+            );
+        }
+    }
+    // The mask on the volumes' own grid passes.
+    let cfg = config(&roi);
+    let (status, out) =
+        run_with_timeout(mirage().arg("check").arg("--config").arg(&cfg), Duration::from_secs(60));
+    assert!(status.success(), "{out}");
+}

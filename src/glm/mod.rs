@@ -362,6 +362,8 @@ pub struct GlmEstimator {
     given: Option<Vec<Column>>,
     fixed_mask: Option<([usize; 3], Vec<usize>)>,
     roi_masks: Vec<(String, WeightedMask)>,
+    /// The mask and ROI files' grids, checked against each run's first volume.
+    file_grids: Vec<(String, std::path::PathBuf, [usize; 3], crate::volume::Affine)>,
     run_events: Vec<Event>,
     queued: Vec<Event>,
     run: Option<Run>,
@@ -369,6 +371,76 @@ pub struct GlmEstimator {
 
 /// A mask's grid and its voxels with their weights.
 type WeightedMask = ([usize; 3], Vec<(usize, f32)>);
+
+/// World coordinates (mm) two affines may differ by and still be one grid.
+pub const AFFINE_TOLERANCE_MM: f64 = 1e-3;
+
+/// Whether two voxel-to-world matrices are the same grid (to [`AFFINE_TOLERANCE_MM`]). An
+/// identity matrix is a file that says nothing of where it lies (pyneal's test series, a
+/// header without orientation): it matches any placement, and only the dimensions are compared.
+pub fn same_affine(a: &crate::volume::Affine, b: &crate::volume::Affine) -> bool {
+    let identity: crate::volume::Affine =
+        std::array::from_fn(|i| std::array::from_fn(|j| (i == j) as u8 as f64));
+    let close = |a: &crate::volume::Affine, b: &crate::volume::Affine| {
+        a.iter().flatten().zip(b.iter().flatten()).all(|(x, y)| (x - y).abs() <= AFFINE_TOLERANCE_MM)
+    };
+    close(a, b) || close(a, &identity) || close(b, &identity)
+}
+
+/// A grid as an error names it: its dimensions and its voxel-to-world matrix's rows.
+fn grid_text(dims: [usize; 3], a: &crate::volume::Affine) -> String {
+    let rows: Vec<String> =
+        a[..3].iter().map(|r| format!("[{:.3}, {:.3}, {:.3}, {:.3}]", r[0], r[1], r[2], r[3])).collect();
+    format!("{}x{}x{} at {}", dims[0], dims[1], dims[2], rows.join(" "))
+}
+
+/// The mask and ROI files of `cfg`, each with the key that names it.
+fn mask_files(cfg: &GlmConfig) -> Vec<(String, std::path::PathBuf)> {
+    let mut files = Vec::new();
+    if !matches!(cfg.mask.as_str(), "auto" | "sim") {
+        files.push(("glm.mask".to_string(), std::path::PathBuf::from(&cfg.mask)));
+    }
+    for r in cfg.rois.iter().filter(|r| r.path != std::path::Path::new(SIM_ROI)) {
+        files.push((format!("glm.rois {:?}", r.name), r.path.clone()));
+    }
+    files
+}
+
+/// A NIfTI file's grid, from its header.
+fn file_grid(path: &std::path::Path) -> Result<([usize; 3], crate::volume::Affine), String> {
+    let r = crate::io::nifti::NiftiReader::open(path, 1 << 26).map_err(|e| e.to_string())?;
+    Ok((r.header().volume_dims(), r.header().affine()))
+}
+
+/// The error for a file whose grid is not the volumes', naming both; `None` when it is.
+fn grid_mismatch(
+    what: &str,
+    path: &std::path::Path,
+    (d, a): ([usize; 3], crate::volume::Affine),
+    (dims, affine): ([usize; 3], &crate::volume::Affine),
+) -> Option<String> {
+    (d != dims || !same_affine(&a, affine)).then(|| {
+        format!(
+            "{what} {}: its grid {} is not the volumes' {}; resample it onto the EPI grid",
+            path.display(),
+            grid_text(d, &a),
+            grid_text(dims, affine)
+        )
+    })
+}
+
+/// Each mask and ROI file of `cfg` whose grid is not the volumes' (`dims`, `affine`), named with
+/// both grids: masks are used voxel by voxel, so another grid (or the same dimensions placed
+/// elsewhere) would read the wrong voxels.
+pub fn grid_errors(cfg: &GlmConfig, dims: [usize; 3], affine: &crate::volume::Affine) -> Vec<String> {
+    mask_files(cfg)
+        .iter()
+        .filter_map(|(what, path)| match file_grid(path) {
+            Ok(grid) => grid_mismatch(what, path, grid, (dims, affine)),
+            Err(e) => Some(format!("{what} {}: {e}", path.display())),
+        })
+        .collect()
+}
 
 fn read_mask(path: &std::path::Path) -> Result<WeightedMask, GlmError> {
     let img = crate::io::nifti::read_nifti(path, 1 << 26).map_err(|e| GlmError::Setup(e.to_string()))?;
@@ -405,11 +477,16 @@ impl GlmEstimator {
                 false => read_mask(&r.path).map(|m| (r.name.clone(), m)),
             })
             .collect::<Result<_, _>>()?;
+        let file_grids = mask_files(cfg)
+            .into_iter()
+            .filter_map(|(what, path)| file_grid(&path).ok().map(|(d, a)| (what, path, d, a)))
+            .collect();
         Ok(GlmEstimator {
             cfg: cfg.clone(),
             given: None,
             fixed_mask,
             roi_masks,
+            file_grids,
             run_events,
             queued: Vec::new(),
             run: None,
@@ -645,6 +722,11 @@ impl GlmEstimator {
         let cfg = &self.cfg;
         let tr =
             v.tr.or(cfg.tr).ok_or_else(|| GlmError::Volume("the volume has no TR; set glm.tr".into()))?;
+        if let Some(e) =
+            self.file_grids.iter().find_map(|(w, p, d, a)| grid_mismatch(w, p, (*d, *a), (v.dims, &v.affine)))
+        {
+            return Err(GlmError::Setup(e));
+        }
         let mask = match &self.fixed_mask {
             Some((dims, voxels)) if *dims == v.dims => voxels.clone(),
             Some((dims, _)) => {
