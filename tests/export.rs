@@ -79,6 +79,21 @@ fn a_simulated_session_exports_as_valid_bids_equal_to_what_was_recorded() {
     }
     assert!(summary["end_to_end_ms"]["p50"].as_f64().is_some_and(|v| v > 0.0), "{summary}");
 
+    // The sidecar's volume times are seconds from the run's first volume, as recorded.
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bids.join(format!("{stem}_bold.json"))).unwrap())
+            .unwrap();
+    let rec = mirage_rt::io::session::SessionReader::open(&session).unwrap();
+    let at = |e: &mirage_rt::io::session::IndexEntry| e.acq_time.unwrap_or(e.recv_time);
+    let times: Vec<f64> =
+        sidecar["MirageVolumeTimes"].as_array().unwrap().iter().filter_map(|v| v.as_f64()).collect();
+    assert_eq!(times.len(), rec.entries.len());
+    assert_eq!(sidecar["MirageFirstVolumeTime"].as_f64(), Some(at(&rec.entries[0])));
+    for (t, e) in times.iter().zip(&rec.entries) {
+        assert!((t - (at(e) - at(&rec.entries[0]))).abs() < 1e-9, "{t}");
+    }
+    assert_eq!(times[0], 0.0);
+
     // The realigned series reproduces the live one from the raw volumes and the recorded
     // motion matrices, value for value.
     let realigned = bids.join("derivatives/mirage-rt").join(format!("{stem}_desc-realigned_bold.nii.gz"));

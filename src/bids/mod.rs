@@ -458,6 +458,8 @@ impl<'a> SessionExport<'a> {
 
     /// The raw series' sidecar: TR and task, and what the daemon knew of the run's volumes.
     fn bold_sidecar(&self, r: &PlannedRun, missing: &[u64]) -> Value {
+        let time = |e: &crate::io::session::IndexEntry| e.acq_time.unwrap_or(e.recv_time);
+        let t0 = time(&r.entries[0]);
         json!({
             "RepetitionTime": r.tr,
             "TaskName": self.opts.task,
@@ -467,8 +469,10 @@ impl<'a> SessionExport<'a> {
             "MirageReceivedDtype": received_dtypes(&r.entries),
             "MirageStoredPrecision": "float32: the daemon keeps samples as float32, so float64 and 32-bit integer \
                                       values are as received where float32 holds them (integers up to 2^24)",
-            "MirageTimeSource": "acquisition times from the sender's headers where sent, else receive times (daemon clock)",
-            "MirageVolumeTimes": r.entries.iter().map(|e| e.acq_time.unwrap_or(e.recv_time)).collect::<Vec<_>>(),
+            "MirageTimeSource": "seconds from the run's first volume: acquisition times from the sender's headers \
+                                 where sent, else receive times (daemon clock)",
+            "MirageVolumeTimes": r.entries.iter().map(|e| time(e) - t0).collect::<Vec<_>>(),
+            "MirageFirstVolumeTime": t0,
         })
     }
 
