@@ -300,3 +300,34 @@ fn a_run_with_pyneals_sender_ends_by_itself_when_the_sender_goes_quiet() {
     let last = status.last().expect("a status message");
     assert_eq!((last["received"].as_u64(), last["recorded"].as_u64()), (Some(12), Some(12)), "{last}");
 }
+
+#[test]
+fn a_configured_tr_over_pyneals_milliseconds_is_used_without_the_milliseconds_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sim = d.join("run");
+    run(mirage()
+        .args(["simulate", "--seed", "4", "--shape", "16,16,10", "--tr", "0.5", "--volumes", "6", "--out"])
+        .arg(&sim));
+    // pyneal's sender says "TR": "500.0"; with ?tr= the configuration's TR is used, unwarned.
+    for (k, configured) in [(0, true), (1, false)] {
+        let (port, session) = (free_port(), d.join(format!("s{k}")));
+        let extra = ["--stop-after", "6", "--set", "motion.enabled=false"];
+        let mut args = pyneal_daemon_args(port, "none", &session, &extra);
+        if configured {
+            args[1] = format!("pyneal://127.0.0.1:{port}?tr=0.5");
+        }
+        let daemon = Daemon::start(&as_strs(&args), d);
+        let (status, out) = run_with_timeout(
+            &mut pyneal_simulated_sender(&sim.join("bold.nii.gz"), port, 500),
+            Duration::from_secs(120),
+        );
+        assert!(status.success(), "pyneal's sender failed:\n{out}\ndaemon log:\n{}", daemon.log());
+        let (status, log) = daemon.wait(Duration::from_secs(60));
+        assert!(status.success(), "{log}");
+        let rec = SessionReader::open(&session).unwrap();
+        assert_eq!(rec.entries.len(), 6);
+        assert!(rec.entries.iter().all(|e| e.tr == Some(0.5)));
+        assert_eq!(log.contains("read as milliseconds"), !configured, "configured TR {configured}: {log}");
+    }
+}

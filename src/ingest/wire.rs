@@ -125,6 +125,12 @@ impl WireHeader {
 /// Whether a sender's TR in milliseconds has been warned about (once per process).
 static TR_IN_MS_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The configuration gives the TR (`ingest.tr`, `?tr=`), which wins over the headers': a
+/// header's TR in milliseconds is then not warned about.
+pub fn tr_configured() {
+    TR_IN_MS_WARNED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Parses a JSON value that may be a JSON document inside a string (pyneal's habit).
 fn unstring(v: &Value) -> Result<Value, String> {
     match v {

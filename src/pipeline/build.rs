@@ -442,6 +442,9 @@ impl Wiring<'_> {
         // The URI's `?tr=` wins over `ingest.tr`, which wins over the sender's headers.
         let n_stages = self.metrics.stage_names().len() - 2;
         let cfg = &self.r.cfg;
+        if self.r.configured_tr().is_some() {
+            crate::ingest::wire::tr_configured();
+        }
         let plan = IngestPlan {
             stop_after: cfg.ingest.stop_after,
             idle_exit_s: cfg.ingest.idle_exit_s,
