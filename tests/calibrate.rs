@@ -245,10 +245,12 @@ fn calibration_mode_collects_the_protocol_fits_and_switches_without_a_restart() 
     let protocol = Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/default.toml");
     let session = d.join("s");
     let gallery = train_run.join("truth/gallery");
+    // Long enough that three trials follow the switch even when a loaded machine makes the
+    // fit finish late.
     let daemon_args = |session: &Path, protocol: &Path| -> Vec<String> {
         let protocol = protocol.to_str().unwrap();
         decode_daemon_args(
-            "seed=5&run_seed=8&volumes=340&shape=32,32,20&condition=imagery&motion_mm=0&motion_deg=0&speed=10&n_stimuli=24",
+            "seed=5&run_seed=8&volumes=420&shape=32,32,20&condition=imagery&motion_mm=0&motion_deg=0&speed=10&n_stimuli=24",
             session,
             "sim",
             &model,
