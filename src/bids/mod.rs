@@ -459,7 +459,7 @@ impl<'a> SessionExport<'a> {
     /// The raw series' sidecar: TR and task, and what the daemon knew of the run's volumes.
     fn bold_sidecar(&self, r: &PlannedRun, missing: &[u64]) -> Value {
         let time = |e: &crate::io::session::IndexEntry| e.acq_time.unwrap_or(e.recv_time);
-        let t0 = time(&r.entries[0]);
+        let t0 = time(r.entries[0]);
         json!({
             "RepetitionTime": r.tr,
             "TaskName": self.opts.task,
