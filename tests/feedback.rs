@@ -305,24 +305,28 @@ fn the_live_feedback_of_a_replayed_run_equals_the_offline_recipe_and_the_referen
     assert!(shown > 0);
 }
 
+/// `mirage check` on a simulated 40-volume run with the simulator's visual ROI, a regulation
+/// block at 20 s and `[feedback] recipe = RECIPE` followed by `extra` lines.
+fn check_recipe(dir: &std::path::Path, recipe: &str, extra: &str) -> (std::process::ExitStatus, String) {
+    let protocol = dir.join("protocol.tsv");
+    std::fs::write(&protocol, "onset\tduration\ttrial_type\n20\t20\tregulation\n").unwrap();
+    let config = dir.join("run.toml");
+    let text = format!(
+        "[ingest]\nuri = \"sim://?volumes=40\"\n[glm]\nrois = [{{name = \"visual\", path = \"sim\"}}]\n\
+         [feedback]\nrecipe = \"{recipe}\"\nvolumes = 40\nprotocol = \"{}\"\n{extra}",
+        protocol.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    common::run_with_timeout(
+        common::mirage().arg("check").arg("--config").arg(&config),
+        Duration::from_secs(60),
+    )
+}
+
 #[test]
 fn a_recipe_naming_an_unknown_roi_or_condition_does_not_start() {
     let dir = tempfile::tempdir().unwrap();
-    let protocol = dir.path().join("protocol.tsv");
-    std::fs::write(&protocol, "onset\tduration\ttrial_type\n20\t20\tregulation\n").unwrap();
-    let config = dir.path().join("run.toml");
-    let check = |extra: &str| {
-        let text = format!(
-            "[ingest]\nuri = \"sim://?volumes=40\"\n[glm]\nrois = [{{name = \"visual\", path = \"sim\"}}]\n\
-             [feedback]\nrecipe = \"opennft\"\nvolumes = 40\nprotocol = \"{}\"\n{extra}",
-            protocol.display()
-        );
-        std::fs::write(&config, text).unwrap();
-        common::run_with_timeout(
-            common::mirage().arg("check").arg("--config").arg(&config),
-            Duration::from_secs(60),
-        )
-    };
+    let check = |extra: &str| check_recipe(dir.path(), "opennft", extra);
     let (status, out) = check("");
     assert!(status.success(), "{out}");
     let (status, out) = check("rois = [\"nowhere\"]\n");
@@ -592,21 +596,7 @@ fn a_missing_roi_mean_costs_the_steps_recipe_that_volume_only() {
 #[test]
 fn the_steps_recipe_names_a_wrong_nuisance_roi_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let protocol = dir.path().join("protocol.tsv");
-    std::fs::write(&protocol, "onset\tduration\ttrial_type\n20\t20\tregulation\n").unwrap();
-    let config = dir.path().join("run.toml");
-    let check = |extra: &str| {
-        let text = format!(
-            "[ingest]\nuri = \"sim://?volumes=40\"\n[glm]\nrois = [{{name = \"visual\", path = \"sim\"}}]\n\
-             [feedback]\nrecipe = \"steps\"\nvolumes = 40\nprotocol = \"{}\"\n{extra}",
-            protocol.display()
-        );
-        std::fs::write(&config, text).unwrap();
-        common::run_with_timeout(
-            common::mirage().arg("check").arg("--config").arg(&config),
-            Duration::from_secs(60),
-        )
-    };
+    let check = |extra: &str| check_recipe(dir.path(), "steps", extra);
     let (status, out) = check("");
     assert!(status.success(), "{out}");
     let (status, out) = check("nuisance = \"wm\"\n");
@@ -785,19 +775,11 @@ fn steps_blocks_from_pylsl_markers_give_the_feedback_of_the_same_blocks_from_a_f
     );
     // A stimulus program announcing two regulation blocks (volumes 11-20 and 31-40), and one
     // past the planned 15 s run, as soon as the daemon listens.
-    let script = format!(
-        "import pylsl, time\n\
-         info = pylsl.StreamInfo('{name}', 'Markers', 1, 0, pylsl.cf_string, '{name}')\n\
-         o = pylsl.StreamOutlet(info)\n\
-         assert o.wait_for_consumers(20)\n\
-         blocks = ['cond=regulation;onset=2.5;dur=2.5', 'cond=regulation;onset=7.5;dur=2.5', \
-         'cond=regulation;onset=20;dur=5']\n\
-         [o.push_sample([m]) for m in blocks]\n\
-         time.sleep(20)\n"
-    );
-    let mut program = std::process::Command::new("python3");
-    program.arg("-c").arg(&script);
-    let mut program = program.spawn().unwrap();
+    let then = "blocks = ['cond=regulation;onset=2.5;dur=2.5', 'cond=regulation;onset=7.5;dur=2.5', \
+                'cond=regulation;onset=20;dur=5']\n\
+                [o.push_sample([m]) for m in blocks]\n\
+                time.sleep(20)\n";
+    let mut program = common::marker_program(&name, then).spawn().unwrap();
     let (status, log) = daemon.wait(Duration::from_secs(120));
     let _ = program.kill();
     let _ = program.wait();

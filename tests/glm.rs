@@ -207,23 +207,14 @@ fn lsl_markers_from_pylsl_are_placed_on_the_scanner_clock() {
         dir.path(),
     );
     // A stimulus program: two markers a little after the run starts, stamped now.
-    let script = format!(
-        "import pylsl, time\n\
-         info = pylsl.StreamInfo('{name}', 'Markers', 1, 0, pylsl.cf_string, '{name}')\n\
-         o = pylsl.StreamOutlet(info)\n\
-         assert o.wait_for_consumers(20)\n\
-         time.sleep(3.0)\n\
-         print('pushed', pylsl.local_clock(), flush=True)\n\
-         o.push_sample(['trial=100;stim=1;cond=seen;dur=1'])\n\
-         time.sleep(1.0)\n\
-         o.push_sample(['trial=101;stim=2;cond=imagery;dur=1'])\n\
-         o.push_sample(['trial=x'])\n\
-         time.sleep(8)\n"
-    );
-    let (status, out) = run_with_timeout(
-        std::process::Command::new("python3").arg("-c").arg(&script),
-        Duration::from_secs(60),
-    );
+    let then = "time.sleep(3.0)\n\
+                print('pushed', pylsl.local_clock(), flush=True)\n\
+                o.push_sample(['trial=100;stim=1;cond=seen;dur=1'])\n\
+                time.sleep(1.0)\n\
+                o.push_sample(['trial=101;stim=2;cond=imagery;dur=1'])\n\
+                o.push_sample(['trial=x'])\n\
+                time.sleep(8)\n";
+    let (status, out) = run_with_timeout(&mut common::marker_program(&name, then), Duration::from_secs(60));
     assert!(status.success(), "{out}");
     let (status, log) = daemon.wait(Duration::from_secs(60));
     assert!(status.success(), "{log}");

@@ -25,6 +25,43 @@ fn pyneal_simulated_sender(series: &std::path::Path, port: u16, tr_ms: u32) -> C
     c
 }
 
+/// A daemon started with `args` taking pyneal's simulated sender's replay of `series` to `port`
+/// at 500 ms; both must succeed. The sender's output and the daemon's log.
+fn with_pyneals_sender(
+    d: &std::path::Path,
+    args: &[String],
+    series: &std::path::Path,
+    port: u16,
+) -> (String, String) {
+    let daemon = Daemon::start(&as_strs(args), d);
+    let (status, out) =
+        run_with_timeout(&mut pyneal_simulated_sender(series, port, 500), Duration::from_secs(120));
+    assert!(status.success(), "pyneal's sender failed:\n{out}\ndaemon log:\n{}", daemon.log());
+    let (status, log) = daemon.wait(Duration::from_secs(60));
+    assert!(status.success(), "{log}");
+    (out, log)
+}
+
+/// A small simulated run of `volumes` at TR 0.5 s (16x16x10), its series' path.
+fn small_run(d: &std::path::Path, volumes: usize) -> std::path::PathBuf {
+    let sim = d.join("run");
+    run(mirage()
+        .args([
+            "simulate",
+            "--seed",
+            "4",
+            "--shape",
+            "16,16,10",
+            "--tr",
+            "0.5",
+            "--volumes",
+            &volumes.to_string(),
+        ])
+        .arg("--out")
+        .arg(&sim));
+    sim.join("bold.nii.gz")
+}
+
 #[test]
 fn pyneals_simulated_sender_with_its_tr_in_milliseconds_gives_estimable_trial_betas() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,15 +77,9 @@ fn pyneals_simulated_sender_with_its_tr_in_milliseconds_gives_estimable_trial_be
     let events = format!("glm.events=\"{}\"", sim.join("events.tsv").display());
     let mask = format!("glm.mask=\"{}\"", sim.join("truth/roi_mask.nii.gz").display());
     let extra = ["--stop-after", "80", "--set", "motion.enabled=false", "--set", &events, "--set", &mask];
-    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(port, "none", &session, &extra)), d);
-    let (status, out) = run_with_timeout(
-        &mut pyneal_simulated_sender(&sim.join("bold.nii.gz"), port, 500),
-        Duration::from_secs(120),
-    );
-    assert!(status.success(), "pyneal's sender failed:\n{out}\ndaemon log:\n{}", daemon.log());
+    let args = pyneal_daemon_args(port, "none", &session, &extra);
+    let (out, log) = with_pyneals_sender(d, &args, &sim.join("bold.nii.gz"), port);
     assert!(out.contains("Sent vol: 79"), "{out}");
-    let (status, log) = daemon.wait(Duration::from_secs(60));
-    assert!(status.success(), "{log}");
 
     // Its "TR": "500.0" was read as 0.5 s.
     let rec = SessionReader::open(&session).unwrap();
@@ -276,22 +307,12 @@ fn pyneals_end_user_gets_each_volumes_results_and_its_trials_decode() {
 fn a_run_with_pyneals_sender_ends_by_itself_when_the_sender_goes_quiet() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let sim = d.join("run");
-    run(mirage()
-        .args(["simulate", "--seed", "4", "--shape", "16,16,10", "--tr", "0.5", "--volumes", "12", "--out"])
-        .arg(&sim));
+    let series = small_run(d, 12);
     let port = free_port();
     let session = d.join("s");
     // No --stop-after: the run has no length; it ends 2 s after pyneal's last volume.
     let extra = ["--idle-exit", "2", "--set", "motion.enabled=false"];
-    let daemon = Daemon::start(&as_strs(&pyneal_daemon_args(port, "none", &session, &extra)), d);
-    let (status, out) = run_with_timeout(
-        &mut pyneal_simulated_sender(&sim.join("bold.nii.gz"), port, 500),
-        Duration::from_secs(120),
-    );
-    assert!(status.success(), "pyneal's sender failed:\n{out}\ndaemon log:\n{}", daemon.log());
-    let (status, log) = daemon.wait(Duration::from_secs(60));
-    assert!(status.success(), "{log}");
+    let (_, log) = with_pyneals_sender(d, &pyneal_daemon_args(port, "none", &session, &extra), &series, port);
     assert!(log.contains("ingest.idle_exit_s"), "{log}");
     // Drained and flushed: every volume recorded and published, and the last status says so.
     assert_eq!(SessionReader::open(&session).unwrap().entries.len(), 12);
@@ -305,10 +326,7 @@ fn a_run_with_pyneals_sender_ends_by_itself_when_the_sender_goes_quiet() {
 fn a_configured_tr_over_pyneals_milliseconds_is_used_without_the_milliseconds_warning() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let sim = d.join("run");
-    run(mirage()
-        .args(["simulate", "--seed", "4", "--shape", "16,16,10", "--tr", "0.5", "--volumes", "6", "--out"])
-        .arg(&sim));
+    let series = small_run(d, 6);
     // pyneal's sender says "TR": "500.0"; with ?tr= the configuration's TR is used, unwarned.
     for (k, configured) in [(0, true), (1, false)] {
         let (port, session) = (free_port(), d.join(format!("s{k}")));
@@ -317,14 +335,7 @@ fn a_configured_tr_over_pyneals_milliseconds_is_used_without_the_milliseconds_wa
         if configured {
             args[1] = format!("pyneal://127.0.0.1:{port}?tr=0.5");
         }
-        let daemon = Daemon::start(&as_strs(&args), d);
-        let (status, out) = run_with_timeout(
-            &mut pyneal_simulated_sender(&sim.join("bold.nii.gz"), port, 500),
-            Duration::from_secs(120),
-        );
-        assert!(status.success(), "pyneal's sender failed:\n{out}\ndaemon log:\n{}", daemon.log());
-        let (status, log) = daemon.wait(Duration::from_secs(60));
-        assert!(status.success(), "{log}");
+        let (_, log) = with_pyneals_sender(d, &args, &series, port);
         let rec = SessionReader::open(&session).unwrap();
         assert_eq!(rec.entries.len(), 6);
         assert!(rec.entries.iter().all(|e| e.tr == Some(0.5)));

@@ -106,6 +106,20 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
+/// A pylsl stimulus program: an LSL string marker outlet `name` that, once the daemon's inlet
+/// connects (20 s at most), runs `then` (Python lines, the outlet as `o`, `time` imported).
+pub fn marker_program(name: &str, then: &str) -> std::process::Command {
+    let script = format!(
+        "import pylsl, time\n\
+         info = pylsl.StreamInfo('{name}', 'Markers', 1, 0, pylsl.cf_string, '{name}')\n\
+         o = pylsl.StreamOutlet(info)\n\
+         assert o.wait_for_consumers(20)\n{then}"
+    );
+    let mut c = std::process::Command::new("python3");
+    c.arg("-c").arg(script);
+    c
+}
+
 /// `rel` under `../shared/FOLDER` (or the folder `$VAR` names), which must exist.
 fn shared(folder: &str, var: &str, what: &str, rel: &str) -> PathBuf {
     let root = std::env::var_os(var)
