@@ -66,42 +66,38 @@ pub struct FeedbackStage {
 
 impl FeedbackStage {
     /// Places the pending block markers at `tr`; returns how many were refused. Each is tried
-    /// alone: one that does not fit the protocol is dropped, the rest stay.
+    /// alone: one that does not fit the protocol is dropped and the blocks are as before it.
     fn place_markers(&mut self, tr: f64) -> u64 {
         let (Some(t0), Some(Made::Steps(_))) = (self.t0, &self.made) else { return 0 };
         let mut refused = 0;
-        let mut placed = false;
+        let mut placed = None;
         for e in std::mem::take(&mut self.pending) {
+            let regulation = e.condition == self.cfg.regulation;
+            if !regulation && Some(&e.condition) != self.cfg.baseline.as_ref() {
+                continue;
+            }
             let onset = match e.onset {
                 Onset::Relative(s) => s,
                 Onset::Absolute(t) => t - t0,
             };
             let block = (onset, e.duration.unwrap_or(self.default_duration));
-            let list = match () {
-                _ if e.condition == self.cfg.regulation => &mut self.blocks,
-                _ if Some(&e.condition) == self.cfg.baseline.as_ref() => {
-                    self.baseline.get_or_insert_with(Vec::new)
-                }
-                _ => continue,
-            };
-            list.push(block);
+            let before = (self.blocks.len(), self.baseline.clone());
+            match regulation {
+                true => self.blocks.push(block),
+                false => self.baseline.get_or_insert_with(Vec::new).push(block),
+            }
             match self.protocol(tr) {
-                Ok(_) => placed = true,
+                Ok(protocol) => placed = Some(protocol),
                 Err(why) => {
                     tracing::warn!("feedback: {} marker at {onset:.2} s refused: {why}", e.condition);
                     refused += 1;
-                    if e.condition == self.cfg.regulation {
-                        self.blocks.pop();
-                    } else if let Some(b) = self.baseline.as_mut() {
-                        b.pop();
-                    }
+                    self.blocks.truncate(before.0);
+                    self.baseline = before.1;
                 }
             }
         }
-        if placed {
-            if let (Ok(protocol), Some(Made::Steps(recipe))) = (self.protocol(tr), self.made.as_mut()) {
-                recipe.set_protocol(protocol);
-            }
+        if let (Some(protocol), Some(Made::Steps(recipe))) = (placed, self.made.as_mut()) {
+            recipe.set_protocol(protocol);
         }
         refused
     }
